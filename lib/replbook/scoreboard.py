@@ -1,0 +1,72 @@
+"""The landing page's scoreboard, built from ``results/*.json`` — never by hand."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from .results import load_all
+
+BADGE = {"reproduced": "✅ reproduced", "partly reproduced": "🟡 partly", "not reproduced": "❌ not reproduced"}
+
+
+def rows(results: list[dict[str, Any]]) -> list[dict[str, str]]:
+    out = []
+    for r in results:
+        for v in r["verdicts"]:
+            out.append({
+                "slug": r["slug"], "chapter": f"{r['slug'][:2]} {r['title']}", "claim": v["claim"],
+                "statement": v["statement"], "verdict": v["verdict"], "preset": r["preset"],
+                "runtime": f"{r['runtime_seconds'] / 60:.1f} min", "date": r["date"],
+            })
+    return out
+
+
+def markdown(results: list[dict[str, Any]], link_prefix: str = "../notebooks/", brief: bool = False) -> str:
+    """A markdown table: chapter, claim, verdict, preset, runtime (and the claim text unless brief)."""
+    if not results:
+        return "*No results yet: run a chapter (`make run PAPER=00`).*\n"
+    head = ["Chapter", "Claim", "Verdict", "Preset", "Runtime"] if brief else \
+        ["Chapter", "Claim", "Statement", "Verdict", "Preset", "Runtime", "Run on"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    last = None
+    for row in rows(results):
+        chapter = row["chapter"] if row["slug"] != last else ""
+        if chapter and link_prefix:
+            chapter = f"[{chapter}]({link_prefix}{row['slug']}.ipynb)"
+        last = row["slug"]
+        cells = [chapter, row["claim"]]
+        if not brief:
+            cells.append(row["statement"].replace("|", "\\|"))
+        cells += [BADGE[row["verdict"]], row["preset"], row["runtime"]]
+        if not brief:
+            cells.append(row["date"])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_page(out: Path, results_folder: Path | None = None) -> Path:
+    """Write the included scoreboard file of the landing page."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(markdown(load_all(results_folder)))
+    return out
+
+
+README_START, README_END = "<!-- scoreboard:start -->", "<!-- scoreboard:end -->"
+
+
+def readme_block(results: list[dict[str, Any]]) -> str:
+    return f"{README_START}\n{markdown(results, link_prefix='notebooks/', brief=True)}{README_END}"
+
+
+def update_readme(readme: Path, results_folder: Path | None = None) -> bool:
+    """Replace the README's scoreboard block; True if it changed."""
+    text = readme.read_text()
+    pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"{readme} has no {README_START} ... {README_END} block")
+    new = pattern.sub(lambda _: readme_block(load_all(results_folder)), text)
+    changed = new != text
+    if changed:
+        readme.write_text(new)
+    return changed

