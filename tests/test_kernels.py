@@ -5,7 +5,8 @@ import torch
 
 from replbook_kernels import gathered_scores, gathered_scores_reference, triton_available
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# the CPU runs the kernels interpreted; where a GPU is present they run compiled there instead
+DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -48,3 +49,15 @@ def test_bad_inputs_are_clear_errors():
         gathered_scores(torch.randn(1, 16), torch.randn(1, 10, 16), torch.tensor([[10]]))
     with pytest.raises(ValueError, match="expected q"):
         gathered_scores(torch.randn(16), torch.randn(1, 10, 16), torch.tensor([[1]]))
+
+
+def test_recorded_gpu_measurements_are_correct_and_complete(repo_root):
+    """The GPU reports kept in kernels/measurements must record a passing correctness check."""
+    import json
+
+    reports = sorted((repo_root / "kernels" / "measurements").glob("*.json"))
+    assert reports, "no GPU measurement recorded"
+    for path in reports:
+        report = json.loads(path.read_text())
+        assert report["device"] and report["triton"] and report["speed"]
+        assert all(c["ok"] for c in report["correctness"]), path.name

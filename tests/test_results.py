@@ -43,3 +43,11 @@ def test_interrupted_write_leaves_the_old_file(tmp_path):
         results.write_atomic(path, {"new": Unserialisable()})
     assert json.loads(path.read_text()) == {"old": 1}
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_at_a_glance_and_run_facts():
+    box = results.at_a_glance([results.judge("C1", "a | b", x=True), results.judge("C2", "c", x=False)])
+    assert box.splitlines()[2] == "| C1 | **✓ reproduced** | a \\| b |"
+    assert "✗ not reproduced" in box.splitlines()[3]
+    facts = results.run_facts({"preset": "book", "runtime_seconds": 17.4, "machine": "m", "date": "d"}, 82.0)
+    assert facts == "Preset `book` · 17 s with models cached (82 s from a cold cache) · m · d"

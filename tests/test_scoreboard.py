@@ -12,7 +12,7 @@ def test_markdown_has_one_row_per_claim_and_links_the_chapter_once():
     lines = table.strip().splitlines()
     assert len(lines) == 4
     assert "[07 DREW](../notebooks/07_drew.ipynb)" in lines[2] and "07 DREW" not in lines[3]
-    assert "a \\| b" in lines[2] and "✅ reproduced" in lines[2] and "❌ not reproduced" in lines[3]
+    assert "a \\| b" in lines[2] and "✓ reproduced" in lines[2] and "✗ not reproduced" in lines[3]
     assert "1.5 min" in lines[2]
 
 

@@ -132,8 +132,9 @@ def build(root: Path | None = None, execute_missing: bool = True, out: Path | No
     write_scoreboard(root)
     out = out or root
     jb = Path(sys.executable).with_name("jupyter-book")
-    subprocess.run([str(jb), "build", str(root), "--path-output", str(out), "-W", "-n", "--keep-going"],
-                   check=True)
+    built = subprocess.run([str(jb), "build", str(root), "--path-output", str(out), "-W", "-n", "--keep-going"])
+    if built.returncode != 0:
+        raise RuntimeError("the book build failed or warned (warnings are errors): see its output above")
     index = out / "_build" / "html" / "index.html"
     print(f"\nThe book is built: open file://{index}")
     return index
@@ -161,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"replbook: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        print(f"replbook: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -279,7 +279,8 @@ def build_tiny(name: str, out_dir: Path, seed: int = 0) -> None:
         LlamaForCausalLM(config).save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
     elif name == "tiny-bert-encoder":
-        from sentence_transformers import SentenceTransformer, models as st_models
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
         from transformers import BertConfig, BertModel
 
         config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
@@ -287,8 +288,8 @@ def build_tiny(name: str, out_dir: Path, seed: int = 0) -> None:
         raw = out_dir / "transformer"
         BertModel(config).save_pretrained(raw)
         tokenizer.save_pretrained(raw)
-        word = st_models.Transformer(str(raw))
-        pooling = st_models.Pooling(word.get_embedding_dimension(), pooling_mode="mean")
+        word = Transformer(str(raw))
+        pooling = Pooling(word.get_embedding_dimension(), pooling_mode="mean")
         SentenceTransformer(modules=[word, pooling], device="cpu").save(str(out_dir))
         shutil.rmtree(raw)
     else:

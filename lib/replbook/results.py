@@ -25,6 +25,8 @@ REPRODUCED = "reproduced"
 PARTLY = "partly reproduced"
 NOT_REPRODUCED = "not reproduced"
 VERDICTS = (REPRODUCED, PARTLY, NOT_REPRODUCED)
+# how a verdict is shown on the site (symbols every common font has)
+BADGE = {REPRODUCED: "✓ reproduced", PARTLY: "◐ partly reproduced", NOT_REPRODUCED: "✗ not reproduced"}
 
 # what the results file records about the software that produced it
 TRACKED_PACKAGES = ("torch", "transformers", "sentence-transformers", "numpy", "triton", "replbook")
@@ -125,6 +127,22 @@ class Run:
             "metrics": metrics,
         }
         return write_atomic((folder or results_dir()) / f"{self.slug}.json", payload)
+
+
+def at_a_glance(verdicts: list[Verdict]) -> str:
+    """The chapter's at-a-glance box: one markdown row per claim."""
+    lines = ["| Claim | Verdict | Statement |", "|---|---|---|"]
+    for v in verdicts:
+        statement = v.statement.replace("|", "\\|")
+        lines.append(f"| {v.claim} | **{BADGE[v.verdict]}** | {statement} |")
+    return "\n".join(lines)
+
+
+def run_facts(saved: Mapping[str, Any], cold_seconds: float | None = None) -> str:
+    """One line under the at-a-glance box: preset, runtime, machine, date of the saved run."""
+    cold = f" ({cold_seconds:.0f} s from a cold cache)" if cold_seconds else ""
+    return (f"Preset `{saved['preset']}` · {saved['runtime_seconds']:.0f} s with models cached{cold} · "
+            f"{saved['machine']} · {saved['date']}")
 
 
 def load_all(folder: Path | None = None) -> list[dict[str, Any]]:

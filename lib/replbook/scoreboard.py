@@ -5,9 +5,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .results import load_all
-
-BADGE = {"reproduced": "✅ reproduced", "partly reproduced": "🟡 partly", "not reproduced": "❌ not reproduced"}
+from .results import BADGE, load_all
 
 
 def rows(results: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -27,7 +25,7 @@ def markdown(results: list[dict[str, Any]], link_prefix: str = "../notebooks/", 
     if not results:
         return "*No results yet: run a chapter (`make run PAPER=00`).*\n"
     head = ["Chapter", "Claim", "Verdict", "Preset", "Runtime"] if brief else \
-        ["Chapter", "Claim", "Statement", "Verdict", "Preset", "Runtime", "Run on"]
+        ["Chapter", "Claim", "Statement", "Verdict", "Preset", "Runtime", "Date"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     last = None
     for row in rows(results):
