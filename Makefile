@@ -13,9 +13,11 @@ PAPER ?= 00
 PRESET ?= book
 ARGS ?=
 
-# the book runs offline, the way a reader's laptop may be
+# the book runs offline, the way a reader's laptop may be; only the paper preset reaches the hub
+ifneq ($(PRESET),paper)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+endif
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # pip on some machines warns about every missing local index folder: keep the log readable
 QUIET_PIP := { grep -v '^WARNING: Location' || true; }
@@ -55,7 +57,7 @@ run: env
 
 # nbval re-executes the committed notebooks; their results go to runs/, not results/
 test: env browser
-	REPLBOOK_RESULTS_DIR=$(CURDIR)/runs/nbval-results $(PY) -m pytest tests \
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 REPLBOOK_RESULTS_DIR=$(CURDIR)/runs/nbval-results $(PY) -m pytest tests \
 	  --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=600
 
 clean:
