@@ -61,3 +61,63 @@ def test_recorded_gpu_measurements_are_correct_and_complete(repo_root):
         report = json.loads(path.read_text())
         assert report["device"] and report["triton"] and report["speed"]
         assert all(c["ok"] for c in report["correctness"]), path.name
+
+
+# ----------------------------------------------------------------------------- Loki (chapter 08)
+from replbook_kernels import (approx_scores, approx_scores_reference, loki_decode, topk_attention,
+                              topk_attention_reference)
+
+
+def _loki_inputs(device, heads=8, kv_heads=2, seq=256, dim=64, selected=100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(heads, dim, generator=g).to(device)
+    keys = torch.randn(kv_heads, seq, dim, generator=g).to(device)
+    values = torch.randn(kv_heads, seq, dim, generator=g).to(device)
+    index = torch.randint(0, seq, (heads, selected), generator=g).to(device)
+    return q, keys, values, index
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("heads, kv_heads, seq, dim, d", [(4, 4, 64, 16, 4), (8, 2, 300, 64, 16), (2, 1, 128, 32, 32)])
+def test_approx_scores_kernel_matches_reference(device, heads, kv_heads, seq, dim, d):
+    q, keys, _, _ = _loki_inputs(device, heads, kv_heads, seq, dim)
+    torch.testing.assert_close(approx_scores(q, keys, d), approx_scores_reference(q, keys, d), rtol=1e-5, atol=1e-5)
+
+
+def test_approx_scores_with_all_dimensions_are_the_exact_scores():
+    q, keys, _, _ = _loki_inputs("cpu", 4, 2, 64, 32)
+    exact = torch.einsum("hsd,hd->hs", keys.repeat_interleave(2, 0), q)
+    torch.testing.assert_close(approx_scores(q, keys, 32), exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("heads, kv_heads, seq, dim, selected", [(4, 4, 64, 16, 1), (8, 2, 300, 64, 100), (2, 1, 128, 32, 70)])
+def test_topk_attention_kernel_matches_reference(device, heads, kv_heads, seq, dim, selected):
+    q, keys, values, index = _loki_inputs(device, heads, kv_heads, seq, dim, selected)
+    torch.testing.assert_close(topk_attention(q, keys, values, index, dim ** -0.5),
+                               topk_attention_reference(q, keys, values, index, dim ** -0.5), rtol=1e-5, atol=1e-5)
+
+
+def test_loki_step_with_k_equal_S_and_d_equal_D_is_dense_attention():
+    q, keys, values, _ = _loki_inputs("cpu", 8, 2, 128, 32)
+    dense = torch.nn.functional.scaled_dot_product_attention(q[None, :, None], keys[None], values[None],
+                                                             enable_gqa=True)[0, :, 0]
+    torch.testing.assert_close(loki_decode(q, keys, values, 128, 32, 32 ** -0.5), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_loki_kernels_reject_bad_shapes():
+    q, keys, values, index = _loki_inputs("cpu", 6, 4, 32, 16, 8)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        approx_scores(q, keys, 4)
+    q, keys, values, index = _loki_inputs("cpu", 4, 2, 32, 16, 8)
+    with pytest.raises(ValueError, match="values must match keys"):
+        topk_attention(q, keys, values[:, :5], index, 0.25)
+
+
+def test_topk_attention_split_into_chunks_equals_one_pass():
+    from replbook_kernels.loki import topk_attention as attend
+
+    q, keys, values, index = _loki_inputs("cpu", 4, 2, 300, 32, 200)
+    one = attend(q, keys, values, index, 0.2, block_k=32, chunk=256)
+    many = attend(q, keys, values, index, 0.2, block_k=32, chunk=32)  # 7 chunks, the last one partial
+    torch.testing.assert_close(one, many, rtol=1e-5, atol=1e-5)

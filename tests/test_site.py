@@ -50,8 +50,9 @@ def test_landing_page_shows_the_generated_scoreboard(site):
     assert "reproduced" in board
 
 
-def test_chapter_00_renders_its_figures_with_captions(site):
-    page = site / "notebooks" / "00_model_zoo.html"
+@pytest.mark.parametrize("chapter", ["00_model_zoo", "08_loki"])
+def test_chapters_render_their_figures_with_captions_and_verdicts(site, chapter):
+    page = site / "notebooks" / f"{chapter}.html"
     dom = chromium("--dump-dom", page.as_uri())
     images = re.findall(r'<img[^>]+src="([^"]+\.png)"', dom)
     assert len(images) >= 3, f"expected the chapter's figures, found {images}"
@@ -59,9 +60,18 @@ def test_chapter_00_renders_its_figures_with_captions(site):
         assert (page.parent / src).resolve().exists(), src
     assert dom.count("<figcaption") >= 3
     assert "Verdict" in dom and "Deviations" in dom
+    saved = next(r for r in results.load_all(ROOT / "results") if r["slug"] == chapter)
+    for v in saved["verdicts"]:  # the glued at-a-glance box shows this run's verdicts
+        assert results.BADGE[v["verdict"]] in dom
 
 
 def test_landing_page_screenshot(site, tmp_path):
     shot = tmp_path / "landing.png"
     chromium(f"--screenshot={shot}", "--window-size=1280,1600", (site / "book" / "intro.html").as_uri())
     assert shot.exists() and shot.stat().st_size > 20_000
+
+
+def test_every_chapter_is_in_the_table_of_contents():
+    toc = (ROOT / "_toc.yml").read_text()
+    for notebook in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        assert f"file: notebooks/{notebook.stem}" in toc, f"{notebook.name} is missing from _toc.yml"

