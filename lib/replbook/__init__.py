@@ -12,4 +12,10 @@ Modules, each small and tested:
 - one module per paper's method (``replbook.zoo`` for chapter 00, ...)
 """
 
+import warnings
+
 __version__ = "0.1.0"
+
+# huggingface_hub imports tqdm.auto, which warns inside Jupyter when ipywidgets is absent;
+# progress bars then fall back to text, which is what the book wants
+warnings.filterwarnings("ignore", message="IProgress not found")
