@@ -10,9 +10,10 @@ Pattern (every kernel follows it):
 Tests compare the kernel with its reference under the interpreter on small
 shapes, and compiled on a GPU when one is present.
 """
+from .endor import bitmap_decode, bitmap_decode_reference
 from .gathered_scores import gathered_scores, gathered_scores_reference, triton_available
 from .loki import (approx_scores, approx_scores_reference, loki_decode, topk_attention,
                    topk_attention_reference)
 
 __all__ = ["gathered_scores", "gathered_scores_reference", "triton_available", "approx_scores",
-           "approx_scores_reference", "topk_attention", "topk_attention_reference", "loki_decode"]
+           "approx_scores_reference", "topk_attention", "topk_attention_reference", "loki_decode", "bitmap_decode", "bitmap_decode_reference"]
