@@ -117,3 +117,34 @@ def test_prune_rejects_bad_arguments():
         endor.prune(torch.ones(2, 2), 0.5, "wanda")
     with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
         endor.prune(torch.ones(2, 2), 1.0)
+
+
+def test_model_pruning_and_wanda_norms_on_the_tiny_llama():
+    from replbook import models
+
+    lm = models.load("tiny-llama", preset="smoke")
+    linears = endor.prunable_linears(lm.model)
+    config = lm.model.config
+    assert len(linears) == 7 * config.num_hidden_layers  # q, k, v, o, gate, up, down per block
+    ids = lm.tokenizer("some calibration text for the norms", return_tensors="pt").input_ids[0]
+    norms = endor.input_norms(lm.model, [ids])
+    assert set(norms) == set(linears)
+    assert all(norms[n].shape == (m.in_features,) and (norms[n] >= 0).all() for n, m in linears.items())
+    embeddings = lm.model.model.embed_tokens.weight.clone()
+    pruned = endor.prune_model(lm.model, 0.5, "wanda", norms)
+    for name, weight in pruned.items():
+        zeros = (weight == 0).sum(1)
+        assert (zeros >= round(0.5 * weight.shape[1])).all(), name
+    assert torch.equal(lm.model.model.embed_tokens.weight, embeddings), "embeddings must stay untouched"
+
+
+def test_files_on_disk_match_the_array_accounting(tmp_path):
+    dense = sparse(64, 200, 0.5)
+    on_disk = endor.write_formats(dense, tmp_path, "w")
+    in_arrays = endor.array_bytes(dense)
+    assert set(on_disk) == set(in_arrays)
+    for fmt in on_disk:  # files add only a header (npy/npz/zip, or Endor's 40 bytes)
+        assert 0 <= on_disk[fmt] - in_arrays[fmt] < 2048, fmt
+    assert on_disk["bitmap"] - in_arrays["bitmap"] == endor._HEADER.size
+    blob, seconds = endor.timed_read(tmp_path / "w.endor", cold=True)
+    assert seconds > 0 and endor.decode(endor.from_bytes(blob)).equal(dense)

@@ -20,7 +20,9 @@ CSR and COO, the formats the paper compares against, come from ``scipy.sparse``.
 from __future__ import annotations
 
 import io
+import os
 import struct
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,21 +148,15 @@ def theoretical_bits_per_element(sparsity: float, value_bits: int) -> float:
 
 
 def array_bytes(dense: torch.Tensor) -> dict[str, int]:
-    """Bytes of one 2-D weight in each format, as the arrays would be written to disk
-    (headers excluded): dense, Endor bitmap, CSR with int16 / int32 column indices, COO."""
-    import scipy.sparse
-
-    matrix = dense.detach().cpu().float().numpy()
-    csr = scipy.sparse.csr_matrix(matrix)
-    nnz, rows = csr.nnz, matrix.shape[0]
+    """Bytes of one 2-D weight's arrays in each format (no file headers): dense, Endor
+    bitmap, CSR with int16 / int32 column indices (int32 row pointers), COO (int32 pairs)."""
+    nnz, rows = int(nonzero_mask(dense.detach().cpu()).sum()), dense.shape[0]
     value_bytes = nnz * dense.element_size()
     return {
         "dense": dense.numel() * dense.element_size(),
         "bitmap": encode(dense).nbytes,
-        # CSR: row pointers (int32) + one column index per value + values
         "csr_int16": 4 * (rows + 1) + 2 * nnz + value_bytes,
         "csr_int32": 4 * (rows + 1) + 4 * nnz + value_bytes,
-        # COO: a row and a column index (int32 each) per value + values
         "coo": 8 * nnz + value_bytes,
     }
 
@@ -195,3 +191,96 @@ def prune(weight: torch.Tensor, sparsity: float, method: str = "magnitude",
         return weight.clone()
     drop = scores.topk(n_drop, dim=1, largest=False).indices
     return weight.clone().scatter_(1, drop, 0.0)
+
+
+def prunable_linears(model) -> dict[str, torch.nn.Linear]:
+    """The linear layers inside the decoder blocks (attention and MLP projections): what
+    Endor compresses. Embeddings, the output head and norms stay dense."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}" and "lm_head" not in name}
+
+
+@torch.no_grad()
+def input_norms(model, windows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """‖x_j‖₂ of every input feature of every prunable linear over the calibration tokens (Wanda)."""
+    sums: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, linear in prunable_linears(model).items():
+        def record(module, inputs, output, name=name):
+            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
+            sums[name] = sums.get(name, 0) + (x * x).sum(0).cpu()
+        hooks.append(linear.register_forward_hook(record))
+    try:
+        for ids in windows:
+            model(ids[None].to(model.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: s.sqrt() for name, s in sums.items()}
+
+
+@torch.no_grad()
+def prune_model(model, sparsity: float, method: str = "magnitude",
+                norms: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Prune every prunable linear in place; returns the pruned weights by module name."""
+    pruned = {}
+    for name, linear in prunable_linears(model).items():
+        weight = prune(linear.weight, sparsity, method, None if norms is None else norms[name])
+        linear.weight.copy_(weight)
+        pruned[name] = linear.weight
+    return pruned
+
+
+# ----------------------------------------------------------------------------- bytes on disk
+
+def sparse_arrays(dense: torch.Tensor) -> dict[str, np.ndarray]:
+    """The CSR/COO arrays of a weight (row-major non-zeros). Built from the bitmap's own
+    non-zero test rather than with scipy.sparse, which does not store float16."""
+    mask = nonzero_mask(dense.detach().cpu())
+    rows, cols = mask.nonzero(as_tuple=True)
+    indptr = torch.zeros(dense.shape[0] + 1, dtype=torch.int64)
+    indptr[1:] = mask.sum(1).cumsum(0)
+    return {"data": dense.detach().cpu()[mask].numpy(), "indptr": indptr.numpy(), "rows": rows.numpy(),
+            "cols": cols.numpy()}
+
+
+def write_formats(dense: torch.Tensor, folder: Path, stem: str) -> dict[str, int]:
+    """Write one 2-D weight in every format and return the bytes each file takes on disk:
+    dense (.npy), Endor bitmap (.endor), CSR with int16 and int32 column indices and int32
+    row pointers, and COO with int32 row and column indices (uncompressed .npz files)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if dense.shape[1] > np.iinfo(np.int16).max + 1:
+        raise ValueError(f"{stem}: {dense.shape[1]} columns do not fit 16-bit CSR indices")
+    arrays = sparse_arrays(dense)
+    shape = np.array(dense.shape)
+    paths = {"dense": folder / f"{stem}.npy", "bitmap": folder / f"{stem}.endor",
+             "csr_int16": folder / f"{stem}.csr16.npz", "csr_int32": folder / f"{stem}.csr32.npz",
+             "coo": folder / f"{stem}.coo.npz"}
+    np.save(paths["dense"], dense.detach().cpu().numpy())
+    save(paths["bitmap"], encode(dense))
+    for fmt, index_dtype in (("csr_int16", np.int16), ("csr_int32", np.int32)):
+        np.savez(paths[fmt], indptr=arrays["indptr"].astype(np.int32), indices=arrays["cols"].astype(index_dtype),
+                 data=arrays["data"], shape=shape)
+    np.savez(paths["coo"], row=arrays["rows"].astype(np.int32), col=arrays["cols"].astype(np.int32),
+             data=arrays["data"], shape=shape)
+    return {fmt: path.stat().st_size for fmt, path in paths.items()}
+
+
+def evict_from_page_cache(path: Path) -> None:
+    """Ask the kernel to drop a file's cached pages (no root needed), so the next read
+    comes from the disk, as an offloaded layer's would."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def timed_read(path: Path, cold: bool = True) -> tuple[bytes, float]:
+    """Read a whole file, after evicting it from the page cache if ``cold``."""
+    if cold:
+        evict_from_page_cache(path)
+    start = time.perf_counter()
+    blob = Path(path).read_bytes()
+    return blob, time.perf_counter() - start
