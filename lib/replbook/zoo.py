@@ -2,8 +2,6 @@
 offline model the book uses."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -138,8 +136,3 @@ def pair_similarities(encoder, pairs: dict[str, list[tuple[str, str]]] = SENTENC
         out[group] = [round(float(s), 4) for s in (a * b).sum(-1)]
     return out
 
-
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
