@@ -33,3 +33,34 @@ def results_tmp(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """The registry's 2-layer random Llama with its byte-level tokenizer."""
+    from replbook import models
+
+    return models.load("tiny-llama", preset="smoke")
+
+
+@pytest.fixture
+def run_paper_preset_on_tiny_llama(tiny_llama, tmp_path, results_tmp):
+    """Run a chapter at the paper preset with its models replaced by the tiny Llama, saved
+    with save_pretrained as a hub model would be; returns the chapter's saved results."""
+    import json
+
+    import papermill
+
+    folder = tmp_path / "tiny-llama"
+    tiny_llama.model.save_pretrained(folder)
+    tiny_llama.tokenizer.save_pretrained(folder)
+
+    def run(slug: str, model_parameters: tuple[str, ...], **parameters) -> dict:
+        notebook = ROOT / "notebooks" / f"{slug}.ipynb"
+        parameters.update({name: [str(folder)] for name in model_parameters})
+        papermill.execute_notebook(str(notebook), str(tmp_path / "out.ipynb"), kernel_name="python3",
+                                   cwd=str(notebook.parent), progress_bar=False,
+                                   parameters={"preset": "paper", **parameters})
+        return json.loads((results_tmp / f"{slug}.json").read_text())
+
+    return run

