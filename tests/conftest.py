@@ -55,9 +55,11 @@ def run_paper_preset_on_tiny_llama(tiny_llama, tmp_path, results_tmp):
     tiny_llama.model.save_pretrained(folder)
     tiny_llama.tokenizer.save_pretrained(folder)
 
-    def run(slug: str, model_parameters: tuple[str, ...], **parameters) -> dict:
+    def run(slug: str, model_lists: tuple[str, ...] = (), model_names: tuple[str, ...] = (), **parameters) -> dict:
+        """``model_lists`` name list-valued model parameters, ``model_names`` single ones."""
         notebook = ROOT / "notebooks" / f"{slug}.ipynb"
-        parameters.update({name: [str(folder)] for name in model_parameters})
+        parameters.update({name: [str(folder)] for name in model_lists})
+        parameters.update({name: str(folder) for name in model_names})
         papermill.execute_notebook(str(notebook), str(tmp_path / "out.ipynb"), kernel_name="python3",
                                    cwd=str(notebook.parent), progress_bar=False,
                                    parameters={"preset": "paper", **parameters})

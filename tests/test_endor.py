@@ -235,7 +235,7 @@ def test_the_paper_preset_code_path_runs_on_a_tiny_locally_saved_llama(run_paper
     """The paper preset (hub-style from_pretrained, fp16 models, offload_dir given) end to
     end on a tiny Llama, synthetic text, and the CPU."""
     saved = run_paper_preset_on_tiny_llama(
-        "04_endor", ("model_names", "offload_model_names"), calibration_text="synthetic",
+        "04_endor", model_lists=("model_names", "offload_model_names"), calibration_text="synthetic",
         evaluation_text="synthetic", window=32, calibration_windows=1, evaluation_windows=1, sparsities=[0.5, 0.9],
         new_tokens=2, device="cpu", threads=2, offload_dir=str(tmp_path / "ssd"))
     assert saved["preset"] == "paper" and saved["config"]["load_dtype"] == "float16"

@@ -133,7 +133,7 @@ def test_the_paper_preset_code_path_runs_on_a_tiny_locally_saved_llama(run_paper
     """The paper preset (hub-style from_pretrained, device_map="auto", bf16, no random-init
     control) end to end, on a tiny Llama saved with save_pretrained and synthetic text."""
     saved = run_paper_preset_on_tiny_llama(
-        "08_loki", ("model_names",), calibration_text="synthetic", evaluation_text="synthetic", window=64,
+        "08_loki", model_lists=("model_names",), calibration_text="synthetic", evaluation_text="synthetic", window=64,
         calibration_windows=1, evaluation_windows=1, contexts=[256], timing_repeats=2)
     assert saved["preset"] == "paper" and saved["config"]["device"] == "auto"
     assert saved["config"]["random_init_control"] is False

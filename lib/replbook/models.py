@@ -22,17 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import inspect
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from .paths import cache_dir
+from .paths import atomic_dir, cache_dir, code_hash
 
 Kind = Literal["causal-lm", "sentence-encoder", "image-classifier"]
 Source = Literal["package", "hub", "tiny"]
@@ -97,6 +94,8 @@ REGISTRY: dict[str, ModelSpec] = {
                   licence="Llama 2 community licence"),
         ModelSpec("llama2-13b", "causal-lm", "hub", "Llama-2-13B", hub_id="meta-llama/Llama-2-13b-hf",
                   licence="Llama 2 community licence"),
+        ModelSpec("llama3-8b", "causal-lm", "hub", "Meta-Llama-3-8B", hub_id="meta-llama/Meta-Llama-3-8B",
+                  licence="Llama 3 community licence"),
         ModelSpec("llama2-70b", "causal-lm", "hub", "Llama-2-70B", hub_id="meta-llama/Llama-2-70b-hf",
                   licence="Llama 2 community licence"),
         ModelSpec("opt-66b", "causal-lm", "hub", "OPT-66B", hub_id="facebook/opt-66b",
@@ -157,32 +156,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _code_hash(*functions: Callable) -> str:
-    import torch
-    import transformers
-
-    text = "".join(inspect.getsource(f) for f in functions)
-    text += f"torch={torch.__version__} transformers={transformers.__version__}"
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _atomic_dir(final: Path, build: Callable[[Path], dict]) -> dict:
-    """Build a cache folder in a temporary sibling and rename it into place, so an
-    interrupted build never leaves a half-written cache entry."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-    try:
-        manifest = build(tmp)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if final.exists():  # a stale or corrupt entry
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return manifest
-
-
 # ----------------------------------------------------------------------------- GGUF
 
 def _gguf_file(spec: ModelSpec) -> tuple[Path, str]:
@@ -222,7 +195,7 @@ def _converted_gguf_dir(spec: ModelSpec, progress: bool = True) -> tuple[Path, d
     """The cached safetensors folder of a GGUF model, converting it first if needed.
     Returns (folder, manifest, converted_now)."""
     gguf_path, gguf_sha = _gguf_file(spec)
-    key = hashlib.sha256((gguf_sha + _code_hash(convert_gguf)).encode()).hexdigest()[:16]
+    key = hashlib.sha256((gguf_sha + code_hash(convert_gguf)).encode()).hexdigest()[:16]
     folder = cache_dir("models") / f"{spec.name}-{key}"
     manifest_path = folder / "manifest.json"
     if manifest_path.exists():
@@ -245,7 +218,7 @@ def _converted_gguf_dir(spec: ModelSpec, progress: bool = True) -> tuple[Path, d
             "convert_seconds": round(time.perf_counter() - start, 1),
         }
 
-    return folder, _atomic_dir(folder, build), True
+    return folder, atomic_dir(folder, build), True
 
 
 # ----------------------------------------------------------------------------- tiny models
@@ -303,10 +276,10 @@ def build_tiny(name: str, out_dir: Path, seed: int = 0) -> None:
 
 
 def _tiny_dir(name: str) -> Path:
-    key = _code_hash(build_tiny, _byte_tokenizer)[:16]
+    key = code_hash(build_tiny, _byte_tokenizer)[:16]
     folder = cache_dir("models") / f"{name}-{key}"
     if not (folder / "manifest.json").exists():
-        _atomic_dir(folder, lambda tmp: (build_tiny(name, tmp), {"model": name})[1])
+        atomic_dir(folder, lambda tmp: (build_tiny(name, tmp), {"model": name})[1])
     return folder
 
 

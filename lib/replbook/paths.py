@@ -1,8 +1,14 @@
 """Where things live: the repository, its results folder, the cache outside it."""
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 _MARKERS = ("_toc.yml", "pyproject.toml")
 
@@ -39,3 +45,32 @@ def cache_dir(*parts: str) -> Path:
     path = base.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def code_hash(*functions: Callable) -> str:
+    """sha256 of the functions' source and the torch/transformers versions: part of every
+    cache key, so a cached artifact is rebuilt when the code that made it changes."""
+    import torch
+    import transformers
+
+    text = "".join(inspect.getsource(f) for f in functions)
+    text += f"torch={torch.__version__} transformers={transformers.__version__}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def atomic_dir(final: Path, build: Callable[[Path], dict]) -> dict:
+    """Build a cache folder in a temporary sibling and rename it into place, so an
+    interrupted build never leaves a half-written cache entry. ``build`` fills the
+    folder and returns its manifest (written as ``manifest.json``)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        manifest = build(tmp)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if final.exists():  # a stale or corrupt entry
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest

