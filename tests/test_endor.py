@@ -187,7 +187,7 @@ def test_offloaded_inference_matches_the_pruned_model_in_both_layouts(tmp_path):
     assert len(list((tmp_path / "endor").glob("*.endor"))) == len(pruned)
     runs = {}
     for fmt in endor.OFFLOAD_FORMATS:
-        loader = endor.weights_loader(tmp_path / fmt)
+        loader = endor.OffloadedWeights(tmp_path / fmt)
         model = endor.offloaded_model(lm.model.config, loader)
         assert all(p.device.type == "meta" for p in model.parameters()), "an offloaded model holds no weights"
         runs[fmt] = endor.offloaded_generation(model, loader, prompt, 3)

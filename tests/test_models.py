@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from replbook.paths import sha256_file
 from replbook import models
 
 
@@ -90,5 +91,5 @@ def test_gguf_cache_is_exact_checked_and_rebuilt_when_corrupt(tmp_path, monkeypa
     rebuilt = models.load("smollm2-135m")
     assert rebuilt.loaded_from == "converted now"
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert models.sha256_file(folder / "model.safetensors") == manifest["weights_sha256"]
+    assert sha256_file(folder / "model.safetensors") == manifest["weights_sha256"]
     assert not [p for p in (tmp_path / "models").iterdir() if ".tmp-" in p.name]

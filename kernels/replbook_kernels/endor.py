@@ -55,10 +55,9 @@ def bitmap_decode(bitmap: torch.Tensor, values: torch.Tensor, row_offsets: torch
 
 def bitmap_decode_reference(bitmap: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor,
                             cols: int) -> torch.Tensor:
-    """Plain torch: unpack the bits, scatter the values in row-major order."""
+    """Plain torch, any device: unpack the bits, scatter the values in row-major order.
+    Also the CPU decoder of ``replbook.endor``."""
     rows = bitmap.shape[0]
     shifts = torch.arange(7, -1, -1, device=bitmap.device, dtype=torch.uint8)
-    bits = ((bitmap[..., None] >> shifts) & 1).reshape(rows, -1)[:, :cols].bool()
-    out = torch.zeros(rows, cols, dtype=values.dtype, device=bitmap.device)
-    out[bits] = values
-    return out
+    bits = ((bitmap[..., None] >> shifts) & 1).reshape(rows, 8 * bitmap.shape[1])[:, :cols].bool()
+    return torch.zeros(rows, cols, dtype=values.dtype, device=bitmap.device).masked_scatter_(bits, values)

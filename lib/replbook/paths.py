@@ -47,6 +47,15 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def code_hash(*functions: Callable) -> str:
     """sha256 of the functions' source and the torch/transformers versions: part of every
     cache key, so a cached artifact is rebuilt when the code that made it changes."""

@@ -34,8 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .models import sha256_file
-from .paths import atomic_dir, cache_dir, code_hash
+from .paths import atomic_dir, cache_dir, code_hash, sha256_file
 
 PRESETS = {
     "smoke": {
@@ -142,36 +141,46 @@ def _prefix(relation: str) -> str:
     return "".join(template.format(e, a) + "\n" for e, a in SHOTS[relation])
 
 
-@torch.no_grad()
-def answers(model, tokenizer, facts: list[Fact], new_tokens: int = 5) -> list[str]:
-    """Greedy few-shot completions, one per fact, cut at the first period or newline.
-    The few-shot prefix of each relation runs once; queries of equal token length are
-    batched on copies of its KV cache (no padding, so no position bookkeeping)."""
-    was_training = model.training
-    model.eval()
-    out: list[str] = [""] * len(facts)
+def _batches_on_prefix(model, tokenizer, facts: list[Fact], pieces):
+    """Per relation: run the few-shot prefix once, then yield (member indices, their token
+    ids, a copy of the prefix's KV cache expanded to the batch) for each group of facts
+    whose ``pieces(i, fact)`` token lists have equal lengths (no padding, so no position
+    bookkeeping)."""
     for relation in dict.fromkeys(f.relation for f in facts):
         prefix_ids = tokenizer(_prefix(relation), return_tensors="pt").input_ids.to(model.device)
         prefix_cache = model(prefix_ids, use_cache=True).cache
-        query = RELATIONS[relation][0]
-        groups: dict[int, list[int]] = {}
+        groups: dict[tuple[int, ...], list[int]] = {}
         ids = {}
         for i, fact in enumerate(facts):
             if fact.relation == relation:
-                ids[i] = tokenizer(query.format(fact.entity), add_special_tokens=False).input_ids
-                groups.setdefault(len(ids[i]), []).append(i)
+                ids[i] = pieces(i, fact)
+                groups.setdefault(tuple(len(p) for p in ids[i]), []).append(i)
         for members in groups.values():
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(len(members))
-            step = model(input_ids=torch.tensor([ids[i] for i in members], device=model.device), cache=cache,
-                         use_cache=True)
-            generated = []
-            for _ in range(new_tokens):
-                token = step.logits[:, -1].argmax(-1)
-                generated.append(token)
-                step = model(input_ids=token[:, None], cache=step.cache, use_cache=True)
-            for row, i in zip(torch.stack(generated, 1).tolist(), members):
-                out[i] = tokenizer.decode(row).split("\n")[0].split(".")[0].strip()
+            yield members, [ids[i] for i in members], cache
+
+
+@torch.no_grad()
+def answers(model, tokenizer, facts: list[Fact], new_tokens: int = 5) -> list[str]:
+    """Greedy few-shot completions, one per fact, cut at the first period or newline.
+    The few-shot prefix of each relation runs once and its KV cache is shared."""
+    was_training = model.training
+    model.eval()
+    out: list[str] = [""] * len(facts)
+
+    def query(i, fact):
+        return (tokenizer(RELATIONS[fact.relation][0].format(fact.entity), add_special_tokens=False).input_ids,)
+
+    for members, ids, cache in _batches_on_prefix(model, tokenizer, facts, query):
+        step = model(input_ids=torch.tensor([q for q, in ids], device=model.device), cache=cache, use_cache=True)
+        generated = []
+        for _ in range(new_tokens):
+            token = step.logits[:, -1].argmax(-1)
+            generated.append(token)
+            step = model(input_ids=token[:, None], cache=step.cache, use_cache=True)
+        for row, i in zip(torch.stack(generated, 1).tolist(), members):
+            out[i] = tokenizer.decode(row).split("\n")[0].split(".")[0].strip()
     model.train(was_training)
     return out
 
@@ -179,31 +188,22 @@ def answers(model, tokenizer, facts: list[Fact], new_tokens: int = 5) -> list[st
 @torch.no_grad()
 def value_logprob(model, tokenizer, facts: list[Fact], values: list[str]) -> list[float]:
     """Mean per-token log-prob of ``values[i]`` completing fact i's few-shot query (the
-    paper's logit view), teacher-forced on copies of each relation's prefix cache."""
+    paper's logit view), teacher-forced on the shared prefix cache."""
     was_training = model.training
     model.eval()
     out = [0.0] * len(facts)
-    for relation in dict.fromkeys(f.relation for f in facts):
-        prefix_ids = tokenizer(_prefix(relation), return_tensors="pt").input_ids.to(model.device)
-        prefix_cache = model(prefix_ids, use_cache=True).cache
-        groups: dict[tuple[int, int], list[int]] = {}
-        pieces = {}
-        for i, fact in enumerate(facts):
-            if fact.relation == relation:
-                q = tokenizer(RELATIONS[relation][0].format(fact.entity), add_special_tokens=False).input_ids
-                v = tokenizer(" " + values[i], add_special_tokens=False).input_ids
-                pieces[i] = (q, v)
-                groups.setdefault((len(q), len(v)), []).append(i)
-        for (q_len, v_len), members in groups.items():
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(len(members))
-            ids = torch.tensor([pieces[i][0] + pieces[i][1] for i in members], device=model.device)
-            logits = model(input_ids=ids, cache=cache, use_cache=True).logits
-            logp = logits[:, q_len - 1:-1].float().log_softmax(-1)
-            target = ids[:, q_len:]
-            per_token = logp.gather(-1, target[..., None])[..., 0]
-            for row, i in zip(per_token.mean(1).tolist(), members):
-                out[i] = row
+
+    def query_and_value(i, fact):
+        return (tokenizer(RELATIONS[fact.relation][0].format(fact.entity), add_special_tokens=False).input_ids,
+                tokenizer(" " + values[i], add_special_tokens=False).input_ids)
+
+    for members, ids, cache in _batches_on_prefix(model, tokenizer, facts, query_and_value):
+        q_len = len(ids[0][0])
+        tokens = torch.tensor([q + v for q, v in ids], device=model.device)
+        logp = model(input_ids=tokens, cache=cache, use_cache=True).logits[:, q_len - 1:-1].float().log_softmax(-1)
+        per_token = logp.gather(-1, tokens[:, q_len:, None])[..., 0]
+        for row, i in zip(per_token.mean(1).tolist(), members):
+            out[i] = row
     model.train(was_training)
     return out
 
