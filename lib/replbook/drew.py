@@ -1,0 +1,656 @@
+"""DREW (Saberi et al., 2024, arXiv 2406.02836): Data Retrieval with Error-corrected
+codes and Watermarking.
+
+The method, as chapter 07 runs it:
+
+1. Split the reference set at random into ``2**k`` equal clusters (:func:`assign_clusters`).
+2. Give each cluster a key: the codeword of its index under an error-correcting code
+   (:class:`ClusterCode`, a BCH code from ``galois``; the official code uses polar codes),
+   and watermark every image of the cluster with that key (:data:`WATERMARKS`: real
+   watermarking libraries from PyPI).
+3. At query time read the watermark, decode it, and score the decoding with the paper's
+   confidence ``1 - 2 d_H(received, re-encoded) / n``. If the confidence reaches the
+   threshold, search only the decoded cluster; otherwise search everything
+   (:func:`retrieve`), which is why DREW should never do worse than plain retrieval.
+
+Everything a chapter measures comes out of :func:`run_queries` as one row per
+(watermark, edit, query), from which :func:`accuracy_table`, :func:`gate_curve` and
+:func:`paired_gain` compute the figures and verdicts.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+# ----------------------------------------------------------------------------- presets
+
+PRESETS = {
+    "smoke": {
+        "images": "synthetic", "n_reference": 128, "n_queries": 8, "image_size": 64, "ecc": "bch-31-6",
+        "watermarks": ["rivagan", "dwtdctsvd"], "embedders": ["tiny-efficientnet"],
+        "edits": ["none", "rotate", "flip"], "max_false_accept": 0.01, "paper_threshold": 0.5,
+        "bootstrap_samples": 200, "seed": 0, "threads": 2,
+    },
+    "book": {
+        "images": "cifar10", "n_reference": 2048, "n_queries": 160, "image_size": 128, "ecc": "bch-31-6",
+        "watermarks": ["rivagan", "dwtdctsvd"], "embedders": ["efficientnet-lite0"],
+        "edits": list(("none", "rotate", "crop", "flip", "stretch", "blur", "jitter", "jpeg", "combo")),
+        "max_false_accept": 0.01, "paper_threshold": 0.5, "bootstrap_samples": 2000, "seed": 0, "threads": 2,
+    },
+    "paper": {
+        # the paper's embedders and watermark (TrustMark, 100 bits, so a longer code and
+        # 2^10 clusters as in the official code); point `images` at "folder:<path>" for
+        # the paper's datasets
+        "images": "cifar10", "n_reference": 8192, "n_queries": 1000, "image_size": 256, "ecc": "bch-63-10",
+        "watermarks": ["trustmark"], "embedders": ["dinov2-base", "clip-vit-l-14"],
+        "edits": list(("none", "rotate", "crop", "flip", "stretch", "blur", "jitter", "jpeg", "combo")),
+        "max_false_accept": 0.01, "paper_threshold": 0.5, "bootstrap_samples": 2000, "seed": 0, "threads": 16,
+    },
+}
+
+# ----------------------------------------------------------------------------- clusters
+
+
+def assign_clusters(n_items: int, k_bits: int, seed: int) -> np.ndarray:
+    """A random split of ``n_items`` into ``2**k_bits`` clusters of equal size (step 1)."""
+    n_clusters = 2 ** k_bits
+    if n_items % n_clusters:
+        raise ValueError(f"n_items={n_items} must be a multiple of the {n_clusters} clusters")
+    rng = np.random.default_rng(seed)
+    return rng.permutation(n_items) % n_clusters
+
+
+# ----------------------------------------------------------------------------- error-correcting code
+
+# name -> (n, k): BCH codes of length 31 fit a 32-bit watermark payload
+CODES = {"bch-31-6": (31, 6), "bch-31-11": (31, 11), "bch-31-16": (31, 16), "bch-63-10": (63, 10)}
+
+
+class ClusterCode:
+    """A cluster's key is the BCH codeword of its index, XOR-ed with a fixed scrambling
+    mask (step 2).
+
+    - The code is systematic: the first ``k`` bits of every codeword are the cluster index,
+      so the same watermark can be read *without* error correction by unscrambling those
+      bits (:meth:`raw_clusters`, the ablation).
+    - The mask keeps a watermark decoder's degenerate outputs (all zeros when the mark is
+      destroyed) from being keys: unmasked, all zeros is cluster 0's codeword.
+    """
+
+    def __init__(self, name: str = "bch-31-6"):
+        if name not in CODES:
+            raise ValueError(f"code={name!r}; choose one of: {', '.join(CODES)}")
+        import galois
+
+        self.name = name
+        self.n, self.k = CODES[name]
+        self.bch = galois.BCH(self.n, self.k)
+        self.t = int(self.bch.t)  # bit errors it is designed to correct
+        self.mask = np.random.default_rng([self.n, self.k]).integers(0, 2, self.n).astype(np.uint8)
+
+    @property
+    def n_clusters(self) -> int:
+        return 2 ** self.k
+
+    def _index_bits(self, clusters: np.ndarray) -> np.ndarray:
+        shifts = np.arange(self.k - 1, -1, -1)
+        return (np.asarray(clusters)[:, None] >> shifts) & 1
+
+    def _bits_index(self, bits: np.ndarray) -> np.ndarray:
+        return (np.asarray(bits, dtype=np.int64) << np.arange(self.k - 1, -1, -1)).sum(1)
+
+    def codewords(self, clusters: np.ndarray) -> np.ndarray:
+        """(m,) cluster indices -> (m, n) uint8 keys (scrambled codewords)."""
+        import galois
+
+        clusters = np.asarray(clusters)
+        if clusters.size and (clusters.min() < 0 or clusters.max() >= self.n_clusters):
+            raise ValueError(f"cluster indices must lie in [0, {self.n_clusters})")
+        words = np.asarray(self.bch.encode(galois.GF2(self._index_bits(clusters).astype(np.uint8))), dtype=np.uint8)
+        return words ^ self.mask
+
+    def decode(self, received: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(m, n) received bits -> decoded cluster indices and the paper's confidence
+        ``1 - 2 d_H(received, key(decoded)) / n``. A word the decoder cannot correct
+        (more than ``t`` errors detected) gets confidence 0."""
+        import galois
+
+        received = np.asarray(received, dtype=np.uint8)[:, : self.n]
+        messages, n_errors = self.bch.decode(galois.GF2(received ^ self.mask), errors=True)
+        clusters = self._bits_index(np.asarray(messages, dtype=np.uint8).reshape(len(received), self.k))
+        distance = (self.codewords(clusters) != received).sum(1)
+        confidence = np.where(np.asarray(n_errors) >= 0, 1.0 - 2.0 * distance / self.n, 0.0)
+        return clusters, confidence
+
+    def raw_clusters(self, received: np.ndarray) -> np.ndarray:
+        """The ablation without ECC: the cluster index read from the first ``k`` bits."""
+        return self._bits_index(np.asarray(received, dtype=np.uint8)[:, : self.k] ^ self.mask[: self.k])
+
+    def random_word_false_accept(self, threshold: float) -> float:
+        """The chance that a word of random bits (a destroyed or absent watermark) passes
+        the gate: (number of keys) x (Hamming ball of radius d_max) / 2^n, where d_max is
+        the largest distance whose confidence reaches ``threshold``, capped at ``t``."""
+        from math import comb
+
+        d_max = min(self.t, int(np.floor((1.0 - threshold) * self.n / 2 + 1e-9)))
+        if d_max < 0:
+            return 0.0
+        return min(1.0, self.n_clusters * sum(comb(self.n, i) for i in range(d_max + 1)) / 2 ** self.n)
+
+    def threshold_for(self, false_accept: float) -> float:
+        """The lowest confidence threshold whose random-word false-accept rate is at most
+        ``false_accept``: the gate tolerates as many bit errors as that rate allows."""
+        levels = [1.0 - 2.0 * d / self.n for d in range(self.t + 1)]
+        allowed = [level for level in levels if self.random_word_false_accept(level) <= false_accept]
+        return min(allowed) if allowed else 1.0 + 1e-9
+
+
+# ----------------------------------------------------------------------------- watermarks
+
+
+class Watermark:
+    """Embed a bit string into uint8 RGB images (N, H, W, 3) and read it back."""
+
+    name = ""
+    payload_bits = 32
+
+    def embed(self, images: np.ndarray, bits: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def extract(self, images: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class RivaGAN(Watermark):
+    """RivaGAN (Zhang et al., 2019), a learned 32-bit watermark: the encoder and decoder
+    ONNX networks shipped in ``invisible-watermark``, run on whole batches."""
+
+    name = "rivagan"
+
+    def __init__(self, batch_size: int = 16):
+        from imwatermark.rivaGan import RivaWatermark
+
+        RivaWatermark.loadModel()
+        self.encoder, self.decoder = RivaWatermark.encoder, RivaWatermark.decoder
+        self.batch_size = batch_size
+
+    @staticmethod
+    def _frames(images: np.ndarray) -> np.ndarray:  # N,H,W,3 uint8 -> N,3,1,H,W in [-1, 1]
+        return (images.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)[:, :, None]
+
+    def embed(self, images, bits):
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            frames = self._frames(images[i:i + self.batch_size])
+            marked = self.encoder.run(None, {"frame": frames,
+                                             "data": bits[i:i + self.batch_size].astype(np.float32)})[0]
+            out.append(((np.clip(marked[:, :, 0], -1, 1) + 1) * 127.5).round().astype(np.uint8)
+                       .transpose(0, 2, 3, 1))
+        return np.concatenate(out)
+
+    def extract(self, images):
+        out = [self.decoder.run(None, {"frame": self._frames(images[i:i + self.batch_size])})[0] > 0.5
+               for i in range(0, len(images), self.batch_size)]
+        return np.concatenate(out).astype(np.uint8)
+
+
+class _InvisibleWatermarkDWT(Watermark):
+    """The frequency-domain watermarks of ``invisible-watermark``, one image at a time.
+    Their classes are used directly: the library's front door refuses images under
+    256x256, although the transforms work at any size that is a multiple of 8."""
+
+    embedder: str = ""
+
+    def _codec(self, bits):
+        from imwatermark import dwtDctSvd, maxDct
+
+        cls = {"dwtDctSvd": dwtDctSvd.EmbedDwtDctSvd, "dwtDct": maxDct.EmbedMaxDct}[self.embedder]
+        return cls(list(bits), wmLen=self.payload_bits)
+
+    def embed(self, images, bits):
+        import cv2
+
+        return np.stack([cv2.cvtColor(self._codec(b).encode(cv2.cvtColor(im, cv2.COLOR_RGB2BGR)),
+                                      cv2.COLOR_BGR2RGB) for im, b in zip(images, bits)])
+
+    def extract(self, images):
+        import cv2
+
+        codec = self._codec([0] * self.payload_bits)
+        return np.stack([np.asarray(codec.decode(cv2.cvtColor(im, cv2.COLOR_RGB2BGR)))
+                         for im in images]).astype(np.uint8)
+
+
+class DwtDctSvd(_InvisibleWatermarkDWT):
+    """DWT-DCT-SVD (invisible-watermark): bits in the top singular value of 4x4 DCT
+    blocks of the U channel's wavelet approximation."""
+
+    name, embedder = "dwtdctsvd", "dwtDctSvd"
+
+
+class DwtDct(_InvisibleWatermarkDWT):
+    """DWT-DCT (invisible-watermark, the one Stable Diffusion's scripts use)."""
+
+    name, embedder = "dwtdct", "dwtDct"
+
+
+class TrustMark(Watermark):
+    """TrustMark (Bui et al., 2023), the paper's watermark: 100 raw bits, its own ECC off
+    (as in the official DREW code, which writes its polar codewords into those bits).
+    Its PyPI package fetches its weights on first use, so it belongs to the paper preset."""
+
+    name = "trustmark"
+    payload_bits = 100
+
+    def __init__(self, model_type: str = "Q"):
+        try:
+            from trustmark import TrustMark as _TrustMark
+        except ImportError:
+            raise ImportError("the trustmark watermark needs its package (weights download on first "
+                              "use): pip install trustmark==0.9.2") from None
+        self.tm = _TrustMark(use_ECC=False, verbose=False, model_type=model_type)
+
+    def embed(self, images, bits):
+        from PIL import Image
+
+        return np.stack([np.asarray(self.tm.encode(Image.fromarray(im), "".join(map(str, b)), MODE="binary")
+                                    .convert("RGB")) for im, b in zip(images, bits)])
+
+    def extract(self, images):
+        from PIL import Image
+
+        out = []
+        for im in images:
+            secret, _, _ = self.tm.decode(Image.fromarray(im), MODE="binary")
+            bits = [int(c) for c in str(secret)[: self.payload_bits]]
+            out.append(bits + [0] * (self.payload_bits - len(bits)))
+        return np.asarray(out, dtype=np.uint8)
+
+
+WATERMARKS: dict[str, Callable[[], Watermark]] = {
+    "rivagan": RivaGAN, "dwtdctsvd": DwtDctSvd, "dwtdct": DwtDct, "trustmark": TrustMark}
+
+
+def watermark(name: str) -> Watermark:
+    if name not in WATERMARKS:
+        raise ValueError(f"watermark {name!r}; choose one of: {', '.join(WATERMARKS)}")
+    try:
+        return WATERMARKS[name]()
+    except ImportError as err:
+        if "imwatermark" in str(err) or "onnxruntime" in str(err):
+            raise ImportError(f"watermark {name!r} needs invisible-watermark and onnxruntime: "
+                              "pip install invisible-watermark==0.2.0 onnxruntime==1.32.0") from None
+        raise
+
+
+def payload(code: ClusterCode, clusters: np.ndarray, payload_bits: int) -> np.ndarray:
+    """Each image's watermark bits: its cluster's codeword, zero-padded to the payload."""
+    if code.n > payload_bits:
+        raise ValueError(f"code {code.name} needs {code.n} bits; this watermark carries {payload_bits}")
+    words = code.codewords(clusters)
+    return np.pad(words, ((0, 0), (0, payload_bits - code.n)))
+
+
+# ----------------------------------------------------------------------------- query edits
+
+def _rotate(x, degrees):
+    import torchvision.transforms.v2.functional as TF
+
+    return TF.rotate(x, degrees)
+
+
+def _centre_crop(x, keep):
+    import torchvision.transforms.v2.functional as TF
+
+    size = x.shape[-1]
+    return TF.resize(TF.center_crop(x, [round(size * keep)] * 2), [size, size], antialias=True)
+
+
+def _stretch(x, factor):
+    import torchvision.transforms.v2.functional as TF
+
+    size = x.shape[-1]
+    wide = TF.resize(x, [size, round(size * factor)], antialias=True)
+    return TF.center_crop(wide, [size, size])
+
+
+def _jitter(x, brightness=1.5, contrast=0.6, saturation=1.8, hue=0.2):
+    import torchvision.transforms.v2.functional as TF
+
+    x = TF.adjust_brightness(x, brightness)
+    x = TF.adjust_contrast(x, contrast)
+    x = TF.adjust_saturation(x, saturation)
+    return TF.adjust_hue(x, hue)
+
+
+def _jpeg(x, quality):
+    """JPEG round trip through Pillow (torchvision's encoder is deprecated)."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for image in x.permute(0, 2, 3, 1).numpy():
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "JPEG", quality=quality)
+        out.append(np.asarray(Image.open(buffer).convert("RGB")))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
+
+
+def _edit_fns() -> dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+    import torchvision.transforms.v2.functional as TF
+
+    return {
+        "none": ("the watermarked image itself", lambda x: x),
+        "rotate": ("rotation by 15 degrees (black corners)", lambda x: _rotate(x, 15)),
+        "crop": ("centre crop keeping 60% of the side, resized back", lambda x: _centre_crop(x, 0.6)),
+        "flip": ("horizontal flip", TF.horizontal_flip),
+        "stretch": ("horizontal stretch by 1.3, centre part kept", lambda x: _stretch(x, 1.3)),
+        "blur": ("Gaussian blur, sigma 3 px", lambda x: TF.gaussian_blur(x, [13, 13], [3.0, 3.0])),
+        "jitter": ("colour jitter: brightness 1.5, contrast 0.6, saturation 1.8, hue +0.2",
+                   lambda x: _jitter(x)),
+        "jpeg": ("JPEG at quality 30 (Pillow)", lambda x: _jpeg(x, 30)),
+        "combo": ("crop 80% + rotation 10 degrees + brightness 1.3, saturation 1.5",
+                  lambda x: _jitter(_rotate(_centre_crop(x, 0.8), 10), 1.3, 1.0, 1.5, 0.0)),
+    }
+
+
+EDITS = tuple(_edit_fns())
+
+
+def describe_edits() -> dict[str, str]:
+    return {name: what for name, (what, _) in _edit_fns().items()}
+
+
+def apply_edit(name: str, images: np.ndarray) -> np.ndarray:
+    """The query edit ``name`` applied to uint8 RGB images (N, H, W, 3); same shape back.
+    Deterministic: every edit has fixed parameters (the paper samples them)."""
+    fns = _edit_fns()
+    if name not in fns:
+        raise ValueError(f"edit {name!r}; choose one of: {', '.join(fns)}")
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    return fns[name][1](x).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+# ----------------------------------------------------------------------------- images and embeddings
+
+def prepare_images(images: np.ndarray, size: int) -> np.ndarray:
+    """Upscale uint8 RGB images to ``size`` x ``size`` (bicubic, antialiased)."""
+    import torchvision.transforms.v2.functional as TF
+
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    out = [TF.resize(x[i:i + 256], [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+           for i in range(0, len(x), 256)]
+    return torch.cat(out).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def synthetic_images(n: int, size: int, seed: int) -> np.ndarray:
+    """Smooth random colour images, for the smoke preset and the tests."""
+    import torchvision.transforms.v2.functional as TF
+
+    rng = np.random.default_rng(seed)
+    coarse = torch.from_numpy(rng.integers(0, 256, (n, 3, 8, 8), dtype=np.uint8))
+    return TF.resize(coarse, [size, size], antialias=True).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+IMAGE_SOURCES = ("cifar10", "synthetic", "folder:<path>")
+
+
+def _folder_images(folder: str) -> np.ndarray:
+    from PIL import Image
+
+    files = sorted(f for f in Path(folder).rglob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not files:
+        raise ValueError(f"images='folder:{folder}': no .png/.jpg/.jpeg/.webp files there")
+    out = []
+    for f in files:  # centre square crop, kept at a common size before the final resize
+        im = Image.open(f).convert("RGB")
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        out.append(np.asarray(im.crop((left, top, left + side, top + side)).resize((256, 256), Image.BICUBIC)))
+    return np.stack(out)
+
+
+def reference_images(source: str, n: int, size: int, seed: int) -> np.ndarray:
+    """``n`` reference images drawn at random (seeded) from ``source``, at ``size`` px:
+    ``cifar10`` (the test set), ``synthetic``, or ``folder:<path>`` (any image folder)."""
+    if source == "synthetic":
+        return synthetic_images(n, size, seed)
+    if source == "cifar10":
+        from . import data
+
+        pool = data.cifar10_test()[0]
+    elif source.startswith("folder:"):
+        pool = _folder_images(source.removeprefix("folder:"))
+    else:
+        raise ValueError(f"images={source!r}; choose one of: {', '.join(IMAGE_SOURCES)}")
+    if n > len(pool):
+        raise ValueError(f"n_reference={n} but {source} has {len(pool)} images")
+    pick = np.sort(np.random.default_rng(seed).choice(len(pool), n, replace=False))
+    return prepare_images(pool[pick], size)
+
+
+class Embedder:
+    """L2-normalised image embeddings from a registry model (DREW's retrieval space).
+
+    - ``efficientnet-lite0`` (book): the mean-pooled 1280-d feature map, TF-Lite input
+      normalisation, at the images' own size;
+    - hub image encoders (paper): DINOv2 mean-pooled last hidden state (as the official
+      code), CLIP's projected image embedding; their own image processor prepares input.
+    """
+
+    def __init__(self, name: str, preset: str, batch_size: int = 64):
+        from . import models
+
+        self.loaded = models.load(name, preset=preset)
+        self.name, self.batch_size = name, batch_size
+        self.kind = self.loaded.spec.kind
+
+    @torch.inference_mode()
+    def _batch(self, images: np.ndarray) -> torch.Tensor:
+        model = self.loaded.model
+        if self.kind == "image-classifier":  # EfficientNet-Lite
+            x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() - 127.0) / 128.0
+            return model.extract_features(x).mean((2, 3))
+        inputs = self.loaded.tokenizer(images=list(images), return_tensors="pt")  # the image processor
+        out = model(pixel_values=inputs["pixel_values"].to(model.device))
+        if hasattr(out, "image_embeds"):  # CLIP
+            return out.image_embeds.float().cpu()
+        return out.last_hidden_state.mean(1).float().cpu()
+
+    def __call__(self, images: np.ndarray, progress: str | None = None) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        starts = range(0, len(images), self.batch_size)
+        if progress:
+            starts = tqdm(starts, desc=progress, unit="batch")
+        feats = torch.cat([self._batch(images[i:i + self.batch_size]) for i in starts])
+        return torch.nn.functional.normalize(feats, dim=1).numpy().astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+class Index:
+    """Top-1 inner-product search over the reference embeddings (FAISS), over all of
+    them or over one cluster's."""
+
+    def __init__(self, embeddings: np.ndarray, clusters: np.ndarray):
+        import faiss
+
+        self.faiss = faiss
+        self.index = faiss.IndexFlatIP(embeddings.shape[1])
+        self.index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+        self.members = {int(c): np.flatnonzero(clusters == c).astype(np.int64) for c in np.unique(clusters)}
+
+    def search_all(self, queries: np.ndarray) -> np.ndarray:
+        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), 1)[1][:, 0]
+
+    def search_within(self, queries: np.ndarray, clusters: np.ndarray) -> np.ndarray:
+        """Top-1 for each query among the members of its given cluster."""
+        top = np.full(len(queries), -1, dtype=np.int64)
+        for cluster in np.unique(clusters):
+            rows = np.flatnonzero(clusters == cluster)
+            members = self.members.get(int(cluster))
+            if members is None:  # a decoded index that names no cluster
+                continue
+            params = self.faiss.SearchParameters(sel=self.faiss.IDSelectorBatch(members))
+            top[rows] = self.index.search(np.ascontiguousarray(queries[rows], dtype=np.float32), 1,
+                                          params=params)[1][:, 0]
+        return top
+
+
+def retrieve(index: Index, queries: np.ndarray, decoded: np.ndarray, confidence: np.ndarray,
+             threshold: float) -> np.ndarray:
+    """DREW's retrieval (step 3): search the decoded cluster when the decoding is
+    confident, everything otherwise."""
+    top = index.search_all(queries)
+    sure = confidence >= threshold
+    if sure.any():
+        top[sure] = index.search_within(queries[sure], decoded[sure])
+    return top
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+RETRIEVALS = ("baseline", "DREW", "DREW without ECC", "oracle cluster")
+
+
+def watermark_all(images: np.ndarray, clusters: np.ndarray, code: ClusterCode, mark: Watermark,
+                  batch: int = 64, progress: bool = True) -> np.ndarray:
+    """Every reference image watermarked with its cluster's key (the published dataset).
+
+    RivaGAN takes ~55 ms an image on two CPU cores, so the result is cached outside the
+    repo under a hash of the images, the keys, the watermark's code and library versions."""
+    from importlib import metadata
+
+    from tqdm.auto import tqdm
+
+    from .paths import atomic_dir, cache_dir, code_hash
+
+    bits = payload(code, clusters, mark.payload_bits)
+    versions = "".join(f"{p}={metadata.version(p)}" for p in ("invisible-watermark", "onnxruntime", "opencv-python")
+                       if _installed(p))
+    digest = hashlib.sha256(np.ascontiguousarray(images).tobytes() + bits.tobytes() + versions.encode()
+                            + code_hash(type(mark).embed, watermark_all).encode()).hexdigest()[:20]
+    folder = cache_dir("drew") / f"{mark.name}-{digest}"
+    if (folder / "manifest.json").exists() and (folder / "marked.npy").exists():
+        marked = np.load(folder / "marked.npy")
+        if marked.shape == images.shape:
+            return marked
+
+    def build(tmp: Path) -> dict:
+        out = np.empty_like(images)
+        for i in tqdm(range(0, len(images), batch), desc=f"watermark references ({mark.name})", disable=not progress):
+            out[i:i + batch] = mark.embed(images[i:i + batch], bits[i:i + batch])
+        np.save(tmp / "marked.npy", out)
+        return {"watermark": mark.name, "code": code.name, "images": len(images), "versions": versions}
+
+    atomic_dir(folder, build)
+    return np.load(folder / "marked.npy")
+
+
+def _installed(package: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version(package)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+@dataclass
+class Reference:
+    """The reference set: the clusters, the watermarked images (one published set per
+    watermark) and one search index per (watermark, embedder)."""
+
+    clusters: np.ndarray
+    marked: dict[str, np.ndarray]
+    indexes: dict[tuple[str, str], Index]
+
+
+def build_reference(images: np.ndarray, clusters: np.ndarray, code: ClusterCode, marks: dict[str, Watermark],
+                    embedders: dict[str, Embedder], progress: bool = True) -> Reference:
+    """Watermark the reference set with each watermark and index its embeddings."""
+    marked = {name: watermark_all(images, clusters, code, mark, progress=progress) for name, mark in marks.items()}
+    indexes = {(m, e): Index(embed(marked[m], progress=f"embed references ({m}, {e})" if progress else None), clusters)
+               for m in marks for e, embed in embedders.items()}
+    return Reference(clusters, marked, indexes)
+
+
+def run_queries(reference: Reference, query_ids: np.ndarray, marks: dict[str, Watermark],
+                code: ClusterCode, embedders: dict[str, Embedder], edits: tuple[str, ...],
+                threshold: float, progress: bool = True) -> pd.DataFrame:
+    """Take each query's watermarked reference image, apply every edit, read the
+    watermark back and retrieve four ways with every embedder. One row per
+    (watermark, edit, embedder, query)."""
+    from tqdm.auto import tqdm
+
+    rows = []
+    true_clusters = reference.clusters[query_ids]
+    bar = tqdm(total=len(marks) * len(edits), desc="watermark x edit", disable=not progress)
+    for mark_name, mark in marks.items():
+        sent = payload(code, true_clusters, mark.payload_bits)
+        marked = reference.marked[mark_name][query_ids]
+        for edit in edits:
+            edited = apply_edit(edit, marked)
+            received = mark.extract(edited)
+            decoded, confidence = code.decode(received)
+            raw = code.raw_clusters(received)
+            for embedder_name, embed in embedders.items():
+                queries, index = embed(edited), reference.indexes[(mark_name, embedder_name)]
+                rows.append(pd.DataFrame({
+                    "watermark": mark_name, "edit": edit, "embedder": embedder_name, "query": query_ids,
+                    "true_cluster": true_clusters, "decoded_cluster": decoded, "confidence": confidence,
+                    "bit_errors": (received[:, :code.n] != sent[:, :code.n]).sum(1),
+                    "baseline": index.search_all(queries) == query_ids,
+                    "DREW": retrieve(index, queries, decoded, confidence, threshold) == query_ids,
+                    "DREW without ECC": index.search_within(queries, raw) == query_ids,
+                    "oracle cluster": index.search_within(queries, true_clusters) == query_ids,
+                    # what DREW finds when it trusts the decoded cluster (the threshold sweep)
+                    "in decoded cluster": index.search_within(queries, decoded) == query_ids,
+                }))
+            bar.update()
+    bar.close()
+    return pd.concat(rows, ignore_index=True)
+
+
+def accuracy_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Top-1 accuracy per (embedder, watermark, edit) for each retrieval."""
+    return rows.groupby(["embedder", "watermark", "edit"], sort=False)[list(RETRIEVALS)].mean()
+
+
+def gate_curve(rows: pd.DataFrame, thresholds: np.ndarray) -> pd.DataFrame:
+    """The ECC gate as its threshold moves, pooled over edits: the share of queries
+    that search one cluster (coverage), how often that cluster is the right one
+    (precision), and DREW's top-1 accuracy."""
+    out = []
+    for threshold in thresholds:
+        sure = rows["confidence"] >= threshold
+        right = rows["decoded_cluster"] == rows["true_cluster"]
+        top1 = np.where(sure, rows["in decoded cluster"], rows["baseline"])
+        for (embedder, mark), part in rows.groupby(["embedder", "watermark"], sort=False):
+            idx = part.index
+            n_sure = int(sure[idx].sum())
+            out.append({"embedder": embedder, "watermark": mark, "threshold": float(threshold), "coverage": sure[idx].mean(),
+                        "precision": (right[idx] & sure[idx]).sum() / n_sure if n_sure else np.nan,
+                        "false_accepts": int((~right[idx] & sure[idx]).sum()), "DREW": top1[idx].mean()})
+    return pd.DataFrame(out)
+
+
+def paired_gain(better: np.ndarray, worse: np.ndarray, seed: int, n_boot: int = 2000,
+                level: float = 0.95) -> tuple[float, float, float]:
+    """Mean paired difference of two 0/1 outcome vectors (in points of accuracy), with a
+    percentile-bootstrap interval over the queries."""
+    diff = np.asarray(better, dtype=float) - np.asarray(worse, dtype=float)
+    rng = np.random.default_rng(seed)
+    boots = diff[rng.integers(0, len(diff), (n_boot, len(diff)))].mean(1)
+    low, high = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    return 100 * diff.mean(), 100 * low, 100 * high

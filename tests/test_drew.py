@@ -1,0 +1,239 @@
+"""Chapter 07 (DREW): the code, the watermarks, the edits and the retrieval rule."""
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from replbook import data, drew, models
+
+
+@pytest.fixture(scope="module")
+def code():
+    return drew.ClusterCode("bch-31-6")
+
+
+@pytest.fixture(scope="module")
+def photos():
+    """Three real photos at 128 px (watermarks need texture; random images are not photos)."""
+    return drew.prepare_images(np.stack([drew.prepare_images(data.photo(n)[None, :300, :300], 300)[0]
+                                         for n in data.PHOTOS]), 128)
+
+
+# ----------------------------------------------------------------------------- the code
+
+def test_the_code_corrects_up_to_t_errors_with_the_papers_confidence(code):
+    rng = np.random.default_rng(0)
+    clusters = rng.integers(0, code.n_clusters, 200)
+    words = code.codewords(clusters)
+    assert code.t == 7 and words.shape == (200, 31)
+    for errors in range(code.t + 1):
+        received = words.copy()
+        for row in received:
+            row[rng.choice(code.n, errors, replace=False)] ^= 1
+        decoded, confidence = code.decode(received)
+        assert (decoded == clusters).all(), f"{errors} errors were not corrected"
+        assert np.allclose(confidence, 1 - 2 * errors / code.n)
+
+
+def test_beyond_t_errors_the_confidence_is_low(code):
+    """Minimum distance 15: with e > t errors any other key is at least 15 - e away, so
+    t + 1 errors decode (if at all) at confidence <= 1 - 2t/n, t + 1 and t + 2 stay under
+    the gate, and more errors pass it about as rarely as random words do."""
+    rng = np.random.default_rng(1)
+    threshold = code.threshold_for(0.01)
+    clusters = rng.integers(0, code.n_clusters, 2000)
+    for errors in range(code.t + 1, code.t + 9):
+        received = code.codewords(clusters)
+        for row in received:
+            row[rng.choice(code.n, errors, replace=False)] ^= 1
+        decoded, confidence = code.decode(received)
+        if errors == code.t + 1:
+            assert (confidence <= 1 - 2 * code.t / code.n + 1e-12).all()
+        if errors <= code.t + 2:
+            assert (confidence < threshold).all()
+        assert (confidence >= threshold).mean() <= 0.02
+        assert not ((confidence >= threshold) & (decoded == clusters)).any(), "too many errors to land home"
+
+
+def test_degenerate_words_are_not_keys(code):
+    """A destroyed watermark often reads as all zeros or all ones: the mask keeps them off the keys."""
+    _, confidence = code.decode(np.array([[0] * 31, [1] * 31], dtype=np.uint8))
+    assert (confidence < code.threshold_for(0.01)).all()
+
+
+def test_raw_bits_are_the_cluster_index_and_the_false_accept_rate_is_the_ball_count(code):
+    clusters = np.arange(code.n_clusters)
+    assert (code.raw_clusters(code.codewords(clusters)) == clusters).all()
+    # d <= 5 admitted at 1 - 10/31: 64 keys x |B(31, 5)| / 2^31
+    assert code.threshold_for(0.01) == pytest.approx(1 - 10 / 31)
+    assert code.random_word_false_accept(1 - 10 / 31) == pytest.approx(64 * 206368 / 2 ** 31)
+    rng = np.random.default_rng(2)
+    _, confidence = code.decode(rng.integers(0, 2, (20000, 31)))
+    observed = (confidence >= code.threshold_for(0.01)).mean()
+    assert observed == pytest.approx(code.random_word_false_accept(code.threshold_for(0.01)), abs=0.003)
+
+
+def test_bad_code_and_payload_fail_clearly(code):
+    with pytest.raises(ValueError, match="code='bch-7'; choose one of: bch-31-6"):
+        drew.ClusterCode("bch-7")
+    with pytest.raises(ValueError, match="needs 63 bits; this watermark carries 32"):
+        drew.payload(drew.ClusterCode("bch-63-10"), np.array([0]), 32)
+    with pytest.raises(ValueError, match="cluster indices must lie in"):
+        code.codewords(np.array([64]))
+
+
+# ----------------------------------------------------------------------------- watermarks and edits
+
+@pytest.mark.parametrize("name", ["rivagan", "dwtdctsvd"])
+def test_watermark_round_trip_on_clean_photos(name, photos, code):
+    mark = drew.watermark(name)
+    bits = drew.payload(code, np.array([3, 17, 60]), mark.payload_bits)
+    marked = mark.embed(photos, bits)
+    assert marked.shape == photos.shape and marked.dtype == np.uint8
+    assert np.abs(marked.astype(int) - photos.astype(int)).mean() < 3, "the watermark must be invisible-ish"
+    decoded, confidence = code.decode(mark.extract(marked))
+    assert (decoded == [3, 17, 60]).all() and (confidence >= code.threshold_for(0.01)).all()
+
+
+def test_unknown_watermark_and_edit_list_the_choices():
+    with pytest.raises(ValueError, match="watermark 'stegano'; choose one of: rivagan, dwtdctsvd"):
+        drew.watermark("stegano")
+    with pytest.raises(ValueError, match="edit 'warp'; choose one of: none, rotate"):
+        drew.apply_edit("warp", np.zeros((1, 8, 8, 3), np.uint8))
+
+
+def test_trustmark_glue_writes_and_reads_bit_strings(monkeypatch):
+    """The paper preset's TrustMark adapter, against a stand-in with TrustMark's interface
+    (its real weights download on first use, which the tests cannot do)."""
+    class FakeTrustMark:
+        def __init__(self, use_ECC, verbose, model_type):
+            assert use_ECC is False and model_type == "Q"
+            self.stored = {}
+
+        def encode(self, image, secret, MODE):
+            assert MODE == "binary" and set(secret) <= {"0", "1"} and len(secret) == 100
+            out = image.copy()
+            self.stored[out.tobytes()] = secret
+            return out
+
+        def decode(self, image, MODE):
+            return self.stored.get(image.tobytes(), "0" * 100), True, -1
+
+    monkeypatch.setitem(sys.modules, "trustmark", types.SimpleNamespace(TrustMark=FakeTrustMark))
+    mark = drew.watermark("trustmark")
+    code63 = drew.ClusterCode("bch-63-10")
+    images = drew.synthetic_images(3, 32, 0)
+    bits = drew.payload(code63, np.array([5, 900, 1023]), mark.payload_bits)
+    assert bits.shape == (3, 100)
+    decoded, confidence = code63.decode(mark.extract(mark.embed(images, bits)))
+    assert (decoded == [5, 900, 1023]).all() and (confidence == 1).all()
+
+
+def test_edits_keep_shape_and_are_deterministic(photos):
+    for edit in drew.EDITS:
+        once, twice = drew.apply_edit(edit, photos), drew.apply_edit(edit, photos)
+        assert once.shape == photos.shape and once.dtype == np.uint8 and (once == twice).all()
+    assert (drew.apply_edit("none", photos) == photos).all()
+    assert (drew.apply_edit("flip", photos) == photos[:, :, ::-1]).all()
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+@pytest.fixture(scope="module")
+def toy_index():
+    rng = np.random.default_rng(3)
+    embeddings = rng.normal(size=(256, 16)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    clusters = drew.assign_clusters(256, 3, seed=0)
+    queries = embeddings + rng.normal(scale=0.35, size=embeddings.shape).astype(np.float32)  # edited copies
+    return embeddings, clusters, queries, drew.Index(embeddings, clusters)
+
+
+def test_clusters_are_equal_and_random():
+    clusters = drew.assign_clusters(256, 3, seed=0)
+    assert np.bincount(clusters).tolist() == [32] * 8
+    assert not (clusters == drew.assign_clusters(256, 3, seed=1)).all()
+    with pytest.raises(ValueError, match="multiple of the 8 clusters"):
+        drew.assign_clusters(100, 3, seed=0)
+
+
+def test_oracle_cluster_retrieval_is_at_least_full_search(toy_index):
+    embeddings, clusters, queries, index = toy_index
+    truth = np.arange(len(queries))
+    full = index.search_all(queries) == truth
+    oracle = index.search_within(queries, clusters) == truth
+    assert full.mean() < 1, "the toy must have misses for the test to mean anything"
+    assert (oracle >= full).all() and oracle.mean() > full.mean()
+    within = index.search_within(queries, clusters)
+    assert (clusters[within] == clusters).all(), "cluster search returns only members"
+
+
+def test_drew_falls_back_below_the_threshold_and_trusts_above(toy_index):
+    embeddings, clusters, queries, index = toy_index
+    wrong = (clusters + 1) % 8
+    low, high = np.zeros(len(queries)), np.ones(len(queries))
+    assert (drew.retrieve(index, queries, wrong, low, 0.5) == index.search_all(queries)).all()
+    assert (drew.retrieve(index, queries, wrong, high, 0.5) == index.search_within(queries, wrong)).all()
+
+
+def test_gate_curve_and_paired_gain():
+    import pandas as pd
+
+    rows = pd.DataFrame({"embedder": "e", "watermark": "w", "confidence": [1.0, 0.6, 0.0, 1.0],
+                         "decoded_cluster": [1, 2, 3, 4], "true_cluster": [1, 0, 3, 4],
+                         "in decoded cluster": [True, False, True, True], "baseline": [False, True, True, False]})
+    curve = drew.gate_curve(rows, np.array([0.5, 0.9, 2.0])).set_index("threshold")
+    assert curve.loc[0.5, "coverage"] == 0.75 and curve.loc[0.5, "precision"] == pytest.approx(2 / 3)
+    assert curve.loc[0.5, "false_accepts"] == 1 and curve.loc[0.5, "DREW"] == 0.75
+    assert curve.loc[0.9, "precision"] == 1 and curve.loc[2.0, "DREW"] == rows.baseline.mean()
+    gain, low, high = drew.paired_gain(np.array([1, 1, 1, 0] * 25), np.array([0, 1, 1, 0] * 25), seed=0)
+    assert gain == pytest.approx(25) and low < 25 < high and low > 0
+
+
+def test_reference_images_sources():
+    assert drew.reference_images("synthetic", 4, 32, 0).shape == (4, 32, 32, 3)
+    with pytest.raises(ValueError, match="images='imagenet'; choose one of: cifar10, synthetic, folder:<path>"):
+        drew.reference_images("imagenet", 4, 32, 0)
+
+
+def test_folder_images_are_read_and_squared(tmp_path):
+    from PIL import Image
+
+    for i, size in enumerate([(40, 30), (30, 50)]):
+        Image.fromarray(np.full((size[1], size[0], 3), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    images = drew.reference_images(f"folder:{tmp_path}", 2, 32, 0)
+    assert images.shape == (2, 32, 32, 3)
+    with pytest.raises(ValueError, match="no .png"):
+        drew.reference_images(f"folder:{tmp_path / 'empty'}", 1, 32, 0)
+
+
+@pytest.mark.parametrize("name", ["tiny-dinov2", "tiny-clip-vision"])
+def test_hub_style_image_encoders_embed_from_a_saved_folder(name):
+    folder = str(models._tiny_dir(name))
+    embed = drew.Embedder(folder, "paper")
+    out = embed(drew.synthetic_images(5, 64, 0))
+    assert embed.kind == "image-encoder" and out.shape[0] == 5
+    assert np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+
+
+def test_the_paper_preset_code_path_runs_on_tiny_local_models(tmp_path, results_tmp):
+    """The paper preset with both hub-style embedders replaced by tiny saved models, and
+    RivaGAN standing in for TrustMark (whose weights cannot be fetched offline)."""
+    import json
+
+    import papermill
+
+    from replbook.paths import repo_root
+
+    notebook = repo_root() / "notebooks" / "07_drew.ipynb"
+    papermill.execute_notebook(
+        str(notebook), str(tmp_path / "out.ipynb"), kernel_name="python3", cwd=str(notebook.parent),
+        progress_bar=False, parameters={
+            "preset": "paper", "embedders": [str(models._tiny_dir("tiny-dinov2")), str(models._tiny_dir("tiny-clip-vision"))],
+            "watermarks": ["rivagan"], "ecc": "bch-31-6", "images": "synthetic", "n_reference": 128,
+            "n_queries": 8, "image_size": 64, "edits": ["none", "rotate"], "threads": 2})
+    saved = json.loads((results_tmp / "07_drew.json").read_text())
+    assert saved["preset"] == "paper" and {v["claim"] for v in saved["verdicts"]} == {"C1", "C2", "C3"}
+    assert {row["embedder"] for row in saved["metrics"]["accuracy"]} == {
+        str(models._tiny_dir("tiny-dinov2")), str(models._tiny_dir("tiny-clip-vision"))}
