@@ -66,3 +66,11 @@ def run_paper_preset_on_tiny_llama(tiny_llama, tmp_path, results_tmp):
         return json.loads((results_tmp / f"{slug}.json").read_text())
 
     return run
+
+
+@pytest.fixture(scope="session")
+def clip_like():
+    """Chapter 03's CLIP-like model (EfficientNet-Lite0 + MiniLM), shared by its tests."""
+    from replbook import cliplike
+
+    return cliplike.ClipLike()

@@ -78,7 +78,7 @@ class ClipLike:
         self.image_net = models.load(image_model, preset=preset).model
         self.text_model = models.load(text_model, preset=preset).model  # a SentenceTransformer
         self.temperature, self.colour_weight, self.image_size = temperature, colour_weight, image_size
-        classes = zoo.imagenet_classes() if preset != "smoke" else zoo.imagenet_classes()
+        classes = zoo.imagenet_classes()
         self.class_text = self._raw_texts([f"a photo of a {c}" for c in classes])
         self.mean = self.class_text.mean(0, keepdim=True)
         self.colour_text = self._raw_texts([f"a photo of something {c}" for c in COLOURS])
