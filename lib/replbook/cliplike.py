@@ -122,15 +122,13 @@ class ClipLike:
     @torch.no_grad()
     def image_logits(self, images: np.ndarray, batch: int = 64, progress: str | None = None) -> np.ndarray:
         """EfficientNet-Lite0 ImageNet logits at ``image_size`` px (TF-Lite normalisation)."""
-        import torchvision.transforms.v2.functional as TF
         from tqdm.auto import tqdm
 
+        from .zoo import efficientnet_input
+
         starts = range(0, len(images), batch)
-        out = []
-        for i in tqdm(starts, desc=progress, disable=progress is None):
-            x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch])).permute(0, 3, 1, 2)
-            x = TF.resize(x, [self.image_size] * 2, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-            out.append(self.image_net((x.float() - 127.0) / 128.0))
+        out = [self.image_net(efficientnet_input(images[i:i + batch], self.image_size))
+               for i in tqdm(starts, desc=progress, disable=progress is None)]
         return torch.cat(out).numpy()
 
     def embed_image_parts(self, logits: np.ndarray, shares: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,7 +40,7 @@ PRESETS = {
     "book": {
         "images": "cifar10", "n_reference": 2048, "n_queries": 160, "image_size": 128, "ecc": "bch-31-6",
         "watermarks": ["rivagan", "dwtdctsvd"], "embedders": ["efficientnet-lite0"],
-        "edits": list(("none", "rotate", "crop", "flip", "stretch", "blur", "jitter", "jpeg", "combo")),
+        "edits": ["none", "rotate", "crop", "flip", "stretch", "blur", "jitter", "jpeg", "combo"],
         "max_false_accept": 0.01, "paper_threshold": 0.5, "bootstrap_samples": 2000, "seed": 0, "threads": 2,
     },
     "paper": {
@@ -49,7 +49,7 @@ PRESETS = {
         # the paper's datasets
         "images": "cifar10", "n_reference": 8192, "n_queries": 1000, "image_size": 256, "ecc": "bch-63-10",
         "watermarks": ["trustmark"], "embedders": ["dinov2-base", "clip-vit-l-14"],
-        "edits": list(("none", "rotate", "crop", "flip", "stretch", "blur", "jitter", "jpeg", "combo")),
+        "edits": ["none", "rotate", "crop", "flip", "stretch", "blur", "jitter", "jpeg", "combo"],
         "max_false_accept": 0.01, "paper_threshold": 0.5, "bootstrap_samples": 2000, "seed": 0, "threads": 16,
     },
 }
@@ -456,8 +456,9 @@ class Embedder:
     def _batch(self, images: np.ndarray) -> torch.Tensor:
         model = self.loaded.model
         if self.kind == "image-classifier":  # EfficientNet-Lite
-            x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() - 127.0) / 128.0
-            return model.extract_features(x).mean((2, 3))
+            from .zoo import efficientnet_input
+
+            return model.extract_features(efficientnet_input(images)).mean((2, 3))
         inputs = self.loaded.tokenizer(images=list(images), return_tensors="pt")  # the image processor
         out = model(pixel_values=inputs["pixel_values"].to(model.device))
         if hasattr(out, "image_embeds"):  # CLIP
