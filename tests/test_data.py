@@ -46,3 +46,22 @@ def test_cifar10_is_the_full_test_set():
     assert images.shape == (10000, 32, 32, 3) and images.dtype.name == "uint8"
     assert (np.bincount(labels) == 1000).all() and len(data.CIFAR10_CLASSES) == 10
     assert 60 < images.mean() < 200, "real photos, not blank images"
+
+
+def test_fashion_mnist_is_the_whole_dataset():
+    train_images, train_labels = data.fashion_mnist("train")
+    test_images, test_labels = data.fashion_mnist("test")
+    assert train_images.shape == (60000, 28, 28) and test_images.shape == (10000, 28, 28)
+    assert np.bincount(test_labels).tolist() == [1000] * 10 and len(data.FASHION_MNIST_CLASSES) == 10
+    with pytest.raises(ValueError, match="split='val'; choose one of: train, test"):
+        data.fashion_mnist("val")
+
+
+def test_ar_members_reads_a_deb_style_archive(tmp_path):
+    def member(name: str, payload: bytes) -> bytes:
+        header = f"{name + '/':<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(payload):<10}`\n".encode()
+        return header + payload + (b"\n" if len(payload) % 2 else b"")
+
+    archive = tmp_path / "x.deb"
+    archive.write_bytes(b"!<arch>\n" + member("debian-binary", b"2.0\n") + member("data.tar.xz", b"abc"))
+    assert data._ar_members(archive) == {"debian-binary": b"2.0\n", "data.tar.xz": b"abc"}

@@ -33,6 +33,8 @@ def test_install_commands_match_the_pins(repo_root):
 def test_offline_presets_never_reach_the_hub(preset):
     with pytest.raises(ValueError, match="runs offline.*preset='paper'"):
         models.load("llama2-7b", preset=preset)
+    with pytest.raises(ValueError, match="runs offline.*preset='paper'"):
+        models.load("clip-vit-b-16", preset=preset)
 
 
 def test_tiny_llama_generates():

@@ -75,6 +75,7 @@ class ClipLike:
                  temperature: float = 2.0, colour_weight: float = 0.5, image_size: int = 128):
         from . import models, zoo
 
+        self.image_model, self.text_model_name = image_model, text_model
         self.image_net = models.load(image_model, preset=preset).model
         self.text_model = models.load(text_model, preset=preset).model  # a SentenceTransformer
         self.temperature, self.colour_weight, self.image_size = temperature, colour_weight, image_size
@@ -102,6 +103,32 @@ class ClipLike:
     @property
     def tokenizer(self):
         return self.text_model.tokenizer
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return self.bert
+
+    @property
+    def dim(self) -> int:
+        return self.class_text.shape[-1]
+
+    def word_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens (the words a prompt is made of)."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @property
+    def start_id(self) -> int:  # the tiny smoke-test encoder's byte tokenizer has only end-of-text
+        tok = self.tokenizer
+        return tok.cls_token_id if tok.cls_token_id is not None else tok.eos_token_id
+
+    @property
+    def end_id(self) -> int:
+        tok = self.tokenizer
+        return tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+
+    def vocabulary(self) -> list[str]:
+        """Every token of the text encoder's vocabulary, by id (for nearest-word readings)."""
+        return self.tokenizer.convert_ids_to_tokens(list(range(self.bert.embeddings.word_embeddings.num_embeddings)))
 
     def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         """MiniLM's input word embeddings for token ids (what learned context replaces)."""
@@ -138,9 +165,101 @@ class ClipLike:
         colour = torch.as_tensor(shares, dtype=torch.float32) @ (self.colour_text - self.colour_mean)
         return objects, colour
 
-    def embed_from_features(self, logits: np.ndarray, shares: np.ndarray) -> torch.Tensor:
+    def embed_from_features(self, logits: np.ndarray, shares: np.ndarray,
+                            colour_weight: float | None = None) -> torch.Tensor:
         objects, colour = self.embed_image_parts(logits, shares)
-        return torch.nn.functional.normalize(objects + self.colour_weight * colour, dim=-1)
+        weight = self.colour_weight if colour_weight is None else colour_weight
+        return torch.nn.functional.normalize(objects + weight * colour, dim=-1)
 
     def embed_images(self, images: np.ndarray) -> torch.Tensor:
         return self.embed_from_features(self.image_logits(images), colour_shares(images))
+
+    # what a chapter caches: everything the image side needs, as one array per image
+    def image_features(self, images: np.ndarray, progress: str | None = None) -> np.ndarray:
+        """(N, 1000 + len(COLOURS)): ImageNet logits next to the measured colour shares."""
+        return np.concatenate([self.image_logits(images, progress=progress), colour_shares(images)], axis=1).astype(np.float32)
+
+    def embed_features(self, features: np.ndarray, colour_weight: float | None = None) -> torch.Tensor:
+        n_logits = features.shape[1] - len(COLOURS)
+        return self.embed_from_features(features[:, :n_logits], features[:, n_logits:], colour_weight)
+
+    def describe(self) -> dict:
+        return {"kind": "cliplike", "image_model": self.image_model, "text_model": self.text_model_name,
+                "temperature": self.temperature, "colour_weight": self.colour_weight, "image_size": self.image_size}
+
+    @property
+    def feature_key(self) -> str:
+        """What :meth:`image_features` depends on besides the images (a cache key part)."""
+        return f"cliplike/{self.image_model}/{self.image_size}"
+
+
+class OpenClip:
+    """A real CLIP (open_clip) behind the same interface as :class:`ClipLike`, for the
+    paper preset: text through open_clip's tokenizer and text transformer (pooled at
+    the end-of-text token, as ``CLIP.encode_text`` does), images through its tower."""
+
+    def __init__(self, name: str = "clip-vit-b-16", preset: str = "paper"):
+        from . import models
+
+        loaded = models.load(name, preset=preset)
+        self.net, (self.preprocess, self.tokenize) = loaded.model, loaded.tokenizer
+        self.name = name
+        self.net.eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.dim = int(self.net.text_projection.shape[-1])
+        self.text_encoder = self.net  # frozen as a whole: the prompt learner trains only its own vectors
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        return self.net.encode_text(self.tokenize(texts), normalize=True).float()
+
+    def word_ids(self, text: str) -> list[int]:
+        ids = self.tokenize([text])[0].tolist()
+        return ids[1:ids.index(self.end_id)]
+
+    @property
+    def start_id(self) -> int:
+        return int(self.tokenize([""])[0, 0])
+
+    @property
+    def end_id(self) -> int:
+        return int(self.tokenize([""])[0, 1])
+
+    def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.net.token_embedding(ids)
+
+    def encode_embeddings(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """open_clip's text transformer on input embeddings, pooled at the last real
+        token (the end-of-text token the prompt learner puts there)."""
+        net, (batch, length, _) = self.net, inputs_embeds.shape
+        padded = torch.zeros(batch, net.context_length, inputs_embeds.shape[-1], dtype=inputs_embeds.dtype)
+        padded[:, :length] = inputs_embeds
+        x = net.transformer(padded + net.positional_embedding, attn_mask=net.attn_mask)
+        x = net.ln_final(x)[torch.arange(batch), attention_mask.sum(1) - 1]
+        return torch.nn.functional.normalize(x @ net.text_projection, dim=-1)
+
+    @torch.no_grad()
+    def image_features(self, images: np.ndarray, progress: str | None = None, batch: int = 64) -> np.ndarray:
+        from PIL import Image
+        from tqdm.auto import tqdm
+
+        out = []
+        for i in tqdm(range(0, len(images), batch), desc=progress, disable=progress is None):
+            pixels = torch.stack([self.preprocess(Image.fromarray(im)) for im in images[i:i + batch]])
+            out.append(self.net.encode_image(pixels).float())
+        return torch.cat(out).numpy()
+
+    def embed_features(self, features: np.ndarray) -> torch.Tensor:
+        return torch.nn.functional.normalize(torch.as_tensor(features), dim=-1)
+
+    def describe(self) -> dict:
+        return {"kind": "open_clip", "model": self.name}
+
+    @property
+    def feature_key(self) -> str:
+        return f"open_clip/{self.name}"
+
+    def vocabulary(self) -> list[str]:
+        decoder = getattr(self.tokenize, "decoder", {})
+        return [decoder.get(i, "").replace("</w>", "") for i in range(self.net.token_embedding.num_embeddings)]

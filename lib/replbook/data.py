@@ -177,3 +177,66 @@ def cifar10_test() -> tuple[np.ndarray, np.ndarray]:
     os.replace(partial, cached)
     stamp.write_text(CIFAR10_SOURCE["sha256"])
     return images, labels
+
+
+FASHION_MNIST_SOURCE = {
+    "what": "Fashion-MNIST (70,000 28x28 images in the Debian package dataset-fashion-mnist, 31 MB)",
+    # the .deb from Debian's pool by plain HTTP, so any OS with Python can fetch it
+    "fetch": [sys.executable, "-c", "import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])",
+              "http://deb.debian.org/debian/pool/main/d/dataset-fashion-mnist/"
+              "dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb",
+              "{tmp}/dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb"],
+    "archive": "dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb",
+    "sha256": "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0",
+    "install_hint": "needs HTTP access to the Debian archive deb.debian.org",
+}
+# the dataset's own class names, lower-cased as a caption would write them
+FASHION_MNIST_CLASSES = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                         "ankle boot")
+
+
+def _ar_members(archive: Path) -> dict[str, bytes]:
+    """The members of a Unix ``ar`` archive (a .deb is one): 60-byte headers, 2-byte alignment."""
+    blob = archive.read_bytes()
+    if not blob.startswith(b"!<arch>\n"):
+        raise RuntimeError(f"{archive.name} is not an ar archive")
+    members, at = {}, 8
+    while at + 60 <= len(blob):
+        name, size = blob[at:at + 16].decode().strip().rstrip("/"), int(blob[at + 48:at + 58])
+        members[name] = blob[at + 60:at + 60 + size]
+        at += 60 + size + size % 2
+    return members
+
+
+def _decode_fashion_mnist(archive: Path) -> dict[str, np.ndarray]:
+    import gzip
+    import io
+
+    payload = next(v for k, v in _ar_members(archive).items() if k.startswith("data.tar"))
+    folder = "./usr/share/datasets/fashion-mnist/"
+    out = {}
+    with tarfile.open(fileobj=io.BytesIO(payload)) as tar:
+        for split, prefix in (("train", "train"), ("test", "t10k")):
+            images = gzip.decompress(tar.extractfile(f"{folder}{prefix}-images-idx3-ubyte.gz").read())
+            labels = gzip.decompress(tar.extractfile(f"{folder}{prefix}-labels-idx1-ubyte.gz").read())
+            out[f"{split}_images"] = np.frombuffer(images, np.uint8, offset=16).reshape(-1, 28, 28)
+            out[f"{split}_labels"] = np.frombuffer(labels, np.uint8, offset=8).astype(np.int64)
+    return out
+
+
+def fashion_mnist(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST images (uint8, N x 28 x 28, light garment on black) and labels
+    (indices into ``FASHION_MNIST_CLASSES``); ``split`` is "train" (60,000) or "test"
+    (10,000). Fetched once from the Debian archive into the cache outside the repo."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r}; choose one of: train, test")
+    folder = cache_dir("data", "fashion-mnist")
+    cached, stamp = folder / "fashion_mnist.npz", folder / "sha256"
+    if not (cached.exists() and stamp.exists() and stamp.read_text() == FASHION_MNIST_SOURCE["sha256"]):
+        arrays = _fetch("fashion-mnist", FASHION_MNIST_SOURCE, _decode_fashion_mnist)
+        partial = folder / "fashion_mnist.tmp.npz"
+        np.savez(partial, **arrays)
+        os.replace(partial, cached)
+        stamp.write_text(FASHION_MNIST_SOURCE["sha256"])
+    with np.load(cached) as saved:
+        return saved[f"{split}_images"], saved[f"{split}_labels"]

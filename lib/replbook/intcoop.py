@@ -19,6 +19,12 @@ conditions it by cross-attention). The loss is the paper's three terms:
 cross-entropy + λ_attr · attribute loss (here the cross-entropy of q(x) against the
 measured attribute) + λ_reg · ‖T([v, attr, CLASS]) − T("a photo of a {attr} {CLASS}")‖²
 (KgCoOp-style, toward the hand-written attribute prompt).
+
+The rest of the module is chapter 03's experiment: its presets, the datasets
+(CIFAR-10, painted Fashion-MNIST, synthetic shapes for the smoke preset), measured
+attribute labels, corruptions for the domain shift, cached image features,
+:func:`run_seed` (zero-shot, CoOp and IntCoOp on one few-shot draw) and the readings
+behind the three claims (:func:`alignment_gain`, :func:`attribute_readings`).
 """
 from __future__ import annotations
 
@@ -38,16 +44,14 @@ class PromptLearner(nn.Module):
                  init: str = "a photo of a"):
         super().__init__()
         self.model = model
-        for p in model.bert.parameters():
+        for p in model.text_encoder.parameters():
             p.requires_grad_(False)
-        tok = model.tokenizer
-        ids = tok(init, add_special_tokens=False)["input_ids"]
-        self.context = nn.Parameter(model.token_embeddings(torch.tensor(ids)).detach().clone())
-        words = lambda text: model.token_embeddings(torch.tensor(tok(text, add_special_tokens=False)["input_ids"])).detach()
+        words = lambda text: model.token_embeddings(torch.tensor(model.word_ids(text))).detach()
+        self.context = nn.Parameter(words(init).clone())
         self.class_tokens = [words(name) for name in class_names]
         self.attribute_tokens = [words(a) for a in attributes]
-        self.cls = model.token_embeddings(torch.tensor([tok.cls_token_id])).detach()
-        self.sep = model.token_embeddings(torch.tensor([tok.sep_token_id])).detach()
+        self.cls = model.token_embeddings(torch.tensor([model.start_id])).detach()
+        self.sep = model.token_embeddings(torch.tensor([model.end_id])).detach()
 
     @property
     def n_context(self) -> int:
@@ -94,7 +98,7 @@ class IntCoOp(nn.Module):
                  attribute_weight: float = 1.0, regularizer_weight: float = 8.0):
         super().__init__()
         self.prompts = PromptLearner(model, class_names, attributes)
-        self.attribute_head = nn.Linear(model.class_text.shape[-1], len(attributes))
+        self.attribute_head = nn.Linear(model.dim, len(attributes))
         self.scale, self.attribute_weight, self.regularizer_weight = scale, attribute_weight, regularizer_weight
         self.class_names, self.attributes, self.model = class_names, attributes, model
         self._hand: dict[tuple[int, ...], torch.Tensor] = {}
@@ -172,3 +176,346 @@ def accuracy(method: nn.Module, data: FewShot, classes: list[int]) -> float:
 def harmonic_mean(base: float, novel: float) -> float:
     """The base-to-novel summary of CoOp/CoCoOp/IntCoOp: 2·b·n / (b + n)."""
     return 0.0 if base + novel == 0 else 2 * base * novel / (base + novel)
+
+
+class ZeroShot(nn.Module):
+    """The hand-written prompt "a photo of a {class}": no parameters, the zero-shot baseline."""
+
+    def __init__(self, model, class_names: list[str], scale: float = 30.0, template: str = "a photo of a {}"):
+        super().__init__()
+        self.text = model.embed_texts([template.format(c) for c in class_names])
+        self.scale = scale
+
+    def logits(self, images: torch.Tensor, classes: list[int]) -> torch.Tensor:
+        return self.scale * images @ self.text[classes].T
+
+
+# ----------------------------------------------------------------------------- presets
+
+PRESETS = {
+    "smoke": {
+        "clip": "cliplike", "image_model": "tiny-efficientnet", "text_model": "tiny-bert-encoder",
+        "colour_weight": 0.5, "temperature": 2.0, "image_size": 64,
+        "datasets": ["synthetic-shapes"], "pool_size": 120, "n_test": 60, "shots": 4, "steps": 3, "lr": 1e-2,
+        "scale": 30.0, "attribute_weight": 1.0, "regularizer_weight": 8.0,
+        "corruptions": ["grayscale", "blur", "noise"], "seeds": [0], "data_seed": 0, "threads": 2,
+    },
+    "book": {
+        "clip": "cliplike", "image_model": "efficientnet-lite0", "text_model": "minilm-l6",
+        "colour_weight": 0.5, "temperature": 2.0, "image_size": 128,
+        "datasets": ["cifar10", "fashion-tinted"], "pool_size": 1000, "n_test": 1000, "shots": 16, "steps": 60,
+        "lr": 1e-2, "scale": 30.0, "attribute_weight": 1.0, "regularizer_weight": 8.0,
+        "corruptions": ["grayscale", "blur", "noise"], "seeds": [0, 1, 2], "data_seed": 0, "threads": 2,
+    },
+    "paper": {
+        # the paper's CLIP; its ten datasets (ImageNet, Caltech101, ...) are not wired in
+        "clip": "clip-vit-b-16", "image_model": "", "text_model": "", "colour_weight": 0.0, "temperature": 0.0,
+        "image_size": 224, "datasets": ["cifar10", "fashion-tinted"], "pool_size": 2000, "n_test": 4000,
+        "shots": 16, "steps": 200, "lr": 2e-3, "scale": 100.0, "attribute_weight": 1.0,
+        "regularizer_weight": 8.0, "corruptions": ["grayscale", "blur", "noise"], "seeds": [1, 2, 3],
+        "data_seed": 0, "threads": 16,
+    },
+}
+CLIPS = ("cliplike", "clip-vit-b-16", "tiny-open-clip")
+
+
+def load_clip(cfg):
+    """The joint image-text model a preset names: the offline CLIP-like model, or a real
+    CLIP through open_clip (``clip-vit-b-16``; ``tiny-open-clip`` in the tests)."""
+    from .cliplike import OpenClip
+
+    if cfg.clip == "cliplike":
+        return ClipLike(cfg.preset, cfg.image_model, cfg.text_model, temperature=cfg.temperature,
+                        colour_weight=cfg.colour_weight, image_size=cfg.image_size)
+    if cfg.clip in CLIPS:
+        return OpenClip(cfg.clip, preset=cfg.preset)
+    raise ValueError(f"clip={cfg.clip!r}; choose one of: {', '.join(CLIPS)}")
+
+
+# ----------------------------------------------------------------------------- datasets
+
+DATASETS = ("cifar10", "fashion-tinted", "synthetic-shapes")
+# the colours Fashion-MNIST garments are painted in (RGB at full intensity); "gray" leaves them as they are
+TINTS = {"red": (220, 30, 30), "orange": (240, 140, 20), "yellow": (240, 220, 30), "green": (40, 170, 50),
+         "blue": (30, 70, 220), "purple": (130, 40, 180), "pink": (240, 100, 190), "brown": (120, 70, 30),
+         "black": (20, 20, 20), "gray": (128, 128, 128)}
+
+
+@dataclass
+class Dataset:
+    """A few-shot pool and a test set, RGB uint8, with class labels and measured attributes."""
+
+    name: str
+    class_names: list[str]
+    pool_images: np.ndarray
+    pool_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+    @property
+    def base(self) -> list[int]:  # the first half of the classes, as CoCoOp's protocol splits them
+        return list(range(len(self.class_names) // 2))
+
+    @property
+    def novel(self) -> list[int]:
+        return list(range(len(self.class_names) // 2, len(self.class_names)))
+
+
+def tint(gray: np.ndarray, seed: int) -> np.ndarray:
+    """Paint light-on-black grayscale garments in a random colour from ``TINTS`` on a white
+    background: pixel = white · (1 − g) + colour · g, with g the garment's intensity."""
+    rng = np.random.default_rng(seed)
+    colours = np.array(list(TINTS.values()), dtype=np.float64)[rng.integers(0, len(TINTS), len(gray))]
+    g = gray[..., None].astype(np.float64) / 255
+    return np.round(255 * (1 - g) + colours[:, None, None, :] * g).astype(np.uint8)
+
+
+SHAPES = ("circle", "square", "triangle", "cross")
+
+
+def synthetic_shapes(n: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Coloured shapes on a light background (the smoke preset's stand-in data)."""
+    from skimage.draw import disk, polygon, rectangle
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(SHAPES), n)
+    images = np.full((n, size, size, 3), 235, np.uint8)
+    c, r = size / 2, size / 3
+    for i, label in enumerate(labels):
+        colour = np.array(list(TINTS.values())[rng.integers(0, len(TINTS))], np.uint8)
+        if label == 0:
+            areas = [disk((c, c), r, shape=(size, size))]
+        elif label == 1:
+            areas = [rectangle((c - r, c - r), (c + r, c + r), shape=(size, size))]
+        elif label == 2:
+            areas = [polygon([c - r, c + r, c + r], [c, c - r, c + r], shape=(size, size))]
+        else:  # two bars
+            areas = [rectangle((c - r, c - 3), (c + r, c + 3), shape=(size, size)),
+                     rectangle((c - 3, c - r), (c + 3, c + r), shape=(size, size))]
+        for rows, cols in areas:
+            images[i, np.asarray(rows, int), np.asarray(cols, int)] = colour
+    return images, labels.astype(np.int64)
+
+
+def load_dataset(name: str, pool_size: int, n_test: int, seed: int) -> Dataset:
+    """``cifar10``: the CIFAR-10 test set shuffled with ``seed`` and split in two halves
+    (pool | test), since only the test set can be had offline; ``fashion-tinted``: Fashion-MNIST's train split as
+    the pool and its test split as the test set, garments painted (:func:`tint`);
+    ``synthetic-shapes``: drawn here (smoke preset)."""
+    from . import data
+
+    if name == "cifar10":
+        images, labels = data.cifar10_test()
+        order = np.random.default_rng(seed).permutation(len(images))  # bigbench ships the images sorted by class
+        images, labels, half = images[order], labels[order], len(images) // 2
+        return Dataset(name, list(data.CIFAR10_CLASSES), images[:pool_size], labels[:pool_size],
+                       images[half:half + n_test], labels[half:half + n_test])
+    if name == "fashion-tinted":
+        pool, pool_labels = data.fashion_mnist("train")
+        test, test_labels = data.fashion_mnist("test")
+        return Dataset(name, list(data.FASHION_MNIST_CLASSES), tint(pool[:pool_size], seed), pool_labels[:pool_size],
+                       tint(test[:n_test], seed + 1), test_labels[:n_test])
+    if name == "synthetic-shapes":
+        images, labels = synthetic_shapes(pool_size + n_test, seed)
+        return Dataset(name, list(SHAPES), images[:pool_size], labels[:pool_size], images[pool_size:],
+                       labels[pool_size:])
+    raise ValueError(f"dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+
+
+def few_shot(labels: np.ndarray, classes: list[int], shots: int, seed: int) -> np.ndarray:
+    """``shots`` pool indices per class in ``classes``, drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in classes:
+        candidates = np.flatnonzero(labels == c)
+        if len(candidates) < shots:
+            raise ValueError(f"class {c} has {len(candidates)} images in the pool, fewer than shots={shots}")
+        picked.append(rng.choice(candidates, shots, replace=False))
+    return np.concatenate(picked)
+
+
+CORRUPTIONS = {
+    "grayscale": "luma copied to the three channels (removes colour, the attribute)",
+    "blur": "Gaussian blur, sigma 1 px at the native resolution",
+    "noise": "Gaussian pixel noise, std 0.12",
+}
+
+
+def corrupt(images: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
+    """The domain shifts: fixed-strength corruptions of uint8 RGB images (``CORRUPTIONS``)."""
+    import torchvision.transforms.functional as TF
+
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255
+    if kind == "grayscale":
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    elif kind == "blur":
+        x = TF.gaussian_blur(x, kernel_size=5, sigma=1.0)
+    elif kind == "noise":
+        x = x + 0.12 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    else:
+        raise ValueError(f"corruption {kind!r}; choose one of: {', '.join(CORRUPTIONS)}")
+    return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def measured_attributes(images: np.ndarray) -> np.ndarray:
+    """The attribute labels (stand-in for the paper's BLIP-2 captions): each image's
+    dominant central colour, measured (:func:`replbook.cliplike.dominant_colour`)."""
+    from .cliplike import dominant_colour
+
+    return dominant_colour(images)
+
+
+def cached_features(model, images: np.ndarray, progress: str | None = None) -> np.ndarray:
+    """``model.image_features(images)``, cached outside the repo under a hash of the
+    images, the model's feature key and the code that computes the features."""
+    import hashlib
+
+    from . import cliplike
+    from .paths import cache_dir, code_hash
+
+    digest = hashlib.sha256(np.ascontiguousarray(images).tobytes() + model.feature_key.encode()
+                            + code_hash(cliplike).encode()).hexdigest()[:20]
+    path = cache_dir("intcoop") / f"{digest}.npy"
+    if path.exists():
+        return np.load(path)
+    features = model.image_features(images, progress=progress)
+    partial = path.with_suffix(".tmp.npy")
+    np.save(partial, features)
+    partial.replace(path)
+    return features
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+METHOD_NAMES = ("zero-shot", "CoOp", "IntCoOp")
+
+
+@dataclass
+class Embedded:
+    """One dataset in the joint space: few-shot pool and test images, the base-class test
+    images under each corruption, and the measured attributes."""
+
+    dataset: Dataset
+    pool: torch.Tensor
+    test: torch.Tensor
+    shifted: dict[str, torch.Tensor]
+    pool_attributes: np.ndarray
+    test_attributes: np.ndarray
+    shifted_labels: np.ndarray
+
+
+def embed_dataset(model, ds: Dataset, corruptions: list[str], seed: int) -> Embedded:
+    """Features of every image the experiment needs (cached), in the joint space."""
+    base_test = np.isin(ds.test_labels, ds.base)
+    shifted = {kind: model.embed_features(cached_features(
+        model, corrupt(ds.test_images[base_test], kind, seed), progress=f"{ds.name}: {kind} images"))
+        for kind in corruptions}
+    return Embedded(ds, model.embed_features(cached_features(model, ds.pool_images, progress=f"{ds.name}: pool")),
+                    model.embed_features(cached_features(model, ds.test_images, progress=f"{ds.name}: test")),
+                    shifted, measured_attributes(ds.pool_images), measured_attributes(ds.test_images),
+                    ds.test_labels[base_test])
+
+
+def build_method(name: str, model, class_names: list[str], cfg) -> nn.Module:
+    from .cliplike import COLOURS
+
+    if name == "zero-shot":
+        return ZeroShot(model, class_names, scale=cfg.scale)
+    if name == "CoOp":
+        return CoOp(model, class_names, scale=cfg.scale)
+    if name == "IntCoOp":
+        return IntCoOp(model, class_names, list(COLOURS), scale=cfg.scale, attribute_weight=cfg.attribute_weight,
+                       regularizer_weight=cfg.regularizer_weight)
+    raise ValueError(f"method {name!r}; choose one of: {', '.join(METHOD_NAMES)}")
+
+
+@torch.no_grad()
+def nearest_attribute(method: IntCoOp, images: torch.Tensor) -> np.ndarray:
+    """C3's reading of the learned attribute token a(x) = Σ_k q_k(x) E(attr_k): the index of
+    the attribute word whose (mean token) input embedding is nearest to it by cosine."""
+    words = torch.stack([t.mean(0) for t in method.prompts.attribute_tokens])
+    token = method.attribute_probs(images) @ words
+    return (nn.functional.normalize(token, dim=-1) @ nn.functional.normalize(words, dim=-1).T).argmax(1).numpy()
+
+
+@torch.no_grad()
+def nearest_words(method: IntCoOp, images: torch.Tensor, k: int = 3) -> list[list[str]]:
+    """The ``k`` tokens of the text encoder's whole vocabulary nearest to a(x) by cosine."""
+    model = method.model
+    vocabulary = model.vocabulary()
+    table = nn.functional.normalize(model.token_embeddings(torch.arange(len(vocabulary))), dim=-1)
+    words = torch.stack([t.mean(0) for t in method.prompts.attribute_tokens])
+    token = nn.functional.normalize(method.attribute_probs(images) @ words, dim=-1)
+    return [[vocabulary[j] for j in row] for row in (token @ table.T).topk(k, dim=1).indices.tolist()]
+
+
+def run_seed(model, data: Embedded, cfg, seed: int, progress: bool = True) -> tuple[list[dict], dict]:
+    """Train every method on ``cfg.shots`` base-class shots drawn with ``seed``; evaluate on
+    base and novel test classes and on the corrupted base-class test images. Returns one
+    row per method and the trained IntCoOp (for the attribute readings)."""
+    ds = data.dataset
+    picked = few_shot(ds.pool_labels, ds.base, cfg.shots, seed)
+    train_set = FewShot(data.pool[picked], ds.pool_labels[picked], data.pool_attributes[picked])
+    test_set = FewShot(data.test, ds.test_labels, data.test_attributes)
+    rows, trained = [], {}
+    for name in METHOD_NAMES:
+        torch.manual_seed(seed)
+        method = build_method(name, model, ds.class_names, cfg)
+        if name != "zero-shot":
+            train(method, train_set, ds.base, cfg.steps, cfg.lr, seed,
+                  progress=f"{ds.name} seed {seed}: {name}" if progress else None)
+        base, novel = accuracy(method, test_set, ds.base), accuracy(method, test_set, ds.novel)
+        row = {"dataset": ds.name, "seed": seed, "method": name, "base": base, "novel": novel,
+               "HM": harmonic_mean(base, novel)}
+        for kind, images in data.shifted.items():
+            row[kind] = accuracy(method, FewShot(images, data.shifted_labels, data.shifted_labels), ds.base)
+        rows.append(row)
+        trained[name] = method
+    return rows, trained
+
+
+def attribute_readings(method: IntCoOp, data: Embedded) -> dict:
+    """How often the nearest attribute word to a(x) is the image's measured colour, on the
+    base and on the novel test classes, next to always guessing the commonest colour; and
+    how often it is black, white or gray on the grayscale base-class images."""
+    ds = data.dataset
+    nearest = nearest_attribute(method, data.test)
+    out = {}
+    for split, classes in (("base", ds.base), ("novel", ds.novel)):
+        keep = np.isin(ds.test_labels, classes)
+        truth = data.test_attributes[keep]
+        out[f"match_{split}"] = float((nearest[keep] == truth).mean())
+        out[f"majority_{split}"] = float(np.bincount(truth).max() / len(truth))
+    if "grayscale" in data.shifted:  # with the colour gone, does the token say so?
+        from .cliplike import COLOURS
+
+        achromatic = [COLOURS.index(c) for c in ("black", "white", "gray")]
+        out["achromatic_grayscale"] = float(np.isin(nearest_attribute(method, data.shifted["grayscale"]), achromatic).mean())
+    return out
+
+
+@torch.no_grad()
+def alignment_gain(model, images: torch.Tensor, labels: np.ndarray, attributes: np.ndarray,
+                   class_names: list[str]) -> np.ndarray:
+    """C1 per image: cos(image, "a photo of a {measured colour} {class}") − cos(image,
+    "a photo of a {class}"), for the image's true class."""
+    from .cliplike import COLOURS
+
+    bare = model.embed_texts([f"a photo of a {c}" for c in class_names])
+    pairs = sorted({(int(a), int(y)) for a, y in zip(attributes, labels)})
+    attributed = dict(zip(pairs, model.embed_texts([f"a photo of a {COLOURS[a]} {class_names[y]}" for a, y in pairs])))
+    with_attribute = torch.stack([attributed[(int(a), int(y))] for a, y in zip(attributes, labels)])
+    labels = torch.as_tensor(labels)
+    return ((images * with_attribute).sum(1) - (images * bare[labels]).sum(1)).numpy()
+
+
+def mean_interval(values, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and its two-sided t interval (over seeds, or over paired differences)."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=np.float64)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+    return mean, mean - half, mean + half

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from .paths import atomic_dir, cache_dir, code_hash, sha256_file
 
-Kind = Literal["causal-lm", "sentence-encoder", "image-classifier", "image-encoder"]
+Kind = Literal["causal-lm", "sentence-encoder", "image-classifier", "image-encoder", "clip"]
 Source = Literal["package", "hub", "tiny"]
 
 
@@ -104,6 +104,8 @@ REGISTRY: dict[str, ModelSpec] = {
                   licence="Apache-2.0"),
         ModelSpec("clip-vit-l-14", "image-encoder", "hub", "CLIP ViT-L/14 image tower (projected)",
                   hub_id="openai/clip-vit-large-patch14", licence="MIT"),
+        ModelSpec("clip-vit-b-16", "clip", "hub", "OpenAI CLIP ViT-B/16 through open_clip",
+                  hub_id="timm/vit_base_patch16_clip_224.openai", licence="MIT"),
         # tiny random models for the smoke preset and the tests
         ModelSpec("tiny-llama", "causal-lm", "tiny", "2-layer random Llama, byte-level tokenizer"),
         ModelSpec("tiny-bert-encoder", "sentence-encoder", "tiny", "2-layer random BERT, mean pooling"),
@@ -112,6 +114,7 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec("tiny-dinov2", "image-encoder", "tiny", "2-layer random DINOv2 with its image processor"),
         ModelSpec("tiny-clip-vision", "image-encoder", "tiny",
                   "2-layer random CLIP image tower with projection and its image processor"),
+        ModelSpec("tiny-open-clip", "clip", "tiny", "2-layer random open_clip CLIP (both towers), 32 px"),
     ]
 }
 
@@ -287,12 +290,18 @@ def build_tiny(name: str, out_dir: Path, seed: int = 0) -> None:
         CLIPVisionModelWithProjection(config).save_pretrained(out_dir)
         CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
                            ).save_pretrained(out_dir)
+    elif name == "tiny-open-clip":
+        config = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 16, "patch_size": 8,
+                                                  "image_size": 32},
+                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+        torch.save(_open_clip_from_config(config).state_dict(), out_dir / "open_clip_model.pt")
+        (out_dir / "open_clip_config.json").write_text(json.dumps(config))
     else:
         raise ValueError(f"no tiny model {name!r}")
 
 
 def _tiny_dir(name: str) -> Path:
-    key = code_hash(build_tiny, _byte_tokenizer)[:16]
+    key = code_hash(build_tiny, _byte_tokenizer, _open_clip_from_config)[:16]
     folder = cache_dir("models") / f"{name}-{key}"
     if not (folder / "manifest.json").exists():
         atomic_dir(folder, lambda tmp: (build_tiny(name, tmp), {"model": name})[1])
@@ -360,6 +369,36 @@ def _efficientnet(pretrained: bool):
     return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
 
 
+OPEN_CLIP_NAMES = {"clip-vit-b-16": ("ViT-B-16", "openai")}
+
+
+def _open_clip_from_config(config: dict):
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    return CLIP(config["embed_dim"], CLIPVisionCfg(**config["vision_cfg"]), CLIPTextCfg(**config["text_cfg"]))
+
+
+def _open_clip(spec: ModelSpec, preset: str):
+    import open_clip
+    import torch
+
+    if spec.source == "tiny":
+        folder = _tiny_dir(spec.name)
+        config = json.loads((folder / "open_clip_config.json").read_text())
+        model = _open_clip_from_config(config)
+        model.load_state_dict(torch.load(folder / "open_clip_model.pt", weights_only=True))
+        preprocess = open_clip.image_transform(config["vision_cfg"]["image_size"], is_train=False)
+        return model.eval(), (preprocess, open_clip.get_tokenizer("ViT-B-16"))
+    if preset != "paper":
+        raise ValueError(f"model {spec.name!r} comes from the hub ({spec.hub_id}); the {preset!r} preset runs "
+                         f"offline. Use preset='paper', or tiny-open-clip")
+    # by open_clip's own (architecture, tag), which also sets OpenAI's QuickGELU; the
+    # weights come from the hub repository in hub_id
+    architecture, tag = OPEN_CLIP_NAMES[spec.name]
+    model, _, preprocess = open_clip.create_model_and_transforms(architecture, pretrained=tag)
+    return model.eval(), (preprocess, open_clip.get_tokenizer(architecture))
+
+
 def quiet_progress_bars() -> None:
     """Silence the per-tensor progress bars of transformers and the hub: they would
     fill notebooks and nbval's stderr comparison with timings."""
@@ -396,6 +435,10 @@ def load(name: str, *, preset: str = "book", device: str | None = None, progress
             raise ValueError(f"hub id {name!r}: give it a registry name, or pass a kind via ModelSpec")
         spec_for(name)  # raises with the valid names
     spec = REGISTRY[name]
+
+    if spec.kind == "clip":  # open_clip: the "tokenizer" slot carries (image preprocess, text tokenizer)
+        model, tools = _open_clip(spec, preset)
+        return LoadedModel(spec, model, tools, time.perf_counter() - start, spec.source)
 
     if spec.source == "hub":
         if offline:
