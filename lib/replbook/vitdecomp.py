@@ -1,0 +1,414 @@
+"""Decomposing a ViT's representation and reading it through text (Balasubramanian,
+Basu, Feizi, NeurIPS 2024, arXiv 2406.01583; official code github.com/SriramB-98/vit-decompose).
+
+Three steps, as in the paper:
+
+- **RepDecompose** (:func:`decompose`): the representation a ViT's classifier reads is
+  a sum of *direct contributions* of its components — the embeddings, every attention
+  head, every MLP — because the residual stream is a sum and everything after it is
+  linear once the final LayerNorm is linearised per sample (its scale 1/σ frozen at the
+  sample's value, its bias split evenly over the components). Supported: transformers'
+  ``ViTForImageClassification`` (and DeiT-style checkpoints saved as ViT) and
+  ``Dinov2ForImageClassification`` (LayerScale, SwiGLU, CLS + mean-patch readout).
+- **CompAlign** (:class:`CompAlign`): one linear map per component into a CLIP space,
+  trained so that the mapped contributions sum to the image's CLIP embedding
+  (1 − cos, plus an orthogonality regulariser on each map).
+- **CompAttribute** (:func:`component_scores`): for a feature described by texts B
+  (orthonormalised), the correlation over images between the projection of the whole
+  mapped representation and of component i onto each direction of B, averaged over
+  the directions.
+
+Applications measured in chapter 09: retrieval with a feature's top components, and
+mean-ablating the components tied to a spurious feature (:func:`ablated_logits`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+# ----------------------------------------------------------------------------- RepDecompose
+
+
+def _parts(model):
+    """The pieces RepDecompose walks, for each supported architecture family."""
+    if hasattr(model, "vit"):
+        backbone = model.vit
+        layers = list(backbone.layers)
+        return backbone, layers, [None] * len(layers), [None] * len(layers), "cls"
+    if hasattr(model, "dinov2"):
+        backbone = model.dinov2
+        layers = list(backbone.encoder.layer)
+        return (backbone, layers, [layer.layer_scale1 for layer in layers], [layer.layer_scale2 for layer in layers],
+                "cls+mean")
+    raise ValueError(f"{type(model).__name__}: RepDecompose supports ViTForImageClassification and "
+                     f"Dinov2ForImageClassification")
+
+
+def component_names(model) -> list[str]:
+    """``embed``, then ``L{l}.H{h}`` for every head and ``L{l}.MLP`` for every layer."""
+    _, layers, *_ = _parts(model)
+    heads = model.config.num_attention_heads
+    names = ["embed"]
+    for l in range(len(layers)):
+        names += [f"L{l}.H{h}" for h in range(heads)] + [f"L{l}.MLP"]
+    return names
+
+
+@dataclass
+class Decomposition:
+    names: list[str]
+    contributions: torch.Tensor  # (N, C, D): direct contribution of each component
+    representation: torch.Tensor  # (N, D): what the model's classifier reads
+
+    @property
+    def max_abs_error(self) -> float:
+        return float((self.contributions.sum(1) - self.representation).abs().max())
+
+
+@torch.no_grad()
+def _decompose_batch(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    backbone, layers, scale1, scale2, readout = _parts(model)
+    heads = model.config.num_attention_heads
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [backbone.embeddings.register_forward_hook(lambda m, i, o: captured.__setitem__("embed", o)),
+             backbone.layernorm.register_forward_pre_hook(lambda m, i: captured.__setitem__("final", i[0]))]
+    for l, layer in enumerate(layers):
+        hooks.append(layer.attention.o_proj.register_forward_pre_hook(
+            lambda m, i, l=l: captured.__setitem__(f"ctx{l}", i[0])))
+        hooks.append(layer.mlp.register_forward_hook(lambda m, i, o, l=l: captured.__setitem__(f"mlp{l}", o)))
+    try:
+        model(pixel_values=pixel_values)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    parts = [captured["embed"]]  # each (N, T, D): a direct write into the residual stream
+    for l, layer in enumerate(layers):
+        o_proj = layer.attention.o_proj
+        ctx = captured[f"ctx{l}"]
+        n, t, width = ctx.shape
+        per_head = ctx.view(n, t, heads, width // heads)
+        weight = o_proj.weight.view(o_proj.out_features, heads, width // heads)  # (D, H, d_head)
+        head_out = torch.einsum("nthd,ohd->hnto", per_head, weight)
+        if o_proj.bias is not None:  # the output bias, split evenly over the heads
+            head_out = head_out + o_proj.bias / heads
+        mlp_out = captured[f"mlp{l}"]
+        if scale1[l] is not None:  # LayerScale is a per-channel product: linear
+            head_out, mlp_out = head_out * scale1[l].lambda1, mlp_out * scale2[l].lambda1
+        parts += list(head_out) + [mlp_out]
+
+    stream, ln = captured["final"], backbone.layernorm
+    sequence = ln(stream)
+    if readout == "cls":  # only the class token is read: normalise just that one
+        stream, parts, sequence = stream[:, :1], [p[:, :1] for p in parts], sequence[:, :1]
+    # the final LayerNorm, linearised: its 1/σ frozen per sample and token, its bias split evenly
+    sigma = torch.sqrt(stream.var(-1, unbiased=False, keepdim=True) + ln.eps)
+
+    def read(x):  # (N, T, D) -> what the classifier reads
+        return x[:, 0] if readout == "cls" else torch.cat([x[:, 0], x[:, 1:].mean(1)], -1)
+
+    normed = [read((p - p.mean(-1, keepdim=True)) * ln.weight / sigma + ln.bias / len(parts)) for p in parts]
+    return torch.stack(normed, 1), read(sequence)
+
+
+def decompose(model, pixel_values: torch.Tensor, batch: int = 256, progress: str | None = None) -> Decomposition:
+    """Every component's direct contribution to the representation the classifier reads
+    (paper §3, RepDecompose); ``contributions.sum(1)`` equals ``representation``."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    contributions, representation = [], []
+    for i in tqdm(range(0, len(pixel_values), batch), desc=progress, disable=progress is None):
+        c, r = _decompose_batch(model, pixel_values[i:i + batch])
+        contributions.append(c)
+        representation.append(r)
+    return Decomposition(component_names(model), torch.cat(contributions), torch.cat(representation))
+
+
+@torch.no_grad()
+def ablated_logits(model, decomposition: Decomposition, ablate: list[int], means: torch.Tensor) -> torch.Tensor:
+    """The classifier on the representation with components ``ablate`` replaced by their
+    mean contribution ``means`` (C, D) (mean-ablation, paper §5.3)."""
+    rep = decomposition.representation.clone()
+    for i in ablate:
+        rep += means[i] - decomposition.contributions[:, i]
+    return model.classifier(rep)
+
+
+# ----------------------------------------------------------------------------- CompAlign
+
+
+class CompAlign(nn.Module):
+    """One linear map per component into the CLIP space (paper §4)."""
+
+    def __init__(self, n_components: int, dim: int, clip_dim: int):
+        super().__init__()
+        self.maps = nn.Parameter(torch.randn(n_components, dim, clip_dim) / np.sqrt(dim))
+        self.bias = nn.Parameter(torch.zeros(clip_dim))
+
+    def mapped(self, contributions: torch.Tensor) -> torch.Tensor:  # (N, C, D) -> (N, C, clip_dim)
+        return torch.einsum("ncd,cde->nce", contributions, self.maps)
+
+    def forward(self, contributions: torch.Tensor) -> torch.Tensor:
+        return self.mapped(contributions).sum(1) + self.bias
+
+    def orthogonality(self) -> torch.Tensor:
+        """Σ_i ‖Ŵ_iᵀŴ_i − I‖² with Ŵ_i scaled to unit mean column norm: keeps each map a
+        rotation up to scale, so distances inside a component survive the mapping."""
+        gram = torch.einsum("cde,cfe->cdf", self.maps, self.maps)
+        scale = torch.diagonal(gram, dim1=1, dim2=2).mean(-1, keepdim=True).unsqueeze(-1)
+        eye = torch.eye(gram.shape[-1])
+        return ((gram / scale.clamp(min=1e-8) - eye) ** 2).sum((1, 2)).mean()
+
+
+def fit_compalign(contributions: torch.Tensor, targets: torch.Tensor, steps: int, lr: float,
+                  orthogonality_weight: float, seed: int, batch: int = 256, progress: str | None = None) -> CompAlign:
+    """Fit the maps so that Σ_i W_i c_i + b ≈ the CLIP embedding: loss 1 − cos + λ·orth."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    align = CompAlign(contributions.shape[1], contributions.shape[2], targets.shape[1])
+    optimizer = torch.optim.Adam(align.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for _ in tqdm(range(steps), desc=progress, disable=progress is None):
+        idx = torch.randint(0, len(contributions), (min(batch, len(contributions)),), generator=generator)
+        predicted = align(contributions[idx])
+        loss = (1 - nn.functional.cosine_similarity(predicted, targets[idx], dim=-1)).mean()
+        loss = loss + orthogonality_weight * align.orthogonality()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return align.eval()
+
+
+@torch.no_grad()
+def alignment_cosine(align: CompAlign, contributions: torch.Tensor, targets: torch.Tensor) -> float:
+    return float(nn.functional.cosine_similarity(align(contributions), targets, dim=-1).mean())
+
+
+# ----------------------------------------------------------------------------- CompAttribute
+
+
+def orthonormal_basis(texts: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis (k, d) of the span of k text embeddings."""
+    q, _ = torch.linalg.qr(texts.T)
+    return q.T
+
+
+@torch.no_grad()
+def component_scores(mapped: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """CompAttribute (paper §4): for each component i, the correlation over images of
+    ⟨Σ_j m_j(x), u⟩ and ⟨m_i(x), u⟩, averaged over the basis directions u. (C,)"""
+    total = mapped.sum(1) @ basis.T  # (N, k)
+    parts = torch.einsum("nce,ke->nck", mapped, basis)
+    total = total - total.mean(0)
+    parts = parts - parts.mean(0)
+    corr = (parts * total[:, None]).sum(0) / (parts.norm(dim=0) * total.norm(dim=0)[None]).clamp(min=1e-12)
+    return corr.mean(-1)
+
+
+def top_components(scores: torch.Tensor, k: int) -> list[int]:
+    return scores.topk(k).indices.tolist()
+
+
+@torch.no_grad()
+def retrieval_agreement(embeddings: torch.Tensor, labels: np.ndarray, k: int = 5) -> float:
+    """How often an image's k nearest other images (cosine) share its label."""
+    x = nn.functional.normalize(embeddings, dim=-1)
+    sims = x @ x.T
+    sims.fill_diagonal_(-float("inf"))
+    neighbours = sims.topk(k, dim=1).indices.numpy()
+    return float((labels[neighbours] == labels[:, None]).mean())
+
+
+# ----------------------------------------------------------------------------- a Waterbirds-like set
+
+GROUP_NAMES = ("animal on land", "animal on water", "vehicle on land", "vehicle on water")
+VEHICLES = ("airplane", "automobile", "ship", "truck")
+BACKGROUNDS = ("land", "water")
+
+
+def backgrounds(kind: str, n: int, size: int, seed: int) -> np.ndarray:
+    """``n`` random ``size``-px background crops: "land" is scikit-image's grass texture
+    tinted green-brown, "water" its gravel texture tinted blue with horizontal ripples."""
+    import skimage.data
+
+    rng = np.random.default_rng(seed)
+    texture = (skimage.data.grass() if kind == "land" else skimage.data.gravel()).astype(np.float64) / 255
+    out = np.empty((n, size, size, 3))
+    for i in range(n):
+        top, left = rng.integers(0, texture.shape[0] - 2 * size, 2)
+        crop = texture[top:top + 2 * size:2, left:left + 2 * size:2]
+        if kind == "land":
+            tint = np.array([0.35, 0.55, 0.2]) + rng.uniform(-0.05, 0.05, 3)
+            out[i] = crop[..., None] * tint * 1.6
+        else:
+            rows = np.arange(size)[:, None]
+            ripple = 0.5 + 0.5 * np.sin(rows * rng.uniform(0.6, 1.2) + rng.uniform(0, 2 * np.pi))
+            tint = np.array([0.15, 0.35, 0.75]) + rng.uniform(-0.05, 0.05, 3)
+            out[i] = (0.6 * crop + 0.4 * ripple)[..., None] * tint * 1.5
+    return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+
+
+def composite(objects: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Paste each (32 px) object photo in the centre of its (larger) background."""
+    out = background.copy()
+    offset = (background.shape[1] - objects.shape[1]) // 2
+    out[:, offset:offset + objects.shape[1], offset:offset + objects.shape[2]] = objects
+    return out
+
+
+@dataclass
+class SpuriousSet:
+    """Images with a label (animal 0 / vehicle 1), a background (land 0 / water 1), the
+    CIFAR-10 class and the measured colour of the object."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    backgrounds: np.ndarray
+    classes: np.ndarray
+    colours: np.ndarray
+
+    @property
+    def groups(self) -> np.ndarray:
+        return 2 * self.labels + self.backgrounds
+
+
+def waterbirds_like(n_train: int, n_test: int, agreement: float, size: int, seed: int
+                    ) -> tuple[SpuriousSet, SpuriousSet, SpuriousSet]:
+    """CIFAR-10 photos as objects (label: vehicle or animal) on land or water backgrounds.
+
+    - ``pretrain``: the training photos on backgrounds drawn independently of the label
+      (what the ViTs are pre-trained on, with the 10 CIFAR classes as labels);
+    - ``train``: the same photos with the background agreeing with the label
+      (vehicle–water, animal–land) for a share ``agreement``, as Waterbirds' 95%
+      (what the linear probe is fitted on);
+    - ``test``: held-out photos, each shown on both backgrounds (balanced groups)."""
+    from . import data
+    from .cliplike import dominant_colour
+
+    images, classes = data.cifar10_test()
+    order = np.random.default_rng(seed).permutation(len(images))[:n_train + n_test]
+    images, classes = images[order], classes[order]
+    vehicle = np.array([data.CIFAR10_CLASSES[c] in VEHICLES for c in classes], dtype=np.int64)
+    colours = dominant_colour(images)
+    rng = np.random.default_rng(seed + 1)
+    random_bg = rng.integers(0, 2, n_train)
+    train_bg = np.where(rng.random(n_train) < agreement, vehicle[:n_train], 1 - vehicle[:n_train])
+
+    def render(objects, bgs, salt):
+        out = np.empty((len(objects), size, size, 3), np.uint8)
+        for kind in (0, 1):
+            where = np.flatnonzero(bgs == kind)
+            out[where] = composite(objects[where], backgrounds(BACKGROUNDS[kind], len(where), size, seed + salt + kind))
+        return out
+
+    head = slice(0, n_train)
+    pretrain = SpuriousSet(render(images[head], random_bg, 30), vehicle[head], random_bg, classes[head], colours[head])
+    train = SpuriousSet(render(images[head], train_bg, 10), vehicle[head], train_bg, classes[head], colours[head])
+    test_objects = np.concatenate([images[n_train:], images[n_train:]])
+    test_bg = np.repeat([0, 1], n_test)
+    test = SpuriousSet(render(test_objects, test_bg, 20), np.tile(vehicle[n_train:], 2), test_bg,
+                       np.tile(classes[n_train:], 2), np.tile(colours[n_train:], 2))
+    return pretrain, train, test
+
+
+def group_accuracies(predicted: np.ndarray, dataset: SpuriousSet) -> dict[str, float]:
+    """Accuracy per group, the worst group's and the average over images."""
+    correct = predicted == dataset.labels
+    out = {name: float(correct[dataset.groups == g].mean()) for g, name in enumerate(GROUP_NAMES)}
+    out["worst group"] = min(out[name] for name in GROUP_NAMES)
+    out["average"] = float(correct.mean())
+    return out
+
+
+# ----------------------------------------------------------------------------- the ViTs
+
+ARCHITECTURES = ("vit", "dinov2")
+
+
+def build_model(architecture: str, image_size: int, width: int, depth: int, heads: int, seed: int,
+                num_labels: int = 10):
+    """A small randomly initialised classifier of one of two transformers families:
+    ``vit`` (pre-LN ViT, CLS readout) or ``dinov2`` (LayerScale, SwiGLU MLP, CLS +
+    mean-patch readout); both with 8-px patches."""
+    from transformers import Dinov2Config, Dinov2ForImageClassification, ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    common = dict(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads, image_size=image_size,
+                  patch_size=8, num_labels=num_labels)
+    if architecture == "vit":
+        return ViTForImageClassification(ViTConfig(intermediate_size=2 * width, **common))
+    if architecture == "dinov2":
+        return Dinov2ForImageClassification(Dinov2Config(mlp_ratio=2, use_swiglu_ffn=True, **common))
+    raise ValueError(f"architecture {architecture!r}; choose one of: {', '.join(ARCHITECTURES)}")
+
+
+def pixels(images: np.ndarray, size: int | None = None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> normalised float (N, 3, size, size)."""
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255
+    if size is not None and size != x.shape[-1]:
+        x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def train_classifier(model, inputs: torch.Tensor, labels: np.ndarray, epochs: int, lr: float, batch: int, seed: int,
+                     only_head: bool = False, progress: str | None = None) -> list[float]:
+    """AdamW with a cosine schedule and horizontal flips; ``only_head`` trains the linear
+    classifier alone (a linear probe on a frozen pretrained backbone)."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    params = list(model.classifier.parameters()) if only_head else list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    steps = epochs * int(np.ceil(len(inputs) / batch))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    targets = torch.as_tensor(labels)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    bar = tqdm(total=steps, desc=progress, disable=progress is None)
+    for _ in range(epochs):
+        order = torch.randperm(len(inputs), generator=generator)
+        for i in range(0, len(inputs), batch):
+            idx = order[i:i + batch]
+            x = inputs[idx]
+            flip = torch.rand(len(idx), generator=generator) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            loss = nn.functional.cross_entropy(model(pixel_values=x).logits, targets[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            bar.update()
+    bar.close()
+    return losses
+
+
+@torch.no_grad()
+def predict(model, inputs: torch.Tensor, batch: int = 512) -> np.ndarray:
+    model.eval()
+    return torch.cat([model(pixel_values=inputs[i:i + batch]).logits.argmax(-1)
+                      for i in range(0, len(inputs), batch)]).numpy()
+
+
+def fit_probe(model, representation: torch.Tensor, labels: np.ndarray, steps: int, lr: float, seed: int) -> nn.Linear:
+    """A new two-way linear classifier on the frozen representation (full-batch Adam),
+    installed as ``model.classifier``: the paper's setting of a linear head on a
+    pretrained backbone."""
+    torch.manual_seed(seed)
+    probe = nn.Linear(representation.shape[1], 2)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=lr)
+    targets = torch.as_tensor(labels)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(probe(representation), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.classifier = probe.eval()
+    model.config.num_labels = 2
+    return probe

@@ -1,0 +1,90 @@
+"""Chapter 09's method: RepDecompose is exact for both architectures, CompAlign and
+CompAttribute do what they claim on constructed inputs, the data has the stated
+correlation."""
+import numpy as np
+import pytest
+import torch
+
+from replbook import vitdecomp
+
+
+@pytest.fixture(scope="module", params=vitdecomp.ARCHITECTURES)
+def small_model(request):
+    model = vitdecomp.build_model(request.param, image_size=24, width=32, depth=2, heads=4, seed=0, num_labels=3)
+    with torch.no_grad():  # non-trivial LayerScale and LayerNorm affine parameters
+        for name, p in model.named_parameters():
+            if "lambda1" in name or "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_the_contributions_sum_to_the_representation(small_model):
+    pixels = torch.randn(6, 3, 24, 24)
+    decomposition = vitdecomp.decompose(small_model, pixels, batch=4)
+    assert decomposition.contributions.shape == (6, 1 + 2 * (4 + 1), decomposition.representation.shape[1])
+    print(f"{type(small_model).__name__}: max abs error {decomposition.max_abs_error:.2e}")
+    assert decomposition.max_abs_error < 1e-5
+    with torch.no_grad():  # the representation is what the classifier reads
+        assert torch.allclose(small_model.classifier(decomposition.representation),
+                              small_model(pixel_values=pixels).logits, atol=1e-5)
+    assert decomposition.names[:6] == ["embed", "L0.H0", "L0.H1", "L0.H2", "L0.H3", "L0.MLP"]
+
+
+def test_mean_ablation_with_a_components_own_values_changes_nothing(small_model):
+    decomposition = vitdecomp.decompose(small_model, torch.randn(5, 3, 24, 24))
+    with torch.no_grad():
+        logits = small_model.classifier(decomposition.representation)
+        means = decomposition.contributions.mean(0)
+        assert torch.allclose(vitdecomp.ablated_logits(small_model, decomposition, [], means), logits)
+        ablated = vitdecomp.ablated_logits(small_model, decomposition, [1, 3], means)
+        rep = decomposition.representation - decomposition.contributions[:, [1, 3]].sum(1) + means[[1, 3]].sum(0)
+        assert torch.allclose(ablated, small_model.classifier(rep), atol=1e-5)
+
+
+def test_unsupported_models_and_architectures_say_what_is_supported():
+    with pytest.raises(ValueError, match="supports ViTForImageClassification and Dinov2ForImageClassification"):
+        vitdecomp.component_names(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="choose one of: vit, dinov2"):
+        vitdecomp.build_model("swin", 24, 32, 2, 4, 0)
+
+
+def test_compalign_recovers_a_linear_readout():
+    generator = torch.Generator().manual_seed(0)
+    contributions = torch.randn(600, 3, 8, generator=generator)
+    truth = torch.linalg.qr(torch.randn(3, 16, 8, generator=generator))[0].transpose(1, 2)  # 3 orthogonal 8->16 maps
+    targets = torch.nn.functional.normalize(torch.einsum("ncd,cde->ne", contributions, truth), dim=-1)
+    align = vitdecomp.fit_compalign(contributions, targets, steps=400, lr=2e-2, orthogonality_weight=0.1, seed=0)
+    assert vitdecomp.alignment_cosine(align, contributions, targets) > 0.97
+    with torch.no_grad():
+        align.maps.copy_(truth)
+    assert float(align.orthogonality().detach()) < 1e-6
+
+
+def test_component_scores_rank_the_component_that_carries_the_feature():
+    generator = torch.Generator().manual_seed(0)
+    basis = vitdecomp.orthonormal_basis(torch.randn(2, 10, generator=generator))
+    feature = torch.randn(400, 2, generator=generator) @ basis * 5  # lives in the feature's span
+    noise = torch.randn(400, 3, 10, generator=generator)
+    noise = noise - (noise @ basis.T) @ basis  # orthogonal to the span
+    mapped = torch.stack([noise[:, 0], feature, noise[:, 1], noise[:, 2]], 1)
+    scores = vitdecomp.component_scores(mapped, basis)
+    assert scores[1] == pytest.approx(1.0, abs=1e-5) and scores.abs().max() == scores[1]
+    assert vitdecomp.top_components(scores, 1) == [1]
+
+
+def test_retrieval_agreement():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    exact = torch.nn.functional.one_hot(torch.as_tensor(labels)).float()
+    assert vitdecomp.retrieval_agreement(exact, labels, k=1) == 1.0
+    assert vitdecomp.retrieval_agreement(exact + 0.01 * torch.randn(6, 3), labels, k=1) == 1.0
+
+
+def test_the_waterbirds_like_set_has_the_stated_correlation_and_balanced_test_groups():
+    pretrain, train, test = vitdecomp.waterbirds_like(n_train=600, n_test=100, agreement=0.95, size=48, seed=0)
+    assert train.images.shape == (600, 48, 48, 3) and test.images.shape == (200, 48, 48, 3)
+    assert abs((train.backgrounds == train.labels).mean() - 0.95) < 0.03
+    assert abs((pretrain.backgrounds == pretrain.labels).mean() - 0.5) < 0.08
+    assert np.bincount(test.groups, minlength=4)[[0, 1]].tolist() == [np.sum(test.labels == 0) // 2] * 2
+    assert np.array_equal(train.images[:, 8:40, 8:40], pretrain.images[:, 8:40, 8:40]), "same photos, other backgrounds"
+    water, land = test.images[test.backgrounds == 1, :4].mean((0, 1, 2)), test.images[test.backgrounds == 0, :4].mean((0, 1, 2))
+    assert water[2] > land[2] and land[1] > land[2], "water is blue, land is green"
