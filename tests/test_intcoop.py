@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from replbook import intcoop
+from replbook import cliplike, intcoop
 
 CLASSES = ["cat", "truck", "frog"]
 
@@ -195,6 +195,6 @@ def test_features_are_cached_and_reused(monkeypatch, tmp_path):
             return images.reshape(len(images), -1).astype(np.float32)
 
     images = np.arange(24, dtype=np.uint8).reshape(2, 2, 2, 3)
-    first, second = intcoop.cached_features(Counting(), images), intcoop.cached_features(Counting(), images)
+    first, second = cliplike.cached_features(Counting(), images), intcoop.cached_features(Counting(), images)
     assert Counting.calls == 1 and np.array_equal(first, second)
     assert not list(tmp_path.rglob("*.tmp.npy"))

@@ -88,3 +88,39 @@ def test_the_waterbirds_like_set_has_the_stated_correlation_and_balanced_test_gr
     assert np.array_equal(train.images[:, 8:40, 8:40], pretrain.images[:, 8:40, 8:40]), "same photos, other backgrounds"
     water, land = test.images[test.backgrounds == 1, :4].mean((0, 1, 2)), test.images[test.backgrounds == 0, :4].mean((0, 1, 2))
     assert water[2] > land[2] and land[1] > land[2], "water is blue, land is green"
+
+
+def test_the_paper_preset_code_path_runs_on_tiny_saved_models(tmp_path, results_tmp):
+    """The paper preset with its hub backbones replaced by tiny ViT and DINOv2 models saved
+    with save_pretrained, and OpenAI's CLIP by a tiny random open_clip model."""
+    import json
+
+    import papermill
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from replbook import models
+    from replbook.paths import repo_root
+
+    vit_folder = tmp_path / "tiny-vit"
+    ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                        image_size=32, patch_size=8)).save_pretrained(vit_folder)
+    dinov2_folder = str(models._tiny_dir("tiny-dinov2"))
+    notebook = repo_root() / "notebooks" / "09_vit_decompose.ipynb"
+    papermill.execute_notebook(
+        str(notebook), str(tmp_path / "out.ipynb"), kernel_name="python3", cwd=str(notebook.parent),
+        progress_bar=False, parameters={
+            "preset": "paper", "architectures": [str(vit_folder), dinov2_folder], "clip": "tiny-open-clip",
+            "n_train": 120, "n_test": 40, "n_align": 60, "align_steps": 3, "probe_steps": 5, "top_k": 2,
+            "random_sets": 3, "threads": 2})
+    saved = json.loads((results_tmp / "09_vit_decompose.json").read_text())
+    assert saved["preset"] == "paper" and {v["claim"] for v in saved["verdicts"]} == {"C1", "C2", "C3"}
+    assert [m["architecture"] for m in saved["metrics"]["models"]] == [str(vit_folder), dinov2_folder]
+    assert all(row["relative"] <= 1e-4 for row in saved["metrics"]["exactness"])
+
+
+def test_offline_presets_refuse_hub_backbones():
+    from replbook import config
+
+    cfg = config.resolve(vitdecomp.PRESETS, "smoke")
+    with pytest.raises(ValueError, match="runs offline. Use preset='paper', a saved folder, or one of: vit, dinov2"):
+        vitdecomp.load_classifier("facebook/dinov2-base", cfg, None)

@@ -263,3 +263,38 @@ class OpenClip:
     def vocabulary(self) -> list[str]:
         decoder = getattr(self.tokenize, "decoder", {})
         return [decoder.get(i, "").replace("</w>", "") for i in range(self.net.token_embedding.num_embeddings)]
+
+
+def cached_features(model, images: np.ndarray, progress: str | None = None) -> np.ndarray:
+    """``model.image_features(images)``, cached outside the repo under a hash of the
+    images, the model's feature key and the code that computes the features."""
+    import hashlib
+    import sys
+
+    from .paths import cache_dir, code_hash
+
+    digest = hashlib.sha256(np.ascontiguousarray(images).tobytes() + model.feature_key.encode()
+                            + code_hash(sys.modules[__name__]).encode()).hexdigest()[:20]
+    path = cache_dir("cliplike") / f"{digest}.npy"
+    if path.exists():
+        return np.load(path)
+    features = model.image_features(images, progress=progress)
+    partial = path.with_suffix(".tmp.npy")
+    np.save(partial, features)
+    partial.replace(path)
+    return features
+
+
+CLIPS = ("cliplike", "clip-vit-b-16", "tiny-open-clip")
+
+
+def load(name: str = "cliplike", preset: str = "book", image_model: str = "efficientnet-lite0",
+         text_model: str = "minilm-l6", temperature: float = 2.0, colour_weight: float = 0.5, image_size: int = 128):
+    """The joint image-text model a chapter names: the offline CLIP-like model, or a real
+    CLIP through open_clip (``clip-vit-b-16``; ``tiny-open-clip`` in the tests)."""
+    if name == "cliplike":
+        return ClipLike(preset, image_model, text_model, temperature=temperature, colour_weight=colour_weight,
+                        image_size=image_size)
+    if name in CLIPS:
+        return OpenClip(name, preset=preset)
+    raise ValueError(f"clip={name!r}; choose one of: {', '.join(CLIPS)}")

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import cliplike
 from .cliplike import ClipLike
 
 
@@ -216,20 +217,13 @@ PRESETS = {
         "data_seed": 0, "threads": 16,
     },
 }
-CLIPS = ("cliplike", "clip-vit-b-16", "tiny-open-clip")
+CLIPS = cliplike.CLIPS
 
 
 def load_clip(cfg):
-    """The joint image-text model a preset names: the offline CLIP-like model, or a real
-    CLIP through open_clip (``clip-vit-b-16``; ``tiny-open-clip`` in the tests)."""
-    from .cliplike import OpenClip
-
-    if cfg.clip == "cliplike":
-        return ClipLike(cfg.preset, cfg.image_model, cfg.text_model, temperature=cfg.temperature,
-                        colour_weight=cfg.colour_weight, image_size=cfg.image_size)
-    if cfg.clip in CLIPS:
-        return OpenClip(cfg.clip, preset=cfg.preset)
-    raise ValueError(f"clip={cfg.clip!r}; choose one of: {', '.join(CLIPS)}")
+    """The joint image-text model a preset names (:func:`replbook.cliplike.load`)."""
+    return cliplike.load(cfg.clip, cfg.preset, cfg.image_model, cfg.text_model, temperature=cfg.temperature,
+                         colour_weight=cfg.colour_weight, image_size=cfg.image_size)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -365,24 +359,8 @@ def measured_attributes(images: np.ndarray) -> np.ndarray:
     return dominant_colour(images)
 
 
-def cached_features(model, images: np.ndarray, progress: str | None = None) -> np.ndarray:
-    """``model.image_features(images)``, cached outside the repo under a hash of the
-    images, the model's feature key and the code that computes the features."""
-    import hashlib
-
-    from . import cliplike
-    from .paths import cache_dir, code_hash
-
-    digest = hashlib.sha256(np.ascontiguousarray(images).tobytes() + model.feature_key.encode()
-                            + code_hash(cliplike).encode()).hexdigest()[:20]
-    path = cache_dir("intcoop") / f"{digest}.npy"
-    if path.exists():
-        return np.load(path)
-    features = model.image_features(images, progress=progress)
-    partial = path.with_suffix(".tmp.npy")
-    np.save(partial, features)
-    partial.replace(path)
-    return features
+# image features of either joint model, cached (shared with chapter 09)
+cached_features = cliplike.cached_features
 
 
 # ----------------------------------------------------------------------------- the experiment
