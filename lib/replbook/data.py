@@ -163,8 +163,9 @@ def _decode_cifar10(archive: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def cifar10_test() -> tuple[np.ndarray, np.ndarray]:
     """The 10,000 CIFAR-10 test images (uint8, N x 32 x 32 x 3, RGB) and their labels
-    (indices into ``CIFAR10_CLASSES``), in the order bigbench ships them; fetched once
-    from the registry into the cache outside the repo."""
+    (indices into ``CIFAR10_CLASSES``), in the order bigbench ships them — **sorted by
+    class**, so draw at random rather than take the first N; fetched once from the
+    registry into the cache outside the repo."""
     folder = cache_dir("data", "cifar10-test")
     cached = folder / "cifar10_test.npz"
     stamp = folder / "sha256"
