@@ -172,7 +172,7 @@ class ClipLike:
         return torch.nn.functional.normalize(objects + weight * colour, dim=-1)
 
     def embed_images(self, images: np.ndarray) -> torch.Tensor:
-        return self.embed_from_features(self.image_logits(images), colour_shares(images))
+        return self.embed_features(self.image_features(images))
 
     # what a chapter caches: everything the image side needs, as one array per image
     def image_features(self, images: np.ndarray, progress: str | None = None) -> np.ndarray:
