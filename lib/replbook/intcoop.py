@@ -36,6 +36,7 @@ from torch import nn
 
 from . import cliplike
 from .cliplike import ClipLike
+from .results import mean_interval  # noqa: F401  (chapter 03 calls intcoop.mean_interval)
 
 
 class PromptLearner(nn.Module):
@@ -485,15 +486,3 @@ def alignment_gain(model, images: torch.Tensor, labels: np.ndarray, attributes: 
     with_attribute = torch.stack([attributed[(int(a), int(y))] for a, y in zip(attributes, labels)])
     labels = torch.as_tensor(labels)
     return ((images * with_attribute).sum(1) - (images * bare[labels]).sum(1)).numpy()
-
-
-def mean_interval(values, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and its two-sided t interval (over seeds, or over paired differences)."""
-    from scipy import stats
-
-    values = np.asarray(values, dtype=np.float64)
-    mean = float(values.mean())
-    if len(values) < 2:
-        return mean, float("nan"), float("nan")
-    half = float(stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
-    return mean, mean - half, mean + half

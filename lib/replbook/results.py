@@ -149,3 +149,16 @@ def load_all(folder: Path | None = None) -> list[dict[str, Any]]:
     """Every ``*.json`` results file in the folder, sorted by slug."""
     folder = folder or results_dir()
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+
+def mean_interval(values, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and its two-sided t interval (over seeds, or over paired differences)."""
+    import numpy as np
+    from scipy import stats
+
+    values = np.asarray(values, dtype=np.float64)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+    return mean, mean - half, mean + half

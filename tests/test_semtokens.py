@@ -1,0 +1,229 @@
+"""Chapter 10: the scene generator, the segmenter, the token builder, the encoders and the
+metrics of replbook.semtokens."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from replbook import config, semtokens
+
+
+def _instance_colour(image, instances, k):
+    """The palette colour nearest to the brightest half of an instance's pixels (stripes
+    are a darker shade of the same colour)."""
+    pixels = image[instances == k].astype(float)
+    bright = pixels[pixels.sum(1) >= np.median(pixels.sum(1))].mean(0)
+    return min(semtokens.COLOURS, key=lambda c: np.linalg.norm(bright - np.array(semtokens.COLOURS[c])))
+
+
+def _centre(instances, k):
+    ys, xs = np.nonzero(instances == k)
+    return xs.mean(), ys.mean()
+
+
+@pytest.mark.parametrize("held_out", [True, False])
+def test_captions_match_the_rendered_scene(held_out):
+    scenes = semtokens.make_scenes(60, held_out, seed=7)
+    for scene in scenes:
+        assert scene.held_out == held_out
+        image, instances = semtokens.render(scene)
+        assert image.shape == (64, 64, 3) and instances.max() == 2
+        words = scene.caption.split()
+        # the caption names each object's attributes in the order it mentions them
+        first, second = (scene.objects[1], scene.objects[0]) if scene.flipped else scene.objects
+        assert " ".join(words[1:5]) == first.words() and " ".join(words[-4:]) == second.words()
+        for k, obj in enumerate(scene.objects, start=1):
+            assert _instance_colour(image, instances, k) == obj.colour
+        # the relation: the canonical subject (object 0) is left of / above object 1 in the pixels
+        (x0, y0), (x1, y1) = _centre(instances, 1), _centre(instances, 2)
+        if scene.predicate == "left of":
+            assert x0 < x1 - 8 and abs(y0 - y1) < abs(x0 - x1)
+        else:
+            assert y0 < y1 - 8 and abs(x0 - x1) < abs(y0 - y1)
+        # the phrase: "right of" / "below" only when the caption names object 1 first
+        inverse = any(p in scene.caption for p in ("to the right of", "below"))
+        assert inverse == scene.flipped
+        # large objects cover more pixels than small ones of the same shape (unoccluded: object 1)
+        assert (instances == 2).sum() > (60 if scene.objects[1].size == "large" else 0)
+
+
+def test_swapped_captions_and_the_mirror_scene():
+    scene = semtokens.Scene((semtokens.Obj("red", "circle", "small", "solid", 16, 32),
+                             semtokens.Obj("blue", "square", "large", "striped", 48, 32)), "left of", False, (230, 230, 230), 0)
+    assert scene.caption == "a small red solid circle to the left of a large blue striped square"
+    assert scene.relation_swapped == "a large blue striped square to the left of a small red solid circle"
+    assert scene.attribute_swapped == "a small blue solid circle to the left of a large red striped square"
+    mirror = scene.mirrored()
+    # the relation swap is what the mirror image shows
+    assert mirror.caption == scene.relation_swapped
+    _, instances = semtokens.render(mirror)
+    assert _centre(instances, 1)[0] < _centre(instances, 2)[0]  # the square is now on the left
+    flipped = semtokens.Scene(scene.objects, "above", True, (230, 230, 230), 0)
+    assert flipped.caption == "a large blue striped square below a small red solid circle"
+
+
+def test_segmenter_finds_the_objects():
+    scenes = semtokens.make_scenes(100, None, seed=3)
+    images, oracle = semtokens.render_all(scenes)
+    found = semtokens.segment_all(images)
+    quality = semtokens.segmentation_quality(found, oracle)
+    assert quality["right instance count"] >= 0.85 and quality["mean best IoU"] >= 0.9
+    assert semtokens.segmentation_quality(oracle, oracle) == {"right instance count": 1.0, "mean best IoU": 1.0}
+
+
+def test_token_builder():
+    scenes = semtokens.make_scenes(8, None, seed=5)
+    images, oracle = semtokens.render_all(scenes)
+    tokens = semtokens.build_tokens(images, oracle, semtokens.oracle_graphs(scenes))
+    assert tokens.crops.shape == (8, 4, 4, semtokens.CROP, semtokens.CROP)
+    assert tokens.tangible_valid.sum(1).tolist() == [2] * 8 and tokens.relation_valid.sum(1).tolist() == [1] * 8
+    for i, scene in enumerate(scenes):
+        for k in range(2):
+            x, y = _centre(oracle[i], k + 1)
+            box_centre = tokens.geometry[i, k, :2].numpy() * 64
+            assert np.abs(box_centre - [x, y]).max() < 3  # box centre near the mask's centroid
+            assert tokens.crops[i, k, 3].mean() > 0.2  # the mask channel covers the crop
+        onehot = tokens.relations[i, 0, :len(semtokens.PREDICATES)].tolist()
+        assert onehot == [float(scene.predicate == p) for p in semtokens.PREDICATES]
+        assert (tokens.subject[i, 0], tokens.object[i, 0]) == (0, 1)
+    assert tokens.crops[:, 2:].abs().sum() == 0 and not tokens.tangible_valid[:, 2:].any()
+    # the relation rule on the oracle's masks agrees with the scene graph
+    ruled = semtokens.build_tokens(images, oracle)
+    assert torch.equal(ruled.relations[:, 0], tokens.relations[:, 0])
+    assert torch.equal(ruled.subject[:, 0], tokens.subject[:, 0])
+
+
+def test_pair_types_link_each_relation_to_its_subject_and_object():
+    scenes = semtokens.make_scenes(2, None, seed=1)
+    images, oracle = semtokens.render_all(scenes)
+    tokens = semtokens.build_tokens(images, oracle, [("above", 1, 0), ("left of", 0, 1)])
+    types, valid = semtokens.pair_types(tokens)
+    names = semtokens.PAIR_TYPES
+    relation = 1 + 4  # the first relation token's position after CLS and 4 tangible slots
+    assert names[types[0, relation, 1 + 1]] == "relation → subject" and names[types[0, relation, 1 + 0]] == "relation → object"
+    assert names[types[0, 1 + 1, relation]] == "subject → relation"
+    assert names[types[1, relation, 1 + 0]] == "relation → subject"
+    assert names[types[0, 0, 3]] == "cls → token" and names[types[0, 2, 0]] == "token → cls"
+    assert names[types[0, 2, 2]] == "self" and names[types[0, 1, 2]] == "tangible ↔ tangible"
+    assert valid[0].tolist() == [True, True, True, False, False, True] + [False] * 5
+    bias = semtokens.StructureBias(heads=2)(types, valid)
+    assert bias.shape == (2, 2, 11, 11) and (bias[:, :, :, 3] < -1e3).all() and (bias[:, :, :, 1] == 0).all()
+    frozen = semtokens.StructureBias(heads=2, learned=False)
+    assert not frozen.table.requires_grad
+
+
+def _small_tokens(n=16, seed=0):
+    scenes = semtokens.make_scenes(n, None, seed=seed)
+    images, oracle = semtokens.render_all(scenes)
+    return scenes, images, semtokens.build_tokens(images, oracle, semtokens.oracle_graphs(scenes))
+
+
+@pytest.mark.parametrize("intangible, additive", [(True, True), (False, True), (True, False)])
+def test_attention_maps_reproduce_the_encoder(intangible, additive):
+    torch.manual_seed(0)
+    _, _, tokens = _small_tokens()
+    encoder = semtokens.TokenEncoder(32, 2, 2, 16, intangible=intangible, additive=additive).eval()
+    with torch.no_grad():
+        encoder.bias.table.normal_()  # structure that matters
+        maps, output = semtokens.attention_maps(encoder, tokens)
+        assert torch.allclose(output, encoder(tokens), atol=1e-5)
+    assert len(maps) == 2 and maps[0].shape[:2] == (16, 2)
+    assert torch.allclose(maps[0].sum(-1), torch.ones(16, 2, maps[0].shape[-1]), atol=1e-5)
+    assert maps[0][:, :, :, 3].max() < 1e-6  # padding gets no attention
+
+
+def test_encoders_are_the_same_transformer_and_eval_matches_training_mode():
+    torch.manual_seed(0)
+    _, images, tokens = _small_tokens()
+    patch, semantic = semtokens.PatchEncoder(32, 2, 2, 16), semtokens.TokenEncoder(32, 2, 2, 16)
+    shapes = lambda m: [p.shape for p in m.backbone.parameters()]  # noqa: E731
+    assert shapes(patch) == shapes(semantic)
+    with torch.no_grad():
+        semantic.bias.table.normal_()
+        trained_mode = semantic.train()(tokens)
+        # torch's fused inference path must not be taken (it returned NaN with this mask)
+        assert torch.allclose(semantic.eval()(tokens), trained_mode, atol=1e-5)
+    assert patch(semtokens.pixels(images)).shape == (16, 16)
+    with pytest.raises(ValueError, match="patch=7 must divide image_size=64"):
+        semtokens.PatchEncoder(32, 2, 2, 16, patch=7)
+
+
+def test_recall_swap_and_winoground_on_known_examples():
+    similarity = torch.tensor([[0.9, 0.1, 0.95], [0.2, 0.8, 0.1], [0.3, 0.3, 0.3]])
+    recall = semtokens.recall_at(similarity, ks=(1, 2))
+    # rows: image 0 prefers caption 2 (miss at 1, hit at 2); image 1 hit; image 2 ties (counts against)
+    assert recall["image→text R@1"] == pytest.approx(1 / 3) and recall["image→text R@2"] == pytest.approx(2 / 3)
+    # columns: caption 0 → image 0 (hit), caption 1 → image 1 (hit), caption 2 → image 0 beats image 2 (miss)
+    assert recall["text→image R@1"] == pytest.approx(2 / 3)
+    e = torch.eye(3)
+    assert semtokens.swap_accuracy(e, e, torch.roll(e, 1, 0)) == 1.0
+    assert semtokens.swap_accuracy(e, e, e) == 0.0  # a tie is wrong
+    i0, i1 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert semtokens.winoground_scores(i0, i1, i0, i1) == {"text score": 1.0, "image score": 1.0, "group score": 1.0}
+    both = torch.tensor([[0.8, 0.6]])
+    assert semtokens.winoground_scores(both, both, i0, i1)["group score"] == 0.0
+
+
+def test_shuffle_trigrams_changes_the_order_keeps_the_words():
+    rng = np.random.default_rng(0)
+    caption = "a man riding a horse on a sandy beach at dawn"
+    shuffled = semtokens.shuffle_trigrams(caption, rng)
+    assert shuffled != caption and sorted(shuffled.split()) == sorted(caption.split())
+    assert semtokens.shuffle_trigrams("a dog", rng) == "a dog"
+
+
+def test_training_lowers_the_loss_and_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPLBOOK_CACHE", str(tmp_path))
+    cfg = config.resolve(semtokens.PRESETS, "smoke", n_train=64, n_test=16, epochs=4, batch=16, seeds=[0])
+    scenes, images, tokens = _small_tokens(64, seed=2)
+    texts = semtokens.TextStates(torch.randn(64, 6, 8).half(), torch.ones(64, 6, dtype=torch.bool))
+    model, facts = semtokens.trained_model("no additive weights", cfg, 0, tokens, texts, "fingerprint")
+    assert facts["training"] == "trained now" and facts["losses"][-1] < facts["losses"][0]
+    assert not model.image.bias.table.any()  # frozen at zero
+    again, facts_again = semtokens.trained_model("no additive weights", cfg, 0, tokens, texts, "fingerprint")
+    assert facts_again["training"] == "cached"
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not list(tmp_path.rglob("*.tmp*")), "no half-written cache entries"
+
+
+def test_unknown_data_and_segmenter_fail_clearly():
+    cfg = config.resolve(semtokens.PRESETS, "smoke", data="/nowhere")
+    with pytest.raises(ValueError, match="data='/nowhere': use 'scenes' or the path of a COCO folder"):
+        semtokens.load_data(cfg)
+    with pytest.raises(ValueError, match=r"segmenter='sam': choose from \('threshold', 'maskrcnn', 'maskrcnn-untrained'\)"):
+        semtokens.segment_images(np.zeros((1, 64, 64, 3), np.uint8), "sam")
+
+
+def test_paper_preset_runs_on_a_tiny_coco_folder(tmp_path, results_tmp):
+    """The paper preset's code path — COCO-format loading, Mask R-CNN, the relation rule,
+    trigram-shuffled negatives — on a tiny COCO-format folder of rendered scenes with an
+    untrained Mask R-CNN and the tiny text encoder."""
+    import papermill
+    from PIL import Image
+
+    from replbook.paths import repo_root
+
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    for split, n, seed in [("train2017", 24, 1), ("val2017", 8, 2)]:
+        (root / split).mkdir()
+        scenes = semtokens.make_scenes(n, None, seed)
+        images, _ = semtokens.render_all(scenes)
+        entries, captions = [], []
+        for i, (scene, image) in enumerate(zip(scenes, images)):
+            Image.fromarray(image).save(root / split / f"{i:012d}.jpg")
+            entries.append({"id": i, "file_name": f"{i:012d}.jpg"})
+            captions.append({"id": 100 + i, "image_id": i, "caption": scene.caption})
+        (root / "annotations" / f"captions_{split}.json").write_text(json.dumps({"images": entries, "annotations": captions}))
+    notebook = repo_root() / "notebooks" / "10_semantic_tokens.ipynb"
+    papermill.execute_notebook(
+        str(notebook), str(tmp_path / "out.ipynb"), kernel_name="python3", cwd=str(notebook.parent), progress_bar=False,
+        parameters={"preset": "paper", "data": str(root), "n_train": 24, "n_test": 8, "width": 16, "depth": 1, "heads": 2,
+                    "embed_dim": 16, "patch": 16, "image_size": 64, "epochs": 1, "batch": 8,
+                    "text_model": "tiny-bert-encoder", "segmenter": "maskrcnn-untrained", "seeds": [0, 1], "threads": 2})
+    saved = json.loads((results_tmp / "10_semantic_tokens.json").read_text())
+    assert saved["preset"] == "paper" and [v["claim"] for v in saved["verdicts"]] == ["C1", "C2", "C3"]
+    assert {r["variant"] for r in saved["metrics"]["per_run"]} == set(semtokens.VARIANTS) - {"semantic (oracle masks)"}
+    assert "word order swap" in saved["metrics"]["per_run"][0]
