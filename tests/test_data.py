@@ -65,3 +65,15 @@ def test_ar_members_reads_a_deb_style_archive(tmp_path):
     archive = tmp_path / "x.deb"
     archive.write_bytes(b"!<arch>\n" + member("debian-binary", b"2.0\n") + member("data.tar.xz", b"abc"))
     assert data._ar_members(archive) == {"debian-binary": b"2.0\n", "data.tar.xz": b"abc"}
+
+
+def test_country_flags_are_the_npm_package():
+    flags = data.country_flags()
+    assert len(flags) == 256
+    name, image = flags["FR"]
+    assert name == "France" and image.dtype == np.uint8 and image.shape[1:] == (100, 3)
+    # the French flag: blue, white, red vertical bands
+    middle = image[image.shape[0] // 2]
+    assert middle[10, 2] > 120 and middle[10, 0] < 50 and middle[50].min() > 230 and middle[90, 0] > 200 and middle[90, 2] < 100
+    with pytest.raises(ValueError, match="width=64: the package ships flags 100, 250 or 1000 px wide"):
+        data.country_flags(64)

@@ -227,3 +227,18 @@ def test_paper_preset_runs_on_a_tiny_coco_folder(tmp_path, results_tmp):
     assert saved["preset"] == "paper" and [v["claim"] for v in saved["verdicts"]] == ["C1", "C2", "C3"]
     assert {r["variant"] for r in saved["metrics"]["per_run"]} == set(semtokens.VARIANTS) - {"semantic (oracle masks)"}
     assert "word order swap" in saved["metrics"]["per_run"][0]
+
+
+def test_text_states_match_each_caption_encoded_alone():
+    from replbook import models
+
+    encoder = models.load("tiny-bert-encoder", preset="smoke").model
+    captions = ["a red circle above a blue square", "a cat",
+                "a small green striped cross to the left of a large red solid triangle"]
+    states = semtokens.text_states(encoder, captions, length=80, batch=2)
+    with torch.no_grad():
+        for i, caption in enumerate(captions):
+            alone = encoder[0].auto_model(**encoder[0].tokenizer([caption], return_tensors="pt")).last_hidden_state[0]
+            n = len(alone)
+            assert states.mask[i, :n].all() and not states.mask[i, n:].any()
+            assert torch.allclose(states.states[i, :n].float(), alone, atol=2e-2)  # stored as float16

@@ -241,3 +241,47 @@ def fashion_mnist(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
         stamp.write_text(FASHION_MNIST_SOURCE["sha256"])
     with np.load(cached) as saved:
         return saved[f"{split}_images"], saved[f"{split}_labels"]
+
+
+# ----------------------------------------------------------------------------- country flags
+
+FLAGS_SOURCE = {
+    "what": "country flags (npm package svg-country-flags@1.2.10: 256 flags as PNG, ISO codes → names)",
+    "fetch": ["npm", "pack", "--silent", "--pack-destination", "{tmp}", "svg-country-flags@1.2.10"],
+    "archive": "svg-country-flags-1.2.10.tgz",
+    "sha256": "2576650b4568c8ee1a2a6ddaa45c0246be16735f229bb40b1a0a6f40424e5213",
+    "install_hint": "needs npm and the npm registry",
+}
+
+
+def country_flags(width: int = 100) -> dict[str, tuple[str, np.ndarray]]:
+    """ISO code → (country name, RGB uint8 flag ``width`` px wide: 100, 250 or 1000),
+    from the npm package svg-country-flags, fetched once into the cache."""
+    from PIL import Image
+
+    if width not in (100, 250, 1000):
+        raise ValueError(f"width={width}: the package ships flags 100, 250 or 1000 px wide")
+    folder = cache_dir("data", "flags")
+    names_file = folder / "countries.json"
+    if not names_file.exists():
+        def extract(archive: Path) -> None:
+            staging = Path(tempfile.mkdtemp(dir=folder))
+            with tarfile.open(archive) as tar:
+                members = [m for m in tar.getmembers()
+                           if m.name == "package/countries.json" or m.name.startswith("package/png")]
+                tar.extractall(staging, members=members, filter="data")
+            for sub in ("png100px", "png250px", "png1000px"):
+                os.replace(staging / "package" / sub, folder / sub)
+            os.replace(staging / "package" / "countries.json", names_file)  # last: marks the cache complete
+            os.rmdir(staging / "package")
+            os.rmdir(staging)
+        _fetch("flags", FLAGS_SOURCE, extract)
+    names = json.loads(names_file.read_text())
+    out = {}
+    for code, name in sorted(names.items()):
+        path = folder / f"png{width}px" / f"{code.lower()}.png"
+        if path.exists():
+            rgba = Image.open(path).convert("RGBA")  # some flags are palette images with transparency
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            out[code] = (name, np.asarray(Image.alpha_composite(white, rgba).convert("RGB")))
+    return out

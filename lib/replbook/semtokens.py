@@ -22,7 +22,8 @@ verify; the ones here are our design (chapter 10 says so):
   object, subject → relation, ...), added to the attention logits;
 - the encoders (:class:`TokenEncoder`, :class:`PatchEncoder`) share one transformer
   (:class:`Backbone`), so the patch ViT has the same size and training budget;
-- the text side: MiniLM frozen, a learned linear projection (:class:`TextProjection`).
+- the text side: MiniLM frozen; a learned projection pools its token states with a few
+  learned attention queries and maps them linearly (:class:`TextProjection`).
 """
 from __future__ import annotations
 
@@ -514,19 +515,24 @@ class TextStates:
 
 
 @torch.no_grad()
-def text_states(encoder, captions: list[str], length: int = 24, batch: int = 256) -> TextStates:
+def text_states(encoder, captions: list[str], length: int = 24, batch: int = 128) -> TextStates:
     """MiniLM's last-layer token states for each caption (a SentenceTransformer's first
-    module), padded or cut to ``length`` tokens."""
+    module), cut to ``length`` tokens; batches of similar length, padded only within
+    the batch (the attention mask keeps padding out of the states)."""
     transformer = encoder[0]
     transformer.auto_model.eval()  # no dropout
-    states, masks = [], []
-    for i in range(0, len(captions), batch):
-        features = transformer.tokenizer(captions[i:i + batch], padding="max_length", truncation=True,
+    tokens = transformer.tokenizer(captions, truncation=True, max_length=length)["input_ids"]
+    order = np.argsort([len(t) for t in tokens], kind="stable")
+    states = torch.zeros(len(captions), length, transformer.auto_model.config.hidden_size, dtype=torch.float16)
+    mask = torch.zeros(len(captions), length, dtype=torch.bool)
+    for start in range(0, len(order), batch):
+        rows = torch.as_tensor(order[start:start + batch])
+        features = transformer.tokenizer([captions[i] for i in rows.tolist()], padding="longest", truncation=True,
                                          max_length=length, return_tensors="pt")
         out = transformer.auto_model(**features).last_hidden_state
-        states.append(out.half())
-        masks.append(features["attention_mask"].bool())
-    return TextStates(torch.cat(states), torch.cat(masks))
+        states[rows, :out.shape[1]] = out.half()
+        mask[rows, :out.shape[1]] = features["attention_mask"].bool()
+    return TextStates(states, mask)
 
 
 # ----------------------------------------------------------------------------- training
