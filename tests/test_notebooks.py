@@ -33,3 +33,20 @@ def test_bad_parameters_fail_with_a_clear_message(notebook, tmp_path, results_tm
         execute(notebook, tmp_path / notebook.name, **parameters)
     assert message in str(err.value)
     assert not results_tmp.exists() or not list(results_tmp.iterdir()), "a failed run must write no results"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_figure_cells_show_exactly_one_output(notebook):
+    """A cell with a figure caption must display only its figure: a second output (say
+    the Text a trailing ``ax.set_ylabel(...)`` returns) makes a duplicate figure target,
+    which fails the site build under -W. End such cells with ``_ = ...``."""
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" or "figure" not in cell.metadata.get("mystnb", {}):
+            continue
+        shown = [o for o in cell.outputs if o.output_type in ("display_data", "execute_result")]
+        assert len(shown) == 1 and "image/png" in shown[0].data, (
+            f"{notebook.name}, cell {index}: a figure cell shows {len(shown)} outputs "
+            f"({[sorted(o.data) for o in shown]}); it must show exactly one PNG")
