@@ -116,3 +116,153 @@ def test_mini_llava_places_the_visual_tokens(tiny_llama):
     assert all(p.requires_grad for p in wrapper.projector.parameters())
     logits = wrapper.lm(inputs_embeds=embeds).logits
     assert logits.shape[:2] == embeds.shape[:2] and np.isfinite(logits.detach().numpy()).all()
+
+
+# ----------------------------------------------------------------------------- the chapter's experiment
+
+
+def test_flag_views_are_seeded_and_unaugmented_without_a_generator():
+    flag = np.zeros((20, 30, 3), np.uint8)
+    flag[:, :15, 0] = 255
+    a = mllmtrace.flag_views(flag, 3, 32, np.random.default_rng(1))
+    b = mllmtrace.flag_views(flag, 3, 32, np.random.default_rng(1))
+    assert a.shape == (3, 32, 32, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
+    assert not np.array_equal(a[0], a[1])
+    plain = mllmtrace.flag_views(flag, 2, 32, None)
+    assert np.array_equal(plain[0], plain[1])
+    assert (plain[0, 0] == 255).all()  # padded square on white: the top row is margin
+
+
+def test_name_prompts_mark_exactly_the_name_tokens(tiny_llama):
+    countries = [mllmtrace.Country("Spain", "Madrid", np.zeros((2, 2, 3), np.uint8), 77, 0),
+                 mllmtrace.Country("Chad", "N'Djamena", np.zeros((2, 2, 3), np.uint8), 78, 0)]
+    vlm = mllmtrace.VisionLanguageModel(mllmtrace.MiniLlava(tiny_llama.model, tiny_llama.tokenizer, 8), None, True, "")
+    prompts = mllmtrace.name_prompts(vlm, np.array([0, 1, 1]), countries)
+    assert sorted(prompts.labels.tolist()) == [0, 1, 1]
+    table = tiny_llama.model.get_input_embeddings().weight
+    for embeds, positions, answers, labels in prompts.groups:
+        for e, p, a, y in zip(embeds, positions, answers, labels):
+            ids = (e[p] @ table.T).argmax(-1)  # embeddings back to tokens
+            assert tiny_llama.tokenizer.decode(ids) == " " + countries[y].name
+            assert int(a) == countries[y].answer_id
+
+
+def test_visual_attention_sums_to_the_heads_over_all_positions(prompt):
+    model, embeds, _, _ = prompt
+    everything = torch.ones(embeds.shape[:2], dtype=torch.bool)
+    implementation = model.config._attn_implementation
+    scores = mllmtrace.visual_attention(model, embeds, everything, n_layers=1)
+    assert model.config._attn_implementation == implementation  # eager only while reading the weights
+    heads = model.config.num_attention_heads
+    assert torch.allclose(scores.sum(1), torch.full((len(embeds),), float(heads)), atol=1e-4)
+    assert mllmtrace.visual_attention(model, embeds, everything, 2).sum(1).allclose(
+        torch.full((len(embeds),), 2.0 * heads), atol=1e-4)
+
+
+def test_ablating_no_token_leaves_the_answer_and_every_token_changes_it(prompt):
+    model, embeds, positions, answers = prompt
+    clean = mllmtrace.answer_probability(model, embeds, answers)
+    drop = torch.zeros((len(embeds), int(positions[0].sum())), dtype=torch.bool)
+    mean = embeds[positions].mean(0)
+    assert torch.equal(mllmtrace.ablated_probability(model, embeds, positions, drop, mean, answers), clean)
+    changed = mllmtrace.ablated_probability(model, embeds, positions, ~drop, mean, answers)
+    assert not torch.allclose(changed, clean)
+
+
+def test_effect_center_and_its_bootstrap_difference():
+    corrupted = np.zeros(4)
+    early = mllmtrace.Trace("mlp", 1, np.ones(4), corrupted, np.zeros((6, 4)))
+    early.restored[1] = 0.8
+    late = mllmtrace.Trace("mlp", 1, np.ones(4), corrupted, np.zeros((6, 4)))
+    late.restored[4] = 0.5
+    late.restored[5] = 0.5
+    assert mllmtrace.effect_center(early.restored, corrupted) == pytest.approx(1.0)
+    assert mllmtrace.effect_center(late.restored, corrupted) == pytest.approx(4.5)
+    point, low, high = mllmtrace.center_difference(early, late, 50, seed=0)
+    assert point == pytest.approx(-3.5) and low <= point <= high < 0
+    same = mllmtrace.center_difference(early, early, 50, seed=0)
+    assert same[0] == 0
+
+
+def test_a_rank_one_edit_through_the_wrapper_raises_the_target_and_undo_restores_the_model(tiny_llama):
+    from replbook import config
+
+    cfg = config.resolve(mllmtrace.PRESETS, "smoke", value_steps=60)
+    model = tiny_llama.model.eval()
+    wrapper = mllmtrace.MiniLlava(model, tiny_llama.tokenizer, 8)
+    vlm = mllmtrace.VisionLanguageModel(wrapper, None, True, "")
+    short = ("", " is")  # the random tiny model barely links distant positions
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(1, 4, 8, generator=generator) + 0.01 * torch.randn(2, 4, 8, generator=generator)  # 2 views
+    target = 90
+    case = mllmtrace.EditCase(0, target, features, features)
+    embeds, _ = wrapper.embed(features, *short)
+    embeds = embeds.detach()
+    targets = torch.full((2,), target)
+    before = mllmtrace.answer_probability(model, embeds, targets)
+    weight = mllmtrace.output_projection(mllmtrace.layers(model)[0]).weight.detach().clone()
+    keys = torch.randn(400, weight.shape[1], generator=torch.Generator().manual_seed(1))
+    original = mllmtrace.rank_one_edit(vlm, case, 0, mllmtrace.key_covariance(keys), cfg, template=short)
+    assert (mllmtrace.answer_probability(model, embeds, targets) > before * 1.1).all()
+    mllmtrace.undo_edit(model, 0, original)
+    assert torch.equal(mllmtrace.output_projection(mllmtrace.layers(model)[0]).weight, weight)
+    assert torch.equal(mllmtrace.answer_probability(model, embeds, targets), before)
+
+
+@pytest.fixture
+def tiny_llava_folder(tiny_llama, tmp_path):
+    """A LLaVA checkpoint folder as the hub has them — random weights: the tiny Llama's
+    config with a 2-layer CLIP vision tower, its tokenizer and a CLIP image processor."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=tiny_llama.model.config.to_dict(),
+                                                      image_token_index=1))
+    folder = tmp_path / "tiny-llava"
+    model.save_pretrained(folder)
+    tiny_llama.tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def test_paper_preset_runs_on_a_tiny_llava(tiny_llava_folder, tmp_path, results_tmp):
+    import json
+
+    import papermill
+
+    from replbook.paths import repo_root
+
+    notebook = repo_root() / "notebooks" / "06_mllm_tracing.ipynb"
+    small = {"n_countries": 6, "require_known": False, "single_token_names": False, "image_size": 32,
+             "train_views": 1, "test_views": 1, "n_trace": 4, "attention_layers": 1, "ablate_k": [1, 2],
+             "ablation_draws": 2, "n_edits": 2, "edit_layers": [0, 1], "edit_views": 1, "value_steps": 2,
+             "finetune_steps": 2, "covariance_text": "synthetic", "covariance_tokens": 512, "bootstrap": 20,
+             "threads": 2}
+    papermill.execute_notebook(str(notebook), str(tmp_path / "out.ipynb"), kernel_name="python3",
+                               cwd=str(notebook.parent), progress_bar=False,
+                               parameters={"preset": "paper", "language_model": str(tiny_llava_folder), **small})
+    saved = json.loads((results_tmp / "06_mllm_tracing.json").read_text())
+    assert saved["preset"] == "paper" and saved["config"]["vision"] == "own"
+    assert saved["metrics"]["projector"]["training"].startswith("none")
+    assert [v["claim"] for v in saved["verdicts"]] == ["C1", "C2", "C3"]
+
+
+def test_values_optimized_together_equal_values_optimized_apart(prompt):
+    model, embeds, positions, _ = prompt
+    last = positions.float().cumsum(1).argmax(1)
+    targets = torch.tensor([70, 71])
+    together = mllmtrace.optimize_value(model, 0, embeds, last, targets, steps=5, groups=torch.tensor([0, 1]))
+    apart = torch.stack([mllmtrace.optimize_value(model, 0, embeds[[i]], last[[i]], targets[[i]], steps=5)
+                         for i in range(2)])
+    assert together.shape == apart.shape and torch.allclose(together, apart, atol=1e-5)
+
+
+def test_early_edit_layer_follows_a_real_peak_and_falls_back_on_a_flat_trace():
+    peaked = mllmtrace.Trace("mlp", 1, np.ones(3), np.zeros(3), np.zeros((30, 3)))
+    peaked.restored[11] = 0.5
+    assert mllmtrace.early_edit_layer(peaked, [0, 5, 15, 29], 30) == 15
+    flat = mllmtrace.Trace("mlp", 1, np.ones(3), np.zeros(3), np.full((30, 3), 0.01))
+    flat.restored[29] = 0.02
+    assert mllmtrace.early_edit_layer(flat, [0, 5, 15, 29], 30) == 5

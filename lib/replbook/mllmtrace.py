@@ -30,12 +30,14 @@ KINDS = ("layer", "mlp", "attn")
 
 
 def layers(model) -> list[nn.Module]:
-    """The decoder layers of a transformers causal LM (Llama family)."""
-    try:
-        return list(model.model.layers)
-    except AttributeError:
-        raise ValueError(f"{type(model).__name__}: causal tracing here needs a decoder with model.model.layers "
-                         f"(Llama, Gemma, Qwen, ...)") from None
+    """The decoder layers of a transformers causal LM (Llama family), or of the language
+    model inside a LLaVA-style one (``model.model.language_model.layers``)."""
+    inner = getattr(model, "model", None)
+    for holder in (inner, getattr(inner, "language_model", None)):
+        if holder is not None and hasattr(holder, "layers"):
+            return list(holder.layers)
+    raise ValueError(f"{type(model).__name__}: causal tracing here needs a decoder with model.model.layers "
+                     f"(Llama, Gemma, Qwen, ...) or model.model.language_model.layers (LLaVA)")
 
 
 def traced_module(layer: nn.Module, kind: str) -> nn.Module:
@@ -220,20 +222,27 @@ def rank_one_update(weight: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 def optimize_value(model, layer_index: int, inputs_embeds: torch.Tensor, position: torch.Tensor,
                    target_ids: torch.Tensor, steps: int = 40, lr: float = 0.5, weight_decay: float = 1e-3,
-                   seed: int = 0) -> torch.Tensor:
+                   seed: int = 0, groups: torch.Tensor | None = None) -> torch.Tensor:
     """v*: the MLP output at ``position`` (B,) of layer ``layer_index`` that makes the model
-    give ``target_ids`` (B,) at the last position — a shared δ added to the original
-    outputs, optimized with Adam (ROME's second step, without its KL term)."""
+    give ``target_ids`` (B,) at the last position — a δ added to the original outputs,
+    optimized with Adam (ROME's second step, without its KL term); the mean over rows of
+    original + δ. ``groups`` (B,) gives independent edits one δ each, optimized in one
+    batch (each group's loss is its own mean, so this equals separate runs); the result is
+    then (groups, d)."""
     torch.manual_seed(seed)
     mlp = layers(model)[layer_index].mlp
     rows = torch.arange(len(position))
+    grouped = groups is not None
+    groups = groups if grouped else torch.zeros(len(position), dtype=torch.long)
+    n_groups = int(groups.max()) + 1
+    row_weight = 1.0 / torch.bincount(groups, minlength=n_groups)[groups].float()
     original = record(model, inputs_embeds, "mlp")[layer_index][rows, position]
-    delta = torch.zeros(original.shape[-1], requires_grad=True)
+    delta = torch.zeros(n_groups, original.shape[-1], requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=lr)
 
     def add_delta(_module, _inputs, output):
         out = output.clone()
-        out[rows, position] = out[rows, position] + delta
+        out[rows, position] = out[rows, position] + delta[groups]
         return out
 
     params = [p for p in model.parameters()]
@@ -244,7 +253,8 @@ def optimize_value(model, layer_index: int, inputs_embeds: torch.Tensor, positio
     try:
         for _ in range(steps):
             logits = model(inputs_embeds=inputs_embeds).logits[:, -1]
-            loss = nn.functional.cross_entropy(logits, target_ids) + weight_decay * delta.pow(2).sum()
+            losses = nn.functional.cross_entropy(logits.float(), target_ids, reduction="none")
+            loss = (losses * row_weight).sum() + weight_decay * delta.pow(2).sum()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -252,7 +262,9 @@ def optimize_value(model, layer_index: int, inputs_embeds: torch.Tensor, positio
         handle.remove()
         for p, f in zip(params, flags):
             p.requires_grad_(f)
-    return (original + delta.detach()).mean(0)
+    values = torch.zeros(n_groups, original.shape[-1]).index_add_(0, groups, original + delta.detach()[groups])
+    values = values / torch.bincount(groups, minlength=n_groups)[:, None]
+    return values if grouped else values[0]
 
 
 @torch.no_grad()
@@ -280,11 +292,12 @@ class MiniLlava(nn.Module):
     trained two-layer MLP into the language model's embedding space (LLaVA-1.5's
     projector) and placed between a text prefix and the question."""
 
-    def __init__(self, language_model, tokenizer, vision_dim: int):
+    def __init__(self, language_model, tokenizer, vision_dim: int, projector: nn.Module | None = None):
         super().__init__()
         self.lm, self.tokenizer = language_model, tokenizer
         hidden = language_model.get_input_embeddings().weight.shape[1]
-        self.projector = nn.Sequential(nn.Linear(vision_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.projector = projector if projector is not None else nn.Sequential(
+            nn.Linear(vision_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         for p in self.lm.parameters():
             p.requires_grad_(False)
 
@@ -302,3 +315,584 @@ class MiniLlava(nn.Module):
         positions = torch.zeros(embeds.shape[:2], dtype=torch.bool)
         positions[:, len(head):len(head) + n] = True
         return embeds, positions
+
+
+# ----------------------------------------------------------------------------- the chapter's experiment
+#
+# Entities whose identity must come from the image and whose facts the language model
+# knows: countries, shown as their flags, asked for their capital.
+
+# one worked example before every question (its country is never asked); three examples
+# make a few more capitals known in text but double the prompt, and every pass costs
+FEW_SHOT = "The capital of Japan is Tokyo.\n"
+SHOT_COUNTRIES = ("Japan",)
+# (text before the constraint, text after it): the country's name or its flag goes between
+QUESTION = (FEW_SHOT + "The capital of", " is")
+RECOGNITION = ("", " This flag belongs to")
+REPHRASINGS = {"capital city": (FEW_SHOT + "The capital city of", " is"),
+               "seat of government": (FEW_SHOT + "The seat of government of", " is")}
+VISIONS = ("efficientnet-lite0", "own")
+
+_BOOK = {
+    "language_model": "smollm2-135m", "vision": "efficientnet-lite0", "n_countries": 40, "require_known": True,
+    "single_token_names": True, "image_size": 128, "train_views": 8, "test_views": 2,
+    "projector_steps": 160, "projector_lr": 3e-3, "projector_batch": 16,
+    "n_trace": 6, "window": 3, "noise": 3.0, "attention_layers": 8, "ablate_k": [1, 2, 4, 8], "ablation_draws": 4,
+    "n_edits": 4, "edit_layers": [0, 5, 15, 29], "edit_views": 2, "value_steps": 20, "value_lr": 0.5,
+    "finetune_steps": 10, "finetune_lr": 1e-3, "specificity_flags": 20, "covariance_text": "moby-dick", "covariance_tokens": 8192,
+    "bootstrap": 1000, "seed": 0, "threads": 2,
+}
+PRESETS = {
+    "smoke": {**_BOOK, "language_model": "tiny-llama", "n_countries": 8, "require_known": False,
+              "single_token_names": False, "image_size": 64, "train_views": 2, "test_views": 1, "projector_steps": 4,
+              "n_trace": 4, "attention_layers": 1, "ablate_k": [1, 2], "ablation_draws": 2, "n_edits": 2,
+              "edit_layers": [0, 1], "edit_views": 1, "value_steps": 3, "finetune_steps": 3, "specificity_flags": 4,
+              "covariance_text": "synthetic", "covariance_tokens": 512, "bootstrap": 50},
+    "book": _BOOK,
+    # LLaVA-1.5 with its own vision tower and projector (nothing trained); 32 layers
+    "paper": {**_BOOK, "language_model": "llava-hf/llava-1.5-7b-hf", "vision": "own", "n_countries": 120,
+              "image_size": 336, "projector_steps": 0, "n_trace": 120, "window": 5, "n_edits": 30,
+              "edit_layers": [0, 2, 4, 6, 8, 12, 16, 20, 24, 28, 31], "specificity_flags": 119,
+              "covariance_text": "wikitext-2-train",
+              "covariance_tokens": 100000, "threads": 16},
+}
+
+
+@dataclass
+class Country:
+    name: str
+    capital: str
+    flag: np.ndarray  # RGB uint8
+    answer_id: int  # the first token of " {capital}"
+    name_id: int  # the first token of " {name}"
+
+
+def candidate_countries(tokenizer, single_token_names: bool) -> list[Country]:
+    """Every flag of ``data.country_flags`` whose country has a capital in the countryinfo
+    package, with a plain name (no commas or brackets), minus the few-shot countries."""
+    from countryinfo import CountryInfo
+
+    from . import data
+
+    out = []
+    for _code, (name, flag) in data.country_flags().items():
+        if name in SHOT_COUNTRIES or any(c in name for c in ",()"):
+            continue
+        try:
+            capital = CountryInfo(name).capital()
+        except Exception:  # countryinfo raises KeyError (and others) for names it lacks
+            capital = None
+        if not capital:
+            continue
+        name_ids = tokenizer(" " + name, add_special_tokens=False).input_ids
+        if single_token_names and len(name_ids) != 1:
+            continue
+        out.append(Country(name, capital, flag, tokenizer(" " + capital, add_special_tokens=False).input_ids[0],
+                           name_ids[0]))
+    return out
+
+
+def text_prompt(name: str, template: tuple[str, str] = QUESTION) -> str:
+    return f"{template[0]} {name}{template[1]}"
+
+
+@torch.no_grad()
+def known_in_text(model, tokenizer, countries: list[Country], batch: int = 32) -> np.ndarray:
+    """Whether the language model's greedy next token, asked in text, is the capital's first token."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    known = []
+    for i in range(0, len(countries), batch):
+        chunk = countries[i:i + batch]
+        enc = tokenizer([text_prompt(c.name) for c in chunk], return_tensors="pt", padding=True, padding_side="left")
+        predicted = model(**enc).logits[:, -1].argmax(-1)
+        known += [int(p) == c.answer_id for p, c in zip(predicted, chunk)]
+    return np.array(known, dtype=bool)
+
+
+def flag_views(flag: np.ndarray, n: int, size: int, rng: np.random.Generator | None) -> np.ndarray:
+    """``n`` square views (n, size, size, 3) uint8 of a flag padded onto white: a random crop
+    of 80–100% of the side, brightness × 0.8–1.2 and pixel noise (σ = 8) per view; no
+    augmentation when ``rng`` is None."""
+    h, w, _ = flag.shape
+    side = max(h, w)
+    canvas = np.full((side, side, 3), 255, np.uint8)
+    canvas[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = flag
+    x = torch.as_tensor(canvas).permute(2, 0, 1).float()[None]
+    views = []
+    for _ in range(n):
+        v = x
+        if rng is not None:
+            crop = int(side * rng.uniform(0.8, 1.0))
+            top, left = rng.integers(0, side - crop + 1, 2)
+            v = x[:, :, top:top + crop, left:left + crop] * float(rng.uniform(0.8, 1.2))
+            v = v + torch.as_tensor(rng.normal(0, 8, v.shape), dtype=torch.float32)
+        v = nn.functional.interpolate(v, size=(size, size), mode="bilinear", antialias=True)
+        views.append(v.clamp(0, 255).round().to(torch.uint8)[0].permute(1, 2, 0).numpy())
+    return np.stack(views)
+
+
+class VisionLanguageModel:
+    """The model under study: ``wrapper`` (a :class:`MiniLlava`: language model, tokenizer,
+    projector) and ``features(views)`` — what the vision side gives the projector."""
+
+    def __init__(self, wrapper: MiniLlava, features, trainable: bool, description: str):
+        self.wrapper, self.features, self.trainable, self.description = wrapper, features, trainable, description
+
+    @property
+    def lm(self):
+        return self.wrapper.lm
+
+    @property
+    def tokenizer(self):
+        return self.wrapper.tokenizer
+
+
+def load_model(cfg) -> VisionLanguageModel:
+    """``language_model`` from the registry with ``vision`` = efficientnet-lite0 (frozen; its
+    last feature map, one visual token per cell) and a new projector; or a local/hub LLaVA
+    checkpoint with ``vision`` = own (its vision tower and projector, nothing trained)."""
+    from . import models
+
+    if cfg.vision not in VISIONS:
+        raise ValueError(f"vision={cfg.vision!r}: choose from {VISIONS}")
+    if cfg.vision == "own":
+        from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(cfg.language_model, dtype=torch.bfloat16
+                                                                  if torch.cuda.is_available() else torch.float32)
+        except OSError as error:
+            raise OSError(f"language_model={cfg.language_model!r} is not available offline: download it where "
+                          f"the hub can be reached (huggingface-cli download {cfg.language_model}) and set "
+                          f"HF_HOME, or pass a local folder") from error
+        model.eval()
+        tokenizer = AutoTokenizer.from_pretrained(cfg.language_model)
+        processor = AutoImageProcessor.from_pretrained(cfg.language_model)
+
+        @torch.no_grad()
+        def features(views: np.ndarray) -> torch.Tensor:
+            pixels = processor(images=list(views), return_tensors="pt").pixel_values.to(model.dtype)
+            return torch.stack(list(model.get_image_features(pixel_values=pixels).pooler_output)).float()
+
+        wrapper = MiniLlava(model, tokenizer, model.get_input_embeddings().weight.shape[1], projector=nn.Identity())
+        return VisionLanguageModel(wrapper, features, False, f"{cfg.language_model} with its own vision tower")
+    if cfg.language_model not in models.REGISTRY:
+        raise ValueError(f"language_model={cfg.language_model!r}: with vision={cfg.vision!r} choose a registry "
+                         f"language model ({', '.join(n for n, s in models.REGISTRY.items() if s.kind == 'causal-lm')})")
+    lm = models.load(cfg.language_model)
+    encoder = models.load(cfg.vision).model.eval()
+
+    @torch.no_grad()
+    def features(views: np.ndarray) -> torch.Tensor:
+        x = (torch.as_tensor(views).permute(0, 3, 1, 2).float() - 127.0) / 128.0  # EfficientNet-Lite's scaling
+        return encoder.extract_features(x).flatten(2).transpose(1, 2)  # (B, cells, 1280)
+
+    wrapper = MiniLlava(lm.model.eval(), lm.tokenizer, encoder._conv_head.out_channels)
+    return VisionLanguageModel(wrapper, features, True, f"{cfg.language_model} + {cfg.vision} + trained projector")
+
+
+@dataclass
+class FlagData:
+    countries: list[Country]
+    train_features: torch.Tensor  # (train_views × countries, cells, vision_dim)
+    train_labels: np.ndarray
+    test_features: torch.Tensor
+    test_labels: np.ndarray
+    test_views: np.ndarray  # uint8, for figures
+    known_fraction: float  # of the candidates, how many the LM answers in text
+
+
+def load_flags(vlm: VisionLanguageModel, cfg, progress: bool = True) -> FlagData:
+    """The countries (the first ``n_countries`` the LM answers in text, if ``require_known``)
+    and the vision side's features of ``train_views`` and ``test_views`` augmented views each."""
+    from tqdm.auto import tqdm
+
+    candidates = candidate_countries(vlm.tokenizer, cfg.single_token_names)
+    known = known_in_text(vlm.lm, vlm.tokenizer, candidates)
+    chosen = [c for c, k in zip(candidates, known) if k or not cfg.require_known][:cfg.n_countries]
+    if len(chosen) < 4:
+        raise ValueError(f"only {len(chosen)} countries qualify; lower n_countries or set require_known=False")
+    rng = np.random.default_rng(cfg.seed)
+    train, test = [], []
+    for country in tqdm(chosen, desc="flag views", disable=not progress, leave=False):
+        train.append(flag_views(country.flag, cfg.train_views, cfg.image_size, rng))
+        test.append(flag_views(country.flag, cfg.test_views, cfg.image_size, rng))
+    # view-major order: rows v·C + c
+    train_views = np.stack(train, 1).reshape(-1, cfg.image_size, cfg.image_size, 3)
+    test_views = np.stack(test, 1).reshape(-1, cfg.image_size, cfg.image_size, 3)
+    batches = lambda views: torch.cat([vlm.features(views[i:i + 64]) for i in range(0, len(views), 64)])
+    n = len(chosen)
+    return FlagData(chosen, batches(train_views), np.tile(np.arange(n), cfg.train_views), batches(test_views),
+                    np.tile(np.arange(n), cfg.test_views), test_views, float(known.mean()))
+
+
+def train_projector(vlm: VisionLanguageModel, flags: FlagData, cfg, progress: bool = True) -> dict:
+    """Train only the projector (the language model and vision encoder stay frozen) on two
+    questions about every training view, alternating: "[flag] This flag belongs to" →
+    the country's name and "[few-shot] The capital of [flag] is" → its capital (first
+    tokens; LLaVA's instruction tuning has such factual questions). Cached outside the
+    repo under a hash of the features, the settings, the questions and the training code."""
+    import hashlib
+    import time
+
+    from tqdm.auto import tqdm
+
+    from .paths import cached_torch, code_hash
+
+    projector = vlm.wrapper.projector
+    if not vlm.trainable or cfg.projector_steps == 0:
+        return {"training": "none (the model's own projector)", "seconds": 0.0, "losses": []}
+    settings = (cfg.language_model, cfg.projector_steps, cfg.projector_lr, cfg.projector_batch, cfg.seed,
+                [c.name for c in flags.countries])
+    # the features stand for the flags, views and vision encoder; the code is what trains
+    key = (hashlib.sha256(flags.train_features.numpy().tobytes()).hexdigest() + repr(settings)
+           + repr((QUESTION, RECOGNITION)) + code_hash(train_projector, MiniLlava))
+
+    def build():
+        torch.manual_seed(cfg.seed)
+        for layer in projector:
+            if hasattr(layer, "reset_parameters"):
+                layer.reset_parameters()
+        rng = np.random.default_rng(cfg.seed)
+        names = torch.tensor([c.name_id for c in flags.countries])
+        capitals = torch.tensor([c.answer_id for c in flags.countries])
+        tasks = [(RECOGNITION, names), (QUESTION, capitals)]
+        optimizer = torch.optim.AdamW(projector.parameters(), lr=cfg.projector_lr)
+        losses, start = [], time.perf_counter()
+        for step in tqdm(range(cfg.projector_steps), desc="projector", disable=not progress, leave=False):
+            template, targets = tasks[step % 2]
+            rows = rng.choice(len(flags.train_labels), min(cfg.projector_batch, len(flags.train_labels)), replace=False)
+            embeds, _ = vlm.wrapper.embed(flags.train_features[rows], *template)
+            logits = vlm.lm(inputs_embeds=embeds).logits[:, -1]
+            loss = nn.functional.cross_entropy(logits.float(), targets[flags.train_labels[rows]])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(round(float(loss.detach()), 4))
+        return {"state": projector.state_dict(), "seconds": round(time.perf_counter() - start, 1), "losses": losses}
+
+    saved, cached = cached_torch("mllmtrace", key, build)
+    projector.load_state_dict(saved["state"])
+    projector.eval()
+    return {"training": "cached" if cached else "trained now", "seconds": saved["seconds"], "losses": saved["losses"]}
+
+
+@torch.no_grad()
+def predictions(vlm: VisionLanguageModel, features: torch.Tensor, template: tuple[str, str], batch: int = 64
+                ) -> torch.Tensor:
+    """Greedy next token after [before, visual tokens, after] for every row."""
+    out = []
+    for i in range(0, len(features), batch):
+        embeds, _ = vlm.wrapper.embed(features[i:i + batch], *template)
+        out.append(vlm.lm(inputs_embeds=embeds).logits[:, -1].argmax(-1))
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- causal traces of both settings
+
+
+def trace_rows(correct: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` test views answered right (tracing needs a clean run that knows the
+    answer); the first ``n`` views whatever they answer if fewer than two are (smoke runs)."""
+    right = np.flatnonzero(correct)[:n]
+    return right if len(right) >= 2 else np.arange(min(n, len(correct)))
+
+
+@dataclass
+class Prompts:
+    """Prompts of one setting as input embeddings, in groups of equal length: (embeds
+    (B, T, d), constraint mask (B, T), answer ids (B,), row labels)."""
+
+    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.concatenate([g[3] for g in self.groups])
+
+
+@torch.no_grad()
+def visual_prompts(vlm: VisionLanguageModel, features: torch.Tensor, labels: np.ndarray, countries: list[Country],
+                   template: tuple[str, str] = QUESTION) -> Prompts:
+    embeds, positions = vlm.wrapper.embed(features, *template)
+    answers = torch.tensor([countries[y].answer_id for y in labels])
+    return Prompts([(embeds, positions, answers, labels)])
+
+
+@torch.no_grad()
+def name_prompts(vlm: VisionLanguageModel, labels: np.ndarray, countries: list[Country],
+                 template: tuple[str, str] = QUESTION) -> Prompts:
+    """The same question with the country's name in text; the constraint = the name's tokens."""
+    tok, table = vlm.tokenizer, vlm.lm.get_input_embeddings()
+    head = tok(template[0], add_special_tokens=False).input_ids
+    tail = tok(template[1], add_special_tokens=False).input_ids
+    by_length: dict[int, list] = {}
+    for y in labels:
+        name = tok(" " + countries[y].name, add_special_tokens=False).input_ids
+        by_length.setdefault(len(name), []).append((head + name + tail, len(head), len(name), y))
+    groups = []
+    for rows in by_length.values():
+        ids = torch.tensor([r[0] for r in rows])
+        positions = torch.zeros(ids.shape, dtype=torch.bool)
+        for i, (_, start, n, _) in enumerate(rows):
+            positions[i, start:start + n] = True
+        labels_ = np.array([r[3] for r in rows])
+        groups.append((table(ids), positions, torch.tensor([countries[y].answer_id for y in labels_]), labels_))
+    return Prompts(groups)
+
+
+def trace_setting(model, prompts: Prompts, kind: str, size: int, noise: float, seed: int,
+                  progress: str | None = None) -> Trace:
+    """:func:`causal_trace` of every group, the constraint corrupted by Gaussian noise of
+    ``noise`` × the standard deviation of the constraint's embeddings (ROME's 3σ)."""
+    sigma = float(torch.cat([e[p] for e, p, _, _ in prompts.groups]).std())
+    traces = [causal_trace(model, e, noise_corrupt(e, p, noise * sigma, seed + i), p, a, kind, size, progress)
+              for i, (e, p, a, _) in enumerate(prompts.groups)]
+    return Trace(kind, size, *(np.concatenate([getattr(t, f) for t in traces], -1)
+                               for f in ("clean", "corrupted", "restored")))
+
+
+def effect_center(restored: np.ndarray, corrupted: np.ndarray) -> float:
+    """The effect-weighted mean layer: Σ_l l · e_l / Σ_l e_l with e_l the positive part of
+    the mean indirect effect of (the window starting at) layer l."""
+    effect = np.clip((restored - corrupted[None]).mean(1), 0, None)
+    return float((np.arange(len(effect)) * effect).sum() / max(effect.sum(), 1e-12))
+
+
+def center_difference(a: Trace, b: Trace, n_boot: int, seed: int) -> tuple[float, float, float]:
+    """center(a) − center(b) and its 95% bootstrap interval (prompts resampled within each)."""
+    rng = np.random.default_rng(seed)
+    point = effect_center(a.restored, a.corrupted) - effect_center(b.restored, b.corrupted)
+    draws = []
+    for _ in range(n_boot):
+        ia, ib = rng.integers(0, len(a.clean), len(a.clean)), rng.integers(0, len(b.clean), len(b.clean))
+        draws.append(effect_center(a.restored[:, ia], a.corrupted[ia]) - effect_center(b.restored[:, ib], b.corrupted[ib]))
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return point, float(low), float(high)
+
+
+# ----------------------------------------------------------------------------- which visual tokens carry the image
+
+
+@contextmanager
+def eager_attention(model):
+    """Attention weights need the eager implementation (SDPA does not return them)."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+@torch.no_grad()
+def visual_attention(model, embeds: torch.Tensor, positions: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """How much the last position attends to each constraint position (B, N): attention
+    weights summed over heads and the first ``n_layers`` layers (the paper ranks visual
+    tokens by their attention contribution in the early causal layers)."""
+    with eager_attention(model):
+        attentions = model(inputs_embeds=embeds, output_attentions=True).attentions[:n_layers]
+    last_row = torch.stack([a[:, :, -1].float().sum(1) for a in attentions]).sum(0)  # (B, T)
+    return last_row[positions].reshape(len(embeds), -1)
+
+
+@torch.no_grad()
+def ablated_probability(model, embeds: torch.Tensor, positions: torch.Tensor, drop: torch.Tensor,
+                        replacement: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
+    """The answer's probability with the visual tokens chosen by ``drop`` (B, N) replaced by
+    ``replacement`` (the mean visual token: mean-ablation)."""
+    mask = torch.zeros_like(positions)
+    mask[positions] = drop.reshape(-1)
+    return answer_probability(model, torch.where(mask[..., None], replacement.to(embeds.dtype), embeds), answer_ids)
+
+
+def token_ablation(model, prompts: Prompts, replacement: torch.Tensor, n_layers: int, ks: list[int], draws: int,
+                   seed: int) -> dict:
+    """For each k: the answer's probability with the top-k visual tokens by early-layer
+    attention removed, and with k random ones (mean over ``draws``), per prompt; and how
+    often each visual position is among the top k."""
+    (embeds, positions, answers, _), = prompts.groups
+    scores = visual_attention(model, embeds, positions, n_layers)
+    order = scores.argsort(1, descending=True)
+    rng = np.random.default_rng(seed)
+    n_tokens = scores.shape[1]
+    out = {"clean": answer_probability(model, embeds, answers).numpy(), "top": {}, "random": {}, "top_counts": {}}
+    for k in ks:
+        drop = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order[:, :k], True)
+        out["top"][k] = ablated_probability(model, embeds, positions, drop, replacement, answers).numpy()
+        out["top_counts"][k] = drop.sum(0).numpy()
+        random_runs = []
+        for _ in range(draws):
+            picks = torch.as_tensor(np.argsort(rng.random((len(embeds), n_tokens)), 1)[:, :k])
+            drop = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, picks, True)
+            random_runs.append(ablated_probability(model, embeds, positions, drop, replacement, answers).numpy())
+        out["random"][k] = np.mean(random_runs, 0)
+    return out
+
+
+# ----------------------------------------------------------------------------- MultEdit: editing the causal MLP
+
+
+@torch.no_grad()
+def text_key_covariances(model, tokenizer, text: str, n_tokens: int, layer_indices: list[int],
+                         length: int = 128, ridge: float = 1e-2) -> dict[int, torch.Tensor]:
+    """C = E[k kᵀ] of each layer's MLP output-projection inputs over ``n_tokens`` tokens of
+    ordinary text (ROME uses Wikipedia), accumulated in float64 without keeping the keys."""
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0][:n_tokens]
+    ids = ids[:len(ids) // length * length].reshape(-1, length) if len(ids) >= length else ids[None]
+    sums: dict[int, torch.Tensor] = {}
+    count = [0]
+    all_layers = layers(model)
+
+    def accumulate(index):
+        def hook(_module, args):
+            k = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[index] = sums.get(index, 0) + k.T @ k
+        return hook
+
+    handles = [output_projection(all_layers[i]).register_forward_pre_hook(accumulate(i)) for i in layer_indices]
+    try:
+        for row in ids.split(8):
+            model(input_ids=row)
+            count[0] += row.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for i, s in sums.items():
+        c = s / count[0]
+        out[i] = (c + ridge * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype)).float()
+    return out
+
+
+@dataclass
+class EditCase:
+    """One edit: a country (``label``) gets another country's capital (``target``)."""
+
+    label: int
+    target: int  # token id
+    edit_features: torch.Tensor  # the views the edit is made from
+    test_features: torch.Tensor  # held-out views of the same flag
+
+
+def _last_visual_index(positions: torch.Tensor) -> torch.Tensor:
+    return positions.float().cumsum(1).argmax(1)  # the last True per row
+
+
+def edit_metrics(vlm: VisionLanguageModel, case: EditCase, others: torch.Tensor, others_before: torch.Tensor) -> dict:
+    """Efficacy (edit views answer the new capital), generalization (held-out views of the
+    flag, under the question and its rephrasings) and specificity (other flags' answers
+    unchanged), each a fraction."""
+    hit = lambda features, template: (predictions(vlm, features, template) == case.target).float().mean().item()
+    general = [hit(case.test_features, QUESTION)] + [hit(case.test_features, t) for t in REPHRASINGS.values()]
+    return {"efficacy": hit(case.edit_features, QUESTION), "generalization": float(np.mean(general)),
+            "specificity": (predictions(vlm, others, QUESTION) == others_before).float().mean().item()}
+
+
+def edit_keys_and_values(vlm: VisionLanguageModel, cases: list[EditCase], layer: int, cfg,
+                         template: tuple[str, str] = QUESTION) -> tuple[torch.Tensor, torch.Tensor]:
+    """MultEdit's key and value for every case at ``layer`` (cases, d_ff) and (cases, d):
+    the key is the MLP projection input at the last visual token (mean over the case's
+    edit views), the value the MLP output there that makes the model answer the new
+    capital (:func:`optimize_value`, all cases in one batch, one δ each)."""
+    with torch.no_grad():
+        embeds, positions = vlm.wrapper.embed(torch.cat([c.edit_features for c in cases]), *template)
+    groups = torch.cat([torch.full((len(c.edit_features),), i) for i, c in enumerate(cases)])
+    last = _last_visual_index(positions)
+    inputs = projection_inputs(vlm.lm, layer, embeds)[torch.arange(len(embeds)), last]
+    keys = torch.zeros(len(cases), inputs.shape[-1]).index_add_(0, groups, inputs)
+    keys = keys / torch.bincount(groups)[:, None]
+    targets = torch.tensor([cases[g].target for g in groups])
+    values = optimize_value(vlm.lm, layer, embeds, last, targets, steps=cfg.value_steps, lr=cfg.value_lr,
+                            seed=cfg.seed, groups=groups)
+    return keys, values
+
+
+def rank_one_edit(vlm: VisionLanguageModel, case: EditCase, layer: int, covariance: torch.Tensor, cfg,
+                  template: tuple[str, str] = QUESTION) -> torch.Tensor:
+    """One MultEdit edit (key, value, ROME's closed form) applied in place; returns the
+    original weight."""
+    keys, values = edit_keys_and_values(vlm, [case], layer, cfg, template)
+    return edit_mlp(vlm.lm, layer, keys[0], values[0], covariance)
+
+
+def finetune_edit(vlm: VisionLanguageModel, case: EditCase, layer: int, cfg) -> torch.Tensor:
+    """The baseline: fine-tune the same MLP output projection (unconstrained) on the edit
+    views for the new answer; returns the original weight."""
+    proj = output_projection(layers(vlm.lm)[layer])
+    original = proj.weight.detach().clone()
+    with torch.no_grad():
+        embeds, _ = vlm.wrapper.embed(case.edit_features, *QUESTION)
+    targets = torch.full((len(embeds),), case.target)
+    proj.weight.requires_grad_(True)
+    optimizer = torch.optim.Adam([proj.weight], lr=cfg.finetune_lr)
+    try:
+        for _ in range(cfg.finetune_steps):
+            loss = nn.functional.cross_entropy(vlm.lm(inputs_embeds=embeds).logits[:, -1].float(), targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        proj.weight.requires_grad_(False)
+    return original
+
+
+def edit_cases(vlm: VisionLanguageModel, flags: FlagData, correct: np.ndarray, n_edits: int, edit_views: int,
+               seed: int) -> list[EditCase]:
+    """``n_edits`` countries whose flag the model answers right (on every test view): each
+    gets the capital of the next chosen country (a counterfactual insertion), the edit made
+    from ``edit_views`` training views and judged on the test views."""
+    n = len(flags.countries)
+    right = [c for c in range(n) if correct[flags.test_labels == c].all()] or list(range(n))  # (or: smoke runs)
+    rng = np.random.default_rng(seed)
+    chosen = list(rng.permutation(right)[:n_edits])
+    cases = []
+    for i, c in enumerate(chosen):
+        other = chosen[(i + 1) % len(chosen)] if len(chosen) > 1 else (c + 1) % n
+        cases.append(EditCase(int(c), flags.countries[other].answer_id,
+                              flags.train_features[flags.train_labels == c][:edit_views],
+                              flags.test_features[flags.test_labels == c]))
+    return cases
+
+
+def edit_experiment(vlm: VisionLanguageModel, flags: FlagData, cases: list[EditCase], edit_layers: list[int],
+                    finetune_layer: int, covariances: dict[int, torch.Tensor], cfg, progress: bool = True) -> list[dict]:
+    """Every case × (rank-one edit at each of ``edit_layers``, fine-tuning at
+    ``finetune_layer``): the metrics of :func:`edit_metrics`, the model restored after each."""
+    from tqdm.auto import tqdm
+
+    rows = []
+    # specificity: the first test view of the first ``specificity_flags`` flags other than the edited one
+    first_view = np.flatnonzero(np.arange(len(flags.test_labels)) < min(len(flags.countries), cfg.specificity_flags + 1))
+    unedited = predictions(vlm, flags.test_features[first_view], QUESTION)
+
+    def score(case, method, layer, original):
+        keep = torch.as_tensor(flags.test_labels[first_view] != case.label)
+        keep &= keep.cumsum(0) <= cfg.specificity_flags
+        try:
+            rows.append({"country": flags.countries[case.label].name, "method": method, "layer": layer,
+                         **edit_metrics(vlm, case, flags.test_features[first_view][keep], unedited[keep])})
+        finally:
+            undo_edit(vlm.lm, layer, original)
+
+    bar = tqdm(total=len(cases) * (len(edit_layers) + 1), desc="edits", disable=not progress, leave=False)
+    for layer in edit_layers:
+        keys, values = edit_keys_and_values(vlm, cases, layer, cfg)
+        for case, key, value in zip(cases, keys, values):
+            score(case, "rank-one", layer, edit_mlp(vlm.lm, layer, key, value, covariances[layer]))
+            bar.update()
+    for case in cases:
+        score(case, "fine-tune", finetune_layer, finetune_edit(vlm, case, finetune_layer, cfg))
+        bar.update()
+    bar.close()
+    return rows
+
+
+def early_edit_layer(flag_mlp: Trace, edit_layers: list[int], n_layers: int, threshold: float = 0.10) -> int:
+    """C3's "early causal MLP": the edit layer nearest the peak of the flag question's MLP
+    trace if that trace has causal layers (its best window recovers ≥ ``threshold`` of the
+    clean − corrupted gap, C1's first check); otherwise the edit layer nearest n_layers / 6,
+    the middle of the network's first third (the paper finds LLaVA's at layers ~1–4 of 32)."""
+    gap = max(float(flag_mlp.clean.mean() - flag_mlp.corrupted.mean()), 1e-9)
+    anchor = int(flag_mlp.effect.argmax()) if flag_mlp.effect.max() / gap >= threshold else n_layers / 6
+    return min(edit_layers, key=lambda l: (abs(l - anchor), l))

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 _MARKERS = ("_toc.yml", "pyproject.toml")
 
@@ -83,3 +83,20 @@ def atomic_dir(final: Path, build: Callable[[Path], dict]) -> dict:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def cached_torch(folder: str, key: str, build: Callable[[], Any]) -> tuple[Any, bool]:
+    """``build()``'s result saved with ``torch.save`` under ``cache_dir(folder)``, named by
+    the sha256 of ``key`` (which must name the inputs *and* the code that made it; see
+    :func:`code_hash`); written to a temporary file and renamed, so an interrupted run
+    leaves no half-written entry. Returns (the object, whether it came from the cache)."""
+    import torch
+
+    path = cache_dir(folder) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False), True
+    value = build()
+    partial = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(value, partial)
+    os.replace(partial, path)
+    return value, False
