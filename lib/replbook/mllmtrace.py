@@ -205,11 +205,7 @@ def key_covariance(keys: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
     """C = E[k kᵀ] over many keys (N, d_ff) plus ``ridge`` × mean diagonal × I, so that C
     is invertible however few keys there are (ROME estimates it on Wikipedia text)."""
     keys = keys.double()
-    return _with_ridge(keys.T @ keys / len(keys), ridge)
-
-
-def _with_ridge(second_moment: torch.Tensor, ridge: float) -> torch.Tensor:
-    c = second_moment.double()
+    c = keys.T @ keys / len(keys)
     return (c + ridge * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype)).float()
 
 
@@ -489,9 +485,8 @@ def load_model(cfg) -> VisionLanguageModel:
 
     @torch.no_grad()
     def features(views: np.ndarray) -> torch.Tensor:
-        from .zoo import efficientnet_input
-
-        return encoder.extract_features(efficientnet_input(views)).flatten(2).transpose(1, 2)  # (B, cells, 1280)
+        x = (torch.as_tensor(views).permute(0, 3, 1, 2).float() - 127.0) / 128.0  # EfficientNet-Lite's scaling
+        return encoder.extract_features(x).flatten(2).transpose(1, 2)  # (B, cells, 1280)
 
     wrapper = MiniLlava(lm.model.eval(), lm.tokenizer, encoder._conv_head.out_channels)
     return VisionLanguageModel(wrapper, features, True, f"{cfg.language_model} + {cfg.vision} + trained projector")
@@ -763,7 +758,11 @@ def text_key_covariances(model, tokenizer, text: str, n_tokens: int, layer_indic
     finally:
         for h in handles:
             h.remove()
-    return {i: _with_ridge(s / count[0], ridge) for i, s in sums.items()}
+    out = {}
+    for i, s in sums.items():
+        c = s / count[0]
+        out[i] = (c + ridge * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype)).float()
+    return out
 
 
 @dataclass
