@@ -266,3 +266,10 @@ def test_early_edit_layer_follows_a_real_peak_and_falls_back_on_a_flat_trace():
     flat = mllmtrace.Trace("mlp", 1, np.ones(3), np.zeros(3), np.full((30, 3), 0.01))
     flat.restored[29] = 0.02
     assert mllmtrace.early_edit_layer(flat, [0, 5, 15, 29], 30) == 5
+
+
+def test_warmup_cosine_schedule():
+    factors = [mllmtrace.warmup_cosine(s, steps=100) for s in range(100)]
+    assert factors[0] == pytest.approx(0.2) and factors[4] == pytest.approx(1.0)
+    assert factors[5] == pytest.approx(1.0) and factors[-1] < 0.01
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:])), "decays after the warm-up"

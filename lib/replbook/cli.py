@@ -3,6 +3,7 @@
     replbook run 00 --preset book [-p max_new_tokens=4 ...]
     replbook build                 # scoreboard + site (executes chapters with no results)
     replbook scoreboard            # only regenerate the scoreboard files
+    replbook annotate --preset book  # write chapter 02's rationales (committed data)
 """
 from __future__ import annotations
 
@@ -151,12 +152,18 @@ def main(argv: list[str] | None = None) -> int:
     p_build = sub.add_parser("build", help="regenerate the scoreboard and build the site")
     p_build.add_argument("--no-execute", action="store_true", help="do not execute chapters lacking results")
     sub.add_parser("scoreboard", help="regenerate the scoreboard files only")
+    p_annotate = sub.add_parser("annotate", help="write chapter 02's skill rationales (once; ~10 min on 2 cores)")
+    p_annotate.add_argument("--preset", default="book", help="one of smoke, book, paper")
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
             print(run(args.chapter, args.preset, parse_parameters(args.parameter)))
         elif args.command == "build":
             build(execute_missing=not args.no_execute)
+        elif args.command == "annotate":
+            from . import config, skillslices
+
+            print(skillslices.annotate(config.resolve(skillslices.PRESETS, args.preset)))
         else:
             write_scoreboard(repo_root())
     except ValueError as err:

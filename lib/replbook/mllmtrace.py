@@ -19,8 +19,10 @@ Three tools, for any transformers decoder with ``model.model.layers`` (Llama fam
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -205,7 +207,11 @@ def key_covariance(keys: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
     """C = E[k kᵀ] over many keys (N, d_ff) plus ``ridge`` × mean diagonal × I, so that C
     is invertible however few keys there are (ROME estimates it on Wikipedia text)."""
     keys = keys.double()
-    c = keys.T @ keys / len(keys)
+    return _with_ridge(keys.T @ keys / len(keys), ridge)
+
+
+def _with_ridge(second_moment: torch.Tensor, ridge: float) -> torch.Tensor:
+    c = second_moment.double()
     return (c + ridge * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype)).float()
 
 
@@ -336,7 +342,7 @@ VISIONS = ("efficientnet-lite0", "own")
 _BOOK = {
     "language_model": "smollm2-135m", "vision": "efficientnet-lite0", "n_countries": 40, "require_known": True,
     "single_token_names": True, "image_size": 128, "train_views": 8, "test_views": 2,
-    "projector_steps": 160, "projector_lr": 3e-3, "projector_batch": 16,
+    "projector_steps": 160, "projector_lr": 1e-3, "projector_batch": 16,
     "n_trace": 6, "window": 3, "noise": 3.0, "attention_layers": 8, "ablate_k": [1, 2, 4, 8], "ablation_draws": 4,
     "n_edits": 4, "edit_layers": [0, 5, 15, 29], "edit_views": 2, "value_steps": 20, "value_lr": 0.5,
     "finetune_steps": 10, "finetune_lr": 1e-3, "specificity_flags": 20, "covariance_text": "moby-dick", "covariance_tokens": 8192,
@@ -485,8 +491,9 @@ def load_model(cfg) -> VisionLanguageModel:
 
     @torch.no_grad()
     def features(views: np.ndarray) -> torch.Tensor:
-        x = (torch.as_tensor(views).permute(0, 3, 1, 2).float() - 127.0) / 128.0  # EfficientNet-Lite's scaling
-        return encoder.extract_features(x).flatten(2).transpose(1, 2)  # (B, cells, 1280)
+        from .zoo import efficientnet_input
+
+        return encoder.extract_features(efficientnet_input(views)).flatten(2).transpose(1, 2)  # (B, cells, 1280)
 
     wrapper = MiniLlava(lm.model.eval(), lm.tokenizer, encoder._conv_head.out_channels)
     return VisionLanguageModel(wrapper, features, True, f"{cfg.language_model} + {cfg.vision} + trained projector")
@@ -527,6 +534,15 @@ def load_flags(vlm: VisionLanguageModel, cfg, progress: bool = True) -> FlagData
                     np.tile(np.arange(n), cfg.test_views), test_views, float(known.mean()))
 
 
+def warmup_cosine(step: int, steps: int, warmup: float = 0.05) -> float:
+    """Learning-rate factor: linear warm-up over the first ``warmup`` of the steps, then
+    cosine decay to 0 (LLaVA-1.5's projector pretraining schedule)."""
+    ramp = max(1, round(warmup * steps))
+    if step < ramp:
+        return (step + 1) / ramp
+    return 0.5 * (1 + math.cos(math.pi * (step - ramp) / max(1, steps - ramp)))
+
+
 def train_projector(vlm: VisionLanguageModel, flags: FlagData, cfg, progress: bool = True) -> dict:
     """Train only the projector (the language model and vision encoder stay frozen) on two
     questions about every training view, alternating: "[flag] This flag belongs to" →
@@ -540,6 +556,9 @@ def train_projector(vlm: VisionLanguageModel, flags: FlagData, cfg, progress: bo
 
     from .paths import cached_torch, code_hash
 
+    # AdamW at a constant 3e-3 was fragile: a 1e-6 change in the features moved held-out
+    # recognition from 0.95 to 0.51. LLaVA's recipe (lr 1e-3, warm-up, cosine decay) plus
+    # gradient clipping gave 0.94-0.98 over seeds and perturbations (design runs, see the chapter).
     projector = vlm.wrapper.projector
     if not vlm.trainable or cfg.projector_steps == 0:
         return {"training": "none (the model's own projector)", "seconds": 0.0, "losses": []}
@@ -547,7 +566,7 @@ def train_projector(vlm: VisionLanguageModel, flags: FlagData, cfg, progress: bo
                 [c.name for c in flags.countries])
     # the features stand for the flags, views and vision encoder; the code is what trains
     key = (hashlib.sha256(flags.train_features.numpy().tobytes()).hexdigest() + repr(settings)
-           + repr((QUESTION, RECOGNITION)) + code_hash(train_projector, MiniLlava))
+           + repr((QUESTION, RECOGNITION)) + code_hash(train_projector, warmup_cosine, MiniLlava))
 
     def build():
         torch.manual_seed(cfg.seed)
@@ -559,6 +578,7 @@ def train_projector(vlm: VisionLanguageModel, flags: FlagData, cfg, progress: bo
         capitals = torch.tensor([c.answer_id for c in flags.countries])
         tasks = [(RECOGNITION, names), (QUESTION, capitals)]
         optimizer = torch.optim.AdamW(projector.parameters(), lr=cfg.projector_lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_cosine, steps=cfg.projector_steps))
         losses, start = [], time.perf_counter()
         for step in tqdm(range(cfg.projector_steps), desc="projector", disable=not progress, leave=False):
             template, targets = tasks[step % 2]
@@ -568,7 +588,9 @@ def train_projector(vlm: VisionLanguageModel, flags: FlagData, cfg, progress: bo
             loss = nn.functional.cross_entropy(logits.float(), targets[flags.train_labels[rows]])
             optimizer.zero_grad()
             loss.backward()
+            nn.utils.clip_grad_norm_(projector.parameters(), 1.0)
             optimizer.step()
+            schedule.step()
             losses.append(round(float(loss.detach()), 4))
         return {"state": projector.state_dict(), "seconds": round(time.perf_counter() - start, 1), "losses": losses}
 
@@ -758,11 +780,7 @@ def text_key_covariances(model, tokenizer, text: str, n_tokens: int, layer_indic
     finally:
         for h in handles:
             h.remove()
-    out = {}
-    for i, s in sums.items():
-        c = s / count[0]
-        out[i] = (c + ridge * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype)).float()
-    return out
+    return {i: _with_ridge(s / count[0], ridge) for i, s in sums.items()}
 
 
 @dataclass

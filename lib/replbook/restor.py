@@ -78,7 +78,7 @@ SHOTS = {"capital": [("Japan", "Tokyo"), ("France", "Paris"), ("Egypt", "Cairo")
          "continent": [("Japan", "Asia"), ("France", "Europe"), ("Egypt", "Africa")],
          "demonym": [("Japan", "Japanese"), ("France", "French"), ("Egypt", "Egyptian")]}
 CONTINENTS = {"AF": "Africa", "AS": "Asia", "EU": "Europe", "NA": "North America", "SA": "South America",
-              "OC": "Oceania"}
+              "OC": "Oceania", "AN": "Antarctica"}
 
 
 @dataclass(frozen=True)

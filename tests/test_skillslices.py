@@ -1,0 +1,206 @@
+"""Chapter 02's method (replbook.skillslices): the corpus, answering by log-likelihood,
+the rationale parser, skill clusters and slices, relevance, leave-one-out accuracy and
+routing on hand-made examples with known answers."""
+import numpy as np
+import pytest
+import torch
+
+from replbook import models, skillslices as sk
+from replbook.skillslices import Annotation, Instance
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return models.load("tiny-llama", preset="smoke")
+
+
+def one_hot_embed(vocabulary: dict[str, list[float]]):
+    """A toy sentence encoder: fixed vectors per string, L2-normalized."""
+    def embed(texts):
+        rows = np.array([vocabulary[t] for t in texts], dtype=float)
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    return embed
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+def test_corpus_has_every_task_the_answer_among_distinct_choices_and_is_deterministic():
+    tasks = ["addition", "spelling backward", "syllogisms", "capitals"]
+    corpus = sk.build_corpus(tasks, per_task=6, n_choices=4, seed=0)
+    assert [x.uid for x in corpus] == [x.uid for x in sk.build_corpus(tasks, 6, 4, seed=0)]
+    assert {x.task for x in corpus} == set(tasks) and len(corpus) == 24
+    for x in corpus:
+        assert len(set(c.lower() for c in x.choices)) == len(x.choices) >= 2
+        assert all(isinstance(c, str) for c in x.choices)
+    addition = [x for x in corpus if x.task == "addition"]
+    for x in addition:  # "Calculate a + b." → the right sum is the marked choice
+        a, b = (int(v) for v in x.question.removeprefix("Calculate ").rstrip(".").split(" + "))
+        assert x.correct_choice == str(a + b)
+    for x in (x for x in corpus if x.task == "spelling backward"):
+        word = x.question.rsplit(": ", 1)[1]
+        assert x.correct_choice == word[::-1] and word in x.choices, "the unreversed word is a wrong choice"
+    assert {x.correct_choice for x in corpus if x.task == "syllogisms"} <= {"Yes", "No"}
+    with pytest.raises(ValueError, match="choose from"):
+        sk.build_corpus(["addition", "astrology"], 2, 4, 0)
+
+
+def test_corpus_round_trips_through_jsonl(tmp_path):
+    corpus = sk.build_corpus(["continents", "weekdays"], 3, 4, seed=1)
+    sk.save_corpus(corpus, tmp_path / "c.jsonl")
+    assert sk.load_corpus(tmp_path / "c.jsonl") == corpus
+
+
+def test_choice_logprobs_equal_a_plain_forward_pass(tiny):
+    model, tok = tiny.model, tiny.tokenizer
+    corpus = [Instance("a-0", "addition", "Calculate 2 + 2.", ["4", "22", "five"], 0),
+              Instance("a-1", "addition", "Calculate 10 + 1.", ["11", "3"], 0)]
+    scores = sk.choice_logprobs(model, tok, corpus, batch=3)
+    for x, s in zip(corpus, scores):
+        for j, choice in enumerate(x.choices):
+            prompt = tok(sk.ANSWER_PROMPT.format(question=x.question)).input_ids
+            full = tok(sk.ANSWER_PROMPT.format(question=x.question) + " " + choice).input_ids
+            with torch.no_grad():
+                logits = model(torch.tensor([full])).logits[0].log_softmax(-1)
+            k = len(prompt) if full[:len(prompt)] == prompt else len(prompt) - 1
+            expected = sum(float(logits[t - 1, full[t]]) for t in range(k, len(full)))
+            assert s[j, 0] == pytest.approx(expected, abs=1e-4)
+            assert s[j, 1] == len(choice) + 1
+    assert sk.pick(np.array([[-4.0, 2.0], [-5.0, 10.0]])) == 1, "per character, the long choice wins"
+    assert sk.pick(np.array([[-4.0, 2.0], [-5.0, 10.0]]), normalise=False) == 0
+
+
+# ----------------------------------------------------------------------------- rationales
+
+
+@pytest.mark.parametrize("rationale, skills", [
+    (" adding numbers): 1 + 5 = 6.\nStep 2 (skill: Checking the Answer.): ok\nAnswer: 6", ["adding numbers", "checking the answer"]),
+    (" counting letters): two.\nAnswer: 2\n\nQuestion: next\nStep 1 (skill: invented): x", ["counting letters"]),
+    (" reverse): a\nStep 2 (skill: reverse): b\nQuestion: q\nStep 1 (skill: other): c", ["reverse"]),
+    ("Step 1 (skill: knowing  capitals ): Paris", ["knowing capitals"]),
+    (" ", []),
+    ("I do not know.", []),
+])
+def test_parse_skills(rationale, skills):
+    assert sk.parse_skills(rationale) == skills
+
+
+def test_rationale_prompt_ends_inside_step_one_and_shots_avoid_the_tasks_skills():
+    prompt = sk.rationale_prompt("Calculate 1 + 1.")
+    assert prompt.endswith("Question: Calculate 1 + 1.\nStep 1 (skill:")
+    shot_skills = set(sk.parse_skills(sk.RATIONALE_SHOTS))
+    assert shot_skills and not shot_skills & {d for *_, d in sk.TASKS.values()}
+
+
+def test_write_rationales_returns_one_annotation_per_instance(tiny):
+    corpus = [Instance(f"t-{i}", "addition", f"Calculate {i} + 1.", [str(i + 1), "0"], 0) for i in range(3)]
+    out = sk.write_rationales(tiny.model, tiny.tokenizer, corpus, max_new_tokens=4, batch=2, progress=False)
+    assert [a.uid for a in out] == ["t-0", "t-1", "t-2"]
+    assert all(a.skills == sk.parse_skills(a.rationale) for a in out)
+
+
+# ----------------------------------------------------------------------------- clusters and slices
+
+
+VECTORS = {"adding numbers": [1, 0, 0], "adding two numbers": [1, 0.05, 0], "addition": [1, 0.4, 0],
+           "spelling": [0, 1, 0], "reverse": [0, 0, 1]}
+
+
+def test_clusters_merge_near_duplicates_only():
+    clusters = sk.cluster_skills(list(VECTORS) + ["adding numbers"], one_hot_embed(VECTORS))
+    c = clusters.cluster_of
+    assert c["adding numbers"] == c["adding two numbers"]  # cosine 0.9988 ≥ 0.95
+    assert c["addition"] != c["adding numbers"]  # cosine 0.93 < 0.95
+    assert len({c["spelling"], c["reverse"], c["adding numbers"]}) == 3
+    assert set(clusters.names) <= set(VECTORS) and len(clusters.names) == len(set(c.values()))
+
+
+def test_slices_keep_clusters_with_enough_instances_largest_first():
+    per_instance = [{0}, {0, 1}, {1}, {0}, {2}]
+    found = sk.slices(per_instance, min_size=2)
+    assert list(found) == [0, 1]
+    assert found[0].tolist() == [0, 1, 3] and found[1].tolist() == [1, 2]
+
+
+def test_relevance_points_each_instance_to_its_own_task():
+    vocabulary = {sk.TASKS["addition"][3]: [1, 0, 0], sk.TASKS["capitals"][3]: [0, 1, 0],
+                  "summing": [0.9, 0.1, 0], "geography": [0.1, 0.9, 0.1], "nonsense": [0, 0, 1]}
+    corpus = [Instance("a", "addition", "q", ["1"], 0), Instance("b", "capitals", "q", ["1"], 0),
+              Instance("c", "capitals", "q", ["1"], 0), Instance("d", "addition", "q", ["1"], 0)]
+    notes = [Annotation("a", "", ["summing"]), Annotation("b", "", ["nonsense", "geography"]),
+             Annotation("c", "", ["summing"]), Annotation("d", "", [])]
+    assert sk.relevance(notes, corpus, one_hot_embed(vocabulary)).tolist() == [True, True, False, False]
+
+
+# ----------------------------------------------------------------------------- routing
+
+
+def test_leave_one_out_accuracy():
+    correct = np.array([1, 1, 0, 1])
+    rows = np.array([0, 1, 2])
+    assert sk.leave_one_out_accuracy(correct, rows, 0) == pytest.approx(1 / 2)
+    assert sk.leave_one_out_accuracy(correct, rows, 2) == pytest.approx(1.0)
+    assert sk.leave_one_out_accuracy(correct, rows, 3) == pytest.approx(2 / 3), "not in the slice: plain accuracy"
+
+
+def test_routing_on_a_hand_made_example():
+    # cluster A = instances 0–3, cluster B = 3–5; model 0 is right on 0–2, model 1 on 3–5
+    correct = np.array([[1, 1, 1, 0, 0, 0, 1], [0, 0, 0, 1, 1, 1, 0]])
+    per_instance = [{0}, {0}, {0}, {0, 1}, {1}, {1}, {7}]
+    chosen = sk.route(correct, per_instance, min_cluster=3, fallback=1)
+    # 0–2: A's leave-one-out accuracies 2/3 vs 1/3 → model 0; 4–5: B's 0 vs 1 → model 1;
+    # 3: A says 1 vs 0 (weight 1/4), B says 0 vs 1 (weight 1/3) → model 1 (0.43 vs 0.57);
+    # 6: its only cluster is too small → the fallback
+    assert chosen.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    assert sk.route(correct, per_instance, min_cluster=5, fallback=0).tolist() == [0] * 7
+
+
+# ----------------------------------------------------------------------------- committed annotations
+
+
+def test_annotations_round_trip_and_refuse_another_corpus(tmp_path, monkeypatch):
+    from replbook import config
+
+    monkeypatch.setattr(sk, "annotation_file", lambda cfg: tmp_path / f"{cfg.preset}.json")
+    cfg = config.resolve(sk.PRESETS, "smoke")
+    sk.annotate(cfg, progress=False)
+    corpus = sk.build_corpus(cfg.tasks, cfg.per_task, cfg.n_choices, cfg.seed)
+    notes, provenance = sk.load_annotations(cfg, corpus)
+    assert [a.uid for a in notes] == [x.uid for x in corpus]
+    assert provenance["rationale_model"] == "tiny-llama" and provenance["date"] and "{question}" in provenance["prompt"]
+    with pytest.raises(ValueError, match="replbook annotate --preset smoke"):
+        sk.load_annotations(config.resolve(sk.PRESETS, "smoke", per_task=3), corpus[:9])
+    with pytest.raises(FileNotFoundError, match="replbook annotate --preset book"):
+        sk.load_annotations(config.resolve(sk.PRESETS, "book"), corpus)
+
+
+def test_hidden_tradeoffs_find_reversed_and_large_gaps():
+    # model a is ahead overall by 0.05; b is ahead on slice 1 on every instance
+    correct = np.array([[1] * 10 + [0] * 10 + [1, 0] * 5, [0] * 10 + [1] * 10 + [1, 0] * 5])
+    members = {0: np.arange(0, 10), 1: np.arange(10, 20), 2: np.arange(20, 30)}
+    gaps = {g["cluster"]: g for g in sk.slice_gaps(correct, members)}
+    assert gaps[0]["gap"] == 1.0 and gaps[1]["gap"] == -1.0 and gaps[2]["gap"] == 0.0
+    found = sk.hidden_tradeoffs(list(gaps.values()), aggregate_gap=0.05)
+    assert [g["cluster"] for g in found["reversed"]] == [1]
+    assert sorted(g["cluster"] for g in found["large"]) == [0, 1]
+    assert 2 not in [g["cluster"] for g in found["significant"]]
+
+
+def test_paper_preset_runs_on_tiny_models(tmp_path, results_tmp):
+    """The paper preset's code path (rationales regenerated, hub models replaced by the
+    tiny random ones) end to end on a tiny corpus."""
+    import json
+
+    import papermill
+
+    from replbook.paths import repo_root
+
+    notebook = repo_root() / "notebooks" / "02_skill_slices.ipynb"
+    small = {"tasks": ["addition", "capitals", "syllogisms"], "per_task": 3, "models": ["tiny-llama", "tiny-llama"],
+             "rationale_model": "tiny-llama", "rationale_tokens": 6, "sentence_model": "tiny-bert-encoder",
+             "min_slice": 1, "route_min_cluster": 2}
+    papermill.execute_notebook(str(notebook), str(tmp_path / "out.ipynb"), kernel_name="python3",
+                               cwd=str(notebook.parent), progress_bar=False, parameters={"preset": "paper", **small})
+    saved = json.loads((results_tmp / "02_skill_slices.json").read_text())
+    assert saved["preset"] == "paper" and saved["config"]["rationales"] == "regenerate"
+    assert [v["claim"] for v in saved["verdicts"]] == ["C1", "C2", "C3"]
