@@ -411,14 +411,11 @@ def final_attention(text_model, tok, captions: list[str]):
     """The last layer's attention probabilities (B, T, T), averaged over heads."""
     import torch
 
+    from .mllmtrace import eager_attention
+
     ids, mask = encode_captions(tok, captions)
-    implementation = text_model.config._attn_implementation
-    text_model.config._attn_implementation = "eager"  # only eager attention returns its weights
-    try:
-        with torch.no_grad():
-            out = text_model(input_ids=ids, attention_mask=mask, output_attentions=True)
-    finally:
-        text_model.config._attn_implementation = implementation
+    with eager_attention(text_model), torch.no_grad():
+        out = text_model(input_ids=ids, attention_mask=mask, output_attentions=True)
     return out.attentions[-1].mean(1)
 
 
