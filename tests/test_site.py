@@ -50,7 +50,7 @@ def test_landing_page_shows_the_generated_scoreboard(site):
     assert "reproduced" in board
 
 
-@pytest.mark.parametrize("chapter", ["00_model_zoo", "01_restor", "02_skill_slices", "03_intcoop", "04_endor", "06_mllm_tracing", "07_drew", "08_loki", "09_vit_decompose", "10_semantic_tokens"])
+@pytest.mark.parametrize("chapter", ["00_model_zoo", "01_restor", "02_skill_slices", "03_intcoop", "04_endor", "05_t2i_composition", "06_mllm_tracing", "07_drew", "08_loki", "09_vit_decompose", "10_semantic_tokens"])
 def test_chapters_render_their_figures_with_captions_and_verdicts(site, chapter):
     page = site / "notebooks" / f"{chapter}.html"
     dom = chromium("--dump-dom", page.as_uri())

@@ -106,44 +106,60 @@ def tiny_pipeline():
 
     torch.manual_seed(0)
     text_model = CLIPModel(t.clip_config(width=16, layers=1, image_size=16)).text_model.eval()
-    model, losses = t.train_diffusion(text_model, t.all_scenes(), TINY, progress=False)
-    return text_model, model, losses
+    backbone, losses = t.train_diffusion(text_model, t.all_scenes(), TINY, progress=False)
+    return backbone, losses
 
 
 def test_diffusion_training_runs(tiny_pipeline):
-    _, model, losses = tiny_pipeline
+    backbone, losses = tiny_pipeline
     assert len(losses) == TINY.unet_steps and all(np.isfinite(losses))
-    assert model.config.sample_size == 16 and model.config.cross_attention_dim == 16
+    # 16-px images, 2×2 unshuffled: the UNet works on 8×8×12
+    assert backbone.latent_shape == (12, 8, 8) and backbone.unet.config.cross_attention_dim == 16
+    pixels = t.to_pixels(t.render(t.all_scenes()[0], 16)[None])
+    assert torch.equal(backbone.decode(backbone.encode(pixels)), pixels)
+
+
+def test_denoising_loss_targets_follow_the_prediction_type(tiny_pipeline):
+    backbone, _ = tiny_pipeline
+    latents = backbone.encode(t.to_pixels(t.render(t.all_scenes()[0], 16)[None].repeat(2, 0)))
+    states = backbone.states(["a red circle and a blue square"] * 2)
+    assert backbone.train_scheduler().config.prediction_type == "sample"
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(latents.shape, generator=generator)
+    steps = torch.randint(0, 1000, (2,), generator=generator)
+    scheduler = backbone.train_scheduler()
+    with torch.no_grad():
+        expected = torch.nn.functional.mse_loss(
+            backbone.predict(scheduler.add_noise(latents, noise, steps), steps, states), latents)
+        loss = t.denoising_loss(backbone, latents, states, torch.Generator().manual_seed(0))
+    assert torch.allclose(loss, expected)
 
 
 def test_generation_is_deterministic_and_switch_off_picks_the_states(tiny_pipeline):
-    text_model, model, _ = tiny_pipeline
-    tok = t.tokenizer()
-    early = t.text_states(text_model, tok, ["a red circle and a blue square"] * 2)
-    late = t.text_states(text_model, tok, ["a green triangle and a yellow circle"] * 2)
-    empty = t.text_states(text_model, tok, [""])
-    first = t.generate(model, early, empty, steps=3, seed=1)
-    assert first.shape == (2, 16, 16, 3) and first.dtype == np.uint8
-    assert np.array_equal(first, t.generate(model, early, empty, steps=3, seed=1))
-    assert np.array_equal(t.generate(model, early, empty, steps=3, seed=1, late_states=late, switch_at=3), first)
-    assert np.array_equal(t.generate(model, early, empty, steps=3, seed=1, late_states=late, switch_at=0),
-                          t.generate(model, late, empty, steps=3, seed=1))
+    backbone, _ = tiny_pipeline
+    early = backbone.states(["a red circle and a blue square"] * 3)
+    late = backbone.states(["a green triangle and a yellow circle"] * 3)
+    first = t.generate(backbone, early, steps=3, seed=1)
+    assert first.shape == (3, 16, 16, 3) and first.dtype == np.uint8
+    assert np.array_equal(first, t.generate(backbone, early, steps=3, seed=1))
+    assert np.array_equal(first, t.generate(backbone, early, steps=3, seed=1, batch=2)), "batching changes nothing"
+    assert np.array_equal(t.generate(backbone, early, steps=3, seed=1, late_states=late, switch_at=3), first)
+    assert np.array_equal(t.generate(backbone, early, steps=3, seed=1, late_states=late, switch_at=0),
+                          t.generate(backbone, late, steps=3, seed=1))
 
 
 @pytest.mark.parametrize("kind", ["linear", "wiclp"])
 def test_zero_initialized_projection_leaves_the_pipeline_unchanged(tiny_pipeline, kind):
-    text_model, model, _ = tiny_pipeline
-    tok = t.tokenizer()
-    states = t.text_states(text_model, tok, ["a red circle and a blue square", "a blue triangle and a green square"])
-    empty = t.text_states(text_model, tok, [""])
+    backbone, _ = tiny_pipeline
+    states = backbone.states(["a red circle and a blue square", "a blue triangle and a green square"])
     projection = t.projection(kind, states.shape[-1])
     with torch.no_grad():
         projected = projection(states)
     assert torch.equal(projected, states)
-    assert np.array_equal(t.generate(model, projected, empty, steps=3), t.generate(model, states, empty, steps=3))
+    assert np.array_equal(t.generate(backbone, projected, steps=3), t.generate(backbone, states, steps=3))
     # and it is trainable: one gradient step moves it off the identity
-    loss = t.denoising_loss(model, t.noise_scheduler(), t.to_pixels(t.render(t.all_scenes()[0], 16)[None].repeat(2, 0)),
-                            projection(states), generator=torch.Generator().manual_seed(0))
+    latents = backbone.encode(t.to_pixels(t.render(t.all_scenes()[0], 16)[None].repeat(2, 0)))
+    loss = t.denoising_loss(backbone, latents, projection(states), generator=torch.Generator().manual_seed(0))
     loss.backward()
     assert projection.map.weight.grad.abs().sum() > 0
 
@@ -161,32 +177,37 @@ def one_layer_text():
     from transformers import CLIPModel
 
     torch.manual_seed(0)
-    return CLIPModel(t.clip_config(width=16, layers=1, image_size=16)).text_model.eval()
+    text = CLIPModel(t.clip_config(width=16, layers=1, image_size=16)).text_model.eval()
+    return t.Backbone(text, t.tokenizer(), None, None, image_size=16, max_length=t.MAX_TOKENS)
 
 
 def test_final_attention_is_causal_and_normalized(one_layer_text):
-    weights = t.final_attention(one_layer_text, t.tokenizer(), ["a red circle and a blue square"])
+    weights = t.final_attention(one_layer_text, ["a red circle and a blue square"])
     assert weights.shape == (1, t.MAX_TOKENS, t.MAX_TOKENS)
     assert torch.allclose(weights.sum(-1), torch.ones(1, t.MAX_TOKENS), atol=1e-5)
     assert torch.all(torch.triu(weights[0], diagonal=1) == 0), "a token never attends to later ones"
+    shares = t.attention_shares(one_layer_text, ["a red circle and a blue square", "a green square and a red circle"])
+    assert set(shares) == {"second colour", "second shape", "end token"}
+    assert shares["second colour"]["second shape"] == 0, "causal: the colour cannot see its own shape"
+    assert all(0 <= v <= 1 for row in shares.values() for v in row.values())
+    assert sum(shares["second shape"].values()) <= 1 + 1e-6
 
 
 def test_reweighting_cuts_the_second_object_off_the_first(one_layer_text):
-    tok = t.tokenizer()
     captions = ["a red circle and a blue square", "a green circle and a blue square"]  # only the first colour differs
-    plain = t.text_states(one_layer_text, tok, captions)
-    assert torch.allclose(t.reweighted_states(one_layer_text, tok, captions, scale=1.0), plain, atol=1e-6)
-    cut = t.reweighted_states(one_layer_text, tok, captions, scale=0.0)
+    plain = one_layer_text.states(captions)
+    assert torch.allclose(t.reweighted_states(one_layer_text, captions, scale=1.0), plain, atol=1e-6)
+    cut = t.reweighted_states(one_layer_text, captions, scale=0.0)
     second = list(t.SECOND_OBJECT)
     # with one layer, the second object's outputs no longer see the first object's colour ...
     assert torch.allclose(cut[0, second], cut[1, second], atol=1e-5)
     assert not torch.allclose(plain[0, second], plain[1, second], atol=1e-5)
     # ... and nothing before the second object changes
     assert torch.allclose(cut[:, :6], plain[:, :6], atol=1e-6)
-    halved = t.reweighted_states(one_layer_text, tok, captions, scale=0.5)
+    halved = t.reweighted_states(one_layer_text, captions, scale=0.5)
     padded = captions + [""]  # a padded row makes the layer receive a boolean mask instead of none
-    assert torch.allclose(t.reweighted_states(one_layer_text, tok, padded, scale=1.0),
-                          t.text_states(one_layer_text, tok, padded), atol=1e-6)
+    assert torch.allclose(t.reweighted_states(one_layer_text, padded, scale=1.0),
+                          one_layer_text.states(padded), atol=1e-6)
     assert not torch.allclose(halved, plain) and not torch.allclose(halved, cut)
 
 
@@ -194,20 +215,82 @@ def test_reweighting_cuts_the_second_object_off_the_first(one_layer_text):
 
 
 def test_optimized_states_and_projection_training_lower_the_denoising_loss(tiny_pipeline):
-    text_model, model, _ = tiny_pipeline
-    tok = t.tokenizer()
-    rng = np.random.default_rng(0)
-    scene = t.all_scenes()[0]
-    images, captions = t.denoising_targets([scene], views=4, size=16, rng=rng)
-    pixels = t.to_pixels(images)
-    states = t.text_states(text_model, tok, captions[:1])
-    optimized = t.optimize_states(model, states, pixels, steps=3, lr=0.05)
+    backbone, _ = tiny_pipeline
+    scenes = t.all_scenes()[:2]
+    images, captions = t.denoising_targets(scenes, size=16)
+    assert captions == [t.caption(s) for s in scenes]
+    latents = backbone.encode(t.to_pixels(images))
+    states = backbone.states(captions)
+    optimized = t.optimize_states(backbone, states, latents[:, None].expand(-1, 3, -1, -1, -1), steps=3, lr=0.05)
     assert optimized.shape == states.shape and not torch.equal(optimized, states)
 
     projection = t.projection("wiclp", states.shape[-1])
-    losses = t.train_projection(projection, model, t.text_states(text_model, tok, captions), pixels,
-                                steps=3, lr=1e-2, batch=2, progress=False)
+    losses = t.train_projection(projection, backbone, states, latents, steps=3, lr=1e-2, batch=2, progress=False)
     assert len(losses) == 3 and projection.map.weight.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- the chapter's runs
+
+
+def test_split_scenes_is_disjoint_and_seeded():
+    scenes = t.all_scenes()
+    train, held = t.split_scenes(scenes, 24, seed=0)
+    assert len(held) == 24 and len(train) == 48 and not set(train) & set(held)
+    assert t.split_scenes(scenes, 24, seed=0) == (train, held)
+    assert t.split_scenes(scenes, 24, seed=1)[1] != held
+
+
+def test_scores_and_clip_preference():
+    scenes = t.all_scenes()[:6]
+    images = np.stack([t.render(s, 32) for s in scenes])
+    swapped = np.stack([t.render(t.Scene((s.right[0], s.left[1]), (s.left[0], s.right[1])), 32) for s in scenes])
+    captions = [t.caption(s) for s in scenes]
+    assert t.score_images(images, captions)["binding"].tolist() == [1.0] * 6
+    wrong = t.score_images(swapped, captions)
+    assert wrong["binding"].tolist() == [0.0] * 6 and wrong["object_score"].tolist() == [0.0] * 6
+    from transformers import CLIPModel
+
+    torch.manual_seed(0)
+    clip = CLIPModel(t.clip_config(width=16, layers=1, image_size=32)).eval()
+    assert 0.0 <= t.clip_binding_preference(clip, scenes, 32) <= 1.0
+
+
+def test_book_backbone_is_cached_under_its_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPLBOOK_CACHE", str(tmp_path))
+    settings = {**t.PRESETS["smoke"], "image_size": 16}
+    first, clip, record = t.book_backbone_cached(settings, progress=False)
+    assert not record["cached"] and len(record["unet_losses"]) == settings["unet_steps"]
+    again, _, record_again = t.book_backbone_cached(settings, progress=False)
+    assert record_again["cached"]
+    states = first.states(["a red circle and a blue square"])
+    assert torch.equal(states, again.states(["a red circle and a blue square"]))
+    assert np.array_equal(t.generate(first, states, steps=2), t.generate(again, states, steps=2))
+    _, _, other = t.book_backbone_cached({**settings, "seed": 1}, progress=False)
+    assert not other["cached"], "another seed is another model"
+
+
+def test_paper_backbone_runs_every_method_on_a_tiny_stable_diffusion():
+    """The paper preset's path (Stable Diffusion's layout: VAE latents, v-prediction,
+    no pooled state) on the registry's tiny random model."""
+    from replbook import models
+
+    backbone = models.load("tiny-stable-diffusion", preset="smoke").model
+    assert backbone.vae is not None and backbone.image_size == 32 and backbone.latent_shape == (4, 16, 16)
+    scenes = t.all_scenes()[:2]
+    images, captions = t.denoising_targets(scenes, backbone.image_size)
+    latents = backbone.encode(t.to_pixels(images))
+    states = backbone.states(captions)
+    assert states.shape[1] == backbone.max_length
+    projection = t.projection("wiclp", states.shape[-1])
+    assert np.array_equal(t.generate(backbone, projection(states).detach(), steps=2), t.generate(backbone, states, steps=2))
+    assert len(t.train_projection(projection, backbone, states, latents, steps=2, lr=1e-3, batch=2,
+                                  progress=False)) == 2
+    optimized = t.optimize_states(backbone, states, latents[:, None], steps=2, lr=0.01)
+    reweighted = t.reweighted_states(backbone, captions, scale=0.0)
+    for s in (optimized, reweighted):
+        assert t.generate(backbone, s, steps=2, late_states=states, switch_at=1).shape == (2, 32, 32, 3)
+    with pytest.raises(ValueError, match="runs offline"):
+        models.load("stable-diffusion-2-1", preset="book")
 
 
 def test_frechet_distance():
@@ -229,3 +312,14 @@ def test_quality_features_come_from_the_real_network():
     images = np.stack([t.render(s, 32) for s in t.all_scenes()[:3]])
     features = t.quality_features(encoder, images, size=64)
     assert features.shape == (3, 1280) and np.isfinite(features).all()
+
+
+def test_shape_reading_by_taper_and_fill():
+    square = np.ones((9, 9), dtype=bool)
+    rounded = square.copy()
+    rounded[0, [0, 1, -2, -1]] = rounded[-1, [0, 1, -2, -1]] = rounded[[1, -2], 0] = rounded[[1, -2], -1] = False
+    assert t.shape_of(square) == "square"
+    assert t.shape_of(rounded) == "circle", "rounded corners (fill 0.88) fall below the square's 0.9"
+    yy, xx = np.mgrid[0:9, 0:9]
+    assert t.shape_of(np.abs(xx - 4) <= yy * 0.55) == "triangle"
+    assert t.shape_of(np.abs(xx - 4) <= (8 - yy) * 0.55) == "circle", "upside down it does not narrow upwards"

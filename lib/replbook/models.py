@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from .paths import atomic_dir, cache_dir, code_hash, sha256_file
 
-Kind = Literal["causal-lm", "sentence-encoder", "image-classifier", "image-encoder", "clip"]
+Kind = Literal["causal-lm", "sentence-encoder", "image-classifier", "image-encoder", "clip", "text-to-image"]
 Source = Literal["package", "hub", "tiny"]
 
 
@@ -106,6 +106,10 @@ REGISTRY: dict[str, ModelSpec] = {
                   hub_id="openai/clip-vit-large-patch14", licence="MIT"),
         ModelSpec("clip-vit-b-16", "clip", "hub", "OpenAI CLIP ViT-B/16 through open_clip",
                   hub_id="timm/vit_base_patch16_clip_224.openai", licence="MIT"),
+        ModelSpec("stable-diffusion-2-1", "text-to-image", "hub", "Stable Diffusion 2.1 (768 px, v-prediction)",
+                  hub_id="stabilityai/stable-diffusion-2-1", licence="CreativeML Open RAIL++-M"),
+        ModelSpec("stable-diffusion-v1-4", "text-to-image", "hub", "Stable Diffusion v1.4 (512 px)",
+                  hub_id="CompVis/stable-diffusion-v1-4", licence="CreativeML Open RAIL-M"),
         # tiny random models for the smoke preset and the tests
         ModelSpec("tiny-llama", "causal-lm", "tiny", "2-layer random Llama, byte-level tokenizer"),
         ModelSpec("tiny-bert-encoder", "sentence-encoder", "tiny", "2-layer random BERT, mean pooling"),
@@ -115,6 +119,8 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec("tiny-clip-vision", "image-encoder", "tiny",
                   "2-layer random CLIP image tower with projection and its image processor"),
         ModelSpec("tiny-open-clip", "clip", "tiny", "2-layer random open_clip CLIP (both towers), 32 px"),
+        ModelSpec("tiny-stable-diffusion", "text-to-image", "tiny",
+                  "Stable Diffusion's layout (tokenizer, CLIP text encoder, UNet, VAE, scheduler), random, 32 px"),
     ]
 }
 
@@ -296,12 +302,35 @@ def build_tiny(name: str, out_dir: Path, seed: int = 0) -> None:
                   "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
         torch.save(_open_clip_from_config(config).state_dict(), out_dir / "open_clip_model.pt")
         (out_dir / "open_clip_config.json").write_text(json.dumps(config))
+    elif name == "tiny-stable-diffusion":  # the hub layout: one subfolder a component
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        from .t2icomp import tokenizer as word_tokenizer
+
+        words = word_tokenizer()
+        CLIPTextModel(CLIPTextConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32,
+                                     num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                                     pad_token_id=words.pad_token_id, bos_token_id=words.bos_token_id,
+                                     eos_token_id=words.eos_token_id)).save_pretrained(out_dir / "text_encoder")
+        words.save_pretrained(out_dir / "tokenizer")
+        UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                             block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                             attention_head_dim=2, norm_num_groups=8).save_pretrained(out_dir / "unet")
+        AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                      up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                      sample_size=32).save_pretrained(out_dir / "vae")
+        DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                      prediction_type="v_prediction", clip_sample=False).save_pretrained(out_dir / "scheduler")
     else:
         raise ValueError(f"no tiny model {name!r}")
 
 
 def _tiny_dir(name: str) -> Path:
-    key = code_hash(build_tiny, _byte_tokenizer, _open_clip_from_config)[:16]
+    from .t2icomp import tokenizer as word_tokenizer
+
+    key = code_hash(build_tiny, _byte_tokenizer, _open_clip_from_config, word_tokenizer)[:16]
     folder = cache_dir("models") / f"{name}-{key}"
     if not (folder / "manifest.json").exists():
         atomic_dir(folder, lambda tmp: (build_tiny(name, tmp), {"model": name})[1])
@@ -435,6 +464,16 @@ def load(name: str, *, preset: str = "book", device: str | None = None, progress
             raise ValueError(f"hub id {name!r}: give it a registry name, or pass a kind via ModelSpec")
         spec_for(name)  # raises with the valid names
     spec = REGISTRY[name]
+
+    if spec.kind == "text-to-image":  # a t2icomp.Backbone, from the hub or the tiny folder
+        from .t2icomp import stable_diffusion
+
+        if spec.source == "hub" and offline:
+            raise ValueError(f"model {name!r} comes from the hub ({spec.hub_id}); the {preset!r} preset runs "
+                             f"offline. Use preset='paper', or the tiny test model 'tiny-stable-diffusion'")
+        source = spec.hub_id if spec.source == "hub" else str(_tiny_dir(name))
+        return LoadedModel(spec, stable_diffusion(source, offline=offline), None, time.perf_counter() - start,
+                           spec.source)
 
     if spec.kind == "clip":  # open_clip: the "tokenizer" slot carries (image preprocess, text tokenizer)
         model, tools = _open_clip(spec, preset)

@@ -6,14 +6,16 @@ blue square" drawn with the colours swapped) to the CLIP text encoder's output, 
 fixes much of it by training only a linear projection (WiCLP) on that output. No
 diffusion model can be had offline, so the book builds the whole pipeline small:
 scenes of two coloured shapes, a CLIP text encoder pretrained contrastively on their
-captions, and a small text-conditioned UNet trained with diffusers. This module holds
-the pieces, each tested: scenes and captions; the deterministic binding checker that
-stands in for BLIP-VQA; the word-level tokenizer and small CLIP with its contrastive
-pretraining; the UNet, its training and DDIM sampling with classifier-free guidance
-and the switch-off schedule; the last layer's attention between the objects' tokens
-and its re-weighting (C2); per-prompt optimized text states (C1); the zero-initialized
-linear and WiCLP projections and their training (C3); the FID-style distance.
-The chapter's notebook and experiments come next (see the issue).
+captions, and a small text-conditioned UNet trained with diffusers on two thirds of
+the compositions. This module holds the pieces, each tested: scenes and captions; the
+deterministic binding checker that stands in for BLIP-VQA; the word-level tokenizer
+and small CLIP with its contrastive pretraining; the ``Backbone`` every experiment
+goes through (the book's UNet on pixel-unshuffled images, or Stable Diffusion's UNet
+and VAE for the paper preset), its training and DDIM sampling with classifier-free
+guidance and the switch-off schedule; the last layer's attention between the
+objects' tokens and its re-weighting (C2); per-prompt optimized text states (C1);
+the zero-initialized linear and WiCLP projections, trained on held-in prompts and
+judged on held-out ones (C3); the FID-style distance; the chapter's presets.
 """
 from __future__ import annotations
 
@@ -23,9 +25,10 @@ import numpy as np
 
 # ----------------------------------------------------------------------------- scenes
 #
-# A scene is two objects, one in each half of the image; a caption names both, in a
-# random order, without saying which is where, so binding a colour to its shape is the
-# only thing that makes an image right.
+# A scene is two objects, one in each half of the image; its caption names both, the
+# left one first ("a red circle and a blue square"). The checker asks only whether both
+# objects are there, as the paper's VQA questions do, so binding each colour to its
+# shape is what makes an image right.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 200, 30),
 }
@@ -46,7 +49,7 @@ class Scene:
 
 
 def caption(scene: Scene, left_first: bool = True) -> str:
-    """ "a red circle and a blue square" (which object is named first carries no position)."""
+    """ "a red circle and a blue square": the left object first unless ``left_first`` is False."""
     first, second = (scene.left, scene.right) if left_first else (scene.right, scene.left)
     return f"a {first[0]} {first[1]} and a {second[0]} {second[1]}"
 
@@ -104,12 +107,12 @@ def render(scene: Scene, size: int = 32, rng: np.random.Generator | None = None)
 #
 # Stand-in for the paper's BLIP-VQA score: reads the two objects back from the pixels.
 # Each half's foreground (pixels far from the image's border colour) is assigned to its nearest
-# palette colour by majority; its shape comes from how much of its bounding box it
-# fills: the nearest of the mean fills of rendered shapes (square 1, circle 0.79 ≈ π/4,
-# triangle 0.55, a little above 1/2 from pixel rounding).
-FILL = {"square": 1.0, "circle": 0.79, "triangle": 0.55}
-
-
+# palette colour by majority. Its shape comes from the largest blob: a triangle narrows
+# upwards (the top third's mean width under half the bottom third's: rendered triangles
+# 0.16-0.36, circles 0.62-1.5), and of the rest a square fills its bounding box (rendered
+# squares 1.0, circles 0.67-0.87 — small circles are pixelated). Generated squares with
+# rounded corners (fill 0.84-0.88) read as circles: the checker is strict, not generous.
+TRIANGLE_TAPER, SQUARE_FILL = 0.5, 0.9
 @dataclass(frozen=True)
 class Reading:
     """What the checker sees in one half: colour and shape, or None where it finds no object."""
@@ -149,11 +152,19 @@ def read_half(half: np.ndarray, background: np.ndarray | None = None, min_pixels
     mask = _main_blob(foreground.reshape(half.shape[:2]))
     if mask.sum() < min_pixels:
         return Reading(colour, None)
+    return Reading(colour, shape_of(mask))
+
+
+def shape_of(mask: np.ndarray) -> str:
+    """Shape of one blob (boolean mask) by its taper and its bounding-box fill."""
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    box = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
-    fill = mask.sum() / box
-    shape = min(FILL, key=lambda s: abs(FILL[s] - fill))
-    return Reading(colour, shape)
+    box = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    widths = box.sum(1)
+    third = max(1, len(widths) // 3)
+    taper = widths[:third].mean() / max(widths[-third:].mean(), 1.0)
+    if taper < TRIANGLE_TAPER:
+        return "triangle"
+    return "square" if box.mean() >= SQUARE_FILL else "circle"
 
 
 def read_scene(image: np.ndarray) -> tuple[Reading, Reading]:
@@ -237,11 +248,10 @@ def to_images(pixels) -> np.ndarray:
 
 def scene_batch(scenes: list[Scene], size: int, batch: int, rng: np.random.Generator
                 ) -> tuple[np.ndarray, list[str], list[Scene]]:
-    """``batch`` random scenes from ``scenes``, rendered with jitter, and their captions
-    (objects named in a random order)."""
+    """``batch`` random scenes from ``scenes``, rendered with jitter, and their captions."""
     picked = [scenes[i] for i in rng.integers(0, len(scenes), batch)]
     images = np.stack([render(s, size, rng) for s in picked])
-    captions = [caption(s, bool(rng.integers(0, 2))) for s in picked]
+    captions = [caption(s) for s in picked]
     return images, captions, picked
 
 
@@ -270,100 +280,202 @@ def pretrain_clip(scenes: list[Scene], cfg, progress: bool = True):
 
 
 # ----------------------------------------------------------------------------- the diffusion model
+#
+# Every experiment goes through a ``Backbone``: the text encoder and its tokenizer, a
+# denoiser in some latent space, and its noise schedule. The book's is trained here
+# (a small UNet on 2×2 pixel-unshuffled 32-px images); the paper preset's is Stable
+# Diffusion (UNet in the VAE's latent space), loaded by ``stable_diffusion``.
 
 
-def unet(image_size: int = 32, width: int = 16, text_width: int = 64):
-    """A small text-conditioned UNet (diffusers' ``UNet2DConditionModel``): three
-    resolutions (width, 2·width, 4·width channels), cross-attention to the text
+class Backbone:
+    """The parts of a text-to-image diffusion model the experiments touch."""
+
+    def __init__(self, text_model, tokenizer, unet, scheduler_config, *, image_size: int, max_length: int,
+                 vae=None, unshuffle: int = 1, pooled: bool = False):
+        self.text_model, self.tokenizer, self.unet = text_model, tokenizer, unet
+        self.scheduler_config, self.image_size, self.max_length = scheduler_config, image_size, max_length
+        self.vae, self.unshuffle, self.pooled = vae, unshuffle, pooled
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        return self.unet.config.in_channels, size, size
+
+    def tokenize(self, captions: list[str]):
+        """(input ids, attention mask), padded to the encoder's length."""
+        batch = self.tokenizer(list(captions), padding="max_length", max_length=self.max_length,
+                               truncation=True, return_tensors="pt")
+        return batch.input_ids, batch.attention_mask
+
+    def states(self, captions: list[str]):
+        """The text encoder's token outputs (B, T, d): what the UNet attends to."""
+        import torch
+
+        ids, mask = self.tokenize(captions)
+        with torch.no_grad():
+            return self.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def encode(self, pixels):
+        """Pixels in [-1, 1] → the denoiser's space (targets: no gradient)."""
+        import torch
+        import torch.nn.functional as F
+
+        if self.vae is not None:
+            with torch.no_grad():
+                return self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+        return F.pixel_unshuffle(pixels, self.unshuffle) if self.unshuffle > 1 else pixels
+
+    def decode(self, latents):
+        import torch.nn.functional as F
+
+        if self.vae is not None:
+            return self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return F.pixel_shuffle(latents, self.unshuffle) if self.unshuffle > 1 else latents
+
+    def predict(self, latents, timesteps, states):
+        """The UNet's output. With ``pooled``, the last token's state also enters the
+        timestep embedding (as SDXL's pooled text embedding does)."""
+        labels = states[:, -1] if self.pooled else None
+        return self.unet(latents, timesteps, encoder_hidden_states=states, class_labels=labels).sample
+
+    def train_scheduler(self):
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.scheduler_config)
+
+    def sampler(self, steps: int):
+        from diffusers import DDIMScheduler
+
+        sampler = DDIMScheduler.from_config(self.scheduler_config)
+        sampler.set_timesteps(steps)
+        return sampler
+
+
+def book_unet(image_size: int = 32, width: int = 16, text_width: int = 64, unshuffle: int = 2):
+    """A small text-conditioned UNet (diffusers' ``UNet2DConditionModel``) on 2×2
+    pixel-unshuffled images (16×16×12 for 32 px, a stand-in for a latent space):
+    three resolutions (width, 2·width, 4·width channels), cross-attention to the text
     encoder's token outputs at the coarsest one, like Stable Diffusion's at a far
-    smaller scale. Attention only at the coarsest resolution keeps a training step
-    on two CPU cores near a tenth of a second."""
+    smaller scale, and the last token's state added to the timestep embedding
+    (``class_embed_type="projection"``). Pilots: without the pooled state and the
+    unshuffling, conditioning was learnt several times more slowly (design notes in
+    the chapter)."""
     from diffusers import UNet2DConditionModel
 
+    channels = 3 * unshuffle * unshuffle
     return UNet2DConditionModel(
-        sample_size=image_size, in_channels=3, out_channels=3, layers_per_block=1,
+        sample_size=image_size // unshuffle, in_channels=channels, out_channels=channels, layers_per_block=1,
         block_out_channels=(width, 2 * width, 4 * width),
         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        cross_attention_dim=text_width, attention_head_dim=8, norm_num_groups=min(8, width))
+        cross_attention_dim=text_width, attention_head_dim=8, norm_num_groups=min(8, width),
+        class_embed_type="projection", projection_class_embeddings_input_dim=text_width)
 
 
-def noise_scheduler():
-    """DDPM training schedule (1000 steps, cosine betas)."""
+def book_scheduler_config():
+    """DDPM with 1000 cosine-spaced steps; the UNet predicts the clean image
+    (``prediction_type="sample"``: flat-coloured scenes come out clean after far fewer
+    steps than with noise prediction), clipped to [-1, 1] when sampling."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="sample",
+                         clip_sample=True).config
 
 
-def text_states(text_model, tok, captions: list[str]):
-    """The text encoder's token outputs (B, MAX_TOKENS, d): what the UNet attends to
-    (Stable Diffusion conditions on all 77 of CLIP's output tokens the same way)."""
+def book_backbone(text_model, unet) -> Backbone:
+    return Backbone(text_model, tokenizer(), unet, book_scheduler_config(),
+                    image_size=unet.config.sample_size * 2, max_length=MAX_TOKENS, unshuffle=2, pooled=True)
+
+
+def denoising_loss(backbone: Backbone, latents, states, generator=None):
+    """Stable Diffusion's training loss: MSE between the UNet's output at a random
+    timestep and its target (the noise, the clean latents or the velocity, as the
+    schedule's ``prediction_type`` says)."""
     import torch
 
-    ids, mask = encode_captions(tok, captions)
-    with torch.no_grad():
-        return text_model(input_ids=ids, attention_mask=mask).last_hidden_state
-
-
-def denoising_loss(model, scheduler, pixels, states, generator=None):
-    """Stable Diffusion's training loss: MSE between the noise added at a random
-    timestep and the UNet's prediction of it."""
-    import torch
-
-    noise = torch.randn(pixels.shape, generator=generator)
-    steps = torch.randint(0, scheduler.config.num_train_timesteps, (len(pixels),), generator=generator)
-    predicted = model(scheduler.add_noise(pixels, noise, steps), steps, encoder_hidden_states=states).sample
-    return torch.nn.functional.mse_loss(predicted, noise)
+    scheduler = backbone.train_scheduler()
+    noise = torch.randn(latents.shape, generator=generator)
+    steps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+    predicted = backbone.predict(scheduler.add_noise(latents, noise, steps), steps, states)
+    kind = scheduler.config.prediction_type
+    target = {"epsilon": noise, "sample": latents}.get(kind)
+    if target is None:
+        target = scheduler.get_velocity(latents, noise, steps)
+    return torch.nn.functional.mse_loss(predicted, target)
 
 
 def train_diffusion(text_model, scenes: list[Scene], cfg, progress: bool = True):
-    """Train the UNet on rendered scenes conditioned on the frozen text encoder's
-    outputs; one caption in ``cfg.caption_dropout`` is replaced by the empty caption so
-    that sampling can use classifier-free guidance. Returns (UNet, losses)."""
+    """Train the book's UNet on centred renders of ``scenes`` conditioned on the frozen
+    text encoder's outputs; one caption in ``cfg.caption_dropout`` is replaced by the
+    empty caption so that sampling can use classifier-free guidance.
+    Returns (backbone, losses)."""
     import torch
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed + 1)
-    model = unet(cfg.image_size, cfg.unet_width, cfg.text_width)
-    scheduler = noise_scheduler()
-    tok = tokenizer()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.unet_lr)
+    backbone = book_backbone(text_model, book_unet(cfg.image_size, cfg.unet_width, cfg.text_width))
+    renders = {s: render(s, cfg.image_size) for s in scenes}
+    optimizer = torch.optim.AdamW(backbone.unet.parameters(), lr=cfg.unet_lr)
     losses = []
     for _ in tqdm(range(cfg.unet_steps), desc="UNet training", disable=not progress, leave=False):
-        images, captions, _ = scene_batch(scenes, cfg.image_size, cfg.unet_batch, rng)
-        captions = ["" if rng.random() < cfg.caption_dropout else c for c in captions]
-        loss = denoising_loss(model, scheduler, to_pixels(images), text_states(text_model, tok, captions))
+        picked = [scenes[i] for i in rng.integers(0, len(scenes), cfg.unet_batch)]
+        captions = ["" if rng.random() < cfg.caption_dropout else caption(s) for s in picked]
+        latents = backbone.encode(to_pixels(np.stack([renders[s] for s in picked])))
+        loss = denoising_loss(backbone, latents, backbone.states(captions))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-    return model.eval(), losses
+    backbone.unet.eval()
+    return backbone, losses
 
 
-def generate(model, states, empty_state, steps: int = 25, guidance: float = 3.0, seed: int = 0,
-             late_states=None, switch_at: int | None = None) -> np.ndarray:
+def generate(backbone: Backbone, states, steps: int = 25, guidance: float = 3.0, seed: int = 0,
+             late_states=None, switch_at: int | None = None, batch: int = 64) -> np.ndarray:
     """Images (B, H, W, 3) sampled with DDIM and classifier-free guidance from text
-    states (B, T, d). With ``late_states`` and ``switch_at``, the first ``switch_at``
-    (noisiest) steps use ``states`` and the rest ``late_states`` — the paper's
-    switch-off schedule, which keeps the fine-tuned embedding only where the layout is
-    decided."""
+    states (B, T, d), the empty caption's states as the unconditional branch. With
+    ``late_states`` and ``switch_at``, the first ``switch_at`` (noisiest) steps use
+    ``states`` and the rest ``late_states`` — the paper's switch-off schedule, which
+    keeps the fine-tuned embedding only where the layout is decided."""
     import torch
-    from diffusers import DDIMScheduler
 
-    sampler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
-    sampler.set_timesteps(steps)
-    size = model.config.sample_size
+    empty = backbone.states([""])
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn((len(states), 3, size, size), generator=generator)
-    empty = empty_state.expand(len(states), -1, -1)
+    noise = torch.randn((len(states), *backbone.latent_shape), generator=generator)
+    images = []
     with torch.no_grad():
-        for k, t in enumerate(sampler.timesteps):
-            cond = states if late_states is None or switch_at is None or k < switch_at else late_states
-            both = model(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([empty, cond])).sample
-            uncond, text = both.chunk(2)
-            x = sampler.step(uncond + guidance * (text - uncond), t, x).prev_sample
-    return to_images(x)
+        for start in range(0, len(states), batch):
+            rows = slice(start, start + batch)
+            x, early = noise[rows], states[rows]
+            late = None if late_states is None else late_states[rows]
+            uncond_states = empty.expand(len(x), -1, -1)
+            sampler = backbone.sampler(steps)
+            for k, t in enumerate(sampler.timesteps):
+                cond = early if late is None or switch_at is None or k < switch_at else late
+                both = backbone.predict(torch.cat([x, x]), t, torch.cat([uncond_states, cond]))
+                uncond, text = both.chunk(2)
+                x = sampler.step(uncond + guidance * (text - uncond), t, x).prev_sample
+            images.append(to_images(backbone.decode(x)))
+    return np.concatenate(images)
+
+
+def stable_diffusion(source: str, offline: bool = True) -> Backbone:
+    """The paper preset's backbone: a Stable Diffusion checkpoint's tokenizer, text
+    encoder, UNet, VAE and noise schedule, each from its subfolder (the hub layout;
+    ``source`` a hub id or a folder saved that way, as the tiny test model is)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    kw = {"local_files_only": offline}
+    tok = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+    text = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw).eval()
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw).eval()
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kw).eval()
+    config = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw).config
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return Backbone(text, tok, unet, config, image_size=unet.config.sample_size * factor,
+                    max_length=tok.model_max_length, vae=vae)
 
 
 # ----------------------------------------------------------------------------- the fixes: projections on the text output
@@ -407,15 +519,15 @@ def projection(kind: str, width: int, window: int = 5):
 FIRST_OBJECT, SECOND_OBJECT, END = (2, 3), (6, 7), 8
 
 
-def final_attention(text_model, tok, captions: list[str]):
-    """The last layer's attention probabilities (B, T, T), averaged over heads."""
+def final_attention(backbone: Backbone, captions: list[str]):
+    """The text encoder's last-layer attention probabilities (B, T, T), averaged over heads."""
     import torch
 
     from .mllmtrace import eager_attention
 
-    ids, mask = encode_captions(tok, captions)
-    with eager_attention(text_model), torch.no_grad():
-        out = text_model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    ids, mask = backbone.tokenize(captions)
+    with eager_attention(backbone.text_model), torch.no_grad():
+        out = backbone.text_model(input_ids=ids, attention_mask=mask, output_attentions=True)
     return out.attentions[-1].mean(1)
 
 
@@ -432,7 +544,7 @@ def _add_to_mask(mask, bias):
     return mask + bias
 
 
-def reweighted_states(text_model, tok, captions: list[str], scale: float, layers: list[int] | None = None):
+def reweighted_states(backbone: Backbone, captions: list[str], scale: float, layers: list[int] | None = None):
     """Token outputs with the attention of the second object's tokens (queries 6, 7) to
     the first object's (keys 2, 3) multiplied by ``scale`` and renormalized, in the
     given layers (all by default) — the paper's re-weighting of erroneous attention
@@ -441,8 +553,9 @@ def reweighted_states(text_model, tok, captions: list[str], scale: float, layers
 
     import torch
 
-    ids, mask = encode_captions(tok, captions)
-    bias = torch.zeros(1, 1, MAX_TOKENS, MAX_TOKENS)
+    text_model = backbone.text_model
+    ids, mask = backbone.tokenize(captions)
+    bias = torch.zeros(1, 1, ids.shape[1], ids.shape[1])
     for q in SECOND_OBJECT:
         for k in FIRST_OBJECT:
             bias[..., q, k] = math.log(scale) if scale > 0 else torch.finfo(torch.float32).min / 2
@@ -468,54 +581,52 @@ def reweighted_states(text_model, tok, captions: list[str], scale: float, layers
 # ----------------------------------------------------------------------------- C1 and C3: training embeddings and projections
 
 
-def denoising_targets(scenes: list[Scene], views: int, size: int, rng: np.random.Generator):
-    """``views`` jittered renders of every scene, with a caption each: the image-text
-    pairs the embeddings and projections are fitted to."""
-    images, captions = [], []
-    for s in scenes:
-        for v in range(views):
-            images.append(render(s, size, rng))
-            captions.append(caption(s, left_first=v % 2 == 0))
-    return np.stack(images), captions
+def denoising_targets(scenes: list[Scene], size: int) -> tuple[np.ndarray, list[str]]:
+    """The image-text pairs the embeddings and projections are fitted to: each scene's
+    centred render (what the UNet was trained on) and its caption."""
+    return np.stack([render(s, size) for s in scenes]), [caption(s) for s in scenes]
 
 
-def optimize_states(model, states, pixels, steps: int, lr: float, seed: int = 0, progress: bool = False):
-    """The paper's first experiment: the text encoder's output for one prompt, (1, T, d),
+def optimize_states(backbone: Backbone, states, latents, steps: int, lr: float, seed: int = 0,
+                    progress: bool = False):
+    """The paper's first experiment: the text encoder's outputs for P prompts, (P, T, d),
     optimized directly (everything else frozen) to minimize the denoising loss on
-    images of that prompt ``pixels`` (N, 3, H, W). Returns the optimized states."""
+    images of each prompt, ``latents`` (P, V, C, H, W) — V copies, each noised afresh. The prompts
+    are independent; they are fitted together only to batch the UNet's work.
+    Returns the optimized states."""
     import torch
     from tqdm.auto import tqdm
 
     generator = torch.Generator().manual_seed(seed)
-    scheduler = noise_scheduler()
     target = torch.nn.Parameter(states.detach().clone())
     optimizer = torch.optim.Adam([target], lr=lr)
-    for p in model.parameters():
+    for p in backbone.unet.parameters():
         p.requires_grad_(False)
-    for _ in tqdm(range(steps), desc="embedding", disable=not progress, leave=False):
-        loss = denoising_loss(model, scheduler, pixels, target.expand(len(pixels), -1, -1), generator)
+    prompts, views = latents.shape[:2]
+    for _ in tqdm(range(steps), desc="optimizing embeddings", disable=not progress, leave=False):
+        expanded = target[:, None].expand(-1, views, -1, -1).reshape(prompts * views, *target.shape[1:])
+        loss = denoising_loss(backbone, latents.reshape(prompts * views, *latents.shape[2:]), expanded, generator)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     return target.detach()
 
 
-def train_projection(projection, model, states, pixels, steps: int, lr: float, batch: int, seed: int = 0,
-                     progress: bool = True) -> list[float]:
+def train_projection(projection, backbone: Backbone, states, latents, steps: int, lr: float, batch: int,
+                     seed: int = 0, progress: bool = True) -> list[float]:
     """Train only ``projection`` on the text states (N, T, d) of image-text pairs
-    ``pixels`` (N, 3, H, W), with the denoising loss (UNet and text encoder frozen)."""
+    ``latents`` (N, C, H, W), with the denoising loss (UNet and text encoder frozen)."""
     import torch
     from tqdm.auto import tqdm
 
     generator = torch.Generator().manual_seed(seed)
-    scheduler = noise_scheduler()
-    for p in model.parameters():
+    for p in backbone.unet.parameters():
         p.requires_grad_(False)
     optimizer = torch.optim.Adam(projection.parameters(), lr=lr)
     losses = []
-    for _ in tqdm(range(steps), desc="projection", disable=not progress, leave=False):
-        rows = torch.randint(0, len(pixels), (batch,), generator=generator)
-        loss = denoising_loss(model, scheduler, pixels[rows], projection(states[rows]), generator)
+    for _ in tqdm(range(steps), desc="training the projection", disable=not progress, leave=False):
+        rows = torch.randint(0, len(latents), (batch,), generator=generator)
+        loss = denoising_loss(backbone, latents[rows], projection(states[rows]), generator)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -548,3 +659,167 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     root = np.real(linalg.sqrtm(cov_a @ cov_b))
     return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
+# ----------------------------------------------------------------------------- the chapter's runs
+
+_BOOK = {
+    "seed": 0, "backbone": "book", "image_size": 32,
+    # the text encoder and its contrastive pretraining
+    "text_width": 64, "text_layers": 3, "clip_lr": 1e-3, "clip_steps": 300, "clip_batch": 128,
+    # the UNet
+    "unet_width": 16, "unet_lr": 1e-3, "unet_steps": 1500, "unet_batch": 32, "caption_dropout": 0.1,
+    # evaluation: prompts held out from the projections' training, samples per prompt, sampler
+    "held_out": 24, "samples_per_prompt": 4, "sampling_steps": 25, "guidance": 3.0,
+    # C1: per-prompt optimized embeddings
+    "optimize_steps": 300, "optimize_lr": 0.05, "optimize_views": 2,
+    # C3: projections, re-weighting, switch-off
+    "projection_steps": 200, "projection_lr": 1e-3, "projection_batch": 16, "wiclp_window": 5,
+    "reweight_scales": [0.5, 0.0], "switch_at": 10,
+    "quality_size": 128, "threads": 2,
+}
+PRESETS = {
+    "smoke": {**_BOOK, "image_size": 32, "text_width": 16, "text_layers": 1, "clip_steps": 2, "clip_batch": 8,
+              "unet_width": 8, "unet_steps": 2, "unet_batch": 4, "held_out": 4, "samples_per_prompt": 1,
+              "sampling_steps": 2, "optimize_steps": 2, "projection_steps": 2, "projection_batch": 4,
+              "switch_at": 1, "quality_size": 32},
+    "book": _BOOK,
+    # Stable Diffusion 2.1 (the paper's main model; "stable-diffusion-v1-4" also works) on
+    # the same scenes rendered at its resolution; nothing is trained but the fixes
+    "paper": {**_BOOK, "backbone": "stable-diffusion-2-1", "samples_per_prompt": 4, "sampling_steps": 50,
+              "guidance": 7.5, "optimize_steps": 300, "optimize_lr": 0.01, "projection_steps": 2000,
+              "projection_lr": 1e-4, "projection_batch": 8, "switch_at": 25, "quality_size": 224},
+}
+BACKBONES = ("book", "stable-diffusion-2-1", "stable-diffusion-v1-4", "tiny-stable-diffusion")
+
+
+def split_scenes(scenes: list[Scene], held_out: int, seed: int) -> tuple[list[Scene], list[Scene]]:
+    """(training scenes, held-out scenes): the fixes are fitted on the first and
+    judged on prompts they never saw, as the paper trains on T2I-CompBench's training
+    prompts and tests on its validation prompts."""
+    order = np.random.default_rng(seed).permutation(len(scenes))
+    return [scenes[i] for i in order[held_out:]], [scenes[i] for i in order[:held_out]]
+
+
+def book_backbone_cached(cfg, unet_scenes: list[Scene] | None = None, progress: bool = True):
+    """The book's text encoder (pretrained contrastively on every scene's caption) and
+    UNet (trained on ``unet_scenes``, all scenes by default), built once and cached
+    outside the repository under a hash of their settings, the UNet's scenes and the
+    code that trains them. Returns (backbone, CLIP model, record) where the record
+    holds the training losses, times and whether it was cached."""
+    import time
+
+    import torch
+    from transformers import CLIPModel
+
+    from .paths import cached_torch, code_hash
+
+    fields = ("seed", "image_size", "text_width", "text_layers", "clip_lr", "clip_steps", "clip_batch",
+              "unet_width", "unet_lr", "unet_steps", "unet_batch", "caption_dropout")
+    settings = {f: cfg[f] for f in fields}
+    unet_scenes = all_scenes() if unet_scenes is None else list(unet_scenes)
+    settings["unet_scenes"] = [caption(s) for s in unet_scenes]
+    code = code_hash(render, _shape_mask, scene_batch, tokenizer, clip_config, pretrain_clip, book_unet,
+                     book_scheduler_config, book_backbone, Backbone, denoising_loss, train_diffusion)
+    run = type("Settings", (), settings)
+
+    def build():
+        start = time.perf_counter()
+        clip, clip_losses = pretrain_clip(all_scenes(), run, progress)
+        middle = time.perf_counter()
+        backbone, unet_losses = train_diffusion(clip.text_model, unet_scenes, run, progress)
+        return {"clip": clip.state_dict(), "unet": backbone.unet.state_dict(), "clip_losses": clip_losses,
+                "unet_losses": unet_losses, "clip_seconds": middle - start,
+                "unet_seconds": time.perf_counter() - middle}
+
+    saved, cached = cached_torch("t2icomp", f"{sorted(settings.items())}|{code}", build)
+    clip = CLIPModel(clip_config(cfg["text_width"], cfg["text_layers"], cfg["image_size"]))
+    clip.load_state_dict(saved["clip"])
+    unet = book_unet(cfg["image_size"], cfg["unet_width"], cfg["text_width"])
+    unet.load_state_dict(saved["unet"])
+    record = {k: v for k, v in saved.items() if k not in ("clip", "unet")} | {"cached": cached}
+    torch.manual_seed(cfg["seed"])
+    return book_backbone(clip.text_model.eval(), unet.eval()), clip.eval(), record
+
+
+def clip_binding_preference(clip, scenes: list[Scene], size: int) -> float:
+    """Share of scenes for which the pretrained CLIP scores the scene's caption higher
+    against its own (centred) image than against the image with the two colours
+    swapped: 1 would be perfect binding, 1/2 a bag of words."""
+    import torch
+
+    tok = tokenizer()
+    swapped = [Scene((s.right[0], s.left[1]), (s.left[0], s.right[1])) for s in scenes]
+    ids, mask = encode_captions(tok, [caption(s) for s in scenes])
+    images = np.stack([render(s, size) for s in scenes + swapped])
+    with torch.no_grad():
+        logits = clip(input_ids=ids, attention_mask=mask, pixel_values=to_pixels(images)).logits_per_text
+    rows = torch.arange(len(scenes))
+    return float((logits[rows, rows] > logits[rows, rows + len(scenes)]).float().mean())
+
+
+def attention_shares(backbone: Backbone, captions: list[str]) -> dict[str, dict[str, float]]:
+    """C2's measurement: for the second object's colour and shape tokens and for the
+    end token, the share of the text encoder's last-layer attention (mean over heads
+    and prompts) that goes to each object's colour and shape token."""
+    weights = final_attention(backbone, captions).mean(0)
+    keys = {"first colour": FIRST_OBJECT[0], "first shape": FIRST_OBJECT[1],
+            "second colour": SECOND_OBJECT[0], "second shape": SECOND_OBJECT[1]}
+    queries = {"second colour": SECOND_OBJECT[0], "second shape": SECOND_OBJECT[1], "end token": END}
+    return {q: {k: float(weights[qi, ki]) for k, ki in keys.items()} for q, qi in queries.items()}
+
+
+def score_images(images: np.ndarray, captions: list[str]) -> dict[str, np.ndarray]:
+    """Per image: both objects right (``binding``) and the share of the two objects
+    found with the right colour on the right shape (``object_score``, like the paper's
+    per-object VQA questions)."""
+    correct = np.array([binding_correct(im, c) for im, c in zip(images, captions)], dtype=float)
+    partial = np.array([binding_score(im, c) for im, c in zip(images, captions)], dtype=float)
+    return {"binding": correct, "object_score": partial}
+
+
+def cross_fitted_projection(kind: str, backbone: Backbone, base: list[Scene], rotating: list[Scene], cfg,
+                            folds: int = 2, progress: bool = True):
+    """C3's fix, judged on prompts it never saw: ``rotating`` is cut into ``folds``
+    parts; each fold's projection is trained on the pairs of ``base`` and of the other
+    parts, and maps the states of its own part. Returns (states of ``rotating``'s
+    prompts, each from the projection that did not see it; the first fold's projection;
+    the losses of every fold)."""
+    import torch
+
+    images, captions = denoising_targets(base + rotating, backbone.image_size)
+    latents, states = backbone.encode(to_pixels(images)), backbone.states(captions)
+    parts = np.array_split(np.arange(len(rotating)), folds)
+    mapped = torch.empty(len(rotating), *states.shape[1:])
+    projections, losses = [], []
+    for k, part in enumerate(parts):
+        rows = np.concatenate([np.arange(len(base)), len(base) + np.setdiff1d(np.arange(len(rotating)), part)])
+        torch.manual_seed(cfg["seed"] + k)
+        fitted = projection(kind, states.shape[-1], cfg["wiclp_window"])
+        losses.append(train_projection(fitted, backbone, states[rows], latents[rows], cfg["projection_steps"],
+                                       cfg["projection_lr"], cfg["projection_batch"], seed=cfg["seed"] + k,
+                                       progress=progress))
+        with torch.no_grad():
+            mapped[part] = fitted(states[len(base) + part])
+        projections.append(fitted)
+    return mapped, projections[0], losses
+
+
+def held_out_loss(backbone: Backbone, states, latents, draws: int = 8, seed: int = 0) -> float:
+    """Mean denoising loss of image-text pairs (``latents``, ``states``) over ``draws``
+    noise draws and timesteps, the same draws for every method compared."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return float(np.mean([float(denoising_loss(backbone, latents, states, generator)) for _ in range(draws)]))
+
+
+def quality_distance(reference: np.ndarray, features: np.ndarray, components: int = 16) -> float:
+    """The FID-style distance between two feature sets after projecting both on the
+    reference's first ``components`` principal components: a few dozen images cannot
+    estimate a 1280-d covariance, 16 dimensions they can."""
+    from sklearn.decomposition import PCA
+
+    pca = PCA(components, random_state=0).fit(reference)
+    return frechet_distance(pca.transform(reference), pca.transform(features))
