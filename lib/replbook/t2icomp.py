@@ -297,6 +297,12 @@ class Backbone:
         self.vae, self.unshuffle, self.pooled = vae, unshuffle, pooled
 
     @property
+    def device(self):
+        """Where the UNet lives; inputs are moved there, random draws stay on the CPU
+        (so a seed gives the same noise on every device)."""
+        return next(self.unet.parameters()).device
+
+    @property
     def latent_shape(self) -> tuple[int, int, int]:
         size = self.unet.config.sample_size
         return self.unet.config.in_channels, size, size
@@ -305,7 +311,8 @@ class Backbone:
         """(input ids, attention mask), padded to the encoder's length."""
         batch = self.tokenizer(list(captions), padding="max_length", max_length=self.max_length,
                                truncation=True, return_tensors="pt")
-        return batch.input_ids, batch.attention_mask
+        device = self.text_model.device
+        return batch.input_ids.to(device), batch.attention_mask.to(device)
 
     def states(self, captions: list[str]):
         """The text encoder's token outputs (B, T, d): what the UNet attends to."""
@@ -320,6 +327,7 @@ class Backbone:
         import torch
         import torch.nn.functional as F
 
+        pixels = pixels.to(self.device)
         if self.vae is not None:
             with torch.no_grad():
                 return self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
@@ -394,8 +402,9 @@ def denoising_loss(backbone: Backbone, latents, states, generator=None):
     import torch
 
     scheduler = backbone.train_scheduler()
-    noise = torch.randn(latents.shape, generator=generator)
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     steps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+    steps = steps.to(latents.device)
     predicted = backbone.predict(scheduler.add_noise(latents, noise, steps), steps, states)
     kind = scheduler.config.prediction_type
     target = {"epsilon": noise, "sample": latents}.get(kind)
@@ -442,7 +451,7 @@ def generate(backbone: Backbone, states, steps: int = 25, guidance: float = 3.0,
 
     empty = backbone.states([""])
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((len(states), *backbone.latent_shape), generator=generator)
+    noise = torch.randn((len(states), *backbone.latent_shape), generator=generator).to(backbone.device)
     images = []
     with torch.no_grad():
         for start in range(0, len(states), batch):
@@ -460,10 +469,13 @@ def generate(backbone: Backbone, states, steps: int = 25, guidance: float = 3.0,
     return np.concatenate(images)
 
 
-def stable_diffusion(source: str, offline: bool = True) -> Backbone:
+def stable_diffusion(source: str, offline: bool = True, device: str | None = None) -> Backbone:
     """The paper preset's backbone: a Stable Diffusion checkpoint's tokenizer, text
     encoder, UNet, VAE and noise schedule, each from its subfolder (the hub layout;
-    ``source`` a hub id or a folder saved that way, as the tiny test model is)."""
+    ``source`` a hub id or a folder saved that way, as the tiny test model is), on
+    ``device`` (default: the GPU when there is one)."""
+    import torch
+
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
@@ -473,6 +485,8 @@ def stable_diffusion(source: str, offline: bool = True) -> Backbone:
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw).eval()
     vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kw).eval()
     config = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw).config
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    text, unet, vae = text.to(device), unet.to(device), vae.to(device)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     return Backbone(text, tok, unet, config, image_size=unet.config.sample_size * factor,
                     max_length=tok.model_max_length, vae=vae)
@@ -538,9 +552,9 @@ def _add_to_mask(mask, bias):
 
     if mask is None:  # full-length inputs: the layer would apply only the causal mask
         size = bias.shape[-1]
-        mask = torch.ones(size, size, dtype=torch.bool).tril()[None, None]
+        mask = torch.ones(size, size, dtype=torch.bool, device=bias.device).tril()[None, None]
     if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=bias.dtype).masked_fill(~mask, torch.finfo(bias.dtype).min)
+        mask = torch.zeros(mask.shape, dtype=bias.dtype, device=bias.device).masked_fill(~mask, torch.finfo(bias.dtype).min)
     return mask + bias
 
 
@@ -555,7 +569,7 @@ def reweighted_states(backbone: Backbone, captions: list[str], scale: float, lay
 
     text_model = backbone.text_model
     ids, mask = backbone.tokenize(captions)
-    bias = torch.zeros(1, 1, ids.shape[1], ids.shape[1])
+    bias = torch.zeros(1, 1, ids.shape[1], ids.shape[1], device=ids.device)
     for q in SECOND_OBJECT:
         for k in FIRST_OBJECT:
             bias[..., q, k] = math.log(scale) if scale > 0 else torch.finfo(torch.float32).min / 2
@@ -622,10 +636,11 @@ def train_projection(projection, backbone: Backbone, states, latents, steps: int
     generator = torch.Generator().manual_seed(seed)
     for p in backbone.unet.parameters():
         p.requires_grad_(False)
+    projection.to(backbone.device)
     optimizer = torch.optim.Adam(projection.parameters(), lr=lr)
     losses = []
     for _ in tqdm(range(steps), desc="training the projection", disable=not progress, leave=False):
-        rows = torch.randint(0, len(latents), (batch,), generator=generator)
+        rows = torch.randint(0, len(latents), (batch,), generator=generator).to(latents.device)
         loss = denoising_loss(backbone, latents[rows], projection(states[rows]), generator)
         optimizer.zero_grad()
         loss.backward()
@@ -670,7 +685,7 @@ _BOOK = {
     # the UNet
     "unet_width": 16, "unet_lr": 1e-3, "unet_steps": 1500, "unet_batch": 32, "caption_dropout": 0.1,
     # evaluation: prompts held out from the projections' training, samples per prompt, sampler
-    "held_out": 24, "samples_per_prompt": 4, "sampling_steps": 25, "guidance": 3.0,
+    "held_out": 24, "samples_per_prompt": 4, "sampling_steps": 25, "guidance": 3.0, "sample_batch": 64,
     # C1: per-prompt optimized embeddings
     "optimize_steps": 300, "optimize_lr": 0.05, "optimize_views": 2,
     # C3: projections, re-weighting, switch-off
@@ -687,6 +702,7 @@ PRESETS = {
     # Stable Diffusion 2.1 (the paper's main model; "stable-diffusion-v1-4" also works) on
     # the same scenes rendered at its resolution; nothing is trained but the fixes
     "paper": {**_BOOK, "backbone": "stable-diffusion-2-1", "samples_per_prompt": 4, "sampling_steps": 50,
+              "sample_batch": 8,
               "guidance": 7.5, "optimize_steps": 300, "optimize_lr": 0.01, "projection_steps": 2000,
               "projection_lr": 1e-4, "projection_batch": 8, "switch_at": 25, "quality_size": 224},
 }
@@ -719,8 +735,9 @@ def book_backbone_cached(cfg, unet_scenes: list[Scene] | None = None, progress: 
     settings = {f: cfg[f] for f in fields}
     unet_scenes = all_scenes() if unet_scenes is None else list(unet_scenes)
     settings["unet_scenes"] = [caption(s) for s in unet_scenes]
-    code = code_hash(render, _shape_mask, scene_batch, tokenizer, clip_config, pretrain_clip, book_unet,
-                     book_scheduler_config, book_backbone, Backbone, denoising_loss, train_diffusion)
+    code = code_hash(all_scenes, caption, render, _shape_mask, scene_batch, tokenizer, encode_captions, clip_config,
+                     to_pixels, pretrain_clip, book_unet, book_scheduler_config, book_backbone, Backbone,
+                     denoising_loss, train_diffusion)
     run = type("Settings", (), settings)
 
     def build():
@@ -790,7 +807,7 @@ def cross_fitted_projection(kind: str, backbone: Backbone, base: list[Scene], ro
     images, captions = denoising_targets(base + rotating, backbone.image_size)
     latents, states = backbone.encode(to_pixels(images)), backbone.states(captions)
     parts = np.array_split(np.arange(len(rotating)), folds)
-    mapped = torch.empty(len(rotating), *states.shape[1:])
+    mapped = torch.empty(len(rotating), *states.shape[1:], device=states.device)
     projections, losses = [], []
     for k, part in enumerate(parts):
         rows = np.concatenate([np.arange(len(base)), len(base) + np.setdiff1d(np.arange(len(rotating)), part)])
@@ -800,7 +817,7 @@ def cross_fitted_projection(kind: str, backbone: Backbone, base: list[Scene], ro
                                        cfg["projection_lr"], cfg["projection_batch"], seed=cfg["seed"] + k,
                                        progress=progress))
         with torch.no_grad():
-            mapped[part] = fitted(states[len(base) + part])
+            mapped[torch.as_tensor(part, device=states.device)] = fitted(states[len(base) + part])
         projections.append(fitted)
     return mapped, projections[0], losses
 
