@@ -1,4 +1,5 @@
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -16,6 +17,70 @@ except ImportError:  # pragma: no cover
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# where nbval's re-execution of the committed notebooks writes its results (the Makefile
+# sets it; the regression guard in test_regression.py reads it)
+NBVAL_RESULTS = Path(os.environ.get("REPLBOOK_RESULTS_DIR") or ROOT / "runs" / "nbval-results")
+
+
+def nbval_active(config) -> bool:
+    return bool(getattr(config.option, "nbval", False) or getattr(config.option, "nbval_lax", False))
+
+
+# One-time cache notices ("fetching … once into …") are printed only by the run that builds
+# the cache entry, so a notebook executed on a cold cache and re-executed on a warm one (or
+# the reverse, a new reader's first `make test`) would differ by them alone. nbval compares
+# streams with everything else; these lines are dropped from both sides before it does.
+CACHE_NOTICES = re.compile(r"^(fetching .+ once into .+|converting .+ from GGUF to safetensors once.*"
+                           r"|cached conversion of .+ failed its checksum; converting again)(\n|$)", re.M)
+
+
+def without_cache_notices(outputs):
+    kept = []
+    for output in outputs:
+        if output.get("output_type") == "stream":
+            text = CACHE_NOTICES.sub("", output.get("text", ""))
+            if not text:
+                continue
+            output = type(output)(output)
+            output["text"] = text
+        kept.append(output)
+    return kept
+
+
+def _compare_without_cache_notices():
+    try:
+        from nbval.plugin import IPyNbCell
+    except ImportError:  # pragma: no cover - nbval is in requirements.txt
+        return
+    compare = IPyNbCell.compare_outputs
+    if getattr(compare, "drops_cache_notices", False):
+        return
+
+    def compare_outputs(self, test, ref, skip_compare=None):
+        return compare(self, without_cache_notices(test), without_cache_notices(ref), skip_compare)
+
+    compare_outputs.drops_cache_notices = True
+    IPyNbCell.compare_outputs = compare_outputs
+
+
+_compare_without_cache_notices()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "after_nbval: runs after nbval has re-executed the notebooks")
+    if nbval_active(config):
+        import shutil
+
+        # a fresh folder, so the guard can only read what this session's nbval run wrote
+        if NBVAL_RESULTS.resolve().is_relative_to((ROOT / "runs").resolve()):
+            shutil.rmtree(NBVAL_RESULTS, ignore_errors=True)
+        os.environ["REPLBOOK_RESULTS_DIR"] = str(NBVAL_RESULTS)  # the notebooks' kernels inherit it
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests marked ``after_nbval`` (the regression guard) run last, after the notebooks."""
+    late = [item for item in items if item.get_closest_marker("after_nbval")]
+    items[:] = [item for item in items if not item.get_closest_marker("after_nbval")] + late
 
 
 @pytest.fixture

@@ -1,18 +1,29 @@
+import json
+import shutil
+import subprocess
+import sys
+
 import pytest
 
 from replbook import cli
 
 
-def test_parse_parameters():
+def test_parse_parameters_both_forms():
     assert cli.parse_parameters(["n=4", "models=['a', 'b']", "name=smollm2-135m", "x=1.5"]) == \
         {"n": 4, "models": ["a", "b"], "name": "smollm2-135m", "x": 1.5}
+    # argparse's -p NAME VALUE and -p NAME=VALUE [NAME=VALUE ...]
+    assert cli.parse_parameters([["offload_dir", "/mnt/nvme/endor"], ["n=4", "x=1.5"]]) == \
+        {"offload_dir": "/mnt/nvme/endor", "n": 4, "x": 1.5}
     with pytest.raises(ValueError, match="name=value"):
         cli.parse_parameters(["oops"])
 
 
-def test_unknown_chapter_lists_the_valid_ones(repo_root):
-    with pytest.raises(ValueError, match=r"chapter='99' is not valid; choose one of: 00"):
-        cli.run("99", root=repo_root)
+def test_chapter_numbers_with_or_without_the_leading_zero(repo_root):
+    assert cli.notebook_for("1", repo_root).name == "01_restor.ipynb"
+    assert cli.notebook_for("01", repo_root).name == "01_restor.ipynb"
+    for bad in ("99", "x", "", "1_"):
+        with pytest.raises(ValueError, match=r"is not valid; choose one of: 00"):
+            cli.notebook_for(bad, repo_root)
 
 
 def test_unknown_preset_and_parameter_fail_before_running(repo_root):
@@ -20,6 +31,8 @@ def test_unknown_preset_and_parameter_fail_before_running(repo_root):
         cli.run("00", "huge", root=repo_root)
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) epochs.*valid parameters: preset, language_models"):
         cli.run("00", "smoke", {"epochs": 3}, root=repo_root)
+    with pytest.raises(ValueError, match="never published"):
+        cli.run("00", "smoke", publish=True, root=repo_root)
 
 
 def test_main_reports_errors_with_exit_code_2(capsys):
@@ -27,21 +40,122 @@ def test_main_reports_errors_with_exit_code_2(capsys):
     assert "choose one of: smoke, book, paper" in capsys.readouterr().err
 
 
-def test_a_failed_run_leaves_the_committed_notebook_and_results_untouched(repo_root, results_tmp):
+@pytest.fixture
+def book(tmp_path, repo_root):
+    """A copy of the book's notebooks and committed results to run in."""
+    for name in ("_toc.yml", "pyproject.toml"):
+        shutil.copy(repo_root / name, tmp_path / name)
+    shutil.copytree(repo_root / "notebooks", tmp_path / "notebooks", ignore=shutil.ignore_patterns(".*"))
+    shutil.copytree(repo_root / "results", tmp_path / "results")
+    return tmp_path
+
+
+@pytest.fixture
+def fake_papermill(monkeypatch):
+    """papermill.execute_notebook replaced by a stand-in that 'executes' the notebook: it
+    writes the output notebook and a results file where the run's environment says, or
+    fails in cell 7 like papermill does, leaving a partly executed notebook."""
+    import os
+    from pathlib import Path
+
     import papermill
 
-    notebook = cli.notebook_for("00", repo_root)
-    before = notebook.read_bytes()
-    with pytest.raises(papermill.PapermillExecutionError, match="parameter 'max_new_tokens' must be int"):
-        cli.run("00", "book", {"max_new_tokens": "six"}, root=repo_root)
-    assert notebook.read_bytes() == before
-    assert not list(notebook.parent.glob(".00_model_zoo.*")), "temporary notebook left behind"
-    assert not results_tmp.exists() or not list(results_tmp.iterdir())
+    calls = []
+
+    def execute(source, out, parameters, **kwargs):
+        calls.append(parameters)
+        Path(out).write_text(json.dumps({"cells": [], "metadata": {"papermill": {"duration": 1}}, "partial": True}))
+        if parameters.get("fail"):
+            raise papermill.PapermillExecutionError(7, 3, "x = 1 / 0", "ZeroDivisionError", "division by zero",
+                                                    ["Traceback line 1", "ZeroDivisionError: division by zero"])
+        folder = Path(os.environ["REPLBOOK_RESULTS_DIR"])
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{Path(source).stem}.json").write_text(json.dumps({"preset": parameters["preset"]}))
+        return {}
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    monkeypatch.setattr(cli, "notebook_parameters", lambda path: ["seed", "fail"])
+    return calls
+
+
+def _published(book):
+    return (book / "notebooks" / "00_model_zoo.ipynb").read_bytes(), (book / "results" / "00_model_zoo.json").read_bytes()
+
+
+def test_only_a_finished_book_run_without_overrides_is_published(book, fake_papermill):
+    before = _published(book)
+    assert cli.run("00", "smoke", root=book) == book / "runs" / "smoke" / "00_model_zoo.ipynb"
+    assert json.loads((book / "runs" / "smoke" / "results" / "00_model_zoo.json").read_text()) == {"preset": "smoke"}
+    assert cli.run("00", "book", {"seed": 3}, root=book) == book / "runs" / "book-with-overrides" / "00_model_zoo.ipynb"
+    assert (book / "runs" / "book-with-overrides" / "results" / "00_model_zoo.json").exists()
+    assert _published(book) == before, "a smoke run or a run with overrides reached notebooks/ or results/"
+    assert cli.run("00", "book", root=book) == book / "notebooks" / "00_model_zoo.ipynb"
+    assert json.loads((book / "results" / "00_model_zoo.json").read_text()) == {"preset": "book"}
+    assert "duration" not in (book / "notebooks" / "00_model_zoo.ipynb").read_text()  # cleaned of timings
+    assert cli.run("00", "book", {"seed": 3}, root=book, publish=True) == book / "notebooks" / "00_model_zoo.ipynb"
+    assert not [p for p in (book / "runs").iterdir() if p.name.startswith(".staging")], "staging folder left behind"
+
+
+def test_a_failed_run_publishes_nothing_and_keeps_its_notebook(book, fake_papermill, capsys, monkeypatch):
+    before = _published(book)
+    monkeypatch.chdir(book)
+    monkeypatch.setenv("REPLBOOK_ROOT", str(book))
+    assert cli.main(["run", "00", "--preset", "book", "-p", "fail", "True", "--publish"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == ("replbook: 00_model_zoo failed in cell 7: ZeroDivisionError: division by zero "
+                      f"(partly executed notebook: {book / 'runs' / 'failed' / '00_model_zoo.ipynb'})")
+    assert err[1] == "Traceback line 1", "the traceback follows the one-line summary"
+    assert _published(book) == before
+    assert json.loads((book / "runs" / "failed" / "00_model_zoo.ipynb").read_text())["partial"]
+    assert not [p for p in (book / "runs").iterdir() if p.name.startswith(".staging")]
+
+
+def test_a_run_that_saves_no_results_is_not_published(book, fake_papermill, monkeypatch):
+    import papermill
+
+    before = _published(book)
+    monkeypatch.setattr(papermill, "execute_notebook",
+                        lambda source, out, parameters, **kw: __import__("pathlib").Path(out).write_text("{}"))
+    with pytest.raises(RuntimeError, match="saved no results"):
+        cli.run("00", "book", root=book)
+    assert _published(book) == before
+
+
+def test_failed_smoke_run_of_loki_writes_no_results(book):
+    """The issue's case: ``replbook run 08 --preset smoke -p timing_repeats=0`` failed but
+    its results JSON was written. It must exit 1, say which cell failed, keep the notebook
+    and write no results anywhere."""
+    done = subprocess.run([sys.executable, "-m", "replbook.cli", "run", "08", "--preset", "smoke",
+                           "-p", "timing_repeats=0"], cwd=book, capture_output=True, text=True,
+                          env={**__import__("os").environ, "REPLBOOK_ROOT": str(book)})
+    assert done.returncode == 1, done.stderr[-2000:]
+    first = next(line for line in done.stderr.splitlines() if line.startswith("replbook:"))
+    assert first.startswith("replbook: 08_loki failed in cell ") and "runs/failed/08_loki.ipynb" in first
+    assert (book / "runs" / "failed" / "08_loki.ipynb").exists()
+    assert not list(book.glob("runs/**/results/08_loki.json"))
+    committed = json.loads((book / "results" / "08_loki.json").read_text())
+    assert committed["preset"] == "book"
+
+
+def test_papermill_started_directly_writes_under_runs(book):
+    """The issue's case: ``papermill notebooks/00_model_zoo.ipynb out.ipynb -p preset smoke``
+    from the repo root rewrote results/00_model_zoo.json."""
+    import os
+
+    import papermill
+
+    before = (book / "results" / "00_model_zoo.json").read_bytes()
+    env = {k: v for k, v in os.environ.items() if k != "REPLBOOK_RESULTS_DIR"}
+    done = subprocess.run([sys.executable, "-m", "papermill", "notebooks/00_model_zoo.ipynb", "out.ipynb",
+                           "-p", "preset", "smoke", "--cwd", "notebooks"], cwd=book, capture_output=True, text=True,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (book / "results" / "00_model_zoo.json").read_bytes() == before
+    assert json.loads((book / "runs" / "unpublished" / "00_model_zoo.json").read_text())["preset"] == "smoke"
+    assert papermill  # imported for the module's presence
 
 
 def test_clean_metadata_drops_timings(tmp_path):
-    import json
-
     path = tmp_path / "nb.ipynb"
     path.write_text(json.dumps({"cells": [{"cell_type": "code", "metadata": {"papermill": {"duration": 1},
                                 "execution": {"x": 1}, "tags": ["a"]}}],
@@ -53,8 +167,6 @@ def test_clean_metadata_drops_timings(tmp_path):
 
 
 def test_needs_execution(tmp_path):
-    import json
-
     (tmp_path / "notebooks").mkdir()
     (tmp_path / "results").mkdir()
     nb = tmp_path / "notebooks" / "05_x.ipynb"

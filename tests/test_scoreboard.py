@@ -33,4 +33,4 @@ def test_every_committed_result_has_a_notebook_and_valid_verdicts(repo_root):
         assert (repo_root / "notebooks" / f"{r['slug']}.ipynb").exists()
         assert r["preset"] in ("book", "paper")
         for v in r["verdicts"]:
-            assert v["verdict"] in results.VERDICTS and v["checks"]
+            assert v["verdict"] in results.VERDICTS and (v["decisive"] or v["untestable"])

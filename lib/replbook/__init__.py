@@ -6,7 +6,10 @@ Modules, each small and tested:
 - :mod:`replbook.config`    the parameters cell: presets, validation, seeds, threads
 - :mod:`replbook.models`    the model registry (offline packages, hub ids, tiny test models)
 - :mod:`replbook.data`      small offline data (sample photos shipped in packages)
-- :mod:`replbook.results`   verdict rules and atomic ``results/<slug>.json``
+- :mod:`replbook.results`   verdict rules (decisive and supporting checks), tolerances and the
+  regression guard (``compare``), results files, the chapter's verdict boxes
+- :mod:`replbook.stability` verdicts over seeds: ``results/stability/<slug>.json``
+- :mod:`replbook.cli`       ``replbook run`` (publishes only finished book/paper runs), ``stability``, ``build``
 - :mod:`replbook.plotting`  one plot style, PNG figures
 - :mod:`replbook.scoreboard` the landing page's table, built from ``results/*.json``
 - one module per paper's method (``replbook.zoo`` for chapter 00, ...)

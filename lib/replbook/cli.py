@@ -1,6 +1,7 @@
 """``replbook`` — run a chapter at a preset, build the site.
 
-    replbook run 00 --preset book [-p max_new_tokens=4 ...]
+    replbook run 00 --preset book [-p max_new_tokens=4 ...]   # -p overrides write runs/, not results/
+    replbook stability 06 --seeds 3   # verdicts over seeds -> results/stability/06_*.json
     replbook build                 # scoreboard + site (executes chapters with no results)
     replbook scoreboard            # only regenerate the scoreboard files
     replbook annotate --preset book  # write chapter 02's rationales (committed data)
@@ -24,24 +25,34 @@ VOLATILE_CELL_METADATA = ("execution", "papermill")
 
 
 def notebook_for(chapter: str, root: Path) -> Path:
-    found = sorted((root / "notebooks").glob(f"{chapter}_*.ipynb")) if chapter else []
+    """``notebooks/<NN>_*.ipynb``; ``1`` means ``01``."""
+    chapter = str(chapter).strip()
+    if chapter.isdigit() and len(chapter) < 2:
+        chapter = chapter.zfill(2)
+    found = sorted((root / "notebooks").glob(f"{chapter}_*.ipynb")) if chapter.isdigit() else []
     if len(found) != 1:
         valid = sorted(p.name.split("_")[0] for p in (root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
         raise ValueError(f"chapter={chapter!r} is not valid; choose one of: {', '.join(valid)}")
     return found[0]
 
 
-def parse_parameters(pairs: list[str]) -> dict:
-    """``["k=v", ...]`` -> dict; values are Python literals where they parse, else strings."""
+def parse_parameters(pairs: list) -> dict:
+    """``-p`` arguments -> dict. Each is ``"name=value"``, or ``["name", "value"]`` (the
+    ``-p name value`` form), or a list of ``name=value`` words; values are Python literals
+    where they parse, else strings."""
     out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"parameter {pair!r} must look like name=value")
-        key, raw = pair.split("=", 1)
-        try:
-            out[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[key] = raw
+    for item in pairs:
+        words = [item] if isinstance(item, str) else list(item)
+        if len(words) == 2 and "=" not in words[0]:
+            words = [f"{words[0]}={words[1]}"]
+        for pair in words:
+            if "=" not in pair:
+                raise ValueError(f"parameter {pair!r} must look like name=value (or: -p name value)")
+            key, raw = pair.split("=", 1)
+            try:
+                out[key] = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                out[key] = raw
     return out
 
 
@@ -63,14 +74,34 @@ def clean_metadata(path: Path) -> None:
     path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
-def run(chapter: str, preset: str = "book", parameters: dict | None = None, root: Path | None = None) -> Path:
-    """Execute one chapter with papermill.
+class RunFailed(RuntimeError):
+    """A chapter's run stopped in a cell; its partly executed notebook was kept."""
 
-    ``book`` and ``paper`` runs replace the notebook in place and write
-    ``results/<slug>.json``; ``smoke`` runs go to ``runs/smoke/`` and never touch
-    the committed outputs. The notebook is written to a temporary file first and
-    renamed when the run succeeds, so an interrupted run leaves the old one intact.
+    def __init__(self, slug: str, cell_index: int, ename: str, evalue: str, kept: Path, traceback: str = ""):
+        self.slug, self.cell_index, self.ename, self.evalue, self.kept = slug, cell_index, ename, evalue, kept
+        self.traceback = traceback
+        first = evalue.strip().splitlines()[0] if evalue.strip() else ""
+        super().__init__(f"{slug} failed in cell {cell_index}: {ename}: {first} (partly executed notebook: {kept})")
+
+
+def _experiment_folder(root: Path, preset: str, parameters: dict) -> Path:
+    return root / "runs" / (preset if not parameters else f"{preset}-with-overrides")
+
+
+def run(chapter: str, preset: str = "book", parameters: dict | None = None, root: Path | None = None,
+        publish: bool | None = None, out_dir: Path | None = None, progress: bool = True) -> Path:
+    """Execute one chapter with papermill; returns the executed notebook's path.
+
+    Only a **finished** run at the ``book`` or ``paper`` preset **without overrides**
+    is published: its notebook replaces ``notebooks/<slug>.ipynb`` and its results
+    ``results/<slug>.json``. Smoke runs and runs with ``-p`` overrides (they change the
+    experiment) write ``runs/<preset>[-with-overrides]/`` (or ``out_dir``) instead, unless
+    ``publish=True``. Either way the run executes into a staging folder and its files are
+    renamed into place only after every cell succeeded; a failed run keeps its partly
+    executed notebook at ``runs/failed/<slug>.ipynb`` and raises :class:`RunFailed`.
     """
+    import shutil
+
     import papermill
 
     root = root or repo_root()
@@ -83,31 +114,50 @@ def run(chapter: str, preset: str = "book", parameters: dict | None = None, root
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for {source.name}; "
                          f"valid parameters: {', '.join(known)}")
-    saved_results_dir = os.environ.get("REPLBOOK_RESULTS_DIR")
-    if preset == "smoke":
-        out_dir = root / "runs" / "smoke"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        target = out_dir / source.name
-        os.environ["REPLBOOK_RESULTS_DIR"] = str(out_dir / "results")  # the kernel inherits it
+    if publish is None:
+        publish = preset in ("book", "paper") and not parameters and out_dir is None
+    if publish and preset == "smoke":
+        raise ValueError("preset='smoke' runs are never published to results/; drop publish")
+    slug = source.stem
+    if publish:
+        final_notebook, final_results = source, root / "results" / f"{slug}.json"
     else:
-        target = source
-    fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}.", suffix=".ipynb", dir=target.parent)
-    os.close(fd)
+        folder = Path(out_dir) if out_dir else _experiment_folder(root, preset, parameters)
+        final_notebook, final_results = folder / source.name, folder / "results" / f"{slug}.json"
+    (root / "runs").mkdir(exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".staging-{slug}.", dir=root / "runs"))
+    staged_notebook, staged_results = stage / source.name, stage / "results"
+    saved_results_dir = os.environ.get("REPLBOOK_RESULTS_DIR")
+    os.environ["REPLBOOK_RESULTS_DIR"] = str(staged_results)  # the kernel inherits it
     try:
-        papermill.execute_notebook(
-            str(source), tmp, parameters={"preset": preset, **parameters},
-            cwd=str(source.parent), kernel_name="python3", progress_bar=True,
-        )
-        clean_metadata(Path(tmp))
-        os.replace(tmp, target)
+        try:
+            papermill.execute_notebook(
+                str(source), str(staged_notebook), parameters={"preset": preset, **parameters},
+                cwd=str(source.parent), kernel_name="python3", progress_bar=progress,
+            )
+        except papermill.PapermillExecutionError as err:
+            kept = root / "runs" / "failed" / source.name
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            if staged_notebook.exists():
+                os.replace(staged_notebook, kept)
+            raise RunFailed(slug, err.cell_index, err.ename, str(err.evalue), kept,
+                            "\n".join(err.traceback or [])) from None
+        result_file = staged_results / f"{slug}.json"
+        if not result_file.exists():
+            raise RuntimeError(f"{slug} ran to the end but saved no results (its run.save cell did not write "
+                               f"{result_file.name})")
+        clean_metadata(staged_notebook)
+        final_notebook.parent.mkdir(parents=True, exist_ok=True)
+        final_results.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged_notebook, final_notebook)
+        os.replace(result_file, final_results)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(stage, ignore_errors=True)
         if saved_results_dir is None:
             os.environ.pop("REPLBOOK_RESULTS_DIR", None)
         else:
             os.environ["REPLBOOK_RESULTS_DIR"] = saved_results_dir
-    return target
+    return final_notebook
 
 
 def needs_execution(notebook: Path, root: Path) -> bool:
@@ -141,23 +191,44 @@ def build(root: Path | None = None, execute_missing: bool = True, out: Path | No
     return index
 
 
+def _terminate_as_interrupt(signum, frame):  # SIGTERM cleans up like Ctrl-C: staging folders go
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     parser = argparse.ArgumentParser(prog="replbook", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="execute one chapter with papermill")
-    p_run.add_argument("chapter", help="two-digit chapter number, e.g. 00")
+    p_run.add_argument("chapter", help="chapter number, e.g. 00 (or 0)")
     p_run.add_argument("--preset", default="book", help=f"one of {', '.join(PRESETS)}")
-    p_run.add_argument("-p", "--parameter", action="append", default=[], metavar="NAME=VALUE")
+    p_run.add_argument("-p", "--parameter", action="append", nargs="+", default=[], metavar="NAME=VALUE",
+                       help="override a parameter: -p name=value or -p name value")
+    p_run.add_argument("--publish", action="store_true",
+                       help="publish to notebooks/ and results/ even with -p overrides (book or paper preset)")
+    p_stab = sub.add_parser("stability", help="rerun a chapter at the book preset over seeds, record its verdicts, "
+                                                   "then publish the committed seed's run (which shows the record)")
+    p_stab.add_argument("chapter", help="chapter number, e.g. 06")
+    p_stab.add_argument("--seeds", type=int, default=3, help="how many seeds (the committed one included)")
     p_build = sub.add_parser("build", help="regenerate the scoreboard and build the site")
     p_build.add_argument("--no-execute", action="store_true", help="do not execute chapters lacking results")
     sub.add_parser("scoreboard", help="regenerate the scoreboard files only")
-    p_annotate = sub.add_parser("annotate", help="write chapter 02's skill rationales (once; ~10 min on 2 cores)")
+    p_annotate = sub.add_parser("annotate", help="write chapter 02's skill rationales (once; ~6 min on 2 cores)")
     p_annotate.add_argument("--preset", default="book", help="one of smoke, book, paper")
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         if args.command == "run":
-            print(run(args.chapter, args.preset, parse_parameters(args.parameter)))
+            if args.publish and args.preset == "smoke":
+                raise ValueError("--publish: smoke runs are never published; use --preset book or paper")
+            print(run(args.chapter, args.preset, parse_parameters(args.parameter),
+                      publish=True if args.publish else None))
+        elif args.command == "stability":
+            from . import stability
+
+            print(stability.run(args.chapter, args.seeds))
         elif args.command == "build":
             build(execute_missing=not args.no_execute)
         elif args.command == "annotate":
@@ -169,9 +240,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"replbook: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:
+        print(f"replbook: {err}", file=sys.stderr)  # the one line first, then the traceback
+        if err.traceback:
+            print(err.traceback, file=sys.stderr)
+        return 1
     except RuntimeError as err:
         print(f"replbook: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("replbook: interrupted; nothing was published", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -32,10 +32,13 @@ def repo_root(start: Path | None = None) -> Path:
 
 
 def results_dir() -> Path:
-    """``$REPLBOOK_RESULTS_DIR`` (tests and smoke runs point it elsewhere), else ``<repo>/results``."""
+    """Where a running chapter writes its results file: ``$REPLBOOK_RESULTS_DIR`` (``replbook
+    run`` points it at a staging folder, nbval and the tests at theirs), else
+    ``<repo>/runs/unpublished`` — a notebook started by papermill or Jupyter directly never
+    writes ``results/``; only ``replbook run`` publishes a finished book or paper run there."""
     if os.environ.get("REPLBOOK_RESULTS_DIR"):
         return Path(os.environ["REPLBOOK_RESULTS_DIR"])
-    return repo_root() / "results"
+    return repo_root() / "runs" / "unpublished"
 
 
 def cache_dir(*parts: str) -> Path:

@@ -5,30 +5,37 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .results import BADGE, load_all
+from .results import BADGE, agreement, load_all, load_stability, stability_current
 
 
-def rows(results: list[dict[str, Any]]) -> list[dict[str, str]]:
+def rows(results: list[dict[str, Any]], root: Path | None = None) -> list[dict[str, str]]:
     out = []
     for r in results:
+        record = load_stability(r["slug"], root)
+        if record and not stability_current(record, r["slug"], root):
+            record = None  # made before the chapter's rule or method changed: not shown
         for v in r["verdicts"]:
             out.append({
                 "slug": r["slug"], "chapter": f"{r['slug'][:2]} {r['title']}", "claim": v["claim"],
                 "statement": v["statement"], "verdict": v["verdict"], "preset": r["preset"],
+                "seeds": agreement(record, v["claim"]),
                 "runtime": f"{r['runtime_seconds'] / 60:.1f} min", "date": r["date"],
             })
     return out
 
 
-def markdown(results: list[dict[str, Any]], link_prefix: str = "../notebooks/", brief: bool = False) -> str:
-    """A markdown table: chapter, claim, verdict, preset, runtime (and the claim text unless brief)."""
+def markdown(results: list[dict[str, Any]], link_prefix: str = "../notebooks/", brief: bool = False,
+             root: Path | None = None) -> str:
+    """A markdown table: chapter, claim, verdict, how many seeds agree on it (from
+    ``results/stability/``; — where no current record exists), preset, runtime (and the
+    claim text unless brief)."""
     if not results:
         return "*No results yet: run a chapter (`make run PAPER=00`).*\n"
-    head = ["Chapter", "Claim", "Verdict", "Preset", "Runtime"] if brief else \
-        ["Chapter", "Claim", "Statement", "Verdict", "Preset", "Runtime", "Date"]
+    head = ["Chapter", "Claim", "Verdict", "Seeds agree", "Preset", "Runtime"] if brief else \
+        ["Chapter", "Claim", "Statement", "Verdict", "Seeds agree", "Preset", "Runtime", "Date"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     last = None
-    for row in rows(results):
+    for row in rows(results, root):
         chapter = row["chapter"] if row["slug"] != last else ""
         if chapter and link_prefix:
             chapter = f"[{chapter}]({link_prefix}{row['slug']}.ipynb)"
@@ -36,7 +43,7 @@ def markdown(results: list[dict[str, Any]], link_prefix: str = "../notebooks/", 
         cells = [chapter, row["claim"]]
         if not brief:
             cells.append(row["statement"].replace("|", "\\|"))
-        cells += [BADGE[row["verdict"]], row["preset"], row["runtime"]]
+        cells += [BADGE[row["verdict"]], row["seeds"], row["preset"], row["runtime"]]
         if not brief:
             cells.append(row["date"])
         lines.append("| " + " | ".join(cells) + " |")

@@ -688,7 +688,7 @@ SEGMENTERS = ("threshold", "maskrcnn", "maskrcnn-untrained")
 _BOOK = {
     "data": "scenes", "n_train": 4000, "n_test": 500, "width": 64, "depth": 4, "heads": 4, "embed_dim": 64,
     "patch": 8, "image_size": 64, "text_queries": 4, "epochs": 10, "lr": 1e-3, "batch": 256,
-    "text_model": "minilm-l6", "segmenter": "threshold", "seeds": [0, 1, 2], "threads": 2,
+    "text_model": "minilm-l6", "segmenter": "threshold", "seeds": [0, 1, 2], "data_seed": 0, "threads": 2,
 }
 PRESETS = {
     "smoke": {**_BOOK, "n_train": 256, "n_test": 64, "width": 32, "depth": 1, "heads": 2, "embed_dim": 32,
@@ -731,10 +731,11 @@ def load_data(cfg) -> dict[str, Split]:
     """``train`` plus the test splits: generated scenes (``held-out combinations``:
     every scene has a colour–shape pair never seen in training; ``seen combinations``),
     or a local COCO folder (``data`` = its path; ``test`` = the first ``n_test`` val images)."""
-    if cfg.data == "scenes":
-        return {"train": scene_split(cfg.n_train, False, 1),
-                "held-out combinations": scene_split(cfg.n_test, True, 2, partners=True),
-                "seen combinations": scene_split(cfg.n_test, False, 3, partners=True)}
+    if cfg.data == "scenes":  # data_seed 0 draws the scenes with seeds 1, 2, 3; each data seed its own
+        first = 3 * cfg.data_seed + 1
+        return {"train": scene_split(cfg.n_train, False, first),
+                "held-out combinations": scene_split(cfg.n_test, True, first + 1, partners=True),
+                "seen combinations": scene_split(cfg.n_test, False, first + 2, partners=True)}
     from pathlib import Path
 
     if not (Path(cfg.data) / "annotations").is_dir():

@@ -468,13 +468,22 @@ def corpus_settings(cfg) -> dict:
 
 
 def annotation_file(cfg) -> Path:
-    """Where a preset's annotations live: the book preset's are committed with the code;
-    the smoke and paper presets write theirs to the cache."""
-    if cfg.preset != "book":
-        from .paths import cache_dir
+    """Where a corpus's annotations live: the book preset's own corpus has them committed
+    with the code; any other corpus (the smoke and paper presets, another seed or task mix,
+    as the stability runs draw) keeps its own in the cache, named by the corpus and writer,
+    so writing them never replaces the committed ones."""
+    import hashlib
 
-        return cache_dir("skillslices") / f"{cfg.preset}-annotations.json"
-    return ANNOTATIONS_DIR / "02_skill_slices.book.json"
+    from . import config
+
+    settings = corpus_settings(cfg)
+    book = config.resolve(PRESETS, "book")
+    if cfg.preset == "book" and settings == corpus_settings(book) and cfg.rationale_model == book.rationale_model:
+        return ANNOTATIONS_DIR / "02_skill_slices.book.json"
+    from .paths import cache_dir
+
+    digest = hashlib.sha256(json.dumps([settings, cfg.rationale_model]).encode()).hexdigest()[:12]
+    return cache_dir("skillslices") / f"{cfg.preset}-{digest}-annotations.json"
 
 
 def annotate(cfg, progress: bool = True) -> Path:

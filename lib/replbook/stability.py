@@ -1,0 +1,111 @@
+"""How often a chapter's verdicts come out the same with another seed.
+
+``replbook stability NN --seeds K`` reruns a chapter at the book preset K times,
+each with every seed parameter it has moved together (``seed``, ``data_seed``, the
+list ``seeds``: data draws, training and trained organisms such as chapter 05's
+backbone and chapter 06's projector all follow them, and their caches key on
+them), and writes ``results/stability/<slug>.json``: per claim, how many seeds
+gave each verdict, and the spread of the numbers its decisive rule reads. Seed
+indices 1 … K−1 run under ``runs/stability/``; index 0 is the committed seed, run
+last and published like ``replbook run``, so the chapter's verdict section reads
+the record (K book runs in all). The record carries the chapter's
+:func:`results.code_version`; the tests fail when the chapter's rule or method
+changed after the record was made.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import results
+from .paths import repo_root
+
+SEED_PARAMETERS = ("seed", "data_seed", "seeds")
+# what else a chapter needs when its seed moves: chapter 02's corpus is drawn from the seed,
+# and a new corpus needs its own rationales (same writer and prompt; ~6 min each, written to
+# the cache, never over the committed ones)
+EXTRA_OVERRIDES = {"02_skill_slices": {"rationales": "regenerate"}}
+
+
+def seed_overrides(config: Mapping[str, Any], index: int) -> dict[str, Any]:
+    """The parameters that move a chapter to its ``index``-th stability seed (0: unchanged).
+
+    ``seed`` and ``data_seed`` become ``committed + index``; a list ``seeds`` (chapters
+    that already average over a few seeds) is shifted past itself, so the runs of two
+    indices never share a seed: [0, 1, 2] -> [3, 4, 5] at index 1."""
+    present = [p for p in SEED_PARAMETERS if p in config]
+    if not present:
+        raise ValueError(f"the chapter has none of the seed parameters {SEED_PARAMETERS}; cannot vary its seed")
+    if index < 0:
+        raise ValueError(f"index={index}: must be ≥ 0")
+    out: dict[str, Any] = {}
+    for name in present:
+        value = config[name]
+        if name == "seeds":
+            seeds = list(value)
+            out[name] = [s + index * (max(seeds) - min(seeds) + 1) for s in seeds]
+        else:
+            out[name] = int(value) + index
+    return out if index else {}
+
+
+def summarize(slug: str, runs: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per claim: the count of each verdict over the runs, and each decisive number's spread
+    (see :func:`results.stability_claims`)."""
+    return results.stability_claims(runs)
+
+
+def _entry(index: int, overrides: dict, saved: Mapping[str, Any], source: str) -> dict[str, Any]:
+    return {"index": index, "overrides": overrides, "source": source,
+            "runtime_seconds": saved.get("runtime_seconds"),
+            "verdicts": {v["claim"]: v["verdict"] for v in saved["verdicts"]},
+            "numbers": {v["claim"]: v.get("numbers", {}) for v in saved["verdicts"]}}
+
+
+def run(chapter: str, seeds: int = 3, root: Path | None = None, progress: bool = True) -> Path:
+    """Rerun ``chapter`` at the book preset with seed indices 1 … seeds−1 (under ``runs/``),
+    write their record, then publish a fresh book run of the committed seed (index 0): its
+    notebook reads the record, so its verdict section shows how many seeds agree, and the
+    record is completed with it. Returns the record's path."""
+    from tqdm.auto import tqdm
+
+    from . import cli
+
+    if seeds < 2:
+        raise ValueError(f"seeds={seeds}: a stability record needs at least 2")
+    root = root or repo_root()
+    slug = cli.notebook_for(chapter, root).stem
+    committed_path = root / "results" / f"{slug}.json"
+    if not committed_path.exists():
+        raise ValueError(f"{slug} has no committed results: run `replbook run {slug[:2]}` first")
+    committed = json.loads(committed_path.read_text())
+    if committed["preset"] != "book":
+        raise ValueError(f"results/{slug}.json is a {committed['preset']!r} run; stability is recorded at the book preset")
+    version = results.code_version(slug, root)
+    others = []
+    for index in tqdm(range(1, seeds), desc=f"{slug}: other seeds", disable=not progress):
+        overrides = {**seed_overrides(committed["config"], index), **EXTRA_OVERRIDES.get(slug, {})}
+        folder = root / "runs" / "stability" / slug / f"seed-{index}"
+        cli.run(chapter, "book", overrides, root=root, publish=False, out_dir=folder, progress=False)
+        saved = json.loads((folder / "results" / f"{slug}.json").read_text())
+        others.append(_entry(index, overrides, saved, f"runs/stability/{slug}/seed-{index}"))
+    path = root / "results" / "stability" / f"{slug}.json"
+
+    def write(runs):
+        if results.code_version(slug, root) != version:
+            raise RuntimeError(f"{slug}'s code changed while its stability runs ran; start again")
+        return results.write_atomic(path, {
+            "slug": slug, "title": committed["title"], "preset": "book", "code_version": version,
+            "seeds": [r["index"] for r in runs], "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+            "runs": runs, "claims": summarize(slug, runs)})
+
+    write(others)  # the committed seed's run below reads these
+    print(f"{slug}: publishing the committed seed's run, which shows the record")
+    cli.run(chapter, "book", root=root, progress=progress)
+    published = json.loads(committed_path.read_text())
+    return write([_entry(0, {}, published, f"results/{slug}.json"), *others])

@@ -1,0 +1,182 @@
+"""The numeric regression guard: every metric of every chapter, re-executed by nbval at the
+book preset, against the committed ``results/*.json`` within the tolerance the chapter
+declares beside its metrics (``results.compare``). nbval checks the printed verdict lines
+and config; this checks the numbers.
+
+Proof that it guards: each chapter in ``MUTATIONS`` is re-executed with one plausible bug
+injected into its core method — a cell inserted after setup replaces one function — and
+the guard must fail on it. Injected code never runs inside a cache build (the functions
+replaced are evaluated after any cached model is loaded), so a mutated run cannot poison
+the cache.
+
+Chapter 00's proof runs in every ``make test``. The other three re-execute a whole chapter
+each (~20 minutes together on a 2-core machine, more than CI's budget leaves), so they are
+run by hand — ``make guard-proofs`` — and recorded in ``results/guard/injected_bugs.json``
+with a fingerprint of everything the proof depends on: the chapter's code version, its
+committed tolerances, the guard's own code (``results.py``) and the injected code. CI checks
+that each record is current and shows the guard failing; any change to one of those four
+makes the record stale and the test fails until the proof is rerun.
+"""
+import hashlib
+import inspect
+import json
+import os
+import sys
+
+import nbformat
+import papermill
+import pytest
+
+from conftest import NBVAL_RESULTS, ROOT, nbval_active
+from replbook import results
+
+SLUGS = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def committed(slug: str) -> dict:
+    return json.loads((ROOT / "results" / f"{slug}.json").read_text())
+
+
+@pytest.mark.after_nbval
+@pytest.mark.parametrize("slug", SLUGS)
+def test_rerun_matches_the_committed_numbers(slug, request):
+    if not nbval_active(request.config):
+        pytest.skip("compares nbval's re-execution: run with --nbval notebooks (make test does)")
+    fresh = NBVAL_RESULTS / f"{slug}.json"
+    assert fresh.exists(), f"nbval's re-execution of {slug} wrote no results: see its nbval failure"
+    problems = results.compare(json.loads(fresh.read_text()), committed(slug))
+    assert not problems, f"{slug}: {len(problems)} numbers moved beyond their tolerance:\n" + "\n".join(problems[:40])
+
+
+def test_every_committed_result_declares_tolerances_covering_every_number():
+    for slug in SLUGS:
+        saved = committed(slug)
+        assert saved.get("tolerances"), f"{slug} declares no tolerances"
+        assert results.compare(saved, saved) == [], f"{slug}: a number no tolerance pattern covers"
+
+
+# ----------------------------------------------------------------------------- injected bugs
+
+MUTATIONS = {
+    # the issue's example: logits scaled inside the next-token reading (P(Paris) 0.77 -> much lower)
+    "00_model_zoo": '''
+import torch
+from replbook import zoo as _zoo
+@torch.no_grad()
+def _scaled(lm, prompt=_zoo.PROMPT, k=5):
+    ids = lm.tokenizer(prompt, return_tensors="pt").input_ids.to(lm.model.device)
+    probs = (0.25 * lm.model(ids).logits[0, -1].float()).softmax(-1)  # INJECTED: logits scaled
+    top = probs.topk(k)
+    return [(lm.tokenizer.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
+_zoo.next_token_distribution = _scaled
+''',
+    # one term dropped from IntCoOp's loss: the attribute supervision
+    "03_intcoop": '''
+import torch.nn as _nn
+from replbook import intcoop as _intcoop
+def _no_attribute_term(self, images, labels, classes, attributes):
+    per_attribute = self._per_attribute(classes)
+    task = _nn.functional.cross_entropy(self._logits(images, per_attribute), labels)
+    regularizer = ((per_attribute - self.hand_prompts(classes)) ** 2).sum(-1).mean()
+    return task + self.regularizer_weight * regularizer  # INJECTED: attribute term dropped
+_intcoop.IntCoOp.loss = _no_attribute_term
+''',
+    # CompAttribute without centring the components' projections (one term dropped)
+    "09_vit_decompose": '''
+import torch
+from replbook import vitdecomp as _vd
+def _uncentred(mapped, basis):
+    total = mapped.sum(1) @ basis.T
+    parts = torch.einsum("nce,ke->nck", mapped, basis)
+    total = total - total.mean(0)  # INJECTED: parts no longer centred
+    corr = (parts * total[:, None]).sum(0) / (parts.norm(dim=0) * total.norm(dim=0)[None]).clamp(min=1e-12)
+    return corr.mean(-1)
+_vd.component_scores = _uncentred
+''',
+    # one sign flipped in the tangible tokens' box geometry when the encoders are evaluated
+    "10_semantic_tokens": '''
+import dataclasses
+from replbook import semtokens as _st
+_evaluate = _st.evaluate
+def _flipped(model, images, texts, partner_images=None):
+    flip = lambda x: dataclasses.replace(x, geometry=-x.geometry) if isinstance(x, _st.Tokens) else x  # INJECTED
+    return _evaluate(model, flip(images), texts, None if partner_images is None else flip(partner_images))
+_st.evaluate = _flipped
+''',
+}
+
+
+# chapters whose proof runs in every `make test`; the others are recorded by `make guard-proofs`
+LIVE = ("00_model_zoo",)
+RECORD = ROOT / "results" / "guard" / "injected_bugs.json"
+RECORDING = os.environ.get("REPLBOOK_RECORD_GUARD_PROOFS") == "1"
+
+
+def proof_fingerprint(slug: str) -> str:
+    """What a recorded proof depends on: change any of it and the proof must be rerun."""
+    parts = [results.code_version(slug, ROOT),
+             json.dumps(committed(slug)["tolerances"], sort_keys=True),
+             inspect.getsource(results),
+             MUTATIONS[slug]]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def run_with_injected_bug(slug: str, tmp_path, monkeypatch) -> list[str]:
+    source = ROOT / "notebooks" / f"{slug}.ipynb"
+    nb = nbformat.read(source, as_version=4)
+    setup = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "results.Run(" in c.source)
+    nb.cells.insert(setup + 1, nbformat.v4.new_code_cell(MUTATIONS[slug]))
+    mutated = tmp_path / source.name
+    nbformat.write(nb, mutated)
+    monkeypatch.setenv("REPLBOOK_RESULTS_DIR", str(tmp_path / "results"))
+    papermill.execute_notebook(str(mutated), str(tmp_path / "out.ipynb"), parameters={"preset": "book"},
+                               cwd=str(source.parent), kernel_name="python3", progress_bar=False)
+    rerun = json.loads((tmp_path / "results" / f"{slug}.json").read_text())
+    return results.compare(rerun, committed(slug))
+
+
+def assert_guard_fails(slug: str, problems: list[str]):
+    assert problems, f"{slug}: the injected bug moved no number beyond its tolerance — the guard is blind here"
+    assert any(p.startswith(("metrics.", "verdicts.")) for p in problems), (
+        f"{slug}: only config or bookkeeping moved, no measured number: {problems[:5]}")
+
+
+@pytest.mark.after_nbval
+@pytest.mark.parametrize("slug", sorted(MUTATIONS))
+def test_the_guard_fails_on_an_injected_bug(slug, tmp_path, monkeypatch):
+    if slug not in LIVE and not RECORDING:
+        pytest.skip("a whole-chapter re-execution: recorded by `make guard-proofs`, checked by "
+                    "test_recorded_guard_proofs_are_current")
+    problems = run_with_injected_bug(slug, tmp_path, monkeypatch)
+    if RECORDING:  # record before asserting, so a blind guard is on record too
+        record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
+        record[slug] = {"fingerprint": proof_fingerprint(slug), "code_version": results.code_version(slug, ROOT),
+                        "injected": MUTATIONS[slug].strip(), "problems": len(problems),
+                        "first_problems": problems[:12]}
+        RECORD.parent.mkdir(parents=True, exist_ok=True)
+        RECORD.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+    assert_guard_fails(slug, problems)
+
+
+@pytest.mark.parametrize("slug", sorted(set(MUTATIONS) - set(LIVE)))
+def test_recorded_guard_proofs_are_current(slug):
+    """The by-hand proofs: recorded for today's chapter code, tolerances, guard and bug, and failing."""
+    record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
+    assert slug in record, f"no recorded guard proof for {slug}: run `make guard-proofs`"
+    entry = record[slug]
+    assert entry["fingerprint"] == proof_fingerprint(slug), (
+        f"{slug}'s guard proof is stale (its code, tolerances, the guard or the injected bug changed since "
+        f"it was recorded for code version {entry['code_version']}): run `make guard-proofs`")
+    assert entry["problems"] >= len(entry["first_problems"])
+    assert_guard_fails(slug, entry["first_problems"])
+
+
+def test_a_stale_or_blind_proof_record_is_refused(monkeypatch):
+    """The record check itself can fail: a changed tolerance makes the fingerprint move."""
+    slug = "09_vit_decompose"
+    before = proof_fingerprint(slug)
+    loose = dict(committed(slug), tolerances={"**": results.band(abs=1e9)})
+    monkeypatch.setattr(sys.modules[__name__], "committed", lambda s: loose)
+    assert proof_fingerprint(slug) != before
+    with pytest.raises(AssertionError, match="blind"):
+        assert_guard_fails(slug, [])
