@@ -26,11 +26,11 @@ def test_seed_overrides_move_every_seed_parameter_and_never_reuse_a_seed():
         stability.seed_overrides({"n": 1}, 1)
 
 
-def test_summarize_counts_verdicts_and_spreads_numbers():
+def test_stability_claims_count_verdicts_and_spread_numbers():
     runs = [{"index": 0, "verdicts": {"C1": "reproduced", "C2": "partly reproduced"}, "numbers": {"C1": {"gain": 0.3}}},
             {"index": 1, "verdicts": {"C1": "reproduced", "C2": "not reproduced"}, "numbers": {"C1": {"gain": 0.1}}},
             {"index": 2, "verdicts": {"C1": "not reproduced", "C2": "not reproduced"}, "numbers": {"C1": {"gain": -0.1}}}]
-    claims = stability.summarize("x", runs)
+    claims = results.stability_claims(runs)
     assert claims["C1"]["counts"] == {"reproduced": 2, "not reproduced": 1} and claims["C1"]["committed"] == "reproduced"
     assert claims["C1"]["numbers"]["gain"]["min"] == -0.1 and claims["C1"]["numbers"]["gain"]["max"] == 0.3
     assert claims["C2"]["counts"] == {"partly reproduced": 1, "not reproduced": 2}

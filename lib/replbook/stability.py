@@ -53,11 +53,6 @@ def seed_overrides(config: Mapping[str, Any], index: int) -> dict[str, Any]:
     return out if index else {}
 
 
-def summarize(slug: str, runs: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """Per claim: the count of each verdict over the runs, and each decisive number's spread
-    (see :func:`results.stability_claims`)."""
-    return results.stability_claims(runs)
-
 
 def _entry(index: int, overrides: dict, saved: Mapping[str, Any], source: str) -> dict[str, Any]:
     return {"index": index, "overrides": overrides, "source": source,
@@ -102,7 +97,7 @@ def run(chapter: str, seeds: int = 3, root: Path | None = None, progress: bool =
             "slug": slug, "title": committed["title"], "preset": "book", "code_version": version,
             "seeds": [r["index"] for r in runs], "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
-            "runs": runs, "claims": summarize(slug, runs)})
+            "runs": runs, "claims": results.stability_claims(runs)})
 
     write(others)  # the committed seed's run below reads these
     print(f"{slug}: publishing the committed seed's run, which shows the record")
