@@ -63,7 +63,7 @@ def fake_papermill(monkeypatch):
     calls = []
 
     def execute(source, out, parameters, **kwargs):
-        calls.append(parameters)
+        calls.append({**parameters, "environment": {k: os.environ.get(k) for k in cli.OFFLINE_ENVIRONMENT}})
         Path(out).write_text(json.dumps({"cells": [], "metadata": {"papermill": {"duration": 1}}, "partial": True}))
         if parameters.get("fail"):
             raise papermill.PapermillExecutionError(7, 3, "x = 1 / 0", "ZeroDivisionError", "division by zero",
@@ -75,6 +75,7 @@ def fake_papermill(monkeypatch):
 
     monkeypatch.setattr(papermill, "execute_notebook", execute)
     monkeypatch.setattr(cli, "notebook_parameters", lambda path: ["seed", "fail"])
+    monkeypatch.setattr(cli, "check_parameters", lambda *a: None)  # "fail" is this stand-in's own parameter
     return calls
 
 
@@ -94,6 +95,31 @@ def test_only_a_finished_book_run_without_overrides_is_published(book, fake_pape
     assert "duration" not in (book / "notebooks" / "00_model_zoo.ipynb").read_text()  # cleaned of timings
     assert cli.run("00", "book", {"seed": 3}, root=book, publish=True) == book / "notebooks" / "00_model_zoo.ipynb"
     assert not [p for p in (book / "runs").iterdir() if p.name.startswith(".staging")], "staging folder left behind"
+
+
+def test_smoke_and_book_runs_are_offline_and_the_paper_preset_may_reach_the_hub(book, fake_papermill, monkeypatch):
+    for name in cli.OFFLINE_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    cli.run("00", "smoke", root=book)
+    cli.run("00", "book", {"seed": 2}, root=book)
+    cli.run("00", "paper", {"seed": 1}, root=book)
+    smoke, book_run, paper = (call["environment"] for call in fake_papermill)
+    assert smoke == book_run == {name: "1" for name in cli.OFFLINE_ENVIRONMENT}
+    assert paper == {name: None for name in cli.OFFLINE_ENVIRONMENT}
+    assert not any(name in __import__("os").environ for name in cli.OFFLINE_ENVIRONMENT), "the caller's environment changed"
+
+
+def test_a_killed_runs_staging_folder_is_removed_after_a_day(book, fake_papermill):
+    import os
+    import time
+
+    runs = book / "runs"
+    killed, running = runs / ".staging-00_model_zoo.killed", runs / ".staging-01_restor.running"
+    killed.mkdir(parents=True), running.mkdir()
+    day_ago = time.time() - 24 * 3600 - 60
+    os.utime(killed, (day_ago, day_ago))
+    cli.run("00", "smoke", root=book)
+    assert not killed.exists() and running.exists()
 
 
 def test_a_failed_run_publishes_nothing_and_keeps_its_notebook(book, fake_papermill, capsys, monkeypatch):
@@ -123,14 +149,23 @@ def test_a_run_that_saves_no_results_is_not_published(book, fake_papermill, monk
 
 def test_failed_smoke_run_of_loki_writes_no_results(book):
     """The issue's case: ``replbook run 08 --preset smoke -p timing_repeats=0`` failed but
-    its results JSON was written. It must exit 1, say which cell failed, keep the notebook
-    and write no results anywhere."""
-    done = subprocess.run([sys.executable, "-m", "replbook.cli", "run", "08", "--preset", "smoke",
-                           "-p", "timing_repeats=0"], cwd=book, capture_output=True, text=True,
+    its results JSON was written. That value is now refused before a kernel starts
+    (tests/test_parameters.py); here the chapter fails in a cell *after* its results were
+    saved (a cell appended to the notebook raises): it must exit 1, say which cell failed,
+    keep the notebook and write no results anywhere."""
+    import nbformat
+
+    notebook = book / "notebooks" / "08_loki.ipynb"
+    nb = nbformat.read(notebook, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell('raise RuntimeError("a failure after run.save")'))
+    nbformat.write(nb, notebook)
+    done = subprocess.run([sys.executable, "-m", "replbook.cli", "run", "08", "--preset", "smoke"],
+                          cwd=book, capture_output=True, text=True,
                           env={**__import__("os").environ, "REPLBOOK_ROOT": str(book)})
     assert done.returncode == 1, done.stderr[-2000:]
     first = next(line for line in done.stderr.splitlines() if line.startswith("replbook:"))
     assert first.startswith("replbook: 08_loki failed in cell ") and "runs/failed/08_loki.ipynb" in first
+    assert "RuntimeError: a failure after run.save" in first
     assert (book / "runs" / "failed" / "08_loki.ipynb").exists()
     assert not list(book.glob("runs/**/results/08_loki.json"))
     committed = json.loads((book / "results" / "08_loki.json").read_text())
@@ -176,3 +211,44 @@ def test_needs_execution(tmp_path):
     assert not cli.needs_execution(nb, tmp_path)
     nb.write_text(json.dumps({"cells": [{"cell_type": "code", "source": ["1"], "execution_count": None}]}))
     assert cli.needs_execution(nb, tmp_path)
+
+
+# A socket guard every Python process of the run loads (the kernel too): a connection to any
+# address but the loopback (the kernel talks to papermill over it) is written down and refused.
+_SOCKET_GUARD = r'''
+import os, socket
+_connect = socket.socket.connect
+def _guarded(self, address):
+    host = address[0] if isinstance(address, tuple) else address
+    if self.family in (socket.AF_INET, socket.AF_INET6) and host not in ("127.0.0.1", "::1", "localhost"):
+        with open(os.environ["REPLBOOK_SOCKET_LOG"], "a") as log:
+            log.write(f"{os.getpid()} tried to connect to {address}\n")
+        raise OSError(f"network access during an offline run: {address}")
+    return _connect(self, address)
+socket.socket.connect = _guarded
+'''
+
+
+def test_a_smoke_run_on_a_cold_cache_makes_no_network_lookup(book, tmp_path):
+    """The issue's case: building the tiny sentence encoder looked up the hub for a model
+    card. Chapter 00's smoke run on an empty cache, in a network namespace with no network
+    (``unshare -n``, loopback up for the kernel) and with the socket guard above: it must
+    finish, and no process may have tried to connect anywhere. ``replbook run`` sets the
+    offline variables itself: they are removed from the environment here."""
+    import os
+    import shutil as sh
+
+    if not sh.which("unshare") or subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode:
+        pytest.skip("this machine does not allow a network namespace (unshare -n)")
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(_SOCKET_GUARD)
+    log = tmp_path / "connections.log"
+    env = {k: v for k, v in os.environ.items() if k not in cli.OFFLINE_ENVIRONMENT}
+    env.update(REPLBOOK_ROOT=str(book), REPLBOOK_CACHE=str(tmp_path / "cold-cache"), REPLBOOK_SOCKET_LOG=str(log),
+               PYTHONPATH=os.pathsep.join([str(guard), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    script = f"ip link set lo up && exec {sys.executable} -m replbook.cli run 00 --preset smoke"
+    done = subprocess.run(["unshare", "-n", "sh", "-c", script], cwd=book, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not log.exists(), log.read_text()
+    assert (book / "runs" / "smoke" / "results" / "00_model_zoo.json").exists()

@@ -20,6 +20,12 @@ def test_a_notice_only_stream_is_dropped_and_other_lines_are_kept():
     assert cold[0]["text"] == notice, "the notebook's own outputs are not modified"
 
 
+def test_the_cache_verification_lines_are_notices_too():
+    for line in ("cache entry 80eed469527535b8f56f3395.pt predates checksums; hashing it once\n",
+                 "cache entry smollm2-135m-a3165e95: model.safetensors fails its sha256 (damaged); building it again\n"):
+        assert without_cache_notices([stream(line + "R@1 0.25\n")])[0]["text"] == "R@1 0.25\n"
+
+
 def test_a_measured_line_that_merely_mentions_fetching_is_still_compared():
     kept = without_cache_notices([stream("fetching took 3 tries; accuracy 0.91\n")])
     assert kept and kept[0]["text"] == "fetching took 3 tries; accuracy 0.91\n"

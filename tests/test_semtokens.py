@@ -189,9 +189,11 @@ def test_training_lowers_the_loss_and_is_cached(tmp_path, monkeypatch):
 
 
 def test_unknown_data_and_segmenter_fail_clearly():
-    cfg = config.resolve(semtokens.PRESETS, "smoke", data="/nowhere")
+    with pytest.raises(config.ParameterError, match="data='/nowhere' is not allowed.*COCO folder holding annotations"):
+        config.resolve(semtokens.PRESETS, "smoke", data="/nowhere")  # refused before anything loads
+    cfg = config.Config({**config.resolve(semtokens.PRESETS, "smoke"), "data": "/nowhere"})
     with pytest.raises(ValueError, match="data='/nowhere': use 'scenes' or the path of a COCO folder"):
-        semtokens.load_data(cfg)
+        semtokens.load_data(cfg)  # and, past the rules, by the loader itself
     with pytest.raises(ValueError, match=r"segmenter='sam': choose from \('threshold', 'maskrcnn', 'maskrcnn-untrained'\)"):
         semtokens.segment_images(np.zeros((1, 64, 64, 3), np.uint8), "sam")
 

@@ -17,11 +17,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import scoreboard
+from . import config, scoreboard
 from .config import PRESETS
 from .paths import repo_root
 
 VOLATILE_CELL_METADATA = ("execution", "papermill")
+# the smoke and book presets run offline, the way a reader's laptop may be: the kernel
+# inherits these, so no library looks up the hub (only the paper preset names hub models)
+OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                       "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
 def notebook_for(chapter: str, root: Path) -> Path:
@@ -56,6 +60,23 @@ def parse_parameters(pairs: list) -> dict:
     return out
 
 
+def chapter_module(notebook: Path):
+    """The ``replbook`` module whose ``PRESETS`` the notebook's parameters cell reads."""
+    import importlib
+    import re
+
+    found = re.search(r"config\.from_notebook\((\w+)\.PRESETS", notebook.read_text())
+    if not found:
+        raise ValueError(f"{notebook.name} does not call config.from_notebook(<module>.PRESETS, globals())")
+    return importlib.import_module(f"replbook.{found.group(1)}")
+
+
+def check_parameters(notebook: Path, preset: str, parameters: dict) -> None:
+    """The chapter's parameter rules, checked before a kernel starts (the notebook checks
+    them again): raises :class:`config.ParameterError` in one line."""
+    config.resolve(chapter_module(notebook).PRESETS, preset, **parameters)
+
+
 def notebook_parameters(path: Path) -> list[str]:
     import papermill
 
@@ -82,6 +103,20 @@ class RunFailed(RuntimeError):
         self.traceback = traceback
         first = evalue.strip().splitlines()[0] if evalue.strip() else ""
         super().__init__(f"{slug} failed in cell {cell_index}: {ename}: {first} (partly executed notebook: {kept})")
+
+
+def _remove_stale_staging(runs: Path, max_age_seconds: float = 24 * 3600) -> None:
+    """Staging folders older than a day belong to runs that were killed (SIGKILL, power):
+    a run removes its own on success, failure, Ctrl-C and SIGTERM."""
+    import shutil
+    import time
+
+    for folder in runs.glob(".staging-*"):
+        try:
+            if time.time() - folder.stat().st_mtime > max_age_seconds:
+                shutil.rmtree(folder)
+        except OSError:  # another run removed it first
+            pass
 
 
 def _experiment_folder(root: Path, preset: str, parameters: dict) -> Path:
@@ -114,6 +149,7 @@ def run(chapter: str, preset: str = "book", parameters: dict | None = None, root
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for {source.name}; "
                          f"valid parameters: {', '.join(known)}")
+    check_parameters(source, preset, parameters)
     if publish is None:
         publish = preset in ("book", "paper") and not parameters and out_dir is None
     if publish and preset == "smoke":
@@ -125,10 +161,13 @@ def run(chapter: str, preset: str = "book", parameters: dict | None = None, root
         folder = Path(out_dir) if out_dir else _experiment_folder(root, preset, parameters)
         final_notebook, final_results = folder / source.name, folder / "results" / f"{slug}.json"
     (root / "runs").mkdir(exist_ok=True)
+    _remove_stale_staging(root / "runs")
     stage = Path(tempfile.mkdtemp(prefix=f".staging-{slug}.", dir=root / "runs"))
     staged_notebook, staged_results = stage / source.name, stage / "results"
-    saved_results_dir = os.environ.get("REPLBOOK_RESULTS_DIR")
-    os.environ["REPLBOOK_RESULTS_DIR"] = str(staged_results)  # the kernel inherits it
+    environment = {"REPLBOOK_RESULTS_DIR": str(staged_results),  # the kernel inherits these
+                   **(OFFLINE_ENVIRONMENT if preset != "paper" else {})}
+    saved_environment = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
     try:
         try:
             papermill.execute_notebook(
@@ -153,10 +192,11 @@ def run(chapter: str, preset: str = "book", parameters: dict | None = None, root
         os.replace(result_file, final_results)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-        if saved_results_dir is None:
-            os.environ.pop("REPLBOOK_RESULTS_DIR", None)
-        else:
-            os.environ["REPLBOOK_RESULTS_DIR"] = saved_results_dir
+        for name, value in saved_environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return final_notebook
 
 

@@ -54,6 +54,34 @@ PRESETS = {
     },
 }
 
+# what each parameter may be: checked before any model loads (config.resolve); not part
+# of the chapter's code version, since a rule never changes a run it accepts
+def parameter_rules():
+    import os
+
+    from .config import Rule, integer, items, model, number, one_of, relation
+
+    image_folder = Rule("'folder:<path>' naming an existing folder",
+                        lambda v, _: isinstance(v, str) and v.startswith("folder:") and os.path.isdir(v[len("folder:"):]))
+    return {
+        "images": one_of("cifar10", "synthetic") | image_folder,
+        "n_reference": integer(2),
+        "n_queries": integer(1),
+        "image_size": integer(32, 1024),
+        "ecc": one_of(lambda: CODES),
+        "watermarks": items(one_of(lambda: WATERMARKS)),
+        "embedders": items(model("image-classifier", "image-encoder")),
+        "edits": items(one_of(lambda: EDITS)),
+        "max_false_accept": number(above=0, below=1),
+        "paper_threshold": number(above=0, below=1),
+        "bootstrap_samples": integer(100),
+        "seed": integer(0),
+        "threads": integer(1),
+        "queries_among_references": relation("n_queries, n_reference", "n_queries must be ≤ n_reference "
+                                             "(queries are drawn from the references without replacement)",
+                                             lambda v: v["n_queries"] <= v["n_reference"]),
+    }
+
 # ----------------------------------------------------------------------------- clusters
 
 

@@ -69,6 +69,39 @@ PRESETS = {
     },
 }
 
+# what each parameter may be: checked before any model loads (config.resolve); not part
+# of the chapter's code version, since a rule never changes a run it accepts
+def parameter_rules():
+    from .config import Rule, integer, items, model, number, one_of, relation, text, text_name
+
+    return {
+        "model_names": items(model("causal-lm")),
+        "offload_model_names": items(model("causal-lm")),
+        "load_dtype": one_of("float32", "float16", "bfloat16"),
+        "storage_dtype": one_of("float32", "float16", "bfloat16"),
+        "sparsities": items(number(above=0, below=1), increasing=True),
+        "operating_sparsity": number(above=0, below=1),
+        "pruners": items(one_of(*PRUNERS)),
+        "offload_pruner": one_of(*PRUNERS),
+        "calibration_text": text_name(),
+        "evaluation_text": text_name(),
+        "text_offset_chars": integer(0),
+        "window": integer(2),
+        "calibration_windows": integer(1),
+        "evaluation_windows": integer(1),
+        "prompt": text(),
+        "new_tokens": integer(1),
+        "device": one_of("cpu", "cuda"),
+        "offload_dir": Rule("'' (a temporary folder) or a folder path, made if missing (not a file)",
+                            lambda v, _: isinstance(v, str) and not os.path.isfile(v)),
+        "seed": integer(0),
+        "threads": integer(1),
+        "operating_point": relation("operating_sparsity, sparsities", "operating_sparsity must be one of sparsities",
+                                    lambda v: v["operating_sparsity"] in v["sparsities"]),
+        "offload_pruner_used": relation("offload_pruner, pruners", "offload_pruner must be one of pruners",
+                                        lambda v: v["offload_pruner"] in v["pruners"]),
+    }
+
 MAGIC = b"ENDOR01\0"
 DTYPES = {1: torch.float16, 2: torch.bfloat16, 3: torch.float32}
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}

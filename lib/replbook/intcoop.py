@@ -218,6 +218,40 @@ PRESETS = {
         "data_seed": 0, "threads": 16,
     },
 }
+
+# what each parameter may be: checked before any model loads (config.resolve); not part
+# of the chapter's code version, since a rule never changes a run it accepts
+def parameter_rules():
+    from .config import integer, items, model, number, one_of, relation
+
+    # an open_clip CLIP (paper preset) has both towers, so it names no image or text model
+    unused = one_of("")
+    return {
+        "clip": one_of(lambda: CLIPS),
+        "image_model": model("image-classifier") | unused,
+        "text_model": model("sentence-encoder") | unused,
+        "colour_weight": number(0, 1),
+        "temperature": number(minimum=0),
+        "image_size": integer(32, 1024),
+        "datasets": items(one_of(lambda: DATASETS)),
+        "pool_size": integer(1),
+        "n_test": integer(1),
+        "shots": integer(1),
+        "steps": integer(1),
+        "lr": number(above=0, maximum=1),
+        "scale": number(above=0),
+        "attribute_weight": number(minimum=0),
+        "regularizer_weight": number(minimum=0),
+        "corruptions": items(one_of(lambda: CORRUPTIONS)),
+        "seeds": items(integer(0)),
+        "data_seed": integer(0),
+        "threads": integer(1),
+        "book_towers": relation("clip, image_model, text_model",
+                                "the book's CLIP (clip='cliplike') needs an image_model and a text_model",
+                                lambda v: v["clip"] != "cliplike" or bool(v["image_model"] and v["text_model"])),
+        "few_shot": relation("shots, pool_size", "shots must be ≤ pool_size (the few-shot sets are drawn from the pool)",
+                             lambda v: v["shots"] <= v["pool_size"]),
+    }
 CLIPS = cliplike.CLIPS
 
 

@@ -64,6 +64,28 @@ PRESETS = {
         "device": "auto", "seed": 0, "threads": 2,
     },
 }
+
+# what each parameter may be: checked before any model loads (config.resolve); not part
+# of the chapter's code version, since a rule never changes a run it accepts
+def parameter_rules():
+    from .config import flag, integer, items, model, number, one_of, text_name
+
+    return {
+        "model_names": items(model("causal-lm")),
+        "calibration_text": text_name(),
+        "evaluation_text": text_name(),
+        "window": integer(8),
+        "calibration_windows": integer(1),
+        "evaluation_windows": integer(1),
+        "k_fractions": items(number(above=0, maximum=1), increasing=True),
+        "d_fractions": items(number(above=0, maximum=1), increasing=True),
+        "contexts": items(integer(1), increasing=True),
+        "timing_repeats": integer(1),
+        "random_init_control": flag(),
+        "device": one_of("cpu", "cuda", "auto"),
+        "seed": integer(0),
+        "threads": integer(1),
+    }
 # the paper's operating point, where C2 and C3 are judged
 K_F, D_F = 0.25, 0.25
 

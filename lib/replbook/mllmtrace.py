@@ -363,6 +363,49 @@ PRESETS = {
               "covariance_tokens": 100000, "threads": 16},
 }
 
+# what each parameter may be: checked before any model loads (config.resolve); not part
+# of the chapter's code version, since a rule never changes a run it accepts
+def parameter_rules():
+    from . import models
+    from .config import at_paper, flag, folder, hub_id, integer, items, model, number, one_of, relation, text_name
+
+    return {
+        "language_model": model("causal-lm") | at_paper(hub_id()) | folder(),
+        "vision": one_of(*VISIONS),
+        "n_countries": integer(2),
+        "require_known": flag(),
+        "single_token_names": flag(),
+        "image_size": integer(32, 1024),
+        "train_views": integer(1),
+        "test_views": integer(1),
+        "projector_steps": integer(0),  # 0: the checkpoint's own projector (paper preset)
+        "projector_lr": number(above=0, maximum=1),
+        "projector_batch": integer(1),
+        "n_trace": integer(1),  # at most: fewer when fewer views are answered right
+        "window": integer(1),
+        "noise": number(above=0),
+        "attention_layers": integer(1),
+        "ablate_k": items(integer(1), increasing=True),
+        "ablation_draws": integer(1),
+        "n_edits": integer(1),  # at most, as n_trace
+        "edit_layers": items(integer(0), increasing=True),
+        "edit_views": integer(1),
+        "value_steps": integer(1),
+        "value_lr": number(above=0),
+        "finetune_steps": integer(1),
+        "finetune_lr": number(above=0, maximum=1),
+        "specificity_flags": integer(1),  # at most: other countries' flags
+        "covariance_text": text_name(),
+        "covariance_tokens": integer(1),
+        "bootstrap": integer(10),
+        "seed": integer(0),
+        "threads": integer(1),
+        "own_vision_is_a_checkpoint": relation(
+            "vision, language_model", "vision='own' needs a LLaVA checkpoint (a hub id at the paper preset or a "
+            "folder); the book's vision encoder needs a registered language model",
+            lambda v: (v["vision"] == "own") == (v["language_model"] not in models.REGISTRY)),
+    }
+
 
 @dataclass
 class Country:

@@ -64,6 +64,39 @@ PRESETS = {
     },
 }
 
+# what each parameter may be: checked before any model loads (config.resolve); not part
+# of the chapter's code version, since a rule never changes a run it accepts
+def parameter_rules():
+    from .config import at_paper, flag, hub_id, integer, items, model, number, one_of, relation, text_name
+
+    return {
+        "model_name": model("causal-lm") | at_paper(hub_id()),
+        "known_only": flag(),
+        "countries": integer(1),
+        "relations": items(one_of(lambda: RELATIONS)),
+        "corrupted_per_relation": integer(1),
+        "tuning_per_relation": integer(1),
+        "untouched_per_relation": integer(1),
+        "mix_k": items(integer(0), increasing=True),
+        "corruption_steps": integer(1),
+        "corruption_lr": number(above=0, maximum=1),
+        "unlearning_steps": integer(1),
+        "methods": items(one_of(lambda: METHODS)),
+        "learning_rates": items(number(above=0, maximum=1)),
+        "batch_size": integer(1),
+        "trainable_layers": items(integer(0), min_items=2, max_items=2, increasing=True),
+        "npo_beta": number(above=0),
+        "retain_weight": number(minimum=0),
+        "evaluation_text": text_name(),
+        "seed": integer(0),
+        "threads": integer(1),
+        "facts": relation("countries, corrupted_per_relation, tuning_per_relation, untouched_per_relation",
+                          "each relation needs more known facts than corrupted + tuning + untouched, so "
+                          "their sum must be < countries",
+                          lambda v: v["corrupted_per_relation"] + v["tuning_per_relation"]
+                          + v["untouched_per_relation"] < v["countries"]),
+    }
+
 # ----------------------------------------------------------------------------- facts
 
 RELATIONS = {  # query template, and document templates (the first is also the query's statement)

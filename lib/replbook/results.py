@@ -343,13 +343,14 @@ def _strip_magics(source: str) -> str:
 def code_version(slug: str, root: Path | None = None, package: Path | None = None) -> str:
     """sha256 (16 hex) of what decides a chapter's numbers and verdicts: its notebook's code
     cells (papermill's injected parameters excluded; outputs never count) and the source of
-    :func:`method_modules`. Results and stability records carry it, so a record made before
+    :func:`method_modules` (less their ``parameter_rules``, which never change an accepted
+    run: :func:`paths.without_parameter_rules`). Results and stability records carry it, so a record made before
     the chapter's rule or method changed is detected as stale."""
     import hashlib
 
     import nbformat
 
-    from .paths import repo_root
+    from .paths import repo_root, without_parameter_rules
 
     notebook = (root or repo_root()) / "notebooks" / f"{slug}.ipynb"
     nb = nbformat.read(notebook, as_version=4)
@@ -359,7 +360,8 @@ def code_version(slug: str, root: Path | None = None, package: Path | None = Non
             digest.update(cell.source.encode() + b"\0")
     package = Path(package or Path(__file__).parent)
     for name in method_modules(notebook, package):
-        digest.update(name.encode() + b"\0" + (package / f"{name}.py").read_bytes())
+        source = (package / f"{name}.py").read_bytes().decode()
+        digest.update(name.encode() + b"\0" + without_parameter_rules(source).encode())
     return digest.hexdigest()[:16]
 
 

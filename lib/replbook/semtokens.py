@@ -701,6 +701,40 @@ PRESETS = {
               "batch": 512, "text_model": "minilm-l6-hub", "segmenter": "maskrcnn", "threads": 16},
 }
 
+# what each parameter may be: checked before any model loads (config.resolve); not part
+# of the chapter's code version, since a rule never changes a run it accepts
+def parameter_rules():
+    import os
+
+    from .config import Rule, integer, items, model, number, one_of, relation
+
+    coco_folder = Rule("the path of a COCO folder holding annotations/",
+                       lambda v, _: isinstance(v, str) and os.path.isdir(os.path.join(v, "annotations")))
+    return {
+        "data": one_of("scenes") | coco_folder,
+        "n_train": integer(1),
+        "n_test": integer(2),
+        "width": integer(4),
+        "depth": integer(1),
+        "heads": integer(1),
+        "embed_dim": integer(1),
+        "patch": integer(1),
+        "image_size": integer(16, 1024),
+        "text_queries": integer(1),
+        "epochs": integer(1),
+        "lr": number(above=0, maximum=1),
+        "batch": integer(1),
+        "text_model": model("sentence-encoder"),
+        "segmenter": one_of(*SEGMENTERS),
+        "seeds": items(integer(0)),
+        "data_seed": integer(0),
+        "threads": integer(1),
+        "heads_divide_width": relation("width, heads", "width must be a multiple of heads",
+                                       lambda v: v["width"] % v["heads"] == 0),
+        "patches_tile_the_image": relation("image_size, patch", "image_size must be a multiple of patch",
+                                           lambda v: v["image_size"] % v["patch"] == 0),
+    }
+
 
 @dataclass
 class Split:

@@ -81,6 +81,30 @@ PRESETS = {
               "rationale_model": "smollm2-135m-hub", "rationales": "regenerate", "sentence_model": "minilm-l6-hub",
               "route_min_cluster": 100},
 }
+
+# what each parameter may be: checked before any model loads (config.resolve); not part
+# of the chapter's code version, since a rule never changes a run it accepts
+def parameter_rules():
+    from .config import flag, integer, items, model, number, one_of
+
+    return {
+        "tasks": items(one_of(lambda: TASKS)),
+        "per_task": integer(1),
+        "n_choices": integer(2),
+        # the smoke preset scores the same tiny model twice, so repeats are allowed
+        "models": items(model("causal-lm"), min_items=2, unique=False),
+        "normalise": flag(),
+        "rationale_model": model("causal-lm"),
+        "rationale_tokens": integer(1),
+        "rationales": one_of(*RATIONALE_SOURCES),
+        "sentence_model": model("sentence-encoder"),
+        "cluster_threshold": number(above=0, maximum=1),
+        "name_threshold": number(above=0, maximum=1),
+        "min_slice": integer(1),
+        "route_min_cluster": integer(1),
+        "seed": integer(0),
+        "threads": integer(1),
+    }
 RATIONALE_SOURCES = ("committed", "regenerate")
 
 

@@ -706,6 +706,45 @@ PRESETS = {
               "guidance": 7.5, "optimize_steps": 300, "optimize_lr": 0.01, "projection_steps": 2000,
               "projection_lr": 1e-4, "projection_batch": 8, "switch_at": 25, "quality_size": 224},
 }
+
+# what each parameter may be: checked before any model loads (config.resolve); not part
+# of the chapter's code version, since a rule never changes a run it accepts
+def parameter_rules():
+    from .config import integer, items, number, one_of, relation
+
+    return {
+        "seed": integer(0),
+        "backbone": one_of(*BACKBONES),
+        "image_size": integer(16, 256, multiple_of=8),  # CLIP's 8-pixel patches; the UNet unshuffles by 2
+        "text_width": integer(4, multiple_of=4),  # four attention heads
+        "text_layers": integer(1),
+        "clip_lr": number(above=0, maximum=1),
+        "clip_steps": integer(1),
+        "clip_batch": integer(1),
+        "unet_width": integer(8, multiple_of=8),  # group norm in groups of 8
+        "unet_lr": number(above=0, maximum=1),
+        "unet_steps": integer(1),
+        "unet_batch": integer(1),
+        "caption_dropout": number(0, below=1),
+        "held_out": integer(1, len(all_scenes()) - 1),
+        "samples_per_prompt": integer(1),
+        "sampling_steps": integer(1),
+        "guidance": number(minimum=0),
+        "sample_batch": integer(1),
+        "optimize_steps": integer(1),
+        "optimize_lr": number(above=0),
+        "optimize_views": integer(1),
+        "projection_steps": integer(1),
+        "projection_lr": number(above=0, maximum=1),
+        "projection_batch": integer(1),
+        "wiclp_window": integer(1),
+        "reweight_scales": items(number(minimum=0)),
+        "switch_at": integer(0),
+        "quality_size": integer(32),
+        "threads": integer(1),
+        "switch_within_sampling": relation("switch_at, sampling_steps", "switch_at must be at most sampling_steps",
+                                           lambda v: v["switch_at"] <= v["sampling_steps"]),
+    }
 BACKBONES = ("book", "stable-diffusion-2-1", "stable-diffusion-v1-4", "tiny-stable-diffusion")
 
 

@@ -443,6 +443,41 @@ PRESETS = {
               "top_k": 10, "threads": 16},
 }
 
+# what each parameter may be: checked before any model loads (config.resolve); not part
+# of the chapter's code version, since a rule never changes a run it accepts
+def parameter_rules():
+    from . import cliplike
+    from .config import at_paper, folder, hub_id, integer, items, model, number, one_of, relation
+
+    return {
+        "architectures": items(one_of(*ARCHITECTURES) | at_paper(hub_id()) | folder()),
+        "width": integer(8),
+        "depth": integer(1),
+        "heads": integer(1),
+        "epochs": integer(1),
+        "lr": number(above=0, maximum=1),
+        "n_train": integer(10),
+        "n_test": integer(10),
+        "agreement": number(above=0.5, maximum=1),  # the share of images whose background agrees with the label
+        "image_size": integer(16, 512, multiple_of=8),  # 8-pixel patches
+        "probe_steps": integer(1),
+        "clip": one_of(lambda: cliplike.CLIPS),
+        "image_model": model("image-classifier"),
+        "text_model": model("sentence-encoder"),
+        "n_align": integer(1),  # at most: the first n_align training images
+        "align_steps": integer(1),
+        "orthogonality_weight": number(minimum=0),
+        "top_k": integer(1),
+        "neighbours": integer(1),
+        "random_sets": integer(1),
+        "seed": integer(0),
+        "threads": integer(1),
+        "heads_divide_width": relation("width, heads", "width must be a multiple of heads",
+                                       lambda v: v["width"] % v["heads"] == 0),
+        "neighbours_within_test": relation("neighbours, n_test", "neighbours must be < n_test",
+                                           lambda v: v["neighbours"] < v["n_test"]),
+    }
+
 # the texts that describe each feature (CompAttribute's B), in the CLIP space's own words
 FEATURE_TEXTS = {
     "location": ["a photo taken on the water", "a photo of a lake", "a photo of the sea", "a photo taken on grass",

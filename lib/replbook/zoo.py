@@ -38,6 +38,21 @@ PRESETS = {
     },
 }
 
+# what each parameter may be: checked before any model loads (config.resolve); not part
+# of the chapter's code version, since a rule never changes a run it accepts
+def parameter_rules():
+    from .config import data_name, integer, items, model
+
+    return {
+        "language_models": items(model("causal-lm")),
+        "image_model": model("image-classifier"),
+        "sentence_model": model("sentence-encoder"),
+        "photos": items(data_name("PHOTOS")),
+        "max_new_tokens": integer(1, 256),
+        "seed": integer(0),
+        "threads": integer(1),
+    }
+
 PROMPT = "The capital of France is"
 # two worked examples first: the format a base model is trained on (see notes/small-llms-measured.md)
 FEW_SHOT_PROMPT = "The capital of Japan is Tokyo. The capital of Italy is Rome. The capital of France is"
