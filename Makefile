@@ -25,7 +25,7 @@ QUIET_PIP := { grep -v '^WARNING: Location' || true; }
 .PHONY: help env browser book test run scoreboard guard-proofs clean
 
 help:
-	@echo "make book    create .venv if missing, execute chapters with no results, build the site"
+	@echo "make book    create .venv if missing, prepare models and data, execute chapters with no results, build the site"
 	@echo "make test    unit + kernel tests, smoke runs, nbval, the site build and its rendering"
 	@echo "make run PAPER=00 PRESET=book [ARGS='-p name=value']   run one chapter with papermill"
 	@echo "make guard-proofs   (by hand) re-run 00, 03, 09, 10 with an injected bug; record that the guard fails"
@@ -48,6 +48,7 @@ browser:
 	  else echo "the rendering test needs Chromium: sudo apt-get install chromium"; exit 1; fi; }
 
 book: env
+	$(VENV)/bin/replbook prepare
 	$(VENV)/bin/replbook build
 
 scoreboard: env
@@ -60,6 +61,7 @@ run: env
 # The cell timeout catches hangs, not slowness: chapter 01's unlearning cell takes ~11 min on
 # a slow 2-core machine (an AMD EPYC of 2026-11, 2.2x slower than the one before it).
 test: env browser
+	$(VENV)/bin/replbook prepare
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 REPLBOOK_RESULTS_DIR=$(CURDIR)/runs/nbval-results $(PY) -m pytest tests \
 	  --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=1200
 

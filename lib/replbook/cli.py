@@ -1,6 +1,7 @@
 """``replbook`` — run a chapter at a preset, build the site.
 
     replbook run 00 --preset book [-p max_new_tokens=4 ...]   # -p overrides write runs/, not results/
+    replbook prepare [01 02 ...]   # convert models, fetch data once (make test and make book do)
     replbook stability 06 --seeds 3   # verdicts over seeds -> results/stability/06_*.json
     replbook build                 # scoreboard + site (executes chapters with no results)
     replbook scoreboard            # only regenerate the scoreboard files
@@ -248,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="override a parameter: -p name=value or -p name value")
     p_run.add_argument("--publish", action="store_true",
                        help="publish to notebooks/ and results/ even with -p overrides (book or paper preset)")
+    p_prep = sub.add_parser("prepare", help="build the models and data the chapters read once, before any notebook")
+    p_prep.add_argument("chapters", nargs="*", help="chapter numbers (default: all)")
+    p_prep.add_argument("--preset", default="book", help=f"one of {', '.join(PRESETS)}")
     p_stab = sub.add_parser("stability", help="rerun a chapter at the book preset over seeds, record its verdicts, "
                                                    "then publish the committed seed's run (which shows the record)")
     p_stab.add_argument("chapter", help="chapter number, e.g. 06")
@@ -265,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--publish: smoke runs are never published; use --preset book or paper")
             print(run(args.chapter, args.preset, parse_parameters(args.parameter),
                       publish=True if args.publish else None))
+        elif args.command == "prepare":
+            from . import prepare
+
+            if args.preset not in PRESETS:
+                raise ValueError(f"--preset={args.preset!r} is not valid; choose one of: {', '.join(PRESETS)}")
+            print(prepare.summary(prepare.prepare(args.chapters or None, args.preset)))
         elif args.command == "stability":
             from . import stability
 
