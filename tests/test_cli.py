@@ -252,3 +252,28 @@ def test_a_smoke_run_on_a_cold_cache_makes_no_network_lookup(book, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert not log.exists(), log.read_text()
     assert (book / "runs" / "smoke" / "results" / "00_model_zoo.json").exists()
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signalled_run_removes_its_staging_folder_and_publishes_nothing(book, signal_name):
+    """Ctrl-C or a SIGTERM while a chapter runs: exit 130 with one line, no staging folder,
+    no temporary notebook, no results anywhere."""
+    import os
+    import signal
+    import time
+
+    before = _published(book)
+    proc = subprocess.Popen([sys.executable, "-m", "replbook.cli", "run", "00", "--preset", "smoke"], cwd=book,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "REPLBOOK_ROOT": str(book)})
+    deadline = time.time() + 120
+    while not list((book / "runs").glob(".staging-*/*.ipynb")) and time.time() < deadline:
+        time.sleep(0.2)  # the kernel has started and papermill wrote its first output
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(getattr(signal, signal_name))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "replbook: interrupted; nothing was published" in err
+    assert not list((book / "runs").glob(".staging-*")), "the staging folder was left behind"
+    assert not list((book / "notebooks").glob(".*")) and not list(book.glob("runs/**/results/*.json"))
+    assert _published(book) == before
