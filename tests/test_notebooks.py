@@ -27,6 +27,8 @@ def test_smoke_run_writes_results(notebook, tmp_path, results_tmp):
 @pytest.mark.parametrize("parameters, message", [
     ({"preset": "huge"}, "preset='huge' is not valid; choose one of: smoke, book, paper"),
     ({"preset": "smoke", "bogus_knob": 1}, "unknown parameter(s) 'bogus_knob'; valid parameters: preset"),
+    # a value the chapter's parameter_rules() refuse, refused in the config cell before any model loads
+    ({"preset": "smoke", "threads": 0}, "parameter threads=0 is not allowed at the 'smoke' preset: it must be an integer ≥ 1"),
 ])
 def test_bad_parameters_fail_with_a_clear_message(notebook, tmp_path, results_tmp, parameters, message):
     with pytest.raises(papermill.PapermillExecutionError) as err:
