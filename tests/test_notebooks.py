@@ -27,14 +27,23 @@ def test_smoke_run_writes_results(notebook, tmp_path, results_tmp):
 @pytest.mark.parametrize("parameters, message", [
     ({"preset": "huge"}, "preset='huge' is not valid; choose one of: smoke, book, paper"),
     ({"preset": "smoke", "bogus_knob": 1}, "unknown parameter(s) 'bogus_knob'; valid parameters: preset"),
-    # a value the chapter's parameter_rules() refuse, refused in the config cell before any model loads
-    ({"preset": "smoke", "threads": 0}, "parameter threads=0 is not allowed at the 'smoke' preset: it must be an integer ≥ 1"),
 ])
 def test_bad_parameters_fail_with_a_clear_message(notebook, tmp_path, results_tmp, parameters, message):
     with pytest.raises(papermill.PapermillExecutionError) as err:
         execute(notebook, tmp_path / notebook.name, **parameters)
     assert message in str(err.value)
     assert not results_tmp.exists() or not list(results_tmp.iterdir()), "a failed run must write no results"
+
+
+@pytest.mark.parametrize("notebook", [n for n in NOTEBOOKS if n.stem[:2] in ("08", "10")], ids=lambda p: p.stem)
+def test_a_value_the_rules_forbid_is_refused_in_the_config_cell(notebook, tmp_path, results_tmp):
+    """The notebook itself checks its module's parameter_rules() (config.from_notebook), before
+    any model loads: for papermill started directly. (Every chapter's rules: test_parameters.py.)"""
+    with pytest.raises(papermill.PapermillExecutionError) as err:
+        execute(notebook, tmp_path / notebook.name, preset="smoke", threads=0)
+    assert err.value.exec_count <= 3, "refused later than the config cell"
+    assert "parameter threads=0 is not allowed at the 'smoke' preset: it must be an integer ≥ 1" in str(err.value)
+    assert not results_tmp.exists() or not list(results_tmp.iterdir())
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
