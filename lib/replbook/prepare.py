@@ -118,6 +118,6 @@ def summary(rows: list[dict]) -> str:
     lines = [f"{'artifact':<{width}}  {'seconds':>8}  chapters"]
     lines += [f"{r['artifact']:<{width}}  {r['seconds']:>8.1f}  {r['chapters']}" for r in rows]
     lines.append(f"{len(rows)} artifacts ready in {sum(r['seconds'] for r in rows):.0f} s "
-                 "(a cached one is only checked: its files' sha256 are verified)")
+                 "(a cached one is only looked up; converted models are also hashed)")
     return "\n".join(lines)
 
