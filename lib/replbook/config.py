@@ -194,11 +194,6 @@ def items(rule: Rule, *, min_items: int = 1, max_items: int | None = None, uniqu
     return Rule(lambda: f"a list of {count} {'distinct ' if unique else ''}items{extra}, each {rule.words()}", check)
 
 
-def any_value(why: str) -> Rule:
-    """No constraint beyond the preset's type, and why none is needed."""
-    return Rule(f"any value ({why})", lambda v, _: True)
-
-
 def model(*kinds: str) -> Rule:
     """A name in the model registry of one of ``kinds``; at the smoke and book presets not a
     hub model (they run offline), though a local folder saved with ``save_pretrained`` is."""

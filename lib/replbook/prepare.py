@@ -66,16 +66,12 @@ def _data(name: str) -> Artifact | None:
     return None
 
 
-def chapter_module(slug: str, root: Path):
-    from .cli import chapter_module as module_of
-
-    return module_of(root / "notebooks" / f"{slug}.ipynb")
-
-
 def artifacts(slug: str, preset: str = "book", root: Path | None = None) -> list[Artifact]:
     """What ``slug`` reads at ``preset`` that is built once: in the order found, no repeats."""
+    from .cli import chapter_module
+
     root = root or repo_root()
-    presets = chapter_module(slug, root).PRESETS
+    presets = chapter_module(root / "notebooks" / f"{slug}.ipynb").PRESETS
     found: dict[str, Artifact] = {}
     words = [w for value in presets[preset].values() for w in _words(value)] + list(IMPLICIT.get(slug, ()))
     for word in words:
