@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from replbook import cli
+from replbook import cli, paths, runner
 
 
 def test_parse_parameters_both_forms():
@@ -19,20 +19,20 @@ def test_parse_parameters_both_forms():
 
 
 def test_chapter_numbers_with_or_without_the_leading_zero(repo_root):
-    assert cli.notebook_for("1", repo_root).name == "01_restor.ipynb"
-    assert cli.notebook_for("01", repo_root).name == "01_restor.ipynb"
+    assert paths.notebook_for("1", repo_root).name == "01_restor.ipynb"
+    assert paths.notebook_for("01", repo_root).name == "01_restor.ipynb"
     for bad in ("99", "x", "", "1_"):
         with pytest.raises(ValueError, match=r"is not valid; choose one of: 00"):
-            cli.notebook_for(bad, repo_root)
+            paths.notebook_for(bad, repo_root)
 
 
 def test_unknown_preset_and_parameter_fail_before_running(repo_root):
     with pytest.raises(ValueError, match=r"preset='huge' is not valid; choose one of: smoke, book, paper"):
-        cli.run("00", "huge", root=repo_root)
+        runner.run("00", "huge", root=repo_root)
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) epochs.*valid parameters: preset, language_models"):
-        cli.run("00", "smoke", {"epochs": 3}, root=repo_root)
+        runner.run("00", "smoke", {"epochs": 3}, root=repo_root)
     with pytest.raises(ValueError, match="never published"):
-        cli.run("00", "smoke", publish=True, root=repo_root)
+        runner.run("00", "smoke", publish=True, root=repo_root)
 
 
 def test_main_reports_errors_with_exit_code_2(capsys):
@@ -63,7 +63,7 @@ def fake_papermill(monkeypatch):
     calls = []
 
     def execute(source, out, parameters, **kwargs):
-        calls.append({**parameters, "environment": {k: os.environ.get(k) for k in cli.OFFLINE_ENVIRONMENT}})
+        calls.append({**parameters, "environment": {k: os.environ.get(k) for k in runner.OFFLINE_ENVIRONMENT}})
         Path(out).write_text(json.dumps({"cells": [], "metadata": {"papermill": {"duration": 1}}, "partial": True}))
         if parameters.get("fail"):
             raise papermill.PapermillExecutionError(7, 3, "x = 1 / 0", "ZeroDivisionError", "division by zero",
@@ -74,8 +74,8 @@ def fake_papermill(monkeypatch):
         return {}
 
     monkeypatch.setattr(papermill, "execute_notebook", execute)
-    monkeypatch.setattr(cli, "notebook_parameters", lambda path: ["seed", "fail"])
-    monkeypatch.setattr(cli, "check_parameters", lambda *a: None)  # "fail" is this stand-in's own parameter
+    monkeypatch.setattr(runner, "notebook_parameters", lambda path: ["seed", "fail"])
+    monkeypatch.setattr(runner, "check_parameters", lambda *a: None)  # "fail" is this stand-in's own parameter
     return calls
 
 
@@ -85,28 +85,28 @@ def _published(book):
 
 def test_only_a_finished_book_run_without_overrides_is_published(book, fake_papermill):
     before = _published(book)
-    assert cli.run("00", "smoke", root=book) == book / "runs" / "smoke" / "00_model_zoo.ipynb"
+    assert runner.run("00", "smoke", root=book) == book / "runs" / "smoke" / "00_model_zoo.ipynb"
     assert json.loads((book / "runs" / "smoke" / "results" / "00_model_zoo.json").read_text()) == {"preset": "smoke"}
-    assert cli.run("00", "book", {"seed": 3}, root=book) == book / "runs" / "book-with-overrides" / "00_model_zoo.ipynb"
+    assert runner.run("00", "book", {"seed": 3}, root=book) == book / "runs" / "book-with-overrides" / "00_model_zoo.ipynb"
     assert (book / "runs" / "book-with-overrides" / "results" / "00_model_zoo.json").exists()
     assert _published(book) == before, "a smoke run or a run with overrides reached notebooks/ or results/"
-    assert cli.run("00", "book", root=book) == book / "notebooks" / "00_model_zoo.ipynb"
+    assert runner.run("00", "book", root=book) == book / "notebooks" / "00_model_zoo.ipynb"
     assert json.loads((book / "results" / "00_model_zoo.json").read_text()) == {"preset": "book"}
     assert "duration" not in (book / "notebooks" / "00_model_zoo.ipynb").read_text()  # cleaned of timings
-    assert cli.run("00", "book", {"seed": 3}, root=book, publish=True) == book / "notebooks" / "00_model_zoo.ipynb"
+    assert runner.run("00", "book", {"seed": 3}, root=book, publish=True) == book / "notebooks" / "00_model_zoo.ipynb"
     assert not [p for p in (book / "runs").iterdir() if p.name.startswith(".staging")], "staging folder left behind"
 
 
 def test_smoke_and_book_runs_are_offline_and_the_paper_preset_may_reach_the_hub(book, fake_papermill, monkeypatch):
-    for name in cli.OFFLINE_ENVIRONMENT:
+    for name in runner.OFFLINE_ENVIRONMENT:
         monkeypatch.delenv(name, raising=False)
-    cli.run("00", "smoke", root=book)
-    cli.run("00", "book", {"seed": 2}, root=book)
-    cli.run("00", "paper", {"seed": 1}, root=book)
+    runner.run("00", "smoke", root=book)
+    runner.run("00", "book", {"seed": 2}, root=book)
+    runner.run("00", "paper", {"seed": 1}, root=book)
     smoke, book_run, paper = (call["environment"] for call in fake_papermill)
-    assert smoke == book_run == {name: "1" for name in cli.OFFLINE_ENVIRONMENT}
-    assert paper == {name: None for name in cli.OFFLINE_ENVIRONMENT}
-    assert not any(name in __import__("os").environ for name in cli.OFFLINE_ENVIRONMENT), "the caller's environment changed"
+    assert smoke == book_run == {name: "1" for name in runner.OFFLINE_ENVIRONMENT}
+    assert paper == {name: None for name in runner.OFFLINE_ENVIRONMENT}
+    assert not any(name in __import__("os").environ for name in runner.OFFLINE_ENVIRONMENT), "the caller's environment changed"
 
 
 def test_a_killed_runs_staging_folder_is_removed_after_a_day(book, fake_papermill):
@@ -118,7 +118,7 @@ def test_a_killed_runs_staging_folder_is_removed_after_a_day(book, fake_papermil
     killed.mkdir(parents=True), running.mkdir()
     day_ago = time.time() - 24 * 3600 - 60
     os.utime(killed, (day_ago, day_ago))
-    cli.run("00", "smoke", root=book)
+    runner.run("00", "smoke", root=book)
     assert not killed.exists() and running.exists()
 
 
@@ -143,7 +143,7 @@ def test_a_run_that_saves_no_results_is_not_published(book, fake_papermill, monk
     monkeypatch.setattr(papermill, "execute_notebook",
                         lambda source, out, parameters, **kw: __import__("pathlib").Path(out).write_text("{}"))
     with pytest.raises(RuntimeError, match="saved no results"):
-        cli.run("00", "book", root=book)
+        runner.run("00", "book", root=book)
     assert _published(book) == before
 
 
@@ -195,7 +195,7 @@ def test_clean_metadata_drops_timings(tmp_path):
     path.write_text(json.dumps({"cells": [{"cell_type": "code", "metadata": {"papermill": {"duration": 1},
                                 "execution": {"x": 1}, "tags": ["a"]}}],
                                 "metadata": {"papermill": {"duration": 3, "parameters": {"preset": "book"}}}}))
-    cli.clean_metadata(path)
+    runner.clean_metadata(path)
     nb = json.loads(path.read_text())
     assert nb["cells"][0]["metadata"] == {"tags": ["a"]}
     assert nb["metadata"]["papermill"] == {"parameters": {"preset": "book"}}
@@ -206,11 +206,11 @@ def test_needs_execution(tmp_path):
     (tmp_path / "results").mkdir()
     nb = tmp_path / "notebooks" / "05_x.ipynb"
     nb.write_text(json.dumps({"cells": [{"cell_type": "code", "source": ["1"], "execution_count": 1}]}))
-    assert cli.needs_execution(nb, tmp_path)  # no results yet
+    assert runner.needs_execution(nb, tmp_path)  # no results yet
     (tmp_path / "results" / "05_x.json").write_text("{}")
-    assert not cli.needs_execution(nb, tmp_path)
+    assert not runner.needs_execution(nb, tmp_path)
     nb.write_text(json.dumps({"cells": [{"cell_type": "code", "source": ["1"], "execution_count": None}]}))
-    assert cli.needs_execution(nb, tmp_path)
+    assert runner.needs_execution(nb, tmp_path)
 
 
 # A socket guard every Python process of the run loads (the kernel too): a connection to any
@@ -244,7 +244,7 @@ def test_a_smoke_run_on_a_cold_cache_makes_no_network_lookup(book, tmp_path):
     guard.mkdir()
     (guard / "sitecustomize.py").write_text(_SOCKET_GUARD)
     log = tmp_path / "connections.log"
-    env = {k: v for k, v in os.environ.items() if k not in cli.OFFLINE_ENVIRONMENT}
+    env = {k: v for k, v in os.environ.items() if k not in runner.OFFLINE_ENVIRONMENT}
     env.update(REPLBOOK_ROOT=str(book), REPLBOOK_CACHE=str(tmp_path / "cold-cache"), REPLBOOK_SOCKET_LOG=str(log),
                PYTHONPATH=os.pathsep.join([str(guard), *filter(None, [os.environ.get("PYTHONPATH")])]))
     script = f"ip link set lo up && exec {sys.executable} -m replbook.cli run 00 --preset smoke"

@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import ROOT
 
-from replbook import cli, config, results
+from replbook import cli, config, paths, results
 
 MODULES = {"00_model_zoo": "zoo", "01_restor": "restor", "02_skill_slices": "skillslices", "03_intcoop": "intcoop",
            "04_endor": "endor", "05_t2i_composition": "t2icomp", "06_mllm_tracing": "mllmtrace", "07_drew": "drew",
@@ -95,7 +95,7 @@ def _module(slug):
 def test_every_chapter_is_covered():
     assert sorted(MODULES) == sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     for slug, module in MODULES.items():
-        assert cli.chapter_module(ROOT / "notebooks" / f"{slug}.ipynb").__name__ == f"replbook.{module}"
+        assert paths.chapter_module(ROOT / "notebooks" / f"{slug}.ipynb").__name__ == f"replbook.{module}"
     assert sorted(BAD) == sorted(MODULES)
 
 

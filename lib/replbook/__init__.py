@@ -1,18 +1,17 @@
-"""Shared code of the replication book.
+"""Shared code of the replication book, in four layers (``README.md`` beside this file:
+the layers, the one import rule, where a new chapter's code goes, and the picture of
+who imports whom; ``tests/test_layers.py`` enforces it):
 
-Modules, each small and tested:
-
-- :mod:`replbook.paths`     where the repo, the results and the cache live
-- :mod:`replbook.config`    the parameters cell: presets, validation, seeds, threads
-- :mod:`replbook.models`    the model registry (offline packages, hub ids, tiny test models)
-- :mod:`replbook.data`      small offline data (sample photos shipped in packages)
-- :mod:`replbook.results`   verdict rules (decisive and supporting checks), tolerances and the
-  regression guard (``compare``), results files, the chapter's verdict boxes
-- :mod:`replbook.stability` verdicts over seeds: ``results/stability/<slug>.json``
-- :mod:`replbook.cli`       ``replbook run`` (publishes only finished book/paper runs), ``stability``, ``build``
-- :mod:`replbook.plotting`  one plot style, PNG figures
-- :mod:`replbook.scoreboard` the landing page's table, built from ``results/*.json``
-- one module per paper's method (``replbook.zoo`` for chapter 00, ...)
+- core: :mod:`~replbook.config` (the parameters cell: presets, rules, seeds, threads),
+  :mod:`~replbook.paths` (the repo, the results folder, the verified cache),
+  :mod:`~replbook.results` (verdict rules, tolerances, the regression guard),
+  :mod:`~replbook.plotting`, :mod:`~replbook.scoreboard`
+- organisms: :mod:`~replbook.models` (the model registry), :mod:`~replbook.lm`,
+  :mod:`~replbook.cliplike`, :mod:`~replbook.data` (offline data)
+- papers: one module per chapter's method (``replbook.zoo`` is chapter 00, ...)
+- commands: :mod:`~replbook.cli` (``replbook run | prepare | stability | build``),
+  :mod:`~replbook.runner` (papermill runs, publishing, the site build),
+  :mod:`~replbook.prepare`, :mod:`~replbook.stability`
 """
 
 import warnings

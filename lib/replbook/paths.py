@@ -32,6 +32,29 @@ def repo_root(start: Path | None = None) -> Path:
     )
 
 
+def notebook_for(chapter: str, root: Path) -> Path:
+    """``notebooks/<NN>_*.ipynb``; ``1`` means ``01``."""
+    chapter = str(chapter).strip()
+    if chapter.isdigit() and len(chapter) < 2:
+        chapter = chapter.zfill(2)
+    found = sorted((root / "notebooks").glob(f"{chapter}_*.ipynb")) if chapter.isdigit() else []
+    if len(found) != 1:
+        valid = sorted(p.name.split("_")[0] for p in (root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+        raise ValueError(f"chapter={chapter!r} is not valid; choose one of: {', '.join(valid)}")
+    return found[0]
+
+
+def chapter_module(notebook: Path):
+    """The ``replbook`` module whose ``PRESETS`` the notebook's parameters cell reads."""
+    import importlib
+    import re
+
+    found = re.search(r"config\.from_notebook\((\w+)\.PRESETS", notebook.read_text())
+    if not found:
+        raise ValueError(f"{notebook.name} does not call config.from_notebook(<module>.PRESETS, globals())")
+    return importlib.import_module(f"replbook.{found.group(1)}")
+
+
 def results_dir() -> Path:
     """Where a running chapter writes its results file: ``$REPLBOOK_RESULTS_DIR`` (``replbook
     run`` points it at a staging folder, nbval and the tests at theirs), else

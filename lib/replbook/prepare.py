@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .paths import repo_root
+from .paths import chapter_module, notebook_for, repo_root
 
 # data a chapter reads that no parameter names
 IMPLICIT = {"06_mllm_tracing": ("country-flags",), "09_vit_decompose": ("cifar10",)}
@@ -68,8 +68,6 @@ def _data(name: str) -> Artifact | None:
 
 def artifacts(slug: str, preset: str = "book", root: Path | None = None) -> list[Artifact]:
     """What ``slug`` reads at ``preset`` that is built once: in the order found, no repeats."""
-    from .cli import chapter_module
-
     root = root or repo_root()
     presets = chapter_module(root / "notebooks" / f"{slug}.ipynb").PRESETS
     found: dict[str, Artifact] = {}
@@ -87,10 +85,8 @@ def prepare(chapters: list[str] | None = None, preset: str = "book", root: Path 
     one row per artifact: its name, the chapters that read it, and the seconds it took."""
     from tqdm.auto import tqdm
 
-    from . import cli
-
     root = root or repo_root()
-    slugs = [cli.notebook_for(c, root).stem for c in chapters] if chapters else \
+    slugs = [notebook_for(c, root).stem for c in chapters] if chapters else \
         sorted(p.stem for p in (root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     readers: dict[str, list[str]] = {}
     todo: dict[str, Artifact] = {}

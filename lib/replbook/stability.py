@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import results
-from .paths import repo_root
+from .paths import notebook_for, repo_root
 
 SEED_PARAMETERS = ("seed", "data_seed", "seeds")
 # what else a chapter needs when its seed moves: chapter 02's corpus is drawn from the seed,
@@ -68,12 +68,12 @@ def run(chapter: str, seeds: int = 3, root: Path | None = None, progress: bool =
     record is completed with it. Returns the record's path."""
     from tqdm.auto import tqdm
 
-    from . import cli
+    from . import runner
 
     if seeds < 2:
         raise ValueError(f"seeds={seeds}: a stability record needs at least 2")
     root = root or repo_root()
-    slug = cli.notebook_for(chapter, root).stem
+    slug = notebook_for(chapter, root).stem
     committed_path = root / "results" / f"{slug}.json"
     if not committed_path.exists():
         raise ValueError(f"{slug} has no committed results: run `replbook run {slug[:2]}` first")
@@ -85,7 +85,7 @@ def run(chapter: str, seeds: int = 3, root: Path | None = None, progress: bool =
     for index in tqdm(range(1, seeds), desc=f"{slug}: other seeds", disable=not progress):
         overrides = {**seed_overrides(committed["config"], index), **EXTRA_OVERRIDES.get(slug, {})}
         folder = root / "runs" / "stability" / slug / f"seed-{index}"
-        cli.run(chapter, "book", overrides, root=root, publish=False, out_dir=folder, progress=False)
+        runner.run(chapter, "book", overrides, root=root, publish=False, out_dir=folder, progress=False)
         saved = json.loads((folder / "results" / f"{slug}.json").read_text())
         others.append(_entry(index, overrides, saved, f"runs/stability/{slug}/seed-{index}"))
     path = root / "results" / "stability" / f"{slug}.json"
@@ -101,6 +101,6 @@ def run(chapter: str, seeds: int = 3, root: Path | None = None, progress: bool =
 
     write(others)  # the committed seed's run below reads these
     print(f"{slug}: publishing the committed seed's run, which shows the record")
-    cli.run(chapter, "book", root=root, progress=progress)
+    runner.run(chapter, "book", root=root, progress=progress)
     published = json.loads(committed_path.read_text())
     return write([_entry(0, {}, published, f"results/{slug}.json"), *others])

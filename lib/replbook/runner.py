@@ -1,0 +1,181 @@
+"""Running a chapter: papermill in a staging folder, publishing only a finished run, and
+building the site. ``replbook run`` and ``replbook build`` (:mod:`replbook.cli`) and the
+stability records (:mod:`replbook.stability`) all run chapters through :func:`run`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from . import config, scoreboard
+from .config import PRESETS
+from .paths import chapter_module, notebook_for, repo_root
+
+VOLATILE_CELL_METADATA = ("execution", "papermill")
+# the smoke and book presets run offline, the way a reader's laptop may be: the kernel
+# inherits these, so no library looks up the hub (only the paper preset names hub models)
+OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                       "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def check_parameters(notebook: Path, preset: str, parameters: dict) -> None:
+    """The chapter's parameter rules, checked before a kernel starts (the notebook checks
+    them again): raises :class:`config.ParameterError` in one line."""
+    config.resolve(chapter_module(notebook).PRESETS, preset, **parameters)
+
+
+def notebook_parameters(path: Path) -> list[str]:
+    import papermill
+
+    return list(papermill.inspect_notebook(str(path)))
+
+
+def clean_metadata(path: Path) -> None:
+    """Drop per-cell timings papermill stores, so a rerun changes only what changed."""
+    nb = json.loads(path.read_text())
+    for cell in nb["cells"]:
+        for key in VOLATILE_CELL_METADATA:
+            cell.get("metadata", {}).pop(key, None)
+    pm = nb.get("metadata", {}).get("papermill", {})
+    for key in ("start_time", "end_time", "duration", "input_path", "output_path"):
+        pm.pop(key, None)
+    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+
+
+class RunFailed(RuntimeError):
+    """A chapter's run stopped in a cell; its partly executed notebook was kept."""
+
+    def __init__(self, slug: str, cell_index: int, ename: str, evalue: str, kept: Path, traceback: str = ""):
+        self.slug, self.cell_index, self.ename, self.evalue, self.kept = slug, cell_index, ename, evalue, kept
+        self.traceback = traceback
+        first = evalue.strip().splitlines()[0] if evalue.strip() else ""
+        super().__init__(f"{slug} failed in cell {cell_index}: {ename}: {first} (partly executed notebook: {kept})")
+
+
+def _remove_stale_staging(runs: Path, max_age_seconds: float = 24 * 3600) -> None:
+    """Staging folders older than a day belong to runs that were killed (SIGKILL, power):
+    a run removes its own on success, failure, Ctrl-C and SIGTERM."""
+    import shutil
+    import time
+
+    for folder in runs.glob(".staging-*"):
+        try:
+            if time.time() - folder.stat().st_mtime > max_age_seconds:
+                shutil.rmtree(folder)
+        except OSError:  # another run removed it first
+            pass
+
+
+def _experiment_folder(root: Path, preset: str, parameters: dict) -> Path:
+    return root / "runs" / (preset if not parameters else f"{preset}-with-overrides")
+
+
+def run(chapter: str, preset: str = "book", parameters: dict | None = None, root: Path | None = None,
+        publish: bool | None = None, out_dir: Path | None = None, progress: bool = True) -> Path:
+    """Execute one chapter with papermill; returns the executed notebook's path.
+
+    Only a **finished** run at the ``book`` or ``paper`` preset **without overrides**
+    is published: its notebook replaces ``notebooks/<slug>.ipynb`` and its results
+    ``results/<slug>.json``. Smoke runs and runs with ``-p`` overrides (they change the
+    experiment) write ``runs/<preset>[-with-overrides]/`` (or ``out_dir``) instead, unless
+    ``publish=True``. Either way the run executes into a staging folder and its files are
+    renamed into place only after every cell succeeded; a failed run keeps its partly
+    executed notebook at ``runs/failed/<slug>.ipynb`` and raises :class:`RunFailed`.
+    """
+    import shutil
+
+    import papermill
+
+    root = root or repo_root()
+    source = notebook_for(chapter, root)
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is not valid; choose one of: {', '.join(PRESETS)}")
+    parameters = dict(parameters or {})
+    known = notebook_parameters(source)
+    unknown = sorted(set(parameters) - set(known))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for {source.name}; "
+                         f"valid parameters: {', '.join(known)}")
+    check_parameters(source, preset, parameters)
+    if publish is None:
+        publish = preset in ("book", "paper") and not parameters and out_dir is None
+    if publish and preset == "smoke":
+        raise ValueError("preset='smoke' runs are never published to results/; drop publish")
+    slug = source.stem
+    if publish:
+        final_notebook, final_results = source, root / "results" / f"{slug}.json"
+    else:
+        folder = Path(out_dir) if out_dir else _experiment_folder(root, preset, parameters)
+        final_notebook, final_results = folder / source.name, folder / "results" / f"{slug}.json"
+    (root / "runs").mkdir(exist_ok=True)
+    _remove_stale_staging(root / "runs")
+    stage = Path(tempfile.mkdtemp(prefix=f".staging-{slug}.", dir=root / "runs"))
+    staged_notebook, staged_results = stage / source.name, stage / "results"
+    environment = {"REPLBOOK_RESULTS_DIR": str(staged_results),  # the kernel inherits these
+                   **(OFFLINE_ENVIRONMENT if preset != "paper" else {})}
+    saved_environment = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
+    try:
+        try:
+            papermill.execute_notebook(
+                str(source), str(staged_notebook), parameters={"preset": preset, **parameters},
+                cwd=str(source.parent), kernel_name="python3", progress_bar=progress,
+            )
+        except papermill.PapermillExecutionError as err:
+            kept = root / "runs" / "failed" / source.name
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            if staged_notebook.exists():
+                os.replace(staged_notebook, kept)
+            raise RunFailed(slug, err.cell_index, err.ename, str(err.evalue), kept,
+                            "\n".join(err.traceback or [])) from None
+        result_file = staged_results / f"{slug}.json"
+        if not result_file.exists():
+            raise RuntimeError(f"{slug} ran to the end but saved no results (its run.save cell did not write "
+                               f"{result_file.name})")
+        clean_metadata(staged_notebook)
+        final_notebook.parent.mkdir(parents=True, exist_ok=True)
+        final_results.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged_notebook, final_notebook)
+        os.replace(result_file, final_results)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        for name, value in saved_environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return final_notebook
+
+
+def needs_execution(notebook: Path, root: Path) -> bool:
+    """A notebook with unexecuted code cells or no results file must be executed."""
+    nb = json.loads(notebook.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code" and "".join(c["source"]).strip()]
+    unexecuted = any(c.get("execution_count") is None for c in code)
+    return unexecuted or not (root / "results" / f"{notebook.stem}.json").exists()
+
+
+def write_scoreboard(root: Path) -> None:
+    scoreboard.write_page(root / "book" / "_generated" / "scoreboard.md", root / "results")
+    scoreboard.update_readme(root / "README.md", root / "results")
+
+
+def build(root: Path | None = None, execute_missing: bool = True, out: Path | None = None) -> Path:
+    root = root or repo_root()
+    if execute_missing:
+        for notebook in sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+            if needs_execution(notebook, root):
+                print(f"executing {notebook.name} at the book preset (it has no results yet)")
+                run(notebook.name[:2], "book", root=root)
+    write_scoreboard(root)
+    out = out or root
+    jb = Path(sys.executable).with_name("jupyter-book")
+    built = subprocess.run([str(jb), "build", str(root), "--path-output", str(out), "-W", "-n", "--keep-going"])
+    if built.returncode != 0:
+        raise RuntimeError("the book build failed or warned (warnings are errors): see its output above")
+    index = out / "_build" / "html" / "index.html"
+    print(f"\nThe book is built: open file://{index}")
+    return index
