@@ -23,16 +23,53 @@ def test_smoke_run_writes_results(notebook, tmp_path, results_tmp):
     assert saved["runtime_seconds"] < 120
 
 
-@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
-@pytest.mark.parametrize("parameters, message", [
+BAD_PARAMETERS = [
     ({"preset": "huge"}, "preset='huge' is not valid; choose one of: smoke, book, paper"),
     ({"preset": "smoke", "bogus_knob": 1}, "unknown parameter(s) 'bogus_knob'; valid parameters: preset"),
-])
+]
+# chapters whose bad parameters go through a real kernel (each start costs ~15 s of CI);
+# every chapter's config cell is run in-process below, and test_cli/test_parameters cover
+# `replbook run`, which refuses bad parameters before any kernel starts
+THROUGH_A_KERNEL = ("00", "06")
+
+
+@pytest.mark.parametrize("notebook", [n for n in NOTEBOOKS if n.stem[:2] in THROUGH_A_KERNEL], ids=lambda p: p.stem)
+@pytest.mark.parametrize("parameters, message", BAD_PARAMETERS)
 def test_bad_parameters_fail_with_a_clear_message(notebook, tmp_path, results_tmp, parameters, message):
     with pytest.raises(papermill.PapermillExecutionError) as err:
         execute(notebook, tmp_path / notebook.name, **parameters)
     assert message in str(err.value)
+    assert err.value.exec_count <= 3, "refused later than the config cell"
     assert not results_tmp.exists() or not list(results_tmp.iterdir()), "a failed run must write no results"
+
+
+def config_cell_in_process(notebook: Path, **parameters) -> None:
+    """What the kernel runs first, run here: the parameters cell, papermill's injected
+    values, and the chapter's first cell up to its ``config.from_notebook`` line, which
+    must come before anything else that cell does (no model loads before the check)."""
+    import nbformat
+
+    code = [c for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code"
+            and "injected-parameters" not in c.metadata.get("tags", [])]
+    assert "parameters" in code[0].metadata.get("tags", []), f"{notebook.name}: the first code cell must be the parameters"
+    first = code[1].source
+    assert "config.from_notebook(" in first, f"{notebook.name}: the cell after the parameters must check them"
+    upto = first[:first.index("\n", first.index("config.from_notebook(")) + 1]
+    statements = [line for line in upto.splitlines() if line.strip() and not line.startswith((" ", "#"))]
+    assert all(s.startswith(("import ", "from ")) for s in statements[:-1]), (
+        f"{notebook.name}: only imports may run before config.from_notebook")
+    injected = "# Parameters\n" + "".join(f"{name} = {value!r}\n" for name, value in parameters.items())
+    namespace = {"In": ["", code[0].source, injected, upto]}
+    for source in namespace["In"][1:]:
+        exec(compile(source, notebook.name, "exec"), namespace)
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("parameters, message", BAD_PARAMETERS)
+def test_every_config_cell_refuses_bad_parameters_before_anything_runs(notebook, parameters, message):
+    with pytest.raises(ValueError) as err:
+        config_cell_in_process(notebook, **parameters)
+    assert message in str(err.value)
 
 
 @pytest.mark.parametrize("notebook", [n for n in NOTEBOOKS if n.stem[:2] in ("08", "10")], ids=lambda p: p.stem)
@@ -61,3 +98,27 @@ def test_figure_cells_show_exactly_one_output(notebook):
         assert len(shown) == 1 and "image/png" in shown[0].data, (
             f"{notebook.name}, cell {index}: a figure cell shows {len(shown)} outputs "
             f"({[sorted(o.data) for o in shown]}); it must show exactly one PNG")
+
+
+LONG_PLOTTING_CELL = 5  # lines: a figure cell longer than this collapses on the site
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_long_plotting_cells_collapse_behind_a_line_saying_what_they_draw(notebook):
+    """A reader sees claims, figures and verdicts first; the plotting code stays one click
+    away behind a toggle that names what it draws (myst-nb's ``hide-input`` tag and the
+    cell's ``mystnb.code_prompt_show``; the site test checks the rendered toggle)."""
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    prompts = []
+    for index, cell in enumerate(nb.cells):
+        mystnb = cell.metadata.get("mystnb", {})
+        if cell.cell_type != "code" or "figure" not in mystnb or len(cell.source.splitlines()) <= LONG_PLOTTING_CELL:
+            continue
+        assert "hide-input" in cell.metadata.get("tags", []), f"{notebook.name}, cell {index}: tag it hide-input"
+        prompt = mystnb.get("code_prompt_show", "")
+        assert prompt.startswith("Show the code that draws ") and len(prompt) <= 90, (
+            f"{notebook.name}, cell {index}: code_prompt_show must say in one line what the code draws, got {prompt!r}")
+        prompts.append(prompt)
+    assert len(prompts) == len(set(prompts)), f"{notebook.name}: two toggles say the same thing"

@@ -1,5 +1,6 @@
 """The site builds with warnings as errors, and a real browser shows the
 scoreboard on the landing page and the figures of chapter 00."""
+import html
 import re
 import shutil
 import subprocess
@@ -63,6 +64,15 @@ def test_chapters_render_their_figures_with_captions_and_verdicts(site, chapter)
     saved = next(r for r in results.load_all(ROOT / "results") if r["slug"] == chapter)
     for v in saved["verdicts"]:  # the glued at-a-glance box shows this run's verdicts
         assert results.BADGE[v["verdict"]] in dom
+    # the plotting code is collapsed behind a toggle naming what it draws (test_notebooks)
+    import nbformat
+
+    nb = nbformat.read(ROOT / "notebooks" / f"{chapter}.ipynb", as_version=4)
+    for cell in nb.cells:
+        if "hide-input" in cell.metadata.get("tags", []):
+            prompt = html.escape(cell.metadata["mystnb"]["code_prompt_show"], quote=False)
+            assert re.search(r'<details class="[^"]*\bhide\b[^"]*above-input[^"]*">\s*<summary[^>]*>\s*'
+                             rf'<p class="collapsed admonition-title">{re.escape(prompt)}</p>', dom), prompt
 
 
 def test_landing_page_screenshot(site, tmp_path):
