@@ -47,10 +47,23 @@ def test_select_topk_keeps_ceil_kf_n_of_the_visible_keys():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 10, 8, generator=g), torch.randn(1, 2, 10, 8, generator=g)
     allowed = torch.ones(10, 10, dtype=torch.bool).tril()[None, None]
-    selected = loki.select_topk(q, k, allowed, 0.25, None, 1.0)
+    selected = loki.select_topk(q, k, allowed, 0.25, None, 1.0, rule="position")
     counts = selected.sum(-1)[0, 0]
     assert counts.tolist() == [math.ceil(0.25 * (i + 1)) for i in range(10)]
     assert not (selected & ~allowed).any(), "a masked (future) key was selected"
+
+
+def test_the_official_window_rule_keeps_int_kf_s_keys_for_every_query_that_sees_that_many():
+    """hpcgroup/loki keeps int(k_f·S) keys of an S-token window for every query; a query
+    that sees fewer keeps all it sees (the rest of its top-k are masked)."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 10, 8, generator=g), torch.randn(1, 2, 10, 8, generator=g)
+    allowed = torch.ones(10, 10, dtype=torch.bool).tril()[None, None]
+    selected = loki.select_topk(q, k, allowed, 0.35, None, 1.0)  # the default is the paper's rule
+    assert selected.sum(-1)[0, 0].tolist() == [1, 2, 3, 3, 3, 3, 3, 3, 3, 3]  # int(0.35 * 10) = 3
+    assert not (selected & ~allowed).any()
+    with pytest.raises(ValueError, match="rule='greedy'; choose one of: window, position"):
+        loki.select_topk(q, k, allowed, 0.35, None, 1.0, rule="greedy")
 
 
 def test_full_basis_ranks_like_the_exact_scores():
@@ -129,6 +142,27 @@ def test_token_windows_and_perplexity(tiny):
     assert 1 < ppl < 10 * len(tiny.tokenizer)
 
 
+class _CharTokenizer:
+    """One id per character; a BOS (id 1) when asked for special tokens, if it has one."""
+    def __init__(self, bos):
+        self.bos_token_id = bos
+
+    def __call__(self, text, add_special_tokens=True, return_tensors=None):
+        ids = ([self.bos_token_id] if add_special_tokens and self.bos_token_id is not None else []) + \
+            [10 + ord(c) % 50 for c in text]
+        return type("Encoding", (), {"input_ids": torch.tensor([ids])})()
+
+
+def test_model_windows_start_every_window_with_bos_where_the_tokenizer_has_one():
+    """Issue #28: Gemma's windows after the first lacked BOS (dense perplexity 76 vs 52)."""
+    text = "abcdefghij" * 40
+    with_bos = lm.model_windows(_CharTokenizer(bos=1), text, 16, 3)
+    assert [w[0].item() for w in with_bos] == [1, 1, 1] and all(len(w) == 16 for w in with_bos)
+    assert (torch.cat([w[1:] for w in with_bos]) != 1).all(), "BOS only at the start of a window"
+    without = lm.model_windows(_CharTokenizer(bos=None), text, 16, 3)
+    assert all(torch.equal(a, b) for a, b in zip(without, lm.token_windows(_CharTokenizer(bos=None), text, 16, 3)))
+
+
 def test_the_paper_preset_code_path_runs_on_a_tiny_locally_saved_llama(run_paper_preset_on_tiny_llama):
     """The paper preset (hub-style from_pretrained, device_map="auto", bf16, no random-init
     control) end to end, on a tiny Llama saved with save_pretrained and synthetic text."""
@@ -138,3 +172,149 @@ def test_the_paper_preset_code_path_runs_on_a_tiny_locally_saved_llama(run_paper
     assert saved["preset"] == "paper" and saved["config"]["device"] == "auto"
     assert saved["config"]["random_init_control"] is False
     assert {v["claim"] for v in saved["verdicts"]} == {"C1", "C2", "C3"}
+
+
+# ----------------------------------------------------------------------------- against a float64 reference
+# Issue #28: with every key kept (k = S) a transposed projection, a wrong query-head -> kv-head
+# basis, or a step that keeps the *lowest* scores all give full attention, so these tests keep
+# fewer keys than there are, use a different basis per kv head, and compare with a plain float64
+# loop over heads and positions written from the paper's definition (Loki, Alg. 1).
+
+def _bases(n_kv: int, dim: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([loki.random_orthogonal(dim, g) for _ in range(n_kv)])
+
+
+def _reference_attention(q, k, v, basis, k_f, d_f, rule="position"):
+    """Chapter 08's quality path, one query head and position at a time in float64: query i
+    sees keys 0..i and keeps, of those, the ones with the largest scores in the first d_f D
+    directions of its kv head's basis: ceil(k_f (i+1)) of them by the "position" rule,
+    int(k_f S) (or all i+1 if fewer) by the official "window" rule; then it attends exactly
+    over those."""
+    q, k, v, basis = (t.double() for t in (q, k, v, basis))
+    _, n_q, seq, dim = q.shape
+    n_kv = k.shape[1]
+    group, d = n_q // n_kv, max(1, round(d_f * dim))
+    out = torch.zeros_like(q)
+    for h in range(n_q):
+        kv = h // group  # transformers' repeat_kv: query heads come in consecutive groups
+        proj = basis[kv][:, :d]
+        for i in range(seq):
+            approx = (q[0, h, i] @ proj) @ (k[0, kv, :i + 1] @ proj).T
+            count = math.ceil(k_f * (i + 1)) if rule == "position" else min(i + 1, int(k_f * seq))
+            keep = approx.topk(max(1, count)).indices
+            scores = k[0, kv, keep] @ q[0, h, i] / math.sqrt(dim)
+            out[0, h, i] = scores.softmax(-1) @ v[0, kv, keep]
+    return out
+
+
+class _Attention(torch.nn.Module):
+    """What loki_attention reads from the attention module: its layer and head size."""
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.layer_idx, self.head_dim = 0, head_dim
+
+
+@pytest.mark.parametrize("rule", loki.RULES)
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_loki_attention_with_fewer_keys_matches_a_float64_reference(group, rule):
+    n_kv, seq, dim = 2, 24, 8
+    g = torch.Generator().manual_seed(group)
+    q = torch.randn(1, n_kv * group, seq, dim, generator=g)
+    k, v = torch.randn(1, n_kv, seq, dim, generator=g), torch.randn(1, n_kv, seq, dim, generator=g)
+    bases = _bases(n_kv, dim, seed=10 + group)
+    loki.SETTINGS.__init__(selector="pca", k_f=0.25, d_f=0.5, bases=bases[None], rule=rule)
+    try:
+        out, _ = loki.loki_attention(_Attention(dim), q, k, v, attention_mask=None)
+    finally:
+        loki.SETTINGS.__init__()
+    expected = _reference_attention(q, k, v, bases, 0.25, 0.5, rule).transpose(1, 2)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+    # the reference is sharp enough to tell the plausible bugs apart
+    wrong = _reference_attention(q, k, v, bases.transpose(-1, -2), 0.25, 0.5, rule).transpose(1, 2)
+    assert not torch.allclose(wrong, expected, atol=1e-3), "a transposed basis would pass"
+    if group > 1:
+        swapped = _reference_attention(q, k, v, bases.flip(0), 0.25, 0.5, rule).transpose(1, 2)
+        assert not torch.allclose(swapped, expected, atol=1e-3), "a wrong head -> basis mapping would pass"
+
+
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_the_timed_decode_step_with_fewer_keys_matches_a_float64_reference(group):
+    n_kv, seq, dim, keep, d = 2, 40, 16, 7, 4
+    g = torch.Generator().manual_seed(100 + group)
+    q = torch.randn(1, n_kv * group, 1, dim, generator=g)
+    keys, values = torch.randn(1, n_kv, seq, dim, generator=g), torch.randn(1, n_kv, seq, dim, generator=g)
+    basis = _bases(n_kv, dim, seed=200 + group)
+    got = loki.loki_decode_step(q, keys @ basis[None], values, basis, keep, d)
+    # the last position sees every key: the reference's k_f that keeps exactly `keep` of `seq`
+    full_q = torch.cat([torch.zeros(1, n_kv * group, seq - 1, dim), q], dim=2)
+    expected = _reference_attention(full_q, keys, values, basis, keep / seq, d / dim)[:, :, -1:]
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_planted_top_k_is_what_loki_selects_and_the_lowest_scores_are_not():
+    """Keys planted along the query's direction in the basis's first d dimensions must be the
+    selected ones; the rest point away."""
+    dim, seq, d = 8, 16, 2
+    basis = _bases(1, dim, seed=7)
+    planted = [3, 9, 12, 14]
+    q = torch.zeros(1, 1, seq, dim)
+    q[0, 0, -1] = basis[0][:, 0] * 3  # the last query points along the first basis direction
+    coords = -torch.rand(seq, dim, generator=torch.Generator().manual_seed(8))  # every key points away
+    coords[planted, 0] = torch.tensor([5.0, 4.0, 6.0, 4.5])  # ... except the planted ones
+    k = (coords @ basis[0].T)[None, None]  # keys expressed back in the model's coordinates
+    allowed = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None]
+    selected = loki.select_topk(q, k, allowed, len(planted) / seq, basis, d / dim, rule="position")
+    assert torch.nonzero(selected[0, 0, -1]).flatten().tolist() == planted
+
+
+def test_the_basis_of_keys_in_a_known_subspace_spans_it_and_finds_the_exact_top_k():
+    """A known basis: keys that live in a 2-D subspace have the second-moment PCA basis
+    (the chapter's) with that subspace first, so Loki at d = 2 ranks keys exactly."""
+    g = torch.Generator().manual_seed(3)
+    dim, seq = 8, 64
+    subspace = torch.linalg.qr(torch.randn(dim, 2, generator=g)).Q  # [D, 2]
+    keys = torch.randn(seq, 2, generator=g) * torch.tensor([3.0, 1.0]) @ subspace.T
+    acc = loki.RunningCovariance(dim)
+    acc.add(keys)
+    basis = loki.pca_basis(acc.second_moment())
+    top2 = basis[:, :2].double()
+    torch.testing.assert_close(top2 @ top2.T, (subspace @ subspace.T).double(), atol=1e-5, rtol=0)
+    q = torch.randn(1, 1, seq, dim, generator=g)
+    allowed = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None]
+    k = keys[None, None]
+    assert torch.equal(loki.select_topk(q, k, allowed, 0.25, basis[None], 2 / dim),
+                       loki.select_topk(q, k, allowed, 0.25, None, 1.0))
+    assert not torch.equal(loki.select_topk(q, k, allowed, 0.25, basis.flip(-1)[None], 2 / dim),
+                           loki.select_topk(q, k, allowed, 0.25, None, 1.0)), "the last directions would pass"
+
+
+@torch.no_grad()
+def test_the_key_basis_is_built_from_post_rotary_keys(tiny, ids):
+    """Loki's basis is the PCA of the keys attention scores are made from: after RoPE. The
+    captured "key_post" second moments must equal those of k_proj's output rotated here by
+    the model's own rotary embedding, and differ from the pre-rotary ones."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model, config = tiny.model, tiny.model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    pre = {}
+    hooks = [a.k_proj.register_forward_hook(lambda m, i, o, l=a.layer_idx: pre.__setitem__(l, o))
+             for a in loki._attention_modules(model)]
+    try:
+        stats = loki.capture(model, [ids])
+    finally:
+        for h in hooks:
+            h.remove()
+    positions = torch.arange(len(ids))[None]
+    for layer, out in pre.items():
+        keys = out.reshape(1, len(ids), -1, head_dim).transpose(1, 2)  # [1, Hkv, S, D]
+        cos, sin = model.model.rotary_emb(keys, positions)
+        _, rotated = apply_rotary_pos_emb(keys, keys, cos, sin)
+        for h in range(config.num_key_value_heads):
+            x = rotated[0, h].double()
+            captured = stats.covariances[("key_post", layer, h)].second_moment().double()
+            torch.testing.assert_close(captured, x.T @ x / len(ids), rtol=1e-4, atol=1e-5)
+            unrotated = keys[0, h].double()
+            assert not torch.allclose(captured, unrotated.T @ unrotated / len(ids), rtol=1e-3, atol=1e-4)
+    assert torch.equal(stats.bases(), stats.bases("key_post")), "the chapter's default basis must be post-rotary"

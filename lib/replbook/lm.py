@@ -27,6 +27,14 @@ def token_windows(tokenizer, text: str, window: int, count: int, offset_chars: i
     return windows
 
 
+def model_windows(tokenizer, text: str, window: int, count: int, offset_chars: int = 0) -> list[torch.Tensor]:
+    """:func:`token_windows` that start the way the model expects a document to: with its
+    BOS token wherever the tokenizer defines one (Gemma's perplexity is ~1.5× worse on windows
+    that lack it). The one helper chapters 04 and 08 cut their evaluation text with."""
+    return token_windows(tokenizer, text, window, count, offset_chars=offset_chars,
+                         start_with_bos=tokenizer.bos_token_id is not None)
+
+
 @torch.no_grad()
 def perplexity(model, windows: list[torch.Tensor]) -> float:
     """exp(mean next-token negative log-likelihood) over all windows."""

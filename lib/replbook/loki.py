@@ -14,9 +14,14 @@ attention-function mechanism (``AttentionInterface``), never by copying model co
 
        s̃ = (q P_d)(K P_d)ᵀ,                        (paper, Alg. 1)
 
-   pick the top ``k = k_f·n`` of the ``n`` keys it may see, and attend exactly to
-   those only. Variants for the references: ``oracle`` (top-k by the exact
-   scores) and ``random`` (the same budget in a random orthogonal basis).
+   keep the top ``k`` keys, and attend exactly to those only. How many: the
+   official code's rule (``"window"``, the paper's protocol) keeps ``int(k_f·S)``
+   keys for every query of an S-token window, so early queries keep all they see;
+   the decode-realistic ``"position"`` rule keeps ``ceil(k_f·n)`` of the ``n`` keys
+   query n sees. The basis is the official code's too: sklearn's (centred) PCA of
+   the post-rotary keys, applied without subtracting the mean. Variants for the
+   references: ``oracle`` (top-k by the exact scores) and ``random`` (the same
+   budget in a random orthogonal basis).
 3. **Decoding-step timing** (:func:`decode_step_seconds`): dense attention vs
    Loki for one new token against a KV cache of S tokens, beside the matmul cost
    model ``dense / loki = 2 / (d_f + 2 k_f)``.
@@ -37,7 +42,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from .lm import perplexity, token_windows  # noqa: F401  (the chapter calls them as loki.*)
+from .lm import model_windows, perplexity, token_windows  # noqa: F401  (the chapter calls them as loki.*)
 
 PRESETS = {
     "smoke": {
@@ -88,6 +93,11 @@ def parameter_rules():
     }
 # the paper's operating point, where C2 and C3 are judged
 K_F, D_F = 0.25, 0.25
+# how many keys a query keeps (select_topk). "window" is the official implementation's
+# (hpcgroup/loki, methods/pca_topk: topk = int(top_k * S) over the masked scores of the
+# window); "position" is what decoding token by token would do, a harsher test
+RULES = ("window", "position")
+PAPER_RULE = "window"
 
 ATTENTION_NAME = "loki"
 SELECTORS = ("dense", "pca", "random", "oracle")
@@ -181,9 +191,10 @@ class Statistics:
             out.append(row)
         return np.array(out)
 
-    def bases(self, kind: str = "key_post", centred: bool = False) -> torch.Tensor:
-        """[layers, kv_heads, D, D] principal directions of ``kind``: of the second moment
-        E[k kᵀ] by default, or of the centred covariance (textbook PCA) if ``centred``."""
+    def bases(self, kind: str = "key_post", centred: bool = True) -> torch.Tensor:
+        """[layers, kv_heads, D, D] principal directions of ``kind``: of the centred
+        covariance by default (textbook PCA, as the official code fits with sklearn), or
+        of the second moment E[k kᵀ] (the keys' energy) if not ``centred``."""
         def matrix(acc: RunningCovariance) -> torch.Tensor:
             return acc.covariance() if centred else acc.second_moment()
 
@@ -221,6 +232,7 @@ class LokiSettings:
 
     selector: str = "dense"  # dense | pca | random | oracle | capture
     k_f: float = 1.0
+    rule: str = PAPER_RULE  # how many keys a query keeps: RULES
     d_f: float = 1.0
     bases: torch.Tensor | None = None  # [layers, kv_heads, D, D]
     statistics: Statistics | None = None
@@ -234,10 +246,12 @@ def _kv_index(n_q: int, n_kv: int) -> torch.Tensor:
 
 
 def select_topk(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, k_f: float,
-                basis: torch.Tensor | None, d_f: float) -> torch.Tensor:
-    """The keys each query attends to: the top ``ceil(k_f · n)`` of the ``n`` keys it
-    may see (``allowed``), ranked by scores in the first ``d_f·D`` dimensions of
-    ``basis`` (per kv head), or by the exact scores when ``basis`` is None.
+                basis: torch.Tensor | None, d_f: float, rule: str = PAPER_RULE) -> torch.Tensor:
+    """The keys each query attends to, ranked by scores in the first ``d_f·D`` dimensions
+    of ``basis`` (per kv head), or by the exact scores when ``basis`` is None: with
+    ``rule="window"`` the top ``int(k_f · S)`` of the S keys (all it may see if fewer),
+    with ``rule="position"`` the top ``ceil(k_f · n)`` of the ``n`` keys it may see
+    (``allowed``). At least one key either way.
 
     query [B, Hq, Sq, D], key [B, Hkv, Sk, D], allowed [B, 1 or Hq, Sq, Sk] (bool).
     Returns a bool mask [B, Hq, Sq, Sk].
@@ -252,7 +266,13 @@ def select_topk(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, k
         approx = (query @ proj) @ (key @ proj).transpose(-1, -2)  # s̃ = (q P_d)(K P_d)ᵀ
     approx = approx.masked_fill(~allowed, float("-inf"))
     n_allowed = allowed.sum(-1, keepdim=True).expand(approx.shape[:-1] + (1,))
-    k = torch.clamp(torch.ceil(k_f * n_allowed), min=1).long()
+    if rule == "window":
+        k = torch.clamp(n_allowed, max=int(k_f * key.shape[-2]))
+    elif rule == "position":
+        k = torch.ceil(k_f * n_allowed)
+    else:
+        raise ValueError(f"rule={rule!r}; choose one of: {', '.join(RULES)}")
+    k = torch.clamp(k, min=1).long()
     largest = approx.topk(int(k.max()), dim=-1).values  # sorted, descending
     threshold = largest.gather(-1, k - 1)  # the k-th largest approximate score of each row
     return (approx >= threshold) & allowed
@@ -275,7 +295,7 @@ def loki_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     else:
         allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
     basis = None if s.selector == "oracle" else s.bases[layer].to(query.device)
-    selected = select_topk(query, key, allowed, s.k_f, basis, s.d_f)
+    selected = select_topk(query, key, allowed, s.k_f, basis, s.d_f, s.rule)
     n_rep = query.shape[1] // key.shape[1]
     scores = (query @ repeat_kv(key, n_rep).transpose(-1, -2)) * scaling
     if softcap is not None:
@@ -292,15 +312,17 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
 
 @contextlib.contextmanager
 def using(model, selector: str = "dense", k_f: float = 1.0, d_f: float = 1.0, bases: torch.Tensor | None = None,
-          statistics: Statistics | None = None) -> Iterator[None]:
+          statistics: Statistics | None = None, rule: str = PAPER_RULE) -> Iterator[None]:
     """Run ``model`` with Loki attention (or capture) inside the ``with`` block."""
     if selector not in (*SELECTORS, "capture"):
         raise ValueError(f"selector={selector!r}; choose one of: {', '.join(SELECTORS)}, capture")
+    if rule not in RULES:
+        raise ValueError(f"rule={rule!r}; choose one of: {', '.join(RULES)}")
     if selector in ("pca", "random") and bases is None:
         raise ValueError(f"selector={selector!r} needs bases")
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
-    SETTINGS.__init__(selector, k_f, d_f, bases, statistics)
+    SETTINGS.__init__(selector=selector, k_f=k_f, rule=rule, d_f=d_f, bases=bases, statistics=statistics)
     try:
         yield
     finally:
@@ -362,9 +384,10 @@ def random_bases(like: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def quality_grid(model, windows, bases: torch.Tensor, k_fs, d_fs, seed: int = 0,
-                 random_at: tuple[float, ...] = (0.25,), desc: str = "") -> list[dict]:
+                 random_at: tuple[float, ...] = (0.25,), desc: str = "", rule: str = PAPER_RULE) -> list[dict]:
     """Perplexity for dense attention, exact top-k (oracle) per k_f, Loki-PCA over the
-    k_f × d_f grid, and a random orthogonal basis at k_f in ``random_at`` for every d_f."""
+    k_f × d_f grid, and a random orthogonal basis at k_f in ``random_at`` for every d_f,
+    all keeping keys by ``rule``."""
     runs = [("dense", 1.0, 1.0)] + [("oracle", k, 1.0) for k in k_fs]
     runs += [("pca", k, d) for k in k_fs for d in d_fs]
     runs += [("random", k, d) for k in random_at for d in d_fs]
@@ -372,7 +395,7 @@ def quality_grid(model, windows, bases: torch.Tensor, k_fs, d_fs, seed: int = 0,
     rows = []
     for selector, k_f, d_f in tqdm(runs, desc=desc or "perplexity grid"):
         chosen = rand if selector == "random" else bases
-        with using(model, selector, k_f=k_f, d_f=d_f, bases=chosen):
+        with using(model, selector, k_f=k_f, d_f=d_f, bases=chosen, rule=rule):
             rows.append({"selector": selector, "k_f": k_f, "d_f": d_f, "perplexity": perplexity(model, windows)})
     return rows
 
