@@ -48,6 +48,47 @@ def test_kernel_decodes_like_the_reference(name):
     assert same_bits(bitmap_decode(*args, block=64), CASES[name])
 
 
+def test_the_file_is_byte_for_byte_the_written_format():
+    """The format as the module docstring writes it, assembled here by hand (not by encode):
+    header, then int64 row offsets, then the bitmap (each row padded to whole bytes, the
+    first column in the most significant bit), then the values' bit patterns in row-major
+    order. An encoder and decoder that agree on another bit order, or swap two sections,
+    round-trip fine and fail here."""
+    import struct
+    import zlib
+
+    dense = torch.zeros(2, 10, dtype=torch.float16)
+    dense[0, 0], dense[0, 9], dense[1, 3] = 1.0, -2.0, 0.5  # columns 0 and 9 of row 0, column 3 of row 1
+    offsets = struct.pack("<3q", 0, 2, 3)
+    bitmap = bytes([0b1000_0000, 0b0100_0000,   # row 0: column 0 -> bit 7 of byte 0, column 9 -> bit 6 of byte 1
+                    0b0001_0000, 0b0000_0000])  # row 1: column 3 -> bit 4 of byte 0
+    values = struct.pack("<3e", 1.0, -2.0, 0.5)
+    body = offsets + bitmap + values
+    header = struct.pack("<8sB3xQQQI", b"ENDOR01\0", 1, 2, 10, 3, zlib.crc32(body))
+    assert endor.to_bytes(endor.encode(dense)) == header + body
+    assert same_bits(endor.decode(endor.from_bytes(header + body)), dense)
+
+
+@pytest.mark.parametrize("decoder", ["reference", "kernel"])
+def test_rows_decode_from_their_stored_offsets(decoder):
+    """Each row's values start where ``row_offsets`` says, as the format's spec and the
+    kernel have it: with a junk value before every row's values and the offsets moved to
+    match, the weight decodes unchanged; a decoder that counted set bits from the start
+    (or from the first offset only) would read the junk."""
+    dense = CASES["empty rows"]
+    packed = endor.encode(dense)
+    junk = torch.full((1,), 7.0, dtype=dense.dtype)
+    starts, pieces = [], []
+    for r in range(dense.shape[0]):
+        row = packed.values[packed.row_offsets[r]:packed.row_offsets[r + 1]]
+        starts.append(sum(len(p) for p in pieces) + 1)
+        pieces += [junk, row]
+    offsets = torch.tensor(starts + [sum(len(p) for p in pieces)], dtype=torch.int64)
+    args = (packed.bitmap, torch.cat(pieces), offsets, packed.shape[1])
+    decoded = bitmap_decode_reference(*args) if decoder == "reference" else bitmap_decode(*args, block=64)
+    assert same_bits(decoded, dense)
+
+
 def test_negative_zero_is_kept():
     dense = torch.tensor([[0.0, -0.0, 1.0]], dtype=torch.float16)
     packed = endor.encode(dense)
@@ -64,7 +105,7 @@ def test_size_follows_one_plus_b_times_one_minus_s():
                                      rel=1e-9)
     sizes = endor.array_bytes(sparse(256, 1024, 0.5))
     # at 50% sparsity CSR with 16-bit indices is no smaller than dense fp16; the bitmap is
-    assert sizes["bitmap"] < sizes["dense"] < sizes["csr_int16"] < sizes["csr_int32"] < sizes["coo"]
+    assert sizes["bitmap"] < sizes["dense"] < sizes["csr_uint16"] < sizes["csr_int32"] < sizes["coo"]
 
 
 def test_bad_files_fail_clearly(tmp_path):
@@ -155,6 +196,24 @@ def test_files_on_disk_match_the_array_accounting(tmp_path):
     assert seconds > 0 and endor.decode(endor.from_bytes(blob)).equal(dense)
 
 
+def test_csr_with_16_bit_indices_holds_opt_66b_widths(tmp_path):
+    """OPT-66B's fc2 has 36,864 columns: its 16-bit CSR column indices must be unsigned
+    (issue #28: int16 overflowed). Past 65,536 columns no 16-bit index fits."""
+    import numpy as np
+
+    dense = sparse(2, 36864, 0.5, seed=4)
+    sizes = endor.write_formats(dense, tmp_path, "fc2")
+    saved = np.load(tmp_path / "fc2.csr16.npz")
+    assert saved["indices"].dtype == np.uint16 and sizes["csr_uint16"] < sizes["csr_int32"]
+    rebuilt = torch.zeros(2, 36864, dtype=dense.dtype)
+    for r in range(2):
+        span = slice(saved["indptr"][r], saved["indptr"][r + 1])
+        rebuilt[r, torch.from_numpy(saved["indices"][span].astype(np.int64))] = torch.from_numpy(saved["data"][span])
+    assert same_bits(rebuilt, dense), "a column index past 32,767 came back wrong"
+    with pytest.raises(ValueError, match="65537 columns do not fit 16-bit CSR indices"):
+        endor.write_formats(torch.zeros(1, 65537, dtype=torch.float16), tmp_path, "too-wide")
+
+
 def test_format_bytes_sums_every_weight_and_leaves_no_files(tmp_path):
     weights = {"a": sparse(16, 40, 0.5, seed=1), "b": sparse(8, 24, 0.7, seed=2)}
     totals = endor.format_bytes(weights, tmp_path)
@@ -228,7 +287,9 @@ def test_paper_models_compressible_share_matches_the_published_size():
     norms = (2 * llama["layers"] + 1) * h
     assert linears + embeddings + norms == 68_976_648_192  # Llama-2-70B's parameter count
     assert endor.compressible_share(llama) == pytest.approx(linears / (linears + embeddings))
+    assert endor.parameter_count(llama) == linears + embeddings  # the norms (0.001%) left out
     assert 0.99 < endor.compressible_share(endor.PAPER_MODELS["facebook/opt-66b"]) < 1
+    assert endor.parameter_count(endor.PAPER_MODELS["facebook/opt-66b"]) / 1e9 == pytest.approx(65.7, abs=0.1)
 
 
 def test_the_paper_preset_code_path_runs_on_a_tiny_locally_saved_llama(run_paper_preset_on_tiny_llama, tmp_path):

@@ -55,9 +55,14 @@ def bitmap_decode(bitmap: torch.Tensor, values: torch.Tensor, row_offsets: torch
 
 def bitmap_decode_reference(bitmap: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor,
                             cols: int) -> torch.Tensor:
-    """Plain torch, any device: unpack the bits, scatter the values in row-major order.
-    Also the CPU decoder of ``replbook.endor``."""
+    """Plain torch, any device: unpack the bits; the k-th set bit of row r takes value
+    ``row_offsets[r] + k``, as the kernel reads it (so a row decodes from its own offset,
+    and a decoder that ignored the offsets would fail the tests). Also the CPU decoder of
+    ``replbook.endor``."""
     rows = bitmap.shape[0]
     shifts = torch.arange(7, -1, -1, device=bitmap.device, dtype=torch.uint8)
     bits = ((bitmap[..., None] >> shifts) & 1).reshape(rows, 8 * bitmap.shape[1])[:, :cols].bool()
-    return torch.zeros(rows, cols, dtype=values.dtype, device=bitmap.device).masked_scatter_(bits, values)
+    index = row_offsets[:-1, None].to(bitmap.device) + bits.cumsum(1) - 1  # the value of each set bit
+    out = torch.zeros(rows, cols, dtype=values.dtype, device=bitmap.device)
+    out[bits] = values[index[bits]]
+    return out

@@ -112,7 +112,8 @@ def endor_report(sparsity: float = 0.5) -> dict:
     reference, and decode throughput in GB/s of dense fp16 output, beside the transfers it
     competes with — a pinned host-to-device copy of the dense and of the compressed weight."""
     report = {**header(), "sparsity": sparsity, "rows": []}
-    for rows, cols in [(576, 1536), (4096, 11008), (8192, 28672)]:
+    # SmolLM2, Llama-2-70B's k/v projection (GQA), Llama-2-7B's and Llama-2-70B's MLP, OPT-66B's fc2
+    for rows, cols in [(576, 1536), (8192, 1024), (4096, 11008), (8192, 28672), (9216, 36864)]:
         g = torch.Generator(device="cuda").manual_seed(0)
         dense = torch.randn(rows, cols, device="cuda", generator=g, dtype=torch.float16)
         dense[torch.rand(rows, cols, device="cuda", generator=g) < sparsity] = 0

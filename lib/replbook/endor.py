@@ -229,13 +229,13 @@ def theoretical_bits_per_element(sparsity: float, value_bits: int) -> float:
 
 def array_bytes(dense: torch.Tensor) -> dict[str, int]:
     """Bytes of one 2-D weight's arrays in each format (no file headers): dense, Endor
-    bitmap, CSR with int16 / int32 column indices (int32 row pointers), COO (int32 pairs)."""
+    bitmap, CSR with 16-bit unsigned / 32-bit column indices (int32 row pointers), COO (int32 pairs)."""
     nnz, rows = int(nonzero_mask(dense.detach().cpu()).sum()), dense.shape[0]
     value_bytes = nnz * dense.element_size()
     return {
         "dense": dense.numel() * dense.element_size(),
         "bitmap": encode(dense).nbytes,
-        "csr_int16": 4 * (rows + 1) + 2 * nnz + value_bytes,
+        "csr_uint16": 4 * (rows + 1) + 2 * nnz + value_bytes,
         "csr_int32": 4 * (rows + 1) + 4 * nnz + value_bytes,
         "coo": 8 * nnz + value_bytes,
     }
@@ -350,20 +350,20 @@ def sparse_arrays(dense: torch.Tensor) -> dict[str, np.ndarray]:
 
 def write_formats(dense: torch.Tensor, folder: Path, stem: str) -> dict[str, int]:
     """Write one 2-D weight in every format and return the bytes each file takes on disk:
-    dense (.npy), Endor bitmap (.endor), CSR with int16 and int32 column indices and int32
+    dense (.npy), Endor bitmap (.endor), CSR with 16-bit unsigned and 32-bit column indices and int32
     row pointers, and COO with int32 row and column indices (uncompressed .npz files)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if dense.shape[1] > np.iinfo(np.int16).max + 1:
+    if dense.shape[1] > np.iinfo(np.uint16).max + 1:  # OPT-66B's fc2 has 36,864 columns: unsigned fits
         raise ValueError(f"{stem}: {dense.shape[1]} columns do not fit 16-bit CSR indices")
     arrays = sparse_arrays(dense)
     shape = np.array(dense.shape)
     paths = {"dense": folder / f"{stem}.npy", "bitmap": folder / f"{stem}.endor",
-             "csr_int16": folder / f"{stem}.csr16.npz", "csr_int32": folder / f"{stem}.csr32.npz",
+             "csr_uint16": folder / f"{stem}.csr16.npz", "csr_int32": folder / f"{stem}.csr32.npz",
              "coo": folder / f"{stem}.coo.npz"}
     np.save(paths["dense"], dense.detach().cpu().numpy())
     save(paths["bitmap"], encode(dense))
-    for fmt, index_dtype in (("csr_int16", np.int16), ("csr_int32", np.int32)):
+    for fmt, index_dtype in (("csr_uint16", np.uint16), ("csr_int32", np.int32)):
         np.savez(paths[fmt], indptr=arrays["indptr"].astype(np.int32), indices=arrays["cols"].astype(index_dtype),
                  data=arrays["data"], shape=shape)
     np.savez(paths["coo"], row=arrays["rows"].astype(np.int32), col=arrays["cols"].astype(np.int32),
@@ -642,10 +642,20 @@ PAPER_MODELS = {
 }
 
 
-def compressible_share(arch: dict) -> float:
-    """Share of a model's weights that sit in decoder-block linears (what Endor compresses)."""
+def _linears_and_embeddings(arch: dict) -> tuple[int, int]:
     h = arch["hidden"]
     per_layer = 2 * h * h + 2 * h * arch["kv_dim"] + arch["mlp_matrices"] * h * arch["mlp"]
-    linears = arch["layers"] * per_layer
     embeddings = arch["vocab"] * h * (1 if arch["tied"] else 2) + arch["positions"] * h
+    return arch["layers"] * per_layer, embeddings
+
+
+def compressible_share(arch: dict) -> float:
+    """Share of a model's weights that sit in decoder-block linears (what Endor compresses)."""
+    linears, embeddings = _linears_and_embeddings(arch)
     return linears / (linears + embeddings)
+
+
+def parameter_count(arch: dict) -> int:
+    """Weights in the decoder-block linears and the embeddings (norms and biases, under
+    0.1% of these models, are left out): OPT-66B 65.7B, Llama-2-70B 69.0B."""
+    return sum(_linears_and_embeddings(arch))
