@@ -6,6 +6,8 @@ from pathlib import Path
 # Every test runs offline, as a reader's laptop may; kernels run interpreted on a CPU.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the AVX2 kernels, as the book's runs use (runner.CPU_CAPABILITY): set before torch is imported
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
 try:
     import torch
 

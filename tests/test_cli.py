@@ -63,7 +63,8 @@ def fake_papermill(monkeypatch):
     calls = []
 
     def execute(source, out, parameters, **kwargs):
-        calls.append({**parameters, "environment": {k: os.environ.get(k) for k in runner.OFFLINE_ENVIRONMENT}})
+        calls.append({**parameters, "environment": {k: os.environ.get(k) for k in runner.OFFLINE_ENVIRONMENT},
+                      "cpu": os.environ.get("ATEN_CPU_CAPABILITY")})
         Path(out).write_text(json.dumps({"cells": [], "metadata": {"papermill": {"duration": 1}}, "partial": True}))
         if parameters.get("fail"):
             raise papermill.PapermillExecutionError(7, 3, "x = 1 / 0", "ZeroDivisionError", "division by zero",
@@ -107,6 +108,16 @@ def test_smoke_and_book_runs_are_offline_and_the_paper_preset_may_reach_the_hub(
     assert smoke == book_run == {name: "1" for name in runner.OFFLINE_ENVIRONMENT}
     assert paper == {name: None for name in runner.OFFLINE_ENVIRONMENT}
     assert not any(name in __import__("os").environ for name in runner.OFFLINE_ENVIRONMENT), "the caller's environment changed"
+
+
+def test_book_runs_ask_torch_for_its_avx2_kernels_unless_the_reader_chose(book, fake_papermill, monkeypatch):
+    """An AVX-512 machine sums floats differently from the AVX2 run that made results/: the
+    rerun's retrained organisms then moved past the guard's bands (runner.CPU_CAPABILITY)."""
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    runner.run("00", "book", root=book)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    runner.run("00", "smoke", root=book)
+    assert [call["cpu"] for call in fake_papermill] == ["avx2", "default"]
 
 
 def test_a_killed_runs_staging_folder_is_removed_after_a_day(book, fake_papermill):
