@@ -18,10 +18,13 @@ ifneq ($(PRESET),paper)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 endif
-# torch's AVX2 kernels on every x86 machine, so a rerun on an AVX-512 CPU sums floats as the committed
-# results did (lib/replbook/runner.py says why); override with ATEN_CPU_CAPABILITY=... on the command line
+# the AVX2 code of torch, oneDNN and MKL on every x86 machine, so a rerun on an AVX-512 CPU sums floats
+# as the committed results did (runner.CPU_PINS in lib/replbook/runner.py says why, and is the list
+# tests/test_cli.py holds this one to); override any of them on the command line
 ATEN_CPU_CAPABILITY ?= avx2
-export ATEN_CPU_CAPABILITY
+ONEDNN_MAX_CPU_ISA ?= AVX2
+MKL_ENABLE_INSTRUCTIONS ?= AVX2
+export ATEN_CPU_CAPABILITY ONEDNN_MAX_CPU_ISA MKL_ENABLE_INSTRUCTIONS
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # pip on some machines warns about every missing local index folder: keep the log readable
 QUIET_PIP := { grep -v '^WARNING: Location' || true; }

@@ -6,8 +6,12 @@ from pathlib import Path
 # Every test runs offline, as a reader's laptop may; kernels run interpreted on a CPU.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# the AVX2 kernels, as the book's runs use (runner.CPU_CAPABILITY): set before torch is imported
-os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+# the AVX2 code of ATen, oneDNN and MKL, as the book's runs use (runner.CPU_PINS): set before torch
+# is imported here and inherited by nbval's kernels
+from replbook.runner import CPU_PINS  # noqa: E402  (imports no torch)
+
+for _name, _value in CPU_PINS.items():
+    os.environ.setdefault(_name, _value)
 try:
     import torch
 

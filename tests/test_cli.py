@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def fake_papermill(monkeypatch):
 
     def execute(source, out, parameters, **kwargs):
         calls.append({**parameters, "environment": {k: os.environ.get(k) for k in runner.OFFLINE_ENVIRONMENT},
-                      "cpu": os.environ.get("ATEN_CPU_CAPABILITY")})
+                      "cpu": {name: os.environ.get(name) for name in runner.CPU_PINS}})
         Path(out).write_text(json.dumps({"cells": [], "metadata": {"papermill": {"duration": 1}}, "partial": True}))
         if parameters.get("fail"):
             raise papermill.PapermillExecutionError(7, 3, "x = 1 / 0", "ZeroDivisionError", "division by zero",
@@ -110,14 +111,31 @@ def test_smoke_and_book_runs_are_offline_and_the_paper_preset_may_reach_the_hub(
     assert not any(name in __import__("os").environ for name in runner.OFFLINE_ENVIRONMENT), "the caller's environment changed"
 
 
-def test_book_runs_ask_torch_for_its_avx2_kernels_unless_the_reader_chose(book, fake_papermill, monkeypatch):
+def test_book_runs_ask_every_library_for_its_avx2_code_unless_the_reader_chose(book, fake_papermill, monkeypatch):
     """An AVX-512 machine sums floats differently from the AVX2 run that made results/: the
-    rerun's retrained organisms then moved past the guard's bands (runner.CPU_CAPABILITY)."""
-    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    rerun's retrained models then moved past the guard's bands (runner.CPU_PINS)."""
+    for name in runner.CPU_PINS:
+        monkeypatch.delenv(name, raising=False)
     runner.run("00", "book", root=book)
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
     runner.run("00", "smoke", root=book)
-    assert [call["cpu"] for call in fake_papermill] == ["avx2", "default"]
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    runner.run("00", "paper", {"seed": 1}, root=book)
+    pinned, overridden, paper = (call["cpu"] for call in fake_papermill)
+    assert pinned == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert overridden == pinned | {"ATEN_CPU_CAPABILITY": "default"}
+    assert paper == {name: None for name in runner.CPU_PINS}, "the paper preset (a GPU node) is pinned"
+
+
+def test_the_makefile_pins_what_the_runner_pins():
+    """`make test` runs nbval's kernels, not runner.run: its exported pins must be the same list."""
+    from replbook.paths import repo_root
+
+    makefile = (repo_root() / "Makefile").read_text()
+    pinned = dict(re.findall(r"^(\w+) \?= (\S+)$", makefile, flags=re.M))
+    exported = set(re.search(r"^export ATEN_CPU_CAPABILITY.*$", makefile, flags=re.M).group(0).split()[1:])
+    assert {name: pinned.get(name) for name in runner.CPU_PINS} == runner.CPU_PINS
+    assert exported == set(runner.CPU_PINS)
 
 
 def test_a_killed_runs_staging_folder_is_removed_after_a_day(book, fake_papermill):

@@ -142,7 +142,12 @@ def test_generation_is_deterministic_and_switch_off_picks_the_states(tiny_pipeli
     first = t.generate(backbone, early, steps=3, seed=1)
     assert first.shape == (3, 16, 16, 3) and first.dtype == np.uint8
     assert np.array_equal(first, t.generate(backbone, early, steps=3, seed=1))
-    assert np.array_equal(first, t.generate(backbone, early, steps=3, seed=1, batch=2)), "batching changes nothing"
+    # batches of 2 then 1 give other matrix shapes, which some CPUs' kernels sum in another order
+    # (a CI machine): a pixel may round the other way, but a batch must not get another image's
+    # noise or states (which moves pixels by tens of levels)
+    batched = t.generate(backbone, early, steps=3, seed=1, batch=2)
+    moved = np.abs(first.astype(int) - batched.astype(int))
+    assert moved.max() <= 1 and (moved > 0).mean() < 0.01, f"batching changed the images: {moved.max()=}"
     assert np.array_equal(t.generate(backbone, early, steps=3, seed=1, late_states=late, switch_at=3), first)
     assert np.array_equal(t.generate(backbone, early, steps=3, seed=1, late_states=late, switch_at=0),
                           t.generate(backbone, late, steps=3, seed=1))

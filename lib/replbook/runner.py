@@ -19,16 +19,24 @@ VOLATILE_CELL_METADATA = ("execution", "papermill")
 # inherits these, so no library looks up the hub (only the paper preset names hub models)
 OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                        "HF_HUB_DISABLE_TELEMETRY": "1"}
-# torch picks its vectorised CPU kernels by the CPU (AVX-512 where there is one): the float sums
-# then differ in the last bits (a Zen 4 machine gave chapter 04's dense perplexity 47.4833; the
-# committed AVX2 run, and this pin, give 47.4829). The book's runs ask for the AVX2 kernels, which
-# every x86-64 machine of this kind has; a reader may override it. Not yet enough for training:
-# chapter 09 retrained under the pin still differs (oneDNN and MKL choose their own instruction sets).
-CPU_CAPABILITY = "avx2"
+# Float sums depend on the instruction set a library picks for the CPU it finds, and three
+# libraries pick their own: torch's vectorised kernels (ATen), oneDNN (convolutions, some linear
+# layers) and MKL (matrix products). On a Zen 4 machine (AVX-512) chapter 04's dense perplexity came
+# out 47.4833 where the committed run gave 47.4829, and chapters 03, 05, 06 and 09 retrained their
+# small models into other weights (a decisive check of 06 and 09 flipped). The committed results were
+# made on an AVX2 machine (an AMD EPYC); with ATen and oneDNN asked for their AVX2 code, the Zen 4
+# machine retrained chapter 09 into the committed numbers bit for bit (2026-12-01). MKL uses no
+# AVX-512 on AMD CPUs (asking it for AVX2 there changes no bit); on an Intel CPU it would, hence its
+# pin too. Not pinned: MKL's "conditional numerical reproducibility" mode (MKL_CBWR), which would
+# tie Intel and AMD together but changes every committed number; and the thread count, which the
+# chapters fix themselves (config.fix_threads). A reader may override any pin in the environment;
+# the paper preset (a GPU node) pins none.
+CPU_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 def reproducible_cpu_environment() -> dict[str, str]:
-    return {"ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY", CPU_CAPABILITY)}
+    """The instruction-set pins a smoke or book run's kernel gets: the reader's own where set."""
+    return {name: os.environ.get(name, value) for name, value in CPU_PINS.items()}
 
 
 def check_parameters(notebook: Path, preset: str, parameters: dict) -> None:
