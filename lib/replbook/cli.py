@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"replbook: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        # the run has cleaned up; a late SIGINT (a kernel's teardown signals its process group)
+        # must not turn exit 130 into a death by signal (seen once in CI as exit -2)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("replbook: interrupted; nothing was published", file=sys.stderr)
         return 130
     finally:
