@@ -294,7 +294,10 @@ def test_a_signalled_run_removes_its_staging_folder_and_publishes_nothing(book, 
     before = _published(book)
     proc = subprocess.Popen([sys.executable, "-m", "replbook.cli", "run", "00", "--preset", "smoke"], cwd=book,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "REPLBOOK_ROOT": str(book)})
+                            env={**os.environ, "REPLBOOK_ROOT": str(book)},
+                            # as a job started in the background is: SIGINT ignored from the start
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+
     def cells_executed() -> int:  # papermill rewrites the staged notebook after every cell
         try:
             staged = next((book / "runs").glob(".staging-*/*.ipynb"))

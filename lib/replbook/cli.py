@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     p_annotate.add_argument("--preset", default="book", help="one of smoke, book, paper")
     args = parser.parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    # a job started in the background (`cmd &`, as CI scripts do) inherits SIGINT ignored, and a
+    # run then ignored Ctrl-C/kill -INT, finished and published (seen in CI and in a backgrounded
+    # `make test`): take it back
+    previous_interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupted = False
     try:
         if args.command == "run":
             if args.publish and args.preset == "smoke":
@@ -107,10 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         # the run has cleaned up; a late SIGINT (a kernel's teardown signals its process group)
         # must not turn exit 130 into a death by signal (seen once in CI as exit -2)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        interrupted = True
         print("replbook: interrupted; nothing was published", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if not interrupted:
+            signal.signal(signal.SIGINT, previous_interrupt)
     return 0
 
 
