@@ -306,8 +306,7 @@ def test_a_signalled_run_removes_its_staging_folder_and_publishes_nothing(book, 
             return 0
 
     deadline = time.time() + 120
-    # signal mid-run, while the kernel executes cells: that is when nbclient's own handlers
-    # (on its event loop) once swallowed the signal, and the run finished and exited 0
+    # signal mid-run, while the kernel executes cells
     while cells_executed() < 3 and time.time() < deadline:
         time.sleep(0.1)
     assert proc.poll() is None, proc.communicate()[1][-2000:]

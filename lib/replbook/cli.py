@@ -68,9 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p_annotate.add_argument("--preset", default="book", help="one of smoke, book, paper")
     args = parser.parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-    # a job started in the background (`cmd &`, as CI scripts do) inherits SIGINT ignored, and a
-    # run then ignored Ctrl-C/kill -INT, finished and published (seen in CI and in a backgrounded
-    # `make test`): take it back
+    # a job started in the background (`cmd &`) inherits SIGINT ignored, and a run then ignored
+    # kill -INT, finished and published (a backgrounded `make test` here; CI failed the same way)
     previous_interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
     interrupted = False
     try:
@@ -109,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"replbook: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        # the run has cleaned up; a late SIGINT (a kernel's teardown signals its process group)
-        # must not turn exit 130 into a death by signal (seen once in CI as exit -2)
+        # the run has cleaned up; a late SIGINT must not turn exit 130 into a death by signal
+        # (CI once saw exit -2 here; not reproduced by hand, so this is a guess at its cause)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         interrupted = True
         print("replbook: interrupted; nothing was published", file=sys.stderr)

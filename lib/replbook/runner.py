@@ -73,56 +73,6 @@ class RunFailed(RuntimeError):
         super().__init__(f"{slug} failed in cell {cell_index}: {ename}: {first} (partly executed notebook: {kept})")
 
 
-def execute_interruptibly(execute):
-    """``execute()`` (a papermill run) in a worker thread, with Ctrl-C and SIGTERM left to this one.
-
-    On the main thread nbclient puts its own SIGINT and SIGTERM handlers on its event loop: they
-    shut the kernel down and raise nothing, so a signalled run went on to exit 0 and publish, or
-    died as -2 once the handlers were removed (both seen in CI). In a worker thread nbclient
-    installs none; a KeyboardInterrupt here kills the kernel (the worker then stops), waits for the
-    worker and is raised again, so the caller's cleanup runs and nothing is published."""
-    import threading
-
-    outcome: dict = {}
-
-    def work():
-        try:
-            outcome["value"] = execute()
-        except BaseException as err:  # handed to the caller's thread below
-            outcome["error"] = err
-
-    worker = threading.Thread(target=work, name="papermill", daemon=True)
-    worker.start()
-    try:
-        while worker.is_alive():
-            worker.join(0.2)  # a timed join lets the signal handlers run
-    except KeyboardInterrupt:
-        _kill_child_processes()
-        worker.join(60)
-        raise
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
-
-
-def _kill_child_processes(grace_seconds: float = 5) -> None:
-    """Terminate this process's children (the chapter's kernel), then kill what is left."""
-    import psutil
-
-    children = psutil.Process().children(recursive=True)
-    for child in children:
-        try:
-            child.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(children, timeout=grace_seconds)
-    for child in alive:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
 def _remove_stale_staging(runs: Path, max_age_seconds: float = 24 * 3600) -> None:
     """Staging folders older than a day belong to runs that were killed (SIGKILL, power):
     a run removes its own on success, failure, Ctrl-C and SIGTERM."""
@@ -188,10 +138,10 @@ def run(chapter: str, preset: str = "book", parameters: dict | None = None, root
     os.environ.update(environment)
     try:
         try:
-            execute_interruptibly(lambda: papermill.execute_notebook(
+            papermill.execute_notebook(
                 str(source), str(staged_notebook), parameters={"preset": preset, **parameters},
                 cwd=str(source.parent), kernel_name="python3", progress_bar=progress,
-            ))
+            )
         except papermill.PapermillExecutionError as err:
             kept = root / "runs" / "failed" / source.name
             kept.parent.mkdir(parents=True, exist_ok=True)
