@@ -283,8 +283,9 @@ def test_a_smoke_run_on_a_cold_cache_makes_no_network_lookup(book, tmp_path):
     assert (book / "runs" / "smoke" / "results" / "00_model_zoo.json").exists()
 
 
+@pytest.mark.parametrize("cells_before_signal", [0, 3], ids=["at-start", "mid-run"])
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
-def test_a_signalled_run_removes_its_staging_folder_and_publishes_nothing(book, signal_name):
+def test_a_signalled_run_removes_its_staging_folder_and_publishes_nothing(book, signal_name, cells_before_signal):
     """Ctrl-C or a SIGTERM while a chapter runs: exit 130 with one line, no staging folder,
     no temporary notebook, no results anywhere."""
     import os
@@ -306,9 +307,11 @@ def test_a_signalled_run_removes_its_staging_folder_and_publishes_nothing(book, 
             return 0
 
     deadline = time.time() + 120
-    # signal mid-run, while the kernel executes cells
-    while cells_executed() < 3 and time.time() < deadline:
-        time.sleep(0.1)
+    # at start (the staged notebook written, the kernel starting: an inherited ignored SIGINT once let
+    # the run finish and publish) or mid-run, while the kernel executes cells
+    while (not list((book / "runs").glob(".staging-*/*.ipynb")) or cells_executed() < cells_before_signal) \
+            and time.time() < deadline:
+        time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()[1][-2000:]
     proc.send_signal(getattr(signal, signal_name))
     _, err = proc.communicate(timeout=120)
