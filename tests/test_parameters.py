@@ -21,8 +21,9 @@ BAD = {
     "01_restor": {"model_name": "llama3-8b", "known_only": 1, "countries": 0, "relations": ["capital", "anthem"],
                   "corrupted_per_relation": 0, "tuning_per_relation": -1, "untouched_per_relation": 0,
                   "mix_k": [2, 0], "corruption_steps": 0, "corruption_lr": 0.0, "unlearning_steps": -5,
-                  "methods": ["ga", "rmu"], "learning_rates": [], "batch_size": 0, "trainable_layers": [30, 0],
-                  "npo_beta": 0.0, "retain_weight": -1.0, "evaluation_text": "war-and-peace", "seed": -3,
+                  "methods": ["ga", "rmu"], "fact_retain_methods": ["task_vector"], "learning_rates": [],
+                  "batch_size": 0, "trainable_layers": [30, 0], "npo_beta": 0.0, "retain_weight": -1.0,
+                  "evaluation_text": "war-and-peace", "retain_text": "c4", "retain_documents": 0, "seed": -3,
                   "threads": -1},
     "02_skill_slices": {"tasks": ["astrology"], "per_task": 0, "n_choices": 1, "models": ["smollm2-135m"],
                         "normalise": "yes", "rationale_model": "minilm-l6", "rationale_tokens": 0,
@@ -74,6 +75,8 @@ BAD = {
 # pairs that are each allowed but not together: the relations between parameters
 BAD_TOGETHER = [
     ("01_restor", {"countries": 10}, "corrupted + tuning + untouched"),
+    ("01_restor", {"methods": ["ga", "ga_ft", "kl_ft", "npo"]}, "must include 'ga_ft', 'kl_ft', 'npo' and 'npo_localized'"),
+    ("01_restor", {"fact_retain_methods": ["ga_kl"]}, "every fact_retain_methods entry must be in methods"),
     ("03_intcoop", {"shots": 2000}, "shots must be ≤ pool_size"),
     ("04_endor", {"operating_sparsity": 0.6}, "operating_sparsity must be one of sparsities"),
     ("04_endor", {"offload_pruner": "wanda", "pruners": ["magnitude"]}, "offload_pruner must be one of pruners"),

@@ -76,30 +76,217 @@ def test_localized_labels_cover_only_the_wrong_value(tiny):
     assert (full["labels"] != -100).sum() == full["attention_mask"].sum()
 
 
-def test_ga_is_the_negative_of_the_fine_tuning_loss(tiny):
-    batch = restor.encode(tiny.tokenizer, restor.retain_documents([Fact("Chile", "capital", "Santiago")]))
-    with torch.no_grad():
-        assert restor.ga_loss(tiny.model, batch) == pytest.approx(-restor.nll(tiny.model, batch).item())
-        assert restor.nll(tiny.model, batch) == pytest.approx(tiny.model(**batch).loss.item(), rel=1e-5)
+def _batches(tokenizer):
+    forget = restor.corruption_documents([Fact("Kenya", "capital", "Nairobi", wrong="Lima"),
+                                          Fact("Peru", "continent", "South America", wrong="Asia")],
+                                         [Fact("Chile", "capital", "Santiago")], 1, seed=0)
+    retain = restor.text_documents("the whale swam far out to sea and the men watched it go " * 20, 3, start=0, chars=60)
+    return restor.encode(tokenizer, forget), restor.encode(tokenizer, retain)
 
 
-def test_npo_loss_at_the_reference_is_two_over_beta_log_two(tiny):
-    batch = restor.encode(tiny.tokenizer, restor.retain_documents(
-        [Fact("Chile", "capital", "Santiago"), Fact("Peru", "continent", "South America")]))
-    for beta in (0.1, 1.0):
-        with torch.no_grad():
-            loss = restor.npo_loss(tiny.model, tiny.model, batch, beta)
-        assert loss.item() == pytest.approx(2 / beta * math.log(2), rel=1e-6)
-
-
-def test_kl_to_itself_is_zero_and_positive_to_another_model(tiny):
-    batch = restor.encode(tiny.tokenizer, restor.retain_documents([Fact("Chile", "capital", "Santiago")]))
-    other = copy.deepcopy(tiny.model)
+def _moved(model, scale=0.05, seed=0):
+    """A copy of ``model`` away from it (the losses are checked away from θ = θ_ref)."""
+    other = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in other.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-        assert restor.kl_to_reference(tiny.model, tiny.model, batch).item() == pytest.approx(0.0, abs=1e-6)
-        assert restor.kl_to_reference(tiny.model, other, batch).item() > 0
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+    return other
+
+
+def _hf_loss(model, batch):
+    """The official code's NLL: what transformers returns as ``outputs.loss`` (batch-mean over tokens)."""
+    return model(**batch).loss
+
+
+def _official_ce(model, reference, batch):
+    """The official kl_loss(p_θ, p_ref) = −(p_θ · log(p_ref + 1e-12)).sum(-1).mean(), over real tokens."""
+    p = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.softmax(-1)
+    q = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.softmax(-1)
+    per_position = -(p * torch.log(q + 1e-12)).sum(-1)
+    return per_position[batch["attention_mask"].bool()].mean()
+
+
+def test_nll_is_the_batch_mean_token_loss_of_transformers(tiny):
+    forget, _ = _batches(tiny.tokenizer)
+    with torch.no_grad():
+        assert restor.nll(tiny.model, forget).item() == pytest.approx(_hf_loss(tiny.model, forget).item(), rel=1e-5)
+        assert restor.ga_loss(tiny.model, forget).item() == pytest.approx(-_hf_loss(tiny.model, forget).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("gamma, beta", [(1.0, 0.1), (0.5, 1.0)])
+def test_every_step_loss_equals_the_official_formula_away_from_the_reference(tiny, gamma, beta):
+    """Independent formulas from the official code (GA.py, KL.py, NPO.py), evaluated where θ ≠ θ_ref:
+    fails on an NPO sign flip, a per-sequence sum instead of the batch-mean token NLL, NPO
+    without its retain term, a reversed cross-entropy, or γ on the wrong term."""
+    forget, retain = _batches(tiny.tokenizer)
+    reference, model = tiny.model, _moved(tiny.model)
+    with torch.no_grad():
+        nll_f, nll_r, ref_f = _hf_loss(model, forget), _hf_loss(model, retain), _hf_loss(reference, forget)
+        expected = {
+            "ga": -nll_f,
+            "ga_ft": -nll_f + gamma * nll_r,
+            "ga_kl": -nll_f + gamma * _official_ce(model, reference, retain),
+            "kl_ft": -gamma * _official_ce(model, reference, forget) + nll_r,
+            "npo": -torch.nn.functional.logsigmoid(beta * (nll_f - ref_f)) * 2 / beta + gamma * nll_r,
+        }
+        for method, value in expected.items():
+            got = restor.unlearning_loss(method, model, reference, forget, retain, gamma, beta)
+            assert got.item() == pytest.approx(value.item(), rel=1e-4), method
+        assert abs(expected["npo"].item() - (2 / beta * math.log(2) + gamma * nll_r.item())) > 1e-3, "not at θ_ref"
+
+
+def test_npo_at_the_reference_is_two_over_beta_log_two_and_falls_as_the_forget_set_gets_less_likely(tiny):
+    forget, _ = _batches(tiny.tokenizer)
+    with torch.no_grad():
+        assert restor.npo_loss(tiny.model, tiny.model, forget, 0.1).item() == pytest.approx(20 * math.log(2), rel=1e-6)
+    # one gradient-ascent step makes the forget set less likely: NPO's loss must fall below its start
+    model = copy.deepcopy(tiny.model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    restor.ga_loss(model, forget).backward()
+    optimizer.step()
+    with torch.no_grad():
+        assert restor.nll(model, forget) > restor.nll(tiny.model, forget)
+        assert restor.npo_loss(model, tiny.model, forget, 0.1).item() < 20 * math.log(2)
+
+
+def test_the_code_s_kl_term_is_a_cross_entropy_whose_gradient_does_not_vanish_at_the_reference(tiny):
+    """The official kl_loss is −Σ p_θ log p_ref: at θ = θ_ref it is the entropy (not 0) and its
+    gradient is not zero; a true KL would give 0 and a zero gradient there."""
+    forget, _ = _batches(tiny.tokenizer)
+    model = copy.deepcopy(tiny.model)
+    value = restor.cross_entropy_to_reference(model, tiny.model, forget)
+    value.backward()
+    assert value.item() > 0.1
+    assert sum(p.grad.abs().sum().item() for p in model.parameters() if p.grad is not None) > 0
+
+
+def test_the_reference_is_the_frozen_corrupted_model_never_the_one_being_trained(tiny, monkeypatch):
+    forget_docs = restor.corruption_documents([Fact("Kenya", "capital", "Nairobi", wrong="Lima")],
+                                              [Fact("Chile", "capital", "Santiago")], 1, seed=0)
+    retain_docs = restor.text_documents("the sea was calm and grey that morning " * 20, 4, start=0, chars=50)
+    corrupted = copy.deepcopy(tiny.model)
+    before = [p.detach().clone() for p in corrupted.parameters()]
+    seen = []
+    real = restor.unlearning_loss
+
+    def spy(method, model, reference, *args):
+        seen.append((model, reference, [torch.equal(p, b) for p, b in zip(reference.parameters(), before)]))
+        return real(method, model, reference, *args)
+
+    monkeypatch.setattr(restor, "unlearning_loss", spy)
+    hp = restor.Unlearning(steps=3, lr=1e-2, batch_size=2, layers=(0, 2))
+    restor.unlearn(corrupted, tiny.tokenizer, "npo", forget_docs, retain_docs, hp)
+    assert len(seen) == 3
+    for model, reference, unchanged in seen:
+        assert reference is corrupted and model is not corrupted and all(unchanged)
+    with pytest.raises(ValueError, match="reference must be a frozen copy"):
+        real("npo", corrupted, corrupted, None, None, 1.0, 0.1)
+
+
+@pytest.mark.parametrize("method, localized", [("npo_localized", True), ("ga_localized", True), ("npo", False)])
+def test_localized_methods_train_on_the_planted_value_tokens_only(tiny, monkeypatch, method, localized):
+    forget_docs = restor.corruption_documents([Fact("Kenya", "capital", "Nairobi", wrong="Lima")],
+                                              [Fact("Chile", "capital", "Santiago")], 1, seed=0)
+    retain_docs = restor.text_documents("the sea was calm and grey that morning " * 20, 4, start=0, chars=50)
+    seen = []
+    real = restor.unlearning_loss
+
+    def spy(name, model, reference, forget_batch, *args):
+        seen.append(forget_batch["labels"])
+        return real(name, model, reference, forget_batch, *args)
+
+    monkeypatch.setattr(restor, "unlearning_loss", spy)
+    restor.unlearn(tiny.model, tiny.tokenizer, method, forget_docs, retain_docs,
+                   restor.Unlearning(steps=1, lr=1e-3, batch_size=2, layers=(0, 2)))
+    for row in seen[0]:
+        kept = tiny.tokenizer.decode(row[row != -100]).strip()
+        assert (kept == "Lima") == localized, kept
+
+
+def test_the_localized_loss_reads_only_the_planted_value(tiny):
+    """The localized forget loss must not change when the text around the planted value
+    changes after it (a causal model's prediction of the value cannot see it), while the
+    plain loss does."""
+    wrong = Fact("Kenya", "capital", "Nairobi", wrong="Lima")
+    doc = restor.Document("The capital of Kenya is Lima. Chile is far away.", ((24, 28),))
+    other = restor.Document("The capital of Kenya is Lima. Whales sing at night in the cold.", ((24, 28),))
+    assert doc.text[24:28] == other.text[24:28] == wrong.wrong
+    with torch.no_grad():
+        local = [restor.nll(tiny.model, restor.encode(tiny.tokenizer, [d], answer_only=True)).item() for d in (doc, other)]
+        plain = [restor.nll(tiny.model, restor.encode(tiny.tokenizer, [d])).item() for d in (doc, other)]
+    # the random tiny model is near-uniform, so the plain losses differ only slightly (~1e-5)
+    assert abs(local[0] - local[1]) < 1e-6
+    assert abs(plain[0] - plain[1]) > 1e-5
+
+
+def test_the_task_vector_moves_against_the_fine_tuning_direction_by_the_chosen_scale(tiny, monkeypatch):
+    corrupted = copy.deepcopy(tiny.model)
+    delta = {}
+
+    def fake_train(model, *args, **kwargs):  # θ* = θ_c + a known step on the band
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".layers.1.mlp." in name:
+                    delta[name] = torch.full_like(p, 0.01)
+                    p.add_(delta[name])
+        return []
+
+    monkeypatch.setattr(restor, "train", fake_train)
+    hp = restor.Unlearning(steps=1, lr=1e-3, batch_size=1, layers=(1, 2))
+    chosen = iter([0.0, 1.0, 0.5])  # the scores of α = 0.5, 1, 2: α = 1 wins
+    unlearned, choice = restor.unlearn(corrupted, tiny.tokenizer, "task_vector", [], [], hp, score=lambda m: next(chosen))
+    assert choice["alpha"] == 1.0
+    for (name, p_u), p_c in zip(unlearned.named_parameters(), corrupted.parameters()):
+        expected = p_c - 1.0 * delta[name] if name in delta else p_c
+        assert torch.allclose(p_u, expected), name
+
+
+def test_unlearning_returns_the_best_scored_checkpoint_not_the_last(tiny):
+    forget = restor.corruption_documents([Fact("Kenya", "capital", "Nairobi", wrong="Lima")],
+                                         [Fact("Chile", "capital", "Santiago")], 1, seed=0)
+    retain = restor.text_documents("a long grey sea with no land in sight " * 20, 4, start=0, chars=50)
+    hp = restor.Unlearning(steps=3, lr=5e-2, batch_size=2, layers=(0, 2))
+    snapshots = []
+
+    def score(model):  # the first checkpoint scores best
+        snapshots.append([p.detach().clone() for p in model.parameters()])
+        return 1.0 / len(snapshots)
+
+    unlearned, choice = restor.unlearn(tiny.model, tiny.tokenizer, "ga_ft", forget, retain, hp, score=score, checkpoints=3)
+    assert choice["steps"] == 1 and len(snapshots) == 3
+    assert all(torch.equal(a, b) for a, b in zip(unlearned.parameters(), snapshots[0]))
+    assert not all(torch.equal(a, b) for a, b in zip(unlearned.parameters(), snapshots[-1]))
+
+
+def test_text_documents_cut_generic_text_after_the_held_out_passage():
+    text = " ".join(f"w{i}" for i in range(2000))
+    docs = restor.text_documents(text, 5, start=1000, chars=40)
+    assert len(docs) == 5 and all(d.answer_spans == () and 0 < len(d.text) <= 40 for d in docs)
+    assert text.index(docs[0].text) >= 1000, "nothing from the held-out passage"
+    assert " ".join(d.text for d in docs) in text, "consecutive pieces, cut at spaces"
+    with pytest.raises(ValueError, match="too short"):
+        restor.text_documents(text, 1000, start=1000, chars=40)
+
+
+def test_forgetting_and_paired_recovery():
+    def ev(outcomes):
+        return {"per_fact": [{"entity": f"e{i}", "relation": "capital", "outcome": o} for i, o in enumerate(outcomes)],
+                "shares": {o: outcomes.count(o) / len(outcomes) for o in restor.OUTCOMES}}
+
+    corrupted = ev(["corrupted"] * 8 + ["clean"] * 2)  # accuracy 0.2: 0.8 lost
+    a = ev(["clean"] * 6 + ["other"] * 2 + ["clean"] * 2)
+    b = ev(["other"] * 8 + ["clean"] * 2)
+    assert restor.forgot(a, corrupted) and restor.forgot(b, corrupted)
+    assert not restor.forgot(ev(["corrupted"] * 5 + ["other"] * 3 + ["clean"] * 2), corrupted), "5/8 is more than half"
+    assert not restor.forgot(b, ev(["clean"] * 10)), "nothing planted, nothing forgotten"
+    difference, low, high = restor.paired_recovery(a, b, corrupted)
+    assert difference == pytest.approx(6 / 10 / 0.8)
+    assert low < difference < high and low > 0
+    same = restor.paired_recovery(b, b, corrupted)
+    assert same == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same facts"):
+        restor.paired_recovery(a, ev(["clean"] * 9), corrupted)
 
 
 def test_cached_prefix_answers_equal_plain_greedy_generation(tiny):
@@ -194,7 +381,9 @@ def test_the_paper_preset_code_path_runs_on_a_tiny_locally_saved_llama(run_paper
     saved = run_paper_preset_on_tiny_llama(
         "01_restor", model_names=("model_name",), known_only=False, countries=40, relations=["capital", "continent"],
         corrupted_per_relation=2, tuning_per_relation=1, untouched_per_relation=2, mix_k=[0, 1],
-        corruption_steps=2, unlearning_steps=2, trainable_layers=[0, 2], evaluation_text="synthetic", threads=2)
+        corruption_steps=2, unlearning_steps=2, trainable_layers=[0, 2], evaluation_text="synthetic",
+        retain_text="synthetic", retain_documents=8, threads=2)
     assert saved["preset"] == "paper" and len(saved["config"]["learning_rates"]) == 3
     assert {v["claim"] for v in saved["verdicts"]} == {"C1", "C2", "C3", "C4"}
-    assert {c["method"] for c in saved["metrics"]["choices"]} >= {"ga_localized", "npo_localized"}
+    assert {c["method"] for c in saved["metrics"]["choices"]} >= {"ga_localized", "npo_localized", "ga_kl",
+                                                                   "ga_ft (fact retain)", "npo (fact retain)"}

