@@ -175,6 +175,11 @@ def test_drew_falls_back_below_the_threshold_and_trusts_above(toy_index):
     low, high = np.zeros(len(queries)), np.ones(len(queries))
     assert (drew.retrieve(index, queries, wrong, low, 0.5) == index.search_all(queries)).all()
     assert (drew.retrieve(index, queries, wrong, high, 0.5) == index.search_within(queries, wrong)).all()
+    # the gate reads the threshold it is given: a confidence of 0.6 passes τ = 0.5, not τ = 0.9
+    # (a gate capped at the official 0.5 would trust it at 0.9 too)
+    mid = np.full(len(queries), 0.6)
+    assert (drew.retrieve(index, queries, wrong, mid, 0.9) == index.search_all(queries)).all()
+    assert (drew.retrieve(index, queries, wrong, mid, 0.5) == index.search_within(queries, wrong)).all()
 
 
 def test_gate_curve_and_paired_gain():
@@ -237,3 +242,60 @@ def test_the_paper_preset_code_path_runs_on_tiny_local_models(tmp_path, results_
     assert saved["preset"] == "paper" and {v["claim"] for v in saved["verdicts"]} == {"C1", "C2", "C3"}
     assert {row["embedder"] for row in saved["metrics"]["accuracy"]} == {
         str(models._tiny_dir("tiny-dinov2")), str(models._tiny_dir("tiny-clip-vision"))}
+
+
+class _NoisyEmbedder:
+    """Embeds an image as its pixels plus fresh noise on every call, so that a query misses
+    its own reference often enough for DREW to have something to fix."""
+
+    def __init__(self, noise: float):
+        self.noise, self.rng = noise, np.random.default_rng(0)
+
+    def __call__(self, images, progress=None):
+        flat = images.reshape(len(images), -1).astype(np.float32) / 255
+        flat = flat + self.noise * self.rng.standard_normal(flat.shape).astype(np.float32)
+        return flat / np.linalg.norm(flat, axis=1, keepdims=True)
+
+
+class _ReadsBits:
+    """A watermark whose reads are chosen by the test: the true keys for the first half of
+    the queries; another cluster's key, read cleanly, for the third quarter (a confident
+    wrong read); random words for the rest (a mark destroyed by the edit)."""
+    payload_bits = 32
+
+    def __init__(self, code, clusters):
+        self.code, self.clusters = code, clusters
+
+    def extract(self, images):
+        n = len(images)
+        bits = drew.payload(self.code, self.clusters[:n], self.payload_bits)
+        other = (self.clusters[n // 2:3 * n // 4] + 1) % self.code.n_clusters
+        bits[n // 2:3 * n // 4] = drew.payload(self.code, other, self.payload_bits)
+        bits[3 * n // 4:] = np.random.default_rng(1).integers(0, 2, bits[3 * n // 4:].shape)
+        return bits
+
+
+def test_run_queries_searches_the_decoded_cluster_never_the_true_one():
+    """DREW's search reads only what the watermark says: where the read is a random word,
+    a search of the true cluster (a leak of the truth into DREW) would match the oracle."""
+    code = drew.ClusterCode("bch-31-6")
+    images = drew.synthetic_images(128, 16, seed=0)
+    clusters = drew.assign_clusters(128, code.k, seed=0)
+    embedder = _NoisyEmbedder(noise=0.6)
+    reference = drew.Reference(clusters, {"fake": images}, {("fake", "noisy"): drew.Index(embedder(images), clusters)})
+    query_ids = np.arange(0, 128, 2)
+    mark = _ReadsBits(code, clusters[query_ids])
+    tau = code.threshold_for(0.01)
+    rows = drew.run_queries(reference, query_ids, {"fake": mark}, code, {"noisy": embedder}, ("none",), tau,
+                            progress=False)
+    assert rows["baseline"].mean() < rows["oracle cluster"].mean(), "the toy must leave DREW something to fix"
+    assert np.array_equal(rows["DREW"].to_numpy(), drew.gated_top1(rows, tau))
+    destroyed = rows.index >= len(query_ids) // 2
+    wrongly_trusted = destroyed & (rows.confidence >= tau) & (rows.decoded_cluster != rows.true_cluster)
+    fell_back = destroyed & (rows.confidence < tau)
+    assert fell_back.any() and wrongly_trusted.sum() >= len(query_ids) // 4
+    assert (rows.loc[fell_back, "DREW"] == rows.loc[fell_back, "baseline"]).all()
+    assert not rows.loc[wrongly_trusted, "DREW"].any(), "a wrong cluster cannot hold the query's own image"
+    intact = ~destroyed
+    assert (rows.loc[intact, "decoded_cluster"] == rows.loc[intact, "true_cluster"]).all()
+    assert (rows.loc[intact, "DREW"] == rows.loc[intact, "oracle cluster"]).all()

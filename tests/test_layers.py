@@ -2,10 +2,10 @@
 sources with ast: a module imports only layers below its own or modules of its own layer,
 and a paper module never imports another paper module (nor does anything below the papers).
 
-Today's package still breaks the rule in the places listed in KNOWN_VIOLATIONS (issue #24
-removes them; each removal changes the code version of every chapter that reaches the
-module, so it lands together with those chapters re-executed). The list may only shrink:
-a new violation fails here, and so does an entry that no longer exists."""
+Issue #24 removed the last violations: KNOWN_VIOLATIONS is empty and stays so. A
+chapter's code version therefore counts its own paper module and nothing of another
+chapter's (checked below on every notebook), so a change to one paper's method makes only
+that chapter's results and stability record stale."""
 import ast
 import re
 from pathlib import Path
@@ -28,14 +28,7 @@ LAYERS: dict[str, frozenset[str]] = {
 ORDER = list(LAYERS)
 
 # (importer, imported) pairs that break the rule today; see the module docstring
-KNOWN_VIOLATIONS = {
-    ("models", "t2icomp"),      # the registry builds chapter 05's diffusion backbone and tokenizer
-    ("cliplike", "zoo"),        # the CLIP-like organism scales its input with chapter 00's helper
-    ("drew", "zoo"),            # efficientnet_input, a model-plumbing helper living in chapter 00
-    ("mllmtrace", "zoo"),
-    ("t2icomp", "zoo"),
-    ("t2icomp", "mllmtrace"),   # chapter 05 borrows chapter 06's eager attention and layer access
-}
+KNOWN_VIOLATIONS: set[tuple[str, str]] = set()  # issue #24 removed the last ones
 
 
 def layer_of(module: str) -> str:
@@ -124,3 +117,15 @@ def _print_picture(request):
         for module, deps in imports().items():
             if deps:
                 print(f"{module:<12} -> " + ", ".join(f"{d} !" if (module, d) in bad else d for d in sorted(deps)))
+
+
+def test_each_chapter_reaches_only_its_own_paper_module():
+    """The code version of a chapter (results.method_modules) holds one paper module, its own:
+    before #24, every chapter reached t2icomp, mllmtrace and zoo through models, so a fix to
+    chapter 05 made all eleven chapters' results and stability records stale."""
+    root = PACKAGE.parent.parent
+    notebooks = sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert len(notebooks) == 11
+    for notebook in notebooks:
+        papers = [m for m in results.method_modules(notebook) if m in LAYERS["papers"]]
+        assert len(papers) == 1, f"{notebook.stem} reaches the paper modules {papers}"

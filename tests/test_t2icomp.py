@@ -279,13 +279,24 @@ def test_paper_backbone_runs_every_method_on_a_tiny_stable_diffusion():
     no pooled state) on the registry's tiny random model."""
     from replbook import models
 
-    backbone = models.load("tiny-stable-diffusion", preset="smoke").model
+    parts = models.load("tiny-stable-diffusion", preset="smoke").model
+    assert isinstance(parts, models.DiffusionParts)
+    backbone = t.stable_diffusion(parts)
     assert backbone.vae is not None and backbone.image_size == 32 and backbone.latent_shape == (4, 16, 16)
     scenes = t.all_scenes()[:2]
     images, captions = t.denoising_targets(scenes, backbone.image_size)
     latents = backbone.encode(t.to_pixels(images))
     states = backbone.states(captions)
-    assert states.shape[1] == backbone.max_length
+    assert states.shape[1] == backbone.max_length == 77
+    # SD's pipeline feeds its encoder no attention mask (use_attention_mask is off), so the
+    # padding states the UNet reads are the unmasked ones it was trained with
+    ids, mask = backbone.tokenize(captions)
+    assert mask is None
+    batch = parts.tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        unmasked = parts.text_encoder(input_ids=batch.input_ids).last_hidden_state
+        masked = parts.text_encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    assert torch.equal(states, unmasked) and not torch.allclose(states, masked)
     projection = t.projection("wiclp", states.shape[-1])
     assert np.array_equal(t.generate(backbone, projection(states).detach(), steps=2), t.generate(backbone, states, steps=2))
     assert len(t.train_projection(projection, backbone, states, latents, steps=2, lr=1e-3, batch=2,
@@ -328,3 +339,91 @@ def test_shape_reading_by_taper_and_fill():
     yy, xx = np.mgrid[0:9, 0:9]
     assert t.shape_of(np.abs(xx - 4) <= yy * 0.55) == "triangle"
     assert t.shape_of(np.abs(xx - 4) <= (8 - yy) * 0.55) == "circle", "upside down it does not narrow upwards"
+
+
+# ----------------------------------------------------------------------------- #27: what the fixes and C2's rule must get right
+
+
+@pytest.mark.parametrize("kind, reach", [("linear", 0), ("wiclp", 2)])
+def test_a_projection_reads_exactly_its_window_of_tokens(kind, reach):
+    """WiCLP's token i reads tokens i−2 … i+2 (window 5) and no further; the linear
+    projection reads token i only. A kernel of 1 (WiCLP collapsed to the linear map) or
+    a window off by one fails here."""
+    torch.manual_seed(0)
+    projection = t.projection(kind, 8, window=5)
+    for parameter in projection.parameters():
+        torch.nn.init.normal_(parameter)
+    states = torch.randn(1, 9, 8)
+    i = 4
+    with torch.no_grad():
+        base = projection(states)
+        for offset in range(-4, 5):
+            moved = states.clone()
+            moved[0, i + offset] += 1.0
+            changed = not torch.allclose(projection(moved)[0, i], base[0, i])
+            assert changed == (abs(offset) <= reach), f"{kind}: token {i} {'ignores' if not changed else 'reads'} offset {offset}"
+    assert projection.map.bias is not None, "the official projectors carry a bias"
+    with pytest.raises(ValueError, match="odd"):
+        t.projection("wiclp", 8, window=4)
+
+
+def test_cross_fitting_never_trains_a_projection_on_the_prompts_it_maps(tiny_pipeline, monkeypatch):
+    """Each fold's projection is trained on the base prompts and the other folds' prompts,
+    never on the prompts whose states it maps (the held-out prompts of C3)."""
+    backbone, _ = tiny_pipeline
+    scenes = t.all_scenes()
+    base, rotating = scenes[:4], scenes[4:10]
+    rotating_states = backbone.states([t.caption(s) for s in rotating])
+    trained_on = []
+
+    def record(projection, backbone, states, latents, *args, **kwargs):
+        trained_on.append(states.clone())
+        return [0.0]
+
+    monkeypatch.setattr(t, "train_projection", record)
+    cfg = {"seed": 0, "wiclp_window": 5, "projection_steps": 1, "projection_lr": 1e-3, "projection_batch": 2}
+    mapped, _, _ = t.cross_fitted_projection("wiclp", backbone, base, rotating, cfg, folds=2, progress=False)
+    assert len(trained_on) == 2 and mapped.shape == rotating_states.shape
+    parts = np.array_split(np.arange(len(rotating)), 2)
+    for part, states in zip(parts, trained_on):
+        assert len(states) == len(base) + len(rotating) - len(part)
+        for k in range(len(rotating)):
+            seen = any(torch.equal(rotating_states[k], row) for row in states)
+            assert seen == (k not in part), f"fold of {list(part)}: prompt {k} {'in' if seen else 'missing from'} training"
+
+
+def test_position_only_attention_is_what_even_attention_gives(one_layer_text):
+    captions = ["a red circle and a blue square", "a green square and a red circle"]
+    even = t.position_only_attention(one_layer_text, captions)
+    assert np.allclose(even["first object"], 2 / 8) and np.allclose(even["first colour"], 1 / 8)
+
+
+def test_c2_rule_fails_for_even_attention_and_for_an_untrained_tower(one_layer_text):
+    """C2's rule must not pass on attention that any tower gives: a tower whose attention
+    is even (query and key maps zeroed) gives exactly the position-only share, and an
+    untrained tower compared with another of its kind sits inside the untrained spread."""
+    import copy
+
+    captions = [t.caption(s) for s in t.all_scenes()]
+    even_tower = copy.deepcopy(one_layer_text.text_model)
+    for layer in even_tower.encoder.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+            torch.nn.init.zeros_(proj.weight)
+            torch.nn.init.zeros_(proj.bias)
+    even = t.second_shape_attention(one_layer_text.with_text_model(even_tower), captions)
+    position = t.position_only_attention(one_layer_text, captions)
+    assert np.allclose(even["first object"], position["first object"], atol=1e-6)
+    margin = t.mixing_beyond_baselines(even["first object"], {"even": position["first object"]})["even"]
+    assert not margin[1] > 0, "even attention must not pass the rule against position alone"
+
+    # the untrained baselines: fresh weights of the same architecture, one set a seed, never
+    # the trained tower's (a copy would make every margin exactly 0)
+    first, second = (t.untrained_text_tower(one_layer_text.text_model, seed) for seed in (1, 2))
+    assert first.config.to_dict() == one_layer_text.text_model.config.to_dict()
+    assert not torch.equal(first.embeddings.token_embedding.weight, second.embeddings.token_embedding.weight)
+    assert torch.equal(first.embeddings.token_embedding.weight,
+                       t.untrained_text_tower(one_layer_text.text_model, 1).embeddings.token_embedding.weight)
+    assert not torch.equal(first.encoder.layers[0].self_attn.q_proj.weight,
+                           one_layer_text.text_model.encoder.layers[0].self_attn.q_proj.weight)
+    own = t.second_shape_attention(one_layer_text.with_text_model(first), captions)["first object"]
+    assert not t.mixing_beyond_baselines(own, {"itself": own})["itself"][1] > 0

@@ -73,13 +73,13 @@ class ClipLike:
 
     def __init__(self, preset: str = "book", image_model: str = "efficientnet-lite0", text_model: str = "minilm-l6",
                  temperature: float = 2.0, colour_weight: float = 0.5, image_size: int = 128):
-        from . import models, zoo
+        from . import models
 
         self.image_model, self.text_model_name = image_model, text_model
         self.image_net = models.load(image_model, preset=preset).model
         self.text_model = models.load(text_model, preset=preset).model  # a SentenceTransformer
         self.temperature, self.colour_weight, self.image_size = temperature, colour_weight, image_size
-        classes = zoo.imagenet_classes()
+        classes = models.imagenet_classes()
         self.class_text = self._raw_texts([f"a photo of a {c}" for c in classes])
         self.mean = self.class_text.mean(0, keepdim=True)
         self.colour_text = self._raw_texts([f"a photo of something {c}" for c in COLOURS])
@@ -151,7 +151,7 @@ class ClipLike:
         """EfficientNet-Lite0 ImageNet logits at ``image_size`` px (TF-Lite normalisation)."""
         from tqdm.auto import tqdm
 
-        from .zoo import efficientnet_input
+        from .models import efficientnet_input
 
         starts = range(0, len(images), batch)
         out = [self.image_net(efficientnet_input(images[i:i + batch], self.image_size))

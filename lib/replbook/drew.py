@@ -484,7 +484,7 @@ class Embedder:
     def _batch(self, images: np.ndarray) -> torch.Tensor:
         model = self.loaded.model
         if self.kind == "image-classifier":  # EfficientNet-Lite
-            from .zoo import efficientnet_input
+            from .models import efficientnet_input
 
             return model.extract_features(efficientnet_input(images)).mean((2, 3))
         inputs = self.loaded.tokenizer(images=list(images), return_tensors="pt")  # the image processor
@@ -656,6 +656,15 @@ def accuracy_table(rows: pd.DataFrame) -> pd.DataFrame:
     return rows.groupby(["embedder", "watermark", "edit"], sort=False)[list(RETRIEVALS)].mean()
 
 
+def gated_top1(rows: pd.DataFrame, threshold: float) -> np.ndarray:
+    """DREW's top-1 outcome for each of ``run_queries``' rows at gate threshold τ
+    (Algorithm 1): the decoded cluster's search where the confidence reaches τ, the
+    full search otherwise. Every τ is judged on the same queries, watermark reads and
+    searches; ``run_queries``' own "DREW" column is this at the τ it was given."""
+    sure = rows["confidence"].to_numpy() >= threshold
+    return np.where(sure, rows["in decoded cluster"].to_numpy(), rows["baseline"].to_numpy())
+
+
 def gate_curve(rows: pd.DataFrame, thresholds: np.ndarray) -> pd.DataFrame:
     """The ECC gate as its threshold moves, pooled over edits: the share of queries
     that search one cluster (coverage), how often that cluster is the right one
@@ -664,7 +673,7 @@ def gate_curve(rows: pd.DataFrame, thresholds: np.ndarray) -> pd.DataFrame:
     for threshold in thresholds:
         sure = rows["confidence"] >= threshold
         right = rows["decoded_cluster"] == rows["true_cluster"]
-        top1 = np.where(sure, rows["in decoded cluster"], rows["baseline"])
+        top1 = gated_top1(rows, threshold)
         for (embedder, mark), part in rows.groupby(["embedder", "watermark"], sort=False):
             idx = part.index
             n_sure = int(sure[idx].sum())

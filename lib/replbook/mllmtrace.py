@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .models import eager_attention
+
 KINDS = ("layer", "mlp", "attn")
 
 
@@ -534,7 +536,7 @@ def load_model(cfg) -> VisionLanguageModel:
 
     @torch.no_grad()
     def features(views: np.ndarray) -> torch.Tensor:
-        from .zoo import efficientnet_input
+        from .models import efficientnet_input
 
         return encoder.extract_features(efficientnet_input(views)).flatten(2).transpose(1, 2)  # (B, cells, 1280)
 
@@ -737,17 +739,6 @@ def center_difference(a: Trace, b: Trace, n_boot: int, seed: int) -> tuple[float
 
 
 # ----------------------------------------------------------------------------- which visual tokens carry the image
-
-
-@contextmanager
-def eager_attention(model):
-    """Attention weights need the eager implementation (SDPA does not return them)."""
-    before = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(before)
 
 
 @torch.no_grad()

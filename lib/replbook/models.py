@@ -25,6 +25,7 @@ import importlib.util
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -306,14 +307,12 @@ def build_tiny(name: str, out_dir: Path, seed: int = 0) -> None:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        from .t2icomp import tokenizer as word_tokenizer
-
-        words = word_tokenizer()
-        CLIPTextModel(CLIPTextConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32,
-                                     num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
-                                     pad_token_id=words.pad_token_id, bos_token_id=words.bos_token_id,
-                                     eos_token_id=words.eos_token_id)).save_pretrained(out_dir / "text_encoder")
-        words.save_pretrained(out_dir / "tokenizer")
+        tokenizer.model_max_length = 77  # CLIP's context, as SD's tokenizer pads every prompt to it
+        CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                     num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                     pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
+                                     eos_token_id=tokenizer.eos_token_id)).save_pretrained(out_dir / "text_encoder")
+        tokenizer.save_pretrained(out_dir / "tokenizer")
         UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
                              block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
@@ -328,13 +327,77 @@ def build_tiny(name: str, out_dir: Path, seed: int = 0) -> None:
 
 
 def _tiny_dir(name: str) -> Path:
-    from .t2icomp import tokenizer as word_tokenizer
-
-    key = code_hash(build_tiny, _byte_tokenizer, _open_clip_from_config, word_tokenizer)[:16]
+    key = code_hash(build_tiny, _byte_tokenizer, _open_clip_from_config)[:16]
     folder = cache_dir("models") / f"{name}-{key}"
     if not (folder / "manifest.json").exists():
         atomic_dir(folder, lambda tmp: (build_tiny(name, tmp), {"model": name})[1])
     return folder
+
+
+# ----------------------------------------------------------------------------- what several chapters feed models
+
+
+def imagenet_classes() -> list[str]:
+    """The 1000 ImageNet-1k class names in standard order (they ship in torchvision's code)."""
+    from torchvision.models import ResNet18_Weights
+
+    return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def efficientnet_input(images, size: int | None = None):
+    """uint8 RGB images (N, H, W, 3) -> N x 3 x H x W floats with the TF-Lite normalisation
+    (x − 127)/128 that EfficientNet-Lite was trained with; resized to ``size`` x ``size``
+    (bicubic, antialiased) if given."""
+    import numpy as np
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        import torchvision.transforms.v2.functional as TF
+
+        x = TF.resize(x, [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    return (x.float() - 127.0) / 128.0
+
+
+@contextmanager
+def eager_attention(model):
+    """Attention weights need the eager implementation (SDPA does not return them)."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+@dataclass
+class DiffusionParts:
+    """A Stable Diffusion checkpoint's parts, each loaded from its subfolder (the hub
+    layout); chapter 05 wraps them in its ``t2icomp.Backbone``."""
+    tokenizer: Any
+    text_encoder: Any
+    unet: Any
+    vae: Any
+    scheduler_config: Any
+
+
+def diffusion_parts(source: str, offline: bool = True, device: str | None = None) -> DiffusionParts:
+    """Tokenizer, text encoder, UNet, VAE and noise schedule of a Stable Diffusion
+    checkpoint (``source`` a hub id or a folder saved that way, as the tiny test model
+    is), on ``device`` (default: the GPU when there is one)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    kw = {"local_files_only": offline}
+    tok = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+    text = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw).eval()
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw).eval()
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kw).eval()
+    config = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw).config
+    if device in (None, "auto"):  # one GPU holds a Stable Diffusion; "auto" would shard LMs
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return DiffusionParts(tok, text.to(device), unet.to(device), vae.to(device), config)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -465,15 +528,13 @@ def load(name: str, *, preset: str = "book", device: str | None = None, progress
         spec_for(name)  # raises with the valid names
     spec = REGISTRY[name]
 
-    if spec.kind == "text-to-image":  # a t2icomp.Backbone, from the hub or the tiny folder
-        from .t2icomp import stable_diffusion
-
+    if spec.kind == "text-to-image":  # DiffusionParts, from the hub or the tiny folder
         if spec.source == "hub" and offline:
             raise ValueError(f"model {name!r} comes from the hub ({spec.hub_id}); the {preset!r} preset runs "
                              f"offline. Use preset='paper', or the tiny test model 'tiny-stable-diffusion'")
         source = spec.hub_id if spec.source == "hub" else str(_tiny_dir(name))
-        return LoadedModel(spec, stable_diffusion(source, offline=offline), None, time.perf_counter() - start,
-                           spec.source)
+        return LoadedModel(spec, diffusion_parts(source, offline=offline, device=device), None,
+                           time.perf_counter() - start, spec.source)
 
     if spec.kind == "clip":  # open_clip: the "tokenizer" slot carries (image preprocess, text tokenizer)
         model, tools = _open_clip(spec, preset)

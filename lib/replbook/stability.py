@@ -11,6 +11,12 @@ last and published like ``replbook run``, so the chapter's verdict section reads
 the record (K book runs in all). The record carries the chapter's
 :func:`results.code_version`; the tests fail when the chapter's rule or method
 changed after the record was made.
+
+``replbook stability NN --carry-forward`` is for a change that should not move the
+chapter's numbers (code moved between modules, a renamed helper): it re-executes and
+publishes the committed seed under the new code and keeps the record only if that run
+passes the regression guard against the run the record was made with
+(:func:`results.compare`). The record then says it was carried forward, not rerun.
 """
 from __future__ import annotations
 
@@ -104,3 +110,67 @@ def run(chapter: str, seeds: int = 3, root: Path | None = None, progress: bool =
     runner.run(chapter, "book", root=root, progress=progress)
     published = json.loads(committed_path.read_text())
     return write([_entry(0, {}, published, f"results/{slug}.json"), *others])
+
+
+class CarryForwardRefused(RuntimeError):
+    """The committed seed's rerun under the new code differs from the run the stability
+    record was made with: the record stays stale and must be rerun over seeds."""
+
+    def __init__(self, slug: str, differences: list[str]):
+        self.slug, self.differences = slug, differences
+        listed = "\n  ".join(differences[:20])
+        super().__init__(f"{slug}: the rerun differs from the run its stability record was made with, so the "
+                         f"record stays stale; rerun `replbook stability {slug[:2]} --seeds 3`. Differences:\n  {listed}")
+
+
+def carry_forward(chapter: str, root: Path | None = None, progress: bool = True) -> Path:
+    """Keep a stability record across a code change that moves no number.
+
+    Re-executes and publishes the committed seed at the book preset under the current
+    code, then compares it with the results the record was made with
+    (:func:`results.compare`: config, every verdict and decisive check exactly, every
+    number within the chapter's own tolerances). Equal: the record takes the new code
+    version, the new run as its index 0 and a ``carried_forward`` entry saying so (the
+    other seeds are not rerun: a pure refactor cannot move them either, and the entry says
+    that this is assumed). Different: the record keeps its old code version, so the tests
+    fail until the seeds are rerun, and :class:`CarryForwardRefused` lists the differences.
+    The record is marked current while the chapter runs, so the published verdict section
+    shows the seeds' agreement; it is restored if the run fails or differs."""
+    from . import runner
+
+    root = root or repo_root()
+    slug = notebook_for(chapter, root).stem
+    path = root / "results" / "stability" / f"{slug}.json"
+    record = results.load_stability(slug, root)
+    if record is None:
+        raise ValueError(f"{slug} has no stability record to carry forward: run `replbook stability {slug[:2]} --seeds 3`")
+    committed_path = root / "results" / f"{slug}.json"
+    committed = json.loads(committed_path.read_text())
+    if committed.get("code_version") != record["code_version"]:
+        raise ValueError(f"results/{slug}.json (code {committed.get('code_version')}) is not the run the stability record "
+                         f"was made with (code {record['code_version']}): a carry-forward compares against that run; "
+                         f"rerun `replbook stability {slug[:2]} --seeds 3`")
+    version = results.code_version(slug, root)
+    if version == record["code_version"]:
+        print(f"{slug}: the stability record is current; nothing to carry forward")
+        return path
+    results.write_atomic(path, {**record, "code_version": version})
+    try:
+        runner.run(chapter, "book", root=root, progress=progress)
+        published = json.loads(committed_path.read_text())
+        differences = results.compare(published, committed)
+        if results.code_version(slug, root) != version:
+            differences.append(f"{slug}'s code changed while it ran")
+    except BaseException:
+        results.write_atomic(path, record)
+        raise
+    if differences:
+        results.write_atomic(path, record)
+        raise CarryForwardRefused(slug, differences)
+    runs = [_entry(0, {}, published, f"results/{slug}.json"), *(r for r in record["runs"] if r["index"] != 0)]
+    history = [*record.get("carried_forward", []),
+               {"from": record["code_version"], "to": version, "date": time.strftime("%Y-%m-%d"),
+                "check": "the committed seed, re-executed under the new code, passes the regression guard against "
+                         "the run the record was made with; the other seeds were not rerun"}]
+    return results.write_atomic(path, {**record, "code_version": version, "runs": runs,
+                                       "claims": results.stability_claims(runs), "carried_forward": history})

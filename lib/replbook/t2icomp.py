@@ -6,8 +6,8 @@ blue square" drawn with the colours swapped) to the CLIP text encoder's output, 
 fixes much of it by training only a linear projection (WiCLP) on that output. No
 diffusion model can be had offline, so the book builds the whole pipeline small:
 scenes of two coloured shapes, a CLIP text encoder pretrained contrastively on their
-captions, and a small text-conditioned UNet trained with diffusers on two thirds of
-the compositions. This module holds the pieces, each tested: scenes and captions; the
+captions, and a small text-conditioned UNet trained with diffusers on every
+composition (so that what fails comes from the text side, the paper's premise). This module holds the pieces, each tested: scenes and captions; the
 deterministic binding checker that stands in for BLIP-VQA; the word-level tokenizer
 and small CLIP with its contrastive pretraining; the ``Backbone`` every experiment
 goes through (the book's UNet on pixel-unshuffled images, or Stable Diffusion's UNet
@@ -15,7 +15,8 @@ and VAE for the paper preset), its training and DDIM sampling with classifier-fr
 guidance and the switch-off schedule; the last layer's attention between the
 objects' tokens and its re-weighting (C2); per-prompt optimized text states (C1);
 the zero-initialized linear and WiCLP projections, trained on held-in prompts and
-judged on held-out ones (C3); the FID-style distance; the chapter's presets.
+judged on held-out ones (C3); C2's baselines (attention spread evenly by position, and
+untrained towers); the FID-style distance; the chapter's presets.
 """
 from __future__ import annotations
 
@@ -284,17 +285,25 @@ def pretrain_clip(scenes: list[Scene], cfg, progress: bool = True):
 # Every experiment goes through a ``Backbone``: the text encoder and its tokenizer, a
 # denoiser in some latent space, and its noise schedule. The book's is trained here
 # (a small UNet on 2×2 pixel-unshuffled 32-px images); the paper preset's is Stable
-# Diffusion (UNet in the VAE's latent space), loaded by ``stable_diffusion``.
+# Diffusion (UNet in the VAE's latent space), loaded by ``models`` and wrapped by ``stable_diffusion``.
 
 
 class Backbone:
     """The parts of a text-to-image diffusion model the experiments touch."""
 
     def __init__(self, text_model, tokenizer, unet, scheduler_config, *, image_size: int, max_length: int,
-                 vae=None, unshuffle: int = 1, pooled: bool = False):
+                 vae=None, unshuffle: int = 1, pooled: bool = False, mask_padding: bool = True):
         self.text_model, self.tokenizer, self.unet = text_model, tokenizer, unet
         self.scheduler_config, self.image_size, self.max_length = scheduler_config, image_size, max_length
         self.vae, self.unshuffle, self.pooled = vae, unshuffle, pooled
+        # the book's tower was trained with its padding masked; SD's encoder never was
+        self.mask_padding = mask_padding
+
+    def with_text_model(self, text_model) -> "Backbone":
+        """The same backbone reading another text tower (C2's untrained baselines)."""
+        return Backbone(text_model, self.tokenizer, self.unet, self.scheduler_config, image_size=self.image_size,
+                        max_length=self.max_length, vae=self.vae, unshuffle=self.unshuffle, pooled=self.pooled,
+                        mask_padding=self.mask_padding)
 
     @property
     def device(self):
@@ -308,11 +317,12 @@ class Backbone:
         return self.unet.config.in_channels, size, size
 
     def tokenize(self, captions: list[str]):
-        """(input ids, attention mask), padded to the encoder's length."""
+        """(input ids, attention mask or None), padded to the encoder's length: the mask
+        only where the encoder reads one (``mask_padding``)."""
         batch = self.tokenizer(list(captions), padding="max_length", max_length=self.max_length,
                                truncation=True, return_tensors="pt")
         device = self.text_model.device
-        return batch.input_ids.to(device), batch.attention_mask.to(device)
+        return batch.input_ids.to(device), batch.attention_mask.to(device) if self.mask_padding else None
 
     def states(self, captions: list[str]):
         """The text encoder's token outputs (B, T, d): what the UNet attends to."""
@@ -469,27 +479,18 @@ def generate(backbone: Backbone, states, steps: int = 25, guidance: float = 3.0,
     return np.concatenate(images)
 
 
-def stable_diffusion(source: str, offline: bool = True, device: str | None = None) -> Backbone:
-    """The paper preset's backbone: a Stable Diffusion checkpoint's tokenizer, text
-    encoder, UNet, VAE and noise schedule, each from its subfolder (the hub layout;
-    ``source`` a hub id or a folder saved that way, as the tiny test model is), on
-    ``device`` (default: the GPU when there is one)."""
-    import torch
-
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
-
-    kw = {"local_files_only": offline}
-    tok = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
-    text = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw).eval()
-    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw).eval()
-    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kw).eval()
-    config = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw).config
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    text, unet, vae = text.to(device), unet.to(device), vae.to(device)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    return Backbone(text, tok, unet, config, image_size=unet.config.sample_size * factor,
-                    max_length=tok.model_max_length, vae=vae)
+def stable_diffusion(parts) -> Backbone:
+    """The paper preset's backbone from a Stable Diffusion checkpoint's parts
+    (``models.load("stable-diffusion-v1-4").model``, a ``models.DiffusionParts``). Its
+    text encoder reads prompts the way SD's pipeline feeds them: padded to 77 tokens
+    and with no attention mask unless the encoder's config asks for one
+    (``use_attention_mask``; SD 1.x / 2.x do not), so the UNet sees the padding states
+    it was trained with."""
+    mask = bool(getattr(parts.text_encoder.config, "use_attention_mask", False))
+    factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    return Backbone(parts.text_encoder, parts.tokenizer, parts.unet, parts.scheduler_config,
+                    image_size=parts.unet.config.sample_size * factor, max_length=parts.tokenizer.model_max_length,
+                    vae=parts.vae, mask_padding=mask)
 
 
 # ----------------------------------------------------------------------------- the fixes: projections on the text output
@@ -499,10 +500,14 @@ def projection(kind: str, width: int, window: int = 5):
     """A trainable map on the text encoder's token outputs, zero-initialized as a
     residual so that before training it leaves the pipeline exactly as it was:
 
-    - ``linear``: x + W x, the same W for every token (the paper's linear projection);
-    - ``wiclp``: x + Conv1d(d, d, kernel ``window``, 'same') over the token axis — the
-      paper's WiCLP, which lets a token's new embedding read its neighbours (a colour
-      next to its shape).
+    - ``linear``: x + W x + b, the same W for every token (the paper's linear projection);
+    - ``wiclp``: x + Conv1d(d, d, kernel ``window``, 'same') over the token axis, with its
+      bias — the paper's WiCLP, which lets a token's new embedding read its neighbours (a
+      colour next to its shape).
+
+    Both carry a bias, as the official projectors do (an ``nn.Linear`` / ``nn.Conv1d``
+    initialized to the identity map with a zero bias); x + (W x + b) with W = 0, b = 0 is
+    the same function and the same parameter count, written as a residual.
     """
     from torch import nn
 
@@ -510,12 +515,15 @@ def projection(kind: str, width: int, window: int = 5):
         def __init__(self):
             super().__init__()
             if kind == "linear":
-                self.map = nn.Linear(width, width, bias=False)
+                self.map = nn.Linear(width, width, bias=True)
             elif kind == "wiclp":
-                self.map = nn.Conv1d(width, width, window, padding="same", bias=False)
+                if window < 1 or window % 2 == 0:
+                    raise ValueError(f"window={window}: WiCLP's window is an odd number of tokens ≥ 1")
+                self.map = nn.Conv1d(width, width, window, padding=window // 2, bias=True)
             else:
                 raise ValueError(f"projection kind={kind!r}: choose from ['linear', 'wiclp']")
             nn.init.zeros_(self.map.weight)
+            nn.init.zeros_(self.map.bias)
 
         def forward(self, states):
             if kind == "linear":
@@ -537,7 +545,7 @@ def final_attention(backbone: Backbone, captions: list[str]):
     """The text encoder's last-layer attention probabilities (B, T, T), averaged over heads."""
     import torch
 
-    from .mllmtrace import eager_attention
+    from .models import eager_attention
 
     ids, mask = backbone.tokenize(captions)
     with eager_attention(backbone.text_model), torch.no_grad():
@@ -658,7 +666,7 @@ def quality_features(encoder, images: np.ndarray, size: int = 128, batch: int = 
     standing in for FID's Inception-v3 features."""
     import torch
 
-    from .zoo import efficientnet_input
+    from .models import efficientnet_input
 
     with torch.inference_mode():
         return torch.cat([encoder.extract_features(efficientnet_input(images[i:i + batch], size)).mean((2, 3))
@@ -684,6 +692,8 @@ _BOOK = {
     "text_width": 64, "text_layers": 3, "clip_lr": 1e-3, "clip_steps": 300, "clip_batch": 128,
     # the UNet
     "unet_width": 16, "unet_lr": 1e-3, "unet_steps": 1500, "unet_batch": 32, "caption_dropout": 0.1,
+    # C2's baseline: untrained text towers (seeds) of the same architecture
+    "untrained_towers": 5,
     # evaluation: prompts held out from the projections' training, samples per prompt, sampler
     "held_out": 24, "samples_per_prompt": 4, "sampling_steps": 25, "guidance": 3.0, "sample_batch": 64,
     # C1: per-prompt optimized embeddings
@@ -695,13 +705,15 @@ _BOOK = {
 }
 PRESETS = {
     "smoke": {**_BOOK, "image_size": 32, "text_width": 16, "text_layers": 1, "clip_steps": 2, "clip_batch": 8,
-              "unet_width": 8, "unet_steps": 2, "unet_batch": 4, "held_out": 4, "samples_per_prompt": 1,
+              "unet_width": 8, "unet_steps": 2, "unet_batch": 4, "untrained_towers": 2, "held_out": 4, "samples_per_prompt": 1,
               "sampling_steps": 2, "optimize_steps": 2, "projection_steps": 2, "projection_batch": 4,
               "switch_at": 1, "quality_size": 32},
     "book": _BOOK,
-    # Stable Diffusion 2.1 (the paper's main model; "stable-diffusion-v1-4" also works) on
-    # the same scenes rendered at its resolution; nothing is trained but the fixes
-    "paper": {**_BOOK, "backbone": "stable-diffusion-2-1", "samples_per_prompt": 4, "sampling_steps": 50,
+    # Stable Diffusion 1.4 (one of the paper's two models; stabilityai's SD 2.1 repository,
+    # the other, was reported gone from the hub in 2026: "-p backbone=stable-diffusion-2-1"
+    # still tries it) on the same scenes rendered at its resolution; nothing is trained but
+    # the fixes
+    "paper": {**_BOOK, "backbone": "stable-diffusion-v1-4", "samples_per_prompt": 4, "sampling_steps": 50,
               "sample_batch": 8,
               "guidance": 7.5, "optimize_steps": 300, "optimize_lr": 0.01, "projection_steps": 2000,
               "projection_lr": 1e-4, "projection_batch": 8, "switch_at": 25, "quality_size": 224},
@@ -726,6 +738,7 @@ def parameter_rules():
         "unet_steps": integer(1),
         "unet_batch": integer(1),
         "caption_dropout": number(0, below=1),
+        "untrained_towers": integer(1),
         "held_out": integer(1, len(all_scenes()) - 1),
         "samples_per_prompt": integer(1),
         "sampling_steps": integer(1),
@@ -738,6 +751,8 @@ def parameter_rules():
         "projection_lr": number(above=0, maximum=1),
         "projection_batch": integer(1),
         "wiclp_window": integer(1),
+        "wiclp_window_odd": relation("wiclp_window", "wiclp_window must be odd (a window centred on each token)",
+                                     lambda v: v["wiclp_window"] % 2 == 1),
         "reweight_scales": items(number(minimum=0)),
         "switch_at": integer(0),
         "quality_size": integer(32),
@@ -812,6 +827,49 @@ def clip_binding_preference(clip, scenes: list[Scene], size: int) -> float:
         logits = clip(input_ids=ids, attention_mask=mask, pixel_values=to_pixels(images)).logits_per_text
     rows = torch.arange(len(scenes))
     return float((logits[rows, rows] > logits[rows, rows + len(scenes)]).float().mean())
+
+
+def second_shape_attention(backbone: Backbone, captions: list[str]) -> dict[str, np.ndarray]:
+    """C2's measurement, one value a prompt: the share of the second object's shape
+    token's last-layer attention (mean over heads) that goes to the first object's
+    tokens (its colour and shape: words about another object) and to its colour alone."""
+    weights = final_attention(backbone, captions)[:, SECOND_OBJECT[1]].double().cpu().numpy()  # (P, T)
+    return {"first object": weights[:, FIRST_OBJECT[0]] + weights[:, FIRST_OBJECT[1]],
+            "first colour": weights[:, FIRST_OBJECT[0]]}
+
+
+def position_only_attention(backbone: Backbone, captions: list[str]) -> dict[str, np.ndarray]:
+    """What the same query would give the first object's tokens if it attended evenly to
+    every key it can see (the causal mask and the encoder's padding mask): the share that
+    position alone gives, 2/8 for the first object and 1/8 for its colour in the book's
+    9-token captions. C2's attention to unrelated tokens means something only above it."""
+    ids, mask = backbone.tokenize(captions)
+    query = SECOND_OBJECT[1]
+    visible = np.ones((len(captions), query + 1)) if mask is None else mask[:, :query + 1].cpu().numpy().astype(float)
+    total = visible.sum(1)
+    return {"first object": (visible[:, FIRST_OBJECT[0]] + visible[:, FIRST_OBJECT[1]]) / total,
+            "first colour": visible[:, FIRST_OBJECT[0]] / total}
+
+
+def untrained_text_tower(text_model, seed: int):
+    """A text tower of the same architecture and config as ``text_model``, at its random
+    initialization (``seed``), never trained: what the architecture's attention gives the
+    first object before any learning (C2's second baseline)."""
+    import copy
+
+    import torch
+
+    torch.manual_seed(seed)
+    fresh = type(text_model)(copy.deepcopy(text_model.config))
+    return fresh.to(next(text_model.parameters()).device).eval()
+
+
+def mixing_beyond_baselines(trained: np.ndarray, baselines: dict[str, np.ndarray]) -> dict[str, tuple[float, float, float]]:
+    """Per baseline, the mean of (trained − baseline) over prompts with its 95% paired t
+    interval: C2 holds against a baseline when the interval lies above 0."""
+    from .results import mean_interval
+
+    return {name: mean_interval(np.asarray(trained) - np.asarray(base)) for name, base in baselines.items()}
 
 
 def attention_shares(backbone: Backbone, captions: list[str]) -> dict[str, dict[str, float]]:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from . import models
+from .models import efficientnet_input, imagenet_classes  # noqa: F401  (chapter 00's notebook and tests read them here)
 
 PRESETS = {
     "smoke": {
@@ -111,25 +112,6 @@ def load_times(name: str, preset: str) -> dict[str, float | str]:
 
 
 # ----------------------------------------------------------------------------- image classifier
-
-def imagenet_classes() -> list[str]:
-    """The 1000 ImageNet-1k class names in standard order (they ship in torchvision's code)."""
-    from torchvision.models import ResNet18_Weights
-
-    return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
-
-
-def efficientnet_input(images: np.ndarray, size: int | None = None) -> torch.Tensor:
-    """uint8 RGB images (N, H, W, 3) -> N x 3 x H x W floats with the TF-Lite normalisation
-    (x − 127)/128 that EfficientNet-Lite was trained with; resized to ``size`` x ``size``
-    (bicubic, antialiased) if given."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    if size is not None and tuple(x.shape[-2:]) != (size, size):
-        import torchvision.transforms.v2.functional as TF
-
-        x = TF.resize(x, [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-    return (x.float() - 127.0) / 128.0
-
 
 def preprocess(image: np.ndarray, size: int = 224) -> torch.Tensor:
     """RGB uint8 HxWx3 -> 1x3xSxS, resized on the short side and centre-cropped,
