@@ -320,3 +320,30 @@ def test_a_signalled_run_removes_its_staging_folder_and_publishes_nothing(book, 
     assert not list((book / "runs").glob(".staging-*")), "the staging folder was left behind"
     assert not list((book / "notebooks").glob(".*")) and not list(book.glob("runs/**/results/*.json"))
     assert _published(book) == before
+
+
+@pytest.mark.parametrize("status", [130, 2, 0])
+def test_the_command_exits_130_after_an_interrupt_whatever_shutdown_does(tmp_path, status):
+    """After an interrupt the command still runs the exit handlers (they shut the kernel
+    down) and then leaves with 130 even if a handler raises KeyboardInterrupt or a late
+    SIGTERM arrives during shutdown; any other status passes through unchanged."""
+    import os
+
+    marker = tmp_path / "exit-handlers-ran"
+    script = f"""
+import atexit, os, signal, sys
+from replbook import cli
+
+atexit.register(lambda: open({str(marker)!r}, "w").write("ran"))  # registered first, runs last
+if {status} == 130:
+    atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))  # a late SIGTERM
+    def raises():
+        raise KeyboardInterrupt("late")
+    atexit.register(raises)
+cli.main = lambda argv=None: {status}
+cli.entry()
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(paths.repo_root() / "lib")})
+    assert proc.returncode == status, proc.stderr[-2000:]
+    assert marker.read_text() == "ran", "the exit handlers (the kernel's shutdown) were skipped"
