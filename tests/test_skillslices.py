@@ -138,6 +138,19 @@ def test_relevance_points_each_instance_to_its_own_task():
     assert sk.relevance(notes, mixed, one_hot_embed(vocabulary)).tolist()[-1] is False
 
 
+@pytest.mark.parametrize("rounding", [-1e-7, 0.0, 1e-7])
+def test_a_tie_with_another_task_is_not_relevant_whichever_way_rounding_breaks_it(rounding):
+    """Skills that are two tasks' own descriptions word for word tie at cosine 1; which task
+    an argmax picks then depends on the CPU's last bit, so a tie is never a hit."""
+    vocabulary = {sk.TASKS["addition"][3]: [1, 0, 0], sk.TASKS["multiplication"][3]: [0, 1, 0],
+                  "both": [1, 1 + rounding, 0], "mostly multiplying": [0.5, 1, 0]}
+    corpus = [Instance("a", "multiplication", "q", ["1"], 0), Instance("b", "multiplication", "q", ["1"], 0),
+              Instance("c", "addition", "q", ["1"], 0)]
+    notes = [Annotation("a", "", ["both"]), Annotation("b", "", ["mostly multiplying"]),
+             Annotation("c", "", [sk.TASKS["addition"][3], sk.TASKS["multiplication"][3]])]
+    assert sk.relevance(notes, corpus, one_hot_embed(vocabulary)).tolist() == [False, True, False]
+
+
 def test_the_question_only_floor_uses_the_same_nearest_description_rule():
     vocabulary = {sk.TASKS["addition"][3]: [1, 0], sk.TASKS["capitals"][3]: [0, 1],
                   "What is 2 plus 3?": [0.9, 0.1], "What is the capital of Peru?": [0.2, 0.8], "Name it.": [0.7, 0.3]}

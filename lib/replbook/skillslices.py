@@ -404,11 +404,22 @@ def slices(per_instance: list[set[int]], min_size: int) -> dict[int, np.ndarray]
 # ----------------------------------------------------------------------------- C1: are the parsed skills relevant?
 
 
+# cosines of float32 unit vectors agree across CPUs to ~1e-7; two closer than this are a tie
+SIMILARITY_TIE = 1e-5
+
+
 def relevance(annotations: list[Annotation], instances: list[Instance], embed) -> np.ndarray:
     """For every instance, whether its parsed skills point to its own task: the task whose
     description (``TASKS``) is most similar (cosine, best over the instance's skills) to
     one of its skills must be the instance's own. An instance without a parsed skill
-    counts as not relevant."""
+    counts as not relevant, and so does a tie: when another task comes within
+    :data:`SIMILARITY_TIE` of the instance's own, the skills do not single its task out.
+
+    Why the tie rule (added 2026-12-01, after looking): two multiplication instances list
+    both "multiplying numbers" and "adding numbers", each the word-for-word description of
+    a task, so both tasks' similarities are 1 up to float32 rounding, and which one the
+    argmax picked differed between two CPUs (relevance 0.725 on one, 0.730 on the other).
+    Counting ties as misses reproduces the committed 0.725 on both."""
     tasks = sorted({x.task for x in instances})
     descriptions = torch.as_tensor(np.asarray(embed([TASKS[t][3] for t in tasks])), dtype=torch.float32)
     unique = sorted({s for a in annotations for s in a.skills})
@@ -418,8 +429,10 @@ def relevance(annotations: list[Annotation], instances: list[Instance], embed) -
     for i, (a, x) in enumerate(zip(annotations, instances)):
         if not a.skills:
             continue
-        similarity = vectors[[index[s] for s in a.skills]] @ descriptions.T  # (skills, tasks)
-        hits[i] = tasks[int(similarity.max(0).values.argmax())] == x.task
+        best = (vectors[[index[s] for s in a.skills]] @ descriptions.T).max(0).values  # per task, best skill
+        own = tasks.index(x.task)
+        others = torch.cat([best[:own], best[own + 1:]])
+        hits[i] = not len(others) or bool(best[own] > others.max() + SIMILARITY_TIE)
     return hits
 
 
