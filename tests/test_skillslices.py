@@ -158,6 +158,11 @@ def test_the_question_only_floor_uses_the_same_nearest_description_rule():
               Instance("b", "capitals", "What is the capital of Peru?", ["Lima"], 0),
               Instance("c", "capitals", "Name it.", ["Lima"], 0)]
     assert sk.question_relevance(corpus, one_hot_embed(vocabulary)).tolist() == [True, True, False]
+    # a tie is a miss here too, whichever way rounding breaks it
+    for rounding in (-1e-7, 1e-7):
+        vocabulary["Which one?"] = [1, 1 + rounding]
+        tied = [Instance("d", "addition", "Which one?", ["5"], 0), Instance("e", "capitals", "Which one?", ["Lima"], 0)]
+        assert sk.question_relevance(tied, one_hot_embed(vocabulary)).tolist() == [False, False]
 
 
 # ----------------------------------------------------------------------------- routing

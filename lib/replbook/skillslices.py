@@ -430,10 +430,15 @@ def relevance(annotations: list[Annotation], instances: list[Instance], embed) -
         if not a.skills:
             continue
         best = (vectors[[index[s] for s in a.skills]] @ descriptions.T).max(0).values  # per task, best skill
-        own = tasks.index(x.task)
-        others = torch.cat([best[:own], best[own + 1:]])
-        hits[i] = not len(others) or bool(best[own] > others.max() + SIMILARITY_TIE)
+        hits[i] = _own_task_nearest(best, tasks.index(x.task))
     return hits
+
+
+def _own_task_nearest(similarity: torch.Tensor, own: int) -> bool:
+    """The nearest-description rule of C1 and its floor: task ``own`` is more similar than
+    every other task by more than :data:`SIMILARITY_TIE` (a tie is a miss)."""
+    others = torch.cat([similarity[:own], similarity[own + 1:]])
+    return not len(others) or bool(similarity[own] > others.max() + SIMILARITY_TIE)
 
 
 def question_relevance(instances: list[Instance], embed) -> np.ndarray:
@@ -443,8 +448,8 @@ def question_relevance(instances: list[Instance], embed) -> np.ndarray:
     tasks = sorted({x.task for x in instances})
     descriptions = torch.as_tensor(np.asarray(embed([TASKS[t][3] for t in tasks])), dtype=torch.float32)
     questions = torch.as_tensor(np.asarray(embed([x.question for x in instances])), dtype=torch.float32)
-    nearest = (questions @ descriptions.T).argmax(1).tolist()
-    return np.array([tasks[j] == x.task for j, x in zip(nearest, instances)], dtype=bool)
+    similarity = questions @ descriptions.T  # (questions, tasks)
+    return np.array([_own_task_nearest(row, tasks.index(x.task)) for row, x in zip(similarity, instances)], dtype=bool)
 
 
 # ----------------------------------------------------------------------------- C2: what aggregate accuracy hides
