@@ -152,6 +152,25 @@ def test_carry_forward_refuses_a_rerun_that_moved_a_number(chapter_with_record, 
     assert results.load_stability(slug, root) == record, "a refused record keeps its old code version (stale)"
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_an_interrupted_or_failed_carry_forward_restores_the_stale_record(chapter_with_record, monkeypatch, stop):
+    """Marked current while the chapter runs, the record must go back to its old code
+    version when the run is stopped (Ctrl-C, SIGTERM) or fails, or the tests would take
+    an unchecked record for a current one."""
+    from replbook import runner
+
+    slug, root, saved, record = chapter_with_record
+
+    def run(*args, **kwargs):
+        assert results.load_stability(slug, root)["code_version"] != record["code_version"]  # marked current
+        raise stop("stopped mid-run")
+
+    monkeypatch.setattr(runner, "run", run)
+    with pytest.raises(stop):
+        stability.carry_forward(slug[:2], root, progress=False)
+    assert results.load_stability(slug, root) == record
+
+
 def test_carry_forward_needs_the_run_the_record_was_made_with(chapter_with_record):
     slug, root, saved, record = chapter_with_record
     (root / "results" / f"{slug}.json").write_text(json.dumps({**saved, "code_version": "0" * 16}))
