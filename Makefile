@@ -70,7 +70,7 @@ run: env
 test: env browser
 	$(VENV)/bin/replbook prepare
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 REPLBOOK_RESULTS_DIR=$(CURDIR)/runs/nbval-results $(PY) -m pytest tests \
-	  --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=1200
+	  --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=1200 --durations=30
 
 # by hand, like the stability records: re-executes 00, 03, 09 and 10 with one injected bug each
 # (~20 min on 2 cores) and records in results/guard/ that the regression guard failed on each

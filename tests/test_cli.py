@@ -347,3 +347,44 @@ cli.entry()
                           env={**os.environ, "PYTHONPATH": str(paths.repo_root() / "lib")})
     assert proc.returncode == status, proc.stderr[-2000:]
     assert marker.read_text() == "ran", "the exit handlers (the kernel's shutdown) were skipped"
+
+
+def test_a_published_run_records_which_numerics_family_made_it(book, fake_papermill, monkeypatch):
+    """`replbook run` says which family's sums the published numbers are (results/reference/
+    published.json); a smoke run or a run with overrides changes nothing there."""
+    from replbook import numerics
+
+    monkeypatch.setattr(numerics, "family", lambda environ=None, *a: "x86_64-testvendor")
+    before = numerics.published_families(book)
+    runner.run("00", "smoke", root=book)
+    runner.run("00", "book", {"seed": 3}, root=book)
+    assert numerics.published_families(book) == before
+    runner.run("00", "book", root=book)
+    assert numerics.published_families(book) == {**before, "00_model_zoo": "x86_64-testvendor"}
+
+
+def test_publishing_commands_regenerate_the_readme_scoreboard(monkeypatch, tmp_path):
+    from replbook import stability
+
+    written = []
+    monkeypatch.setattr(cli, "write_scoreboard", lambda root: written.append(root))
+    monkeypatch.setattr(cli, "run", lambda chapter, preset, parameters, publish=None: (
+        paths.repo_root() / ("notebooks" if preset == "book" else "runs/smoke") / "00_model_zoo.ipynb"))
+    monkeypatch.setattr(stability, "carry_forward", lambda chapter: tmp_path / "record.json")
+    assert cli.main(["run", "00", "--preset", "smoke"]) == 0 and written == []
+    assert cli.main(["run", "00"]) == 0 and len(written) == 1
+    assert cli.main(["stability", "00", "--carry-forward"]) == 0 and len(written) == 2
+
+
+def test_a_reference_run_records_this_familys_numbers_and_publishes_nothing(book, fake_papermill, monkeypatch):
+    from replbook import numerics
+
+    monkeypatch.setattr(numerics, "family", lambda environ=None, *a: "x86_64-testvendor")
+    before, families = _published(book), numerics.published_families(book)
+    path = runner.record_reference("00", root=book, progress=False)
+    assert path == book / "results" / "reference" / "x86_64-testvendor" / "00_model_zoo.json"
+    recorded = json.loads(path.read_text())
+    assert recorded["results"] == {"preset": "book"} and recorded["family"] == "x86_64-testvendor"
+    assert fake_papermill[-1]["preset"] == "book" and set(fake_papermill[-1]) == {"preset", "environment", "cpu"}
+    assert _published(book) == before and numerics.published_families(book) == families
+    assert not [p for p in (book / "runs").iterdir() if p.name.startswith(".reference")]

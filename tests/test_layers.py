@@ -19,7 +19,7 @@ README = PACKAGE / "README.md"
 
 # lowest first; the name of each layer is the one the README uses
 LAYERS: dict[str, frozenset[str]] = {
-    "core": frozenset({"config", "paths", "results", "plotting", "scoreboard"}),
+    "core": frozenset({"config", "paths", "results", "numerics", "plotting", "scoreboard"}),
     "organisms": frozenset({"models", "lm", "cliplike", "data", "countries"}),
     "papers": frozenset({"zoo", "restor", "skillslices", "intcoop", "endor", "t2icomp", "mllmtrace", "drew",
                          "loki", "vitdecomp", "semtokens"}),

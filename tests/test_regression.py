@@ -28,7 +28,7 @@ import papermill
 import pytest
 
 from conftest import NBVAL_RESULTS, ROOT, nbval_active
-from replbook import results
+from replbook import numerics, results
 
 SLUGS = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
@@ -44,8 +44,10 @@ def test_rerun_matches_the_committed_numbers(slug, request):
         pytest.skip("compares nbval's re-execution: run with --nbval notebooks (make test does)")
     fresh = NBVAL_RESULTS / f"{slug}.json"
     assert fresh.exists(), f"nbval's re-execution of {slug} wrote no results: see its nbval failure"
-    problems = results.compare(json.loads(fresh.read_text()), committed(slug))
-    assert not problems, f"{slug}: {len(problems)} numbers moved beyond their tolerance:\n" + "\n".join(problems[:40])
+    expected = numerics.Expected(slug, root=ROOT)  # this machine's numerics family's numbers
+    problems = expected.compare(json.loads(fresh.read_text()))
+    assert not problems, (f"{slug}: {len(problems)} numbers moved beyond their tolerance of {expected.source}; "
+                          f"this machine: {expected.family}, {numerics.cpu_model()}\n" + "\n".join(problems[:40]))
 
 
 def test_every_committed_result_declares_tolerances_covering_every_number():
@@ -132,7 +134,7 @@ def run_with_injected_bug(slug: str, tmp_path, monkeypatch) -> list[str]:
     papermill.execute_notebook(str(mutated), str(tmp_path / "out.ipynb"), parameters={"preset": "book"},
                                cwd=str(source.parent), kernel_name="python3", progress_bar=False)
     rerun = json.loads((tmp_path / "results" / f"{slug}.json").read_text())
-    return results.compare(rerun, committed(slug))
+    return numerics.Expected(slug, root=ROOT).compare(rerun)  # this family's numbers, as the guard itself
 
 
 def assert_guard_fails(slug: str, problems: list[str]):

@@ -2,6 +2,7 @@
 makes that each record belongs to the committed results and the current code."""
 import json
 
+import nbformat
 import pytest
 
 from conftest import ROOT
@@ -146,10 +147,32 @@ def test_carry_forward_refuses_a_rerun_that_moved_a_number(chapter_with_record, 
     def move(new):
         new["verdicts"][0]["numbers"][name] = claim["numbers"][name] + 0.5  # past any tolerance here
 
+    published = (root / "results" / f"{slug}.json").read_bytes()
     _fake_run(monkeypatch, root, slug, saved, move)
     with pytest.raises(stability.CarryForwardRefused, match=name):
         stability.carry_forward(slug[:2], root, progress=False)
     assert results.load_stability(slug, root) == record, "a refused record keeps its old code version (stale)"
+    assert (root / "results" / f"{slug}.json").read_bytes() == published, "the refused run stays published"
+
+
+def test_carry_forward_is_refused_where_the_chapters_numbers_are_another_familys(chapter_with_record, monkeypatch):
+    """On an Intel machine, a chapter published from an AMD one whose numbers differ on Intel
+    (it has an Intel reference) is not carried forward: the rerun would replace AMD's numbers."""
+    from replbook import numerics
+
+    slug, root, saved, record = chapter_with_record
+    calls = _fake_run(monkeypatch, root, slug, saved)
+    (root / "results" / "reference").mkdir()
+    (root / "results" / "reference" / "published.json").write_text(json.dumps({slug: "x86_64-amd"}))
+    monkeypatch.setattr(numerics, "family", lambda environ=None, *a: "x86_64-intel")
+    stability.carry_forward(slug[:2], root, progress=False)  # no intel reference: numbers alike, allowed
+    assert calls == [True]
+    (root / "results" / "stability" / f"{slug}.json").write_text(json.dumps(record))  # stale again
+    (root / "results" / f"{slug}.json").write_text(json.dumps(saved))
+    numerics.write_reference(slug, "x86_64-intel", saved, nbformat.read(root / "notebooks" / f"{slug}.ipynb", 4), root)
+    with pytest.raises(ValueError, match="carry it forward on a x86_64-amd machine"):
+        stability.carry_forward(slug[:2], root, progress=False)
+    assert calls == [True] and results.load_stability(slug, root) == record
 
 
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
@@ -163,12 +186,15 @@ def test_an_interrupted_or_failed_carry_forward_restores_the_stale_record(chapte
 
     def run(*args, **kwargs):
         assert results.load_stability(slug, root)["code_version"] != record["code_version"]  # marked current
+        (root / "results" / f"{slug}.json").write_text("{}")  # stopped after the half-way publish
         raise stop("stopped mid-run")
 
+    published = (root / "results" / f"{slug}.json").read_bytes()
     monkeypatch.setattr(runner, "run", run)
     with pytest.raises(stop):
         stability.carry_forward(slug[:2], root, progress=False)
     assert results.load_stability(slug, root) == record
+    assert (root / "results" / f"{slug}.json").read_bytes() == published
 
 
 def test_carry_forward_needs_the_run_the_record_was_made_with(chapter_with_record):

@@ -3,6 +3,7 @@
     replbook run 00 --preset book [-p max_new_tokens=4 ...]   # -p overrides write runs/, not results/
     replbook prepare [01 02 ...]   # convert models, fetch data once (make test and make book do)
     replbook stability 06 --seeds 3   # verdicts over seeds -> results/stability/06_*.json
+    replbook reference 05          # on a CPU of another family: its numbers -> results/reference/
     replbook build                 # scoreboard + site (executes chapters with no results)
     replbook scoreboard            # only regenerate the scoreboard files
     replbook annotate --preset book  # write chapter 02's rationales (committed data)
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     p_stab.add_argument("--carry-forward", action="store_true",
                         help="after a change that should move no number: rerun the committed seed only and keep the "
                              "record if that run passes the regression guard against the one it was made with")
+    p_ref = sub.add_parser("reference", help="rerun a chapter at the book preset on a machine of another numerics "
+                                                 "family than its published results and record that family's numbers "
+                                                 "(results/reference/<family>/), which the guard then holds such machines to")
+    p_ref.add_argument("chapter", help="chapter number, e.g. 05")
     p_build = sub.add_parser("build", help="regenerate the scoreboard and build the site")
     p_build.add_argument("--no-execute", action="store_true", help="do not execute chapters lacking results")
     sub.add_parser("scoreboard", help="regenerate the scoreboard files only")
@@ -79,8 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             if args.publish and args.preset == "smoke":
                 raise ValueError("--publish: smoke runs are never published; use --preset book or paper")
-            print(run(args.chapter, args.preset, parse_parameters(args.parameter),
-                      publish=True if args.publish else None))
+            executed = run(args.chapter, args.preset, parse_parameters(args.parameter),
+                           publish=True if args.publish else None)
+            print(executed)
+            if executed.parent == repo_root() / "notebooks":  # published: the README's scoreboard follows
+                write_scoreboard(repo_root())
         elif args.command == "prepare":
             from . import prepare
 
@@ -94,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(stability.carry_forward(args.chapter))
             else:
                 print(stability.run(args.chapter, args.seeds))
+            write_scoreboard(repo_root())  # the committed seed's run was published
+        elif args.command == "reference":
+            from .runner import record_reference
+
+            print(record_reference(args.chapter))
         elif args.command == "build":
             build(execute_missing=not args.no_execute)
         elif args.command == "annotate":

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import config, scoreboard
+from . import config, numerics, scoreboard
 from .config import PRESETS
 from .paths import chapter_module, notebook_for, repo_root
 
@@ -30,8 +30,9 @@ OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_D
 # pin too. Not pinned: MKL's "conditional numerical reproducibility" mode (MKL_CBWR), which would
 # tie Intel and AMD together but changes every committed number; and the thread count, which the
 # chapters fix themselves (config.fix_threads). A reader may override any pin in the environment;
-# the paper preset (a GPU node) pins none.
-CPU_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+# the paper preset (a GPU node) pins none. The pins cannot tie an Intel CPU to an AMD one (MKL
+# picks its code by vendor): numerics.py says how the guard holds a rerun to its own family's numbers.
+CPU_PINS = numerics.PINS
 
 
 def reproducible_cpu_environment() -> dict[str, str]:
@@ -156,8 +157,16 @@ def run(chapter: str, preset: str = "book", parameters: dict | None = None, root
         clean_metadata(staged_notebook)
         final_notebook.parent.mkdir(parents=True, exist_ok=True)
         final_results.parent.mkdir(parents=True, exist_ok=True)
+        previous = _published_run(final_notebook, final_results) if publish else None
         os.replace(staged_notebook, final_notebook)
         os.replace(result_file, final_results)
+        if publish:  # which machines' sums these numbers are (numerics.py): the guard needs to know
+            stale = numerics.record_publication(slug, numerics.family(), json.loads(final_results.read_text()),
+                                                *(previous or (None, None)), root=root)
+            for path in stale:
+                print(f"replbook: {path.relative_to(root)} was made with other code: on a {path.parent.name} "
+                      f"machine, run `replbook reference {slug[:2]}` (make test fails until then)",
+                      file=sys.stderr)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         for name, value in saved_environment.items():
@@ -166,6 +175,53 @@ def run(chapter: str, preset: str = "book", parameters: dict | None = None, root
             else:
                 os.environ[name] = value
     return final_notebook
+
+
+def record_reference(chapter: str, root: Path | None = None, progress: bool = True) -> Path:
+    """Rerun a chapter at the book preset here, on a machine of another numerics family than
+    the one its published results come from, and record the rerun as this family's reference
+    (:mod:`numerics`): the numbers the regression guard and nbval then expect on this family.
+    Refused on the published family itself, and when the published results are not the
+    chapter's current code (republish first: a reference is the same code on other sums)."""
+    from . import results
+
+    root = root or repo_root()
+    source = notebook_for(chapter, root)
+    slug = source.stem
+    here = numerics.family({**os.environ, **reproducible_cpu_environment()})  # what the kernel will have
+    published = numerics.published_family(slug, root)
+    if here == published:
+        raise ValueError(f"this machine is {here}, the family results/{slug}.json was made on: a rerun here is held to "
+                         f"it directly; `replbook run {slug[:2]}` republishes")
+    committed = json.loads((root / "results" / f"{slug}.json").read_text())
+    version = results.code_version(slug, root)
+    if committed.get("code_version") != version:
+        raise ValueError(f"results/{slug}.json was made with code {committed.get('code_version')}, the chapter is now "
+                         f"{version}: republish it (`replbook run {slug[:2]}`) before recording another family's numbers")
+    (root / "runs").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".reference-{slug}.", dir=root / "runs") as folder:
+        executed = run(chapter, "book", root=root, publish=False, out_dir=Path(folder), progress=progress)
+        rerun = json.loads((Path(folder) / "results" / f"{slug}.json").read_text())
+        if results.code_version(slug, root) != version:
+            raise RuntimeError(f"{slug}'s code changed while it ran: nothing recorded")
+        import nbformat
+
+        path = numerics.write_reference(slug, here, rerun, nbformat.read(executed, as_version=4), root)
+    differences = results.compare(rerun, committed)
+    if differences:
+        numerics.mark_family_dependent(slug, root)
+    print(f"{slug} on {here} ({numerics.cpu_model()}): {len(differences)} numbers beyond their tolerance of "
+          f"results/{slug}.json (made on {published})" + "".join(f"\n  {d}" for d in differences[:12]))
+    return path
+
+
+def _published_run(notebook: Path, results_file: Path):
+    """The published results and notebook a run is about to replace, or None."""
+    if not (notebook.exists() and results_file.exists()):
+        return None
+    import nbformat
+
+    return json.loads(results_file.read_text()), nbformat.read(notebook, as_version=4)
 
 
 def needs_execution(notebook: Path, root: Path) -> bool:

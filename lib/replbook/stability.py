@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import results
+from . import numerics, results
 from .paths import notebook_for, repo_root
 
 SEED_PARAMETERS = ("seed", "data_seed", "seeds")
@@ -123,6 +123,14 @@ class CarryForwardRefused(RuntimeError):
                          f"record stays stale; rerun `replbook stability {slug[:2]} --seeds 3`. Differences:\n  {listed}")
 
 
+def _restore(files: dict[Path, bytes]) -> None:
+    """Put back files a refused or stopped carry-forward replaced (each through a rename)."""
+    for path, content in files.items():
+        temporary = path.with_name(f".{path.name}.restoring")
+        temporary.write_bytes(content)
+        os.replace(temporary, path)
+
+
 def carry_forward(chapter: str, root: Path | None = None, progress: bool = True) -> Path:
     """Keep a stability record across a code change that moves no number.
 
@@ -135,7 +143,9 @@ def carry_forward(chapter: str, root: Path | None = None, progress: bool = True)
     that this is assumed). Different: the record keeps its old code version, so the tests
     fail until the seeds are rerun, and :class:`CarryForwardRefused` lists the differences.
     The record is marked current while the chapter runs, so the published verdict section
-    shows the seeds' agreement; it is restored if the run fails or differs."""
+    shows the seeds' agreement; it is restored if the run fails or differs, and so are the
+    published results and notebook the run replaced. Refused on a machine of another numerics
+    family than the published run's where the chapter's numbers depend on it (:mod:`numerics`)."""
     from . import runner
 
     root = root or repo_root()
@@ -154,6 +164,18 @@ def carry_forward(chapter: str, root: Path | None = None, progress: bool = True)
     if version == record["code_version"]:
         print(f"{slug}: the stability record is current; nothing to carry forward")
         return path
+    here = numerics.family({**os.environ, **runner.reproducible_cpu_environment()})
+    made_on = numerics.published_families(root).get(slug)
+    if made_on and here != made_on and numerics.reference_path(slug, here, root).exists():
+        # the rerun would replace numbers of one family by another's, and under new code the old
+        # family's could not stay as its reference: its machines would lose their guard
+        raise ValueError(f"{slug}'s numbers depend on the CPU family (results/reference/{here}/ holds this "
+                         f"machine's) and results/{slug}.json was made on {made_on}: carry it forward on a "
+                         f"{made_on} machine, then `replbook reference {slug[:2]}` on this one")
+    # what a refused or stopped run must leave as it was: the published run and its family
+    notebook = notebook_for(chapter, root)
+    kept = {f: f.read_bytes() for f in (committed_path, notebook, numerics.reference_dir(root) / "published.json")
+            if f.exists()}
     results.write_atomic(path, {**record, "code_version": version})
     try:
         runner.run(chapter, "book", root=root, progress=progress)
@@ -163,9 +185,11 @@ def carry_forward(chapter: str, root: Path | None = None, progress: bool = True)
             differences.append(f"{slug}'s code changed while it ran")
     except BaseException:
         results.write_atomic(path, record)
+        _restore(kept)
         raise
     if differences:
         results.write_atomic(path, record)
+        _restore(kept)
         raise CarryForwardRefused(slug, differences)
     runs = [_entry(0, {}, published, f"results/{slug}.json"), *(r for r in record["runs"] if r["index"] != 0)]
     history = [*record.get("carried_forward", []),

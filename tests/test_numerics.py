@@ -1,0 +1,220 @@
+"""Numerics families (replbook.numerics): which committed numbers a rerun on this machine is
+held to, and the records that say so."""
+import json
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from conftest import ROOT, expect_this_familys_outputs
+from replbook import numerics, results, runner
+
+SLUGS = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+INTEL = "vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 207\nmodel name\t: Intel(R) Xeon(R) Processor\n"
+AMD = "vendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 49\nmodel name\t: AMD EPYC 7B12\n"
+
+
+def references() -> list[Path]:
+    return sorted(numerics.reference_dir(ROOT).glob("*/*.json"))
+
+
+def test_the_family_is_the_architecture_the_vendor_and_the_pins():
+    assert numerics.family(numerics.PINS, "x86_64", INTEL) == "x86_64-intel"
+    assert numerics.family(numerics.PINS, "x86_64", AMD) == "x86_64-amd"
+    for name in numerics.PINS:  # a reader's override of any one pin is another family
+        overridden = {**numerics.PINS, name: "avx512"}
+        assert numerics.family(overridden, "x86_64", AMD) == "x86_64-amd-unpinned"
+        assert numerics.family({k: v for k, v in numerics.PINS.items() if k != name}, "x86_64", AMD).endswith("-unpinned")
+    assert numerics.family({}, "aarch64", "") == "aarch64"
+    assert numerics.cpu_vendor("vendor_id : HygonGenuine\n") == "hygongenuine"
+    assert numerics.cpu_model(AMD) == "AMD EPYC 7B12 (family 23, model 49)"
+    assert runner.CPU_PINS is numerics.PINS  # what the kernel gets is what the family checks
+
+
+def test_every_chapter_says_which_family_made_its_published_results():
+    families = numerics.published_families(ROOT)
+    assert sorted(families) == SLUGS
+    for slug, name in families.items():
+        assert name.startswith("x86_64-") and not name.endswith("-unpinned"), (slug, name)
+
+
+@pytest.mark.parametrize("path", references(), ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_each_reference_is_another_familys_rerun_of_the_committed_code(path):
+    """A reference is current (the chapter's code and committed results are what it was made
+    against), comes from a family other than the published one, lines up cell by cell with
+    the committed notebook, and declares the committed tolerances."""
+    reference = json.loads(path.read_text())
+    slug, family = path.stem, path.parent.name
+    assert reference["slug"] == slug and reference["family"] == family
+    assert family != numerics.published_family(slug, ROOT)
+    committed = json.loads((ROOT / "results" / f"{slug}.json").read_text())
+    assert reference["code_version"] == committed["code_version"] == results.code_version(slug, ROOT), (
+        f"{path.relative_to(ROOT)} is stale: rerun `replbook reference {slug[:2]}` on a {family} machine")
+    assert reference["results"]["tolerances"] == committed["tolerances"]
+    assert reference["results"]["preset"] == committed["preset"] == "book"
+    expected = numerics.Expected(slug, family, ROOT)
+    outputs = expected.cell_outputs(nbformat.read(ROOT / "notebooks" / f"{slug}.ipynb", as_version=4))
+    assert outputs is not None and expected.results == reference["results"]
+    assert not any(o.get("data", {}).keys() & set(numerics.IMAGE_TYPES) for cell in outputs for o in cell)
+
+
+@pytest.mark.parametrize("slug", SLUGS)
+def test_a_chapter_whose_numbers_depend_on_the_family_has_them_for_every_known_family(slug):
+    """Whichever family CI's machine is, the guard has its numbers: a code change to such a
+    chapter lands only with a current reference for the other family too."""
+    missing = numerics.missing_families(slug, ROOT)
+    assert not missing, (f"{slug}'s numbers depend on the CPU family and none are recorded for {missing} under its "
+                         f"current code: run `replbook reference {slug[:2]}` on such a machine")
+
+
+def test_the_family_dependent_chapters_are_those_a_reference_showed_to_differ():
+    for path in references():
+        reference = json.loads(path.read_text())
+        moved = results.compare(reference["results"], json.loads((ROOT / "results" / f"{path.stem}.json").read_text()))
+        assert moved and path.stem in numerics.family_dependent(ROOT), (
+            f"{path.relative_to(ROOT)} gives the published numbers: the chapter does not depend on the family, "
+            "delete the reference")
+
+
+def test_missing_families_names_a_family_with_no_current_numbers(tmp_path):
+    root = _book_copy(tmp_path, "09_vit_decompose")
+    slug = "09_vit_decompose"
+    assert numerics.missing_families(slug, root) == []  # not marked: any family is held to the published numbers
+    numerics.mark_family_dependent(slug, root)
+    assert numerics.missing_families(slug, root) == ["x86_64-intel"]
+    committed = json.loads((root / "results" / f"{slug}.json").read_text())
+    notebook = nbformat.read(root / "notebooks" / f"{slug}.ipynb", as_version=4)
+    numerics.write_reference(slug, "x86_64-intel", dict(committed, code_version="0" * 16), notebook, root)
+    assert numerics.missing_families(slug, root) == ["x86_64-intel"]  # stale: made with other code
+    numerics.write_reference(slug, "x86_64-intel", committed, notebook, root)
+    assert numerics.missing_families(slug, root) == []
+
+
+def test_a_rerun_is_held_to_its_own_familys_numbers(tmp_path):
+    """On the published family: the committed results and notebook. On a family with a
+    reference: the reference's numbers and outputs, not the published ones. On a family with
+    none: the published numbers, and the message says how to record that family's."""
+    root = _book_copy(tmp_path, "09_vit_decompose")
+    slug = "09_vit_decompose"
+    committed = json.loads((root / "results" / f"{slug}.json").read_text())
+    notebook = nbformat.read(root / "notebooks" / f"{slug}.ipynb", as_version=4)
+    other = json.loads(json.dumps(committed))
+    other["metrics"]["scores"]["vit|object"][14] += 0.5  # another family's sums
+    numerics.write_reference(slug, "x86_64-intel", other, _with_output(notebook, "other family's table"), root)
+
+    home = numerics.Expected(slug, "x86_64-amd", root)
+    assert home.results == committed and home.cell_outputs(notebook) is None
+    assert home.compare(other) and not home.compare(committed)
+    away = numerics.Expected(slug, "x86_64-intel", root)
+    assert away.results == other and not away.compare(other) and away.compare(committed)
+    assert "other family's table" in json.dumps(away.cell_outputs(notebook))
+    unknown = numerics.Expected(slug, "aarch64", root)
+    assert unknown.results == committed and "replbook reference 09" in unknown.source
+
+    stale = json.loads(numerics.reference_path(slug, "x86_64-intel", root).read_text())
+    stale["code_version"] = "0" * 16
+    numerics.reference_path(slug, "x86_64-intel", root).write_text(json.dumps(stale))
+    with pytest.raises(ValueError, match="replbook reference 09"):
+        numerics.Expected(slug, "x86_64-intel", root)
+
+
+def test_a_reference_recorded_from_other_cells_is_refused(tmp_path):
+    root = _book_copy(tmp_path, "09_vit_decompose")
+    slug = "09_vit_decompose"
+    notebook = nbformat.read(root / "notebooks" / f"{slug}.ipynb", as_version=4)
+    numerics.write_reference(slug, "x86_64-intel", json.loads((root / "results" / f"{slug}.json").read_text()),
+                             notebook, root)
+    changed = json.loads(json.dumps(notebook))
+    code = [c for c in changed["cells"] if c["cell_type"] == "code"]
+    code[3]["source"] += "\nprint('one more line')"
+    with pytest.raises(ValueError, match="other cells"):
+        numerics.Expected(slug, "x86_64-intel", root).cell_outputs(nbformat.from_dict(changed))
+
+
+def test_nbval_expects_the_reference_outputs_of_each_cell_on_that_family(tmp_path, monkeypatch):
+    """The swap nbval relies on: every code cell gets its own cell's reference outputs (not a
+    neighbour's), and only on the family the reference is for."""
+    root = _book_copy(tmp_path, "09_vit_decompose")
+    slug = "09_vit_decompose"
+    path = root / "notebooks" / f"{slug}.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    marked = json.loads(json.dumps(notebook))
+    for k, cell in enumerate(c for c in marked["cells"] if c["cell_type"] == "code"):
+        cell["outputs"] = [{"output_type": "stream", "name": "stdout", "text": f"reference of code cell {k}\n"}]
+    numerics.write_reference(slug, "x86_64-intel", json.loads((root / "results" / f"{slug}.json").read_text()),
+                             nbformat.from_dict(marked), root)
+    monkeypatch.setattr("conftest.ROOT", root)
+
+    class IPyNbFile:
+        fspath, nb = path, notebook
+
+    class IPyNbCell:
+        def __init__(self, k, cell):
+            self.parent, self.cell_num, self.cell = IPyNbFile, k, cell
+
+    def items():
+        return [IPyNbCell(k, c) for k, c in enumerate(c for c in notebook.cells if c.cell_type == "code")]
+
+    away = items()
+    held_to = expect_this_familys_outputs(away, "x86_64-intel")
+    assert "results/reference/x86_64-intel" in held_to[slug]
+    assert [i.cell.outputs[0]["text"] for i in away] == [f"reference of code cell {k}\n" for k in range(len(away))]
+    assert all(i.cell.source == c.source for i, c in zip(away, (c for c in notebook.cells if c.cell_type == "code")))
+    home = items()
+    expect_this_familys_outputs(home, "x86_64-amd")
+    assert all(i.cell is c for i, c in zip(home, (c for c in notebook.cells if c.cell_type == "code")))
+
+
+def test_publishing_from_another_family_keeps_the_old_numbers_as_that_familys_reference(tmp_path):
+    root = _book_copy(tmp_path, "09_vit_decompose")
+    slug = "09_vit_decompose"
+    old = json.loads((root / "results" / f"{slug}.json").read_text())
+    notebook = nbformat.read(root / "notebooks" / f"{slug}.ipynb", as_version=4)
+    new = dict(old, date="2099-01-01")
+    numerics.write_reference(slug, "x86_64-intel", new, notebook, root)  # the intel reference, now published
+    numerics.record_publication(slug, "x86_64-intel", new, old, notebook, root)
+    assert numerics.published_family(slug, root) == "x86_64-intel"
+    assert not numerics.reference_path(slug, "x86_64-intel", root).exists()
+    kept = json.loads(numerics.reference_path(slug, "x86_64-amd", root).read_text())
+    assert kept["results"] == old
+    # under changed code the old numbers guard nothing: no reference is kept for them
+    stale = numerics.record_publication(slug, "x86_64-amd", dict(new, code_version="f" * 16), new, notebook, root)
+    assert not numerics.reference_path(slug, "x86_64-intel", root).exists()
+    assert not numerics.reference_path(slug, "x86_64-amd", root).exists()
+    assert stale == []
+    numerics.write_reference(slug, "x86_64-intel", new, notebook, root)  # made under the old code
+    assert numerics.record_publication(slug, "x86_64-amd", dict(new, code_version="f" * 16), None, None, root) == [
+        numerics.reference_path(slug, "x86_64-intel", root)]
+
+
+def test_a_reference_is_refused_on_the_published_family_and_for_stale_results(tmp_path, monkeypatch):
+    root = _book_copy(tmp_path, "09_vit_decompose")
+    monkeypatch.setattr(numerics, "family", lambda environ=None, *a: "x86_64-amd")
+    with pytest.raises(ValueError, match="x86_64-amd, the family results/09_vit_decompose.json was made on"):
+        runner.record_reference("09", root=root)
+    monkeypatch.setattr(numerics, "family", lambda environ=None, *a: "x86_64-intel")
+    stale = json.loads((root / "results" / "09_vit_decompose.json").read_text())
+    stale["code_version"] = "0" * 16
+    (root / "results" / "09_vit_decompose.json").write_text(json.dumps(stale))
+    with pytest.raises(ValueError, match="republish it"):
+        runner.record_reference("09", root=root)
+
+
+def _book_copy(tmp_path: Path, slug: str) -> Path:
+    """A root with one chapter's notebook, results and the package's sources (code_version reads them)."""
+    root = tmp_path / "book"
+    (root / "notebooks").mkdir(parents=True)
+    (root / "results").mkdir()
+    shutil.copy(ROOT / "notebooks" / f"{slug}.ipynb", root / "notebooks")
+    shutil.copy(ROOT / "results" / f"{slug}.json", root / "results")
+    (root / "results" / "reference").mkdir()
+    (root / "results" / "reference" / "published.json").write_text(json.dumps({slug: "x86_64-amd"}))
+    return root
+
+
+def _with_output(notebook, text: str):
+    changed = json.loads(json.dumps(notebook))
+    next(c for c in changed["cells"] if c["cell_type"] == "code")["outputs"] = [
+        {"output_type": "stream", "name": "stdout", "text": text}]
+    return nbformat.from_dict(changed)
