@@ -85,6 +85,21 @@ def pytest_configure(config):
         os.environ["REPLBOOK_RESULTS_DIR"] = str(NBVAL_RESULTS)  # the notebooks' kernels inherit it
 
 
+def nbval_outcomes(config) -> dict[str, list[bool]]:
+    """Per chapter, whether each of its cells passed under nbval in this session (the by-hand
+    rerun records need it: a chapter's guard passing is not enough, every cell must have too).
+    Read from the terminal reporter's tallies: a hook here would not see the notebooks' items,
+    which lie outside tests/, where this conftest's per-item hooks apply."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    outcomes: dict[str, list[bool]] = {}
+    for category in ("passed", "failed", "error"):
+        for report in (reporter.stats.get(category, []) if reporter else []):
+            path = Path(getattr(report, "nodeid", "").split("::")[0])
+            if path.parent.name == "notebooks" and path.suffix == ".ipynb":
+                outcomes.setdefault(path.stem, []).append(category == "passed")
+    return outcomes
+
+
 def pytest_collection_modifyitems(session, config, items):
     """Tests marked ``after_nbval`` (the regression guard) run last, after the notebooks; and
     on a machine of another numerics family than a chapter's published run, nbval expects
