@@ -210,6 +210,100 @@ def test_routing_ties_go_to_the_model_better_on_the_other_instances(better):
     assert cluster.sum(1).tolist() == [2, 2]
 
 
+# ----------------------------------------------------------------------------- C2's premise: the task mix
+
+
+def answers(per_task: dict[str, tuple[list[int], list[int]]]):
+    """(correct, task_of) from each task's answers of model 0 and model 1."""
+    correct = np.concatenate([np.array(pair) for pair in per_task.values()], axis=1)
+    task_of = [t for t, (a, _) in per_task.items() for _ in a]
+    return correct, task_of
+
+
+def test_the_balanced_mix_is_the_largest_set_within_the_tolerance_not_the_closest():
+    # all three tasks: gap (4 - 3) / 30 = 0.033, within 0.05; {x, y}: gap 0 but smaller
+    correct, task_of = answers({"x": ([1] * 5 + [0] * 5, [0] * 5 + [1] * 5),
+                                "y": ([1] * 5 + [0] * 5, [1] * 5 + [0] * 5),
+                                "z": ([1] * 4 + [0] * 6, [1] * 3 + [0] * 7)})
+    assert sk.balanced_mix(correct, task_of, tolerance=0.05, min_tasks=2) == ["x", "y", "z"]
+    # at a tighter tolerance only the pairs qualify; among them the smallest gap: {x, y} (0)
+    assert sk.balanced_mix(correct, task_of, tolerance=0.02, min_tasks=2) == ["x", "y"]
+    # a gap exactly at the tolerance is within it (exact fractions: 1/30 is not rounded away)
+    assert sk.balanced_mix(correct, task_of, tolerance=1 / 30, min_tasks=2) == ["x", "y", "z"]
+
+
+def test_the_balanced_mix_weighs_tasks_by_their_instances_and_respects_min_tasks():
+    # a: model 0 ahead by 2 of 2 instances (gap +1.0 per task); b: behind by 2 of 20 (−0.1).
+    # Over instances {a, b} is balanced (0 / 22); a mean of per-task gaps (+0.45) is not
+    correct, task_of = answers({"a": ([1, 1], [0, 0]),
+                                "b": ([0] * 2 + [1] * 18, [1] * 20),
+                                "c": ([1] * 5 + [0] * 5, [0] * 10)})
+    # (per-task means would make {b, c} the closest pair: (−0.1 + 0.5) / 2 = 0.2 < 0.45)
+    assert sk.balanced_mix(correct, task_of, tolerance=0.0, min_tasks=2) == ["a", "b"]
+    # no set of 3 is within the tolerance, so min_tasks=3 falls back to the smallest gap of size 3
+    assert sk.balanced_mix(correct, task_of, tolerance=0.0, min_tasks=3) == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="min_tasks=4"):
+        sk.balanced_mix(correct, task_of, tolerance=0.0, min_tasks=4)
+
+
+def test_the_balanced_mix_uses_the_absolute_gap():
+    # {p, q, r}: model 1 ahead by 0.3 — a signed comparison would take it as "within 0.1";
+    # {p, r}: model 0 ahead by exactly 0.05
+    correct, task_of = answers({"p": ([1] * 10, [1] * 10),
+                                "q": ([0] * 10, [1] * 10),
+                                "r": ([1] + [0] * 9, [0] * 10)})
+    assert sk.balanced_mix(correct, task_of, tolerance=0.1, min_tasks=2) == ["p", "r"]
+    assert sk.balanced_mix(correct, task_of, tolerance=0.5, min_tasks=2) == ["p", "q", "r"]
+
+
+def test_choose_tasks_decides_on_a_design_corpus_of_another_seed(monkeypatch):
+    """The evaluation corpus's own answers must not choose its mix: the models are asked a
+    corpus drawn with the design seed, and the chosen tasks are then drawn with the run's."""
+    from replbook import config
+
+    cfg = config.resolve(sk.PRESETS, "smoke", seed=3, models=["tiny-llama", "gemma3-270m"])
+    asked = []
+
+    def fake_scores(model_name, corpus, preset, **_):
+        asked.append([x.question for x in corpus])
+        # model 0 right on everything, model 1 only on capitals: the balanced mix must leave
+        # out the tasks where they differ … unless min_tasks forces them in
+        scores = [np.array([[0.0, 1.0]] * len(x.choices)) for x in corpus]
+        for row, x in zip(scores, corpus):
+            right = model_name == cfg.models[0] or x.task == "capitals"
+            row[x.answer if right else (x.answer + 1) % len(x.choices), 0] = 1.0
+        return scores, True
+
+    monkeypatch.setattr(sk, "answer_scores", fake_scores)
+    mix = sk.choose_tasks(cfg, progress=False)
+    evaluation = sk.chapter_corpus(cfg, mix)
+    assert mix.design_seed == 3 + sk.DESIGN_SEED_OFFSET and mix.rule == "balanced"
+    assert len(asked) == 2 and asked[0] == asked[1]
+    design_questions = set(asked[0])
+    assert {x.question for x in evaluation if x.task != "capitals"}.isdisjoint(design_questions)
+    # no pair is within the tolerance (every other task has gap 1), so the smallest gap of
+    # min_tasks = 2 (the smoke preset's): capitals with the first other candidate
+    assert mix.tasks == ["addition", "capitals"] and mix.design_gap == 0.5
+    assert mix.design_accuracy["capitals"] == [1.0, 1.0]
+    assert {x.task for x in evaluation} == set(mix.tasks)
+    # "all" asks every candidate and scores nothing
+    asked.clear()
+    assert sk.choose_tasks(config.resolve(sk.PRESETS, "smoke", task_mix="all"), progress=False).tasks == list(cfg.tasks)
+    assert not asked
+
+
+def test_relevance_competes_with_every_candidate_task_not_only_the_asked_ones():
+    # the skill is nearer "multiplication" than "addition": relevant among {addition} alone,
+    # not when multiplication (a candidate left out of the mix) competes
+    vocabulary = {sk.TASKS["addition"][3]: [1, 0, 0], sk.TASKS["multiplication"][3]: [0, 1, 0],
+                  "combining numbers": [0.5, 0.9, 0.1]}
+    embed = one_hot_embed(vocabulary)
+    instance = Instance("addition-0", "addition", "1 + 2 = ?", ["3", "4"], 0)
+    note = Annotation("addition-0", "", ["combining numbers"])
+    assert sk.relevance([note], [instance], embed).tolist() == [True]
+    assert sk.relevance([note], [instance], embed, ["addition", "multiplication"]).tolist() == [False]
+
+
 # ----------------------------------------------------------------------------- committed annotations
 
 
@@ -251,7 +345,8 @@ def test_paper_preset_runs_on_tiny_models(tmp_path, results_tmp):
     from replbook.paths import repo_root
 
     notebook = repo_root() / "notebooks" / "02_skill_slices.ipynb"
-    small = {"tasks": ["addition", "capitals", "syllogisms"], "per_task": 3, "models": ["tiny-llama", "tiny-llama"],
+    small = {"tasks": ["addition", "capitals", "syllogisms"], "min_tasks": 2, "per_task": 3,
+             "models": ["tiny-llama", "tiny-llama"],
              "rationale_model": "tiny-llama", "rationale_tokens": 6, "sentence_model": "tiny-bert-encoder",
              "min_slice": 1, "route_min_cluster": 2}
     papermill.execute_notebook(str(notebook), str(tmp_path / "out.ipynb"), kernel_name="python3",

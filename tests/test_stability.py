@@ -12,7 +12,7 @@ SLUGS = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 # chapters whose K = 3 record is not made yet: each takes three book runs by hand, with
 # cold trainings for every new seed (10 to 40 minutes a chapter on 2 cores). The test below
 # fails once a record exists, so this list only shrinks.
-PENDING: set[str] = {"01_restor"}
+PENDING: set[str] = set()
 
 
 def test_seed_overrides_move_every_seed_parameter_and_never_reuse_a_seed():

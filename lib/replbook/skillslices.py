@@ -58,7 +58,12 @@ COUNTRY_QUESTIONS = {"capital": "What is the capital of {}?", "continent": "On w
 BOOK_TASKS = ["addition", "subtraction", "multiplication", "letter counting", "syllogisms",
               "capitals", "continents", "demonyms"]
 _BOOK = {
-    "tasks": BOOK_TASKS, "per_task": 50, "n_choices": 4,
+    # the candidate tasks; C2's premise (close aggregate accuracy) picks the mix asked among
+    # them on a design corpus of another seed (choose_tasks): at least 5 of the 8, aggregate gap
+    # within 2 points (both fixed after seeing the 50-per-task corpus of seed 0, before any design
+    # corpus was drawn); 80 questions per task so that a 10-point slice gap can be significant
+    "tasks": BOOK_TASKS, "task_mix": "balanced", "mix_tolerance": 0.02, "min_tasks": 5,
+    "per_task": 80, "n_choices": 4,
     # the models compared and routed between; scored by log-likelihood of each choice
     "models": ["smollm2-135m", "gemma3-270m"], "normalise": True,
     # the rationale writer (the only instruction-tuned model to be had offline)
@@ -70,7 +75,7 @@ _BOOK = {
     "seed": 0, "threads": 2,
 }
 PRESETS = {
-    "smoke": {**_BOOK, "tasks": ["addition", "capitals", "syllogisms"], "per_task": 4,
+    "smoke": {**_BOOK, "tasks": ["addition", "capitals", "syllogisms"], "min_tasks": 2, "per_task": 4,
               "models": ["tiny-llama", "tiny-llama"], "rationale_model": "tiny-llama", "rationale_tokens": 8,
               "rationales": "regenerate", "sentence_model": "tiny-bert-encoder", "min_slice": 1,
               "route_min_cluster": 2},
@@ -85,10 +90,13 @@ PRESETS = {
 # what each parameter may be: checked before any model loads (config.resolve); not part
 # of the chapter's code version, since a rule never changes a run it accepts
 def parameter_rules():
-    from .config import flag, integer, items, model, number, one_of
+    from .config import flag, integer, items, model, number, one_of, relation
 
     return {
         "tasks": items(one_of(lambda: TASKS)),
+        "task_mix": one_of(*TASK_MIXES),
+        "mix_tolerance": number(minimum=0, maximum=1),
+        "min_tasks": integer(1),
         "per_task": integer(1),
         "n_choices": integer(2),
         # the smoke preset scores the same tiny model twice, so repeats are allowed
@@ -104,6 +112,8 @@ def parameter_rules():
         "route_min_cluster": integer(1),
         "seed": integer(0),
         "threads": integer(1),
+        "mix_needs_enough_tasks": relation("min_tasks, tasks", "min_tasks must be at most the number of tasks",
+                                           lambda v: v["min_tasks"] <= len(v["tasks"])),
     }
 RATIONALE_SOURCES = ("committed", "regenerate")
 
@@ -259,6 +269,96 @@ def pick(scores: np.ndarray, normalise: bool = True) -> int:
     return int(np.argmax(values))
 
 
+# ----------------------------------------------------------------------------- C2's premise: the task mix
+#
+# The paper's C2 is about models whose aggregate accuracies differ by 0.4 points. Our two
+# small models were 9 points apart on the eight tasks together (50 per task, seed 0), where
+# "slices hide gaps that the aggregate does not show" cannot be tested. So the tasks are chosen by a rule, fixed
+# before the book run, on a *design corpus* drawn with another seed (seed + 1000): the
+# evaluation corpus's own answers never choose its mix.
+TASK_MIXES = ("balanced", "all")
+DESIGN_SEED_OFFSET = 1000
+
+
+def design_seed(seed: int) -> int:
+    return seed + DESIGN_SEED_OFFSET
+
+
+def balanced_mix(correct: np.ndarray, task_of, tolerance: float, min_tasks: int) -> list[str]:
+    """The task mix at which the two models' aggregate accuracies are closest: among the sets
+    of at least ``min_tasks`` tasks whose aggregate gap (model 0 − model 1, over their
+    instances) is at most ``tolerance``, the largest, and among those the smallest gap; when
+    no set is within the tolerance, the smallest gap (then the largest set). A remaining tie
+    goes to the set listed first (tasks in their order in ``task_of``). Gaps are compared as
+    exact fractions of counts, so the choice cannot depend on rounding.
+
+    ``correct``: (2, n) 0/1 answers of the two models on the design corpus; ``task_of``: the
+    task of each of its n instances."""
+    from fractions import Fraction
+    from itertools import combinations
+
+    correct = np.asarray(correct, dtype=int)
+    task_of = np.asarray(task_of)
+    if correct.ndim != 2 or correct.shape[0] != 2 or correct.shape[1] != len(task_of):
+        raise ValueError(f"correct has shape {correct.shape}: give (2, {len(task_of)}), two models' answers "
+                         f"on every instance")
+    tasks = list(dict.fromkeys(task_of.tolist()))
+    if not 1 <= min_tasks <= len(tasks):
+        raise ValueError(f"min_tasks={min_tasks}: choose 1 to {len(tasks)} (the candidate tasks)")
+    difference = {t: int((correct[0] - correct[1])[task_of == t].sum()) for t in tasks}
+    size = {t: int((task_of == t).sum()) for t in tasks}
+
+    def gap(subset) -> Fraction:
+        return abs(Fraction(sum(difference[t] for t in subset), sum(size[t] for t in subset)))
+
+    subsets = [s for k in range(min_tasks, len(tasks) + 1) for s in combinations(tasks, k)]
+    limit = Fraction(tolerance).limit_denominator(10**9)
+    within = [s for s in subsets if gap(s) <= limit]
+    if within:
+        largest = max(len(s) for s in within)
+        chosen = min((s for s in within if len(s) == largest), key=gap)
+    else:
+        chosen = min(subsets, key=lambda s: (gap(s), -len(s)))
+    return list(chosen)
+
+
+@dataclass
+class TaskMix:
+    """The tasks a run asks, and how they were chosen."""
+
+    tasks: list[str]
+    rule: str  # "balanced" or "all"
+    design_seed: int | None = None
+    design_accuracy: dict[str, list[float]] = field(default_factory=dict)  # task -> [model 0, model 1]
+    design_gap: float | None = None  # model 0 − model 1 on the chosen tasks of the design corpus
+
+
+def choose_tasks(cfg, progress: bool = True) -> TaskMix:
+    """``cfg.task_mix == "all"``: every task of ``cfg.tasks``. ``"balanced"``: the first two
+    models answer a design corpus of every candidate task, drawn with :func:`design_seed`,
+    and :func:`balanced_mix` picks the tasks (scores cached like the chapter's own)."""
+    if cfg.task_mix == "all":
+        return TaskMix(list(cfg.tasks), "all")
+    seed = design_seed(cfg.seed)
+    design = build_corpus(cfg.tasks, cfg.per_task, cfg.n_choices, seed)
+    correct = np.array([[pick(s, cfg.normalise) == x.answer
+                         for s, x in zip(answer_scores(m, design, cfg.preset, progress=progress)[0], design)]
+                        for m in cfg.models[:2]], dtype=int)
+    task_of = np.array([x.task for x in design])
+    chosen = balanced_mix(correct, task_of, cfg.mix_tolerance, cfg.min_tasks)
+    rows = np.isin(task_of, chosen)
+    return TaskMix(chosen, "balanced", seed,
+                   {t: [float(correct[0, task_of == t].mean()), float(correct[1, task_of == t].mean())]
+                    for t in cfg.tasks},
+                   float(correct[0, rows].mean() - correct[1, rows].mean()))
+
+
+def chapter_corpus(cfg, mix: TaskMix) -> list[Instance]:
+    """The evaluation corpus of a run: the tasks :func:`choose_tasks` picked, drawn with the
+    run's own seed (the notebook and ``replbook annotate`` both build it here)."""
+    return build_corpus(mix.tasks, cfg.per_task, cfg.n_choices, cfg.seed)
+
+
 # ----------------------------------------------------------------------------- rationales and their skills
 #
 # The paper asks a strong model for a step-by-step rationale that names the skill of every
@@ -408,7 +508,8 @@ def slices(per_instance: list[set[int]], min_size: int) -> dict[int, np.ndarray]
 SIMILARITY_TIE = 1e-5
 
 
-def relevance(annotations: list[Annotation], instances: list[Instance], embed) -> np.ndarray:
+def relevance(annotations: list[Annotation], instances: list[Instance], embed,
+              tasks: list[str] | None = None) -> np.ndarray:
     """For every instance, whether its parsed skills point to its own task: the task whose
     description (``TASKS``) is most similar (cosine, best over the instance's skills) to
     one of its skills must be the instance's own. An instance without a parsed skill
@@ -419,8 +520,12 @@ def relevance(annotations: list[Annotation], instances: list[Instance], embed) -
     both "multiplying numbers" and "adding numbers", each the word-for-word description of
     a task, so both tasks' similarities are 1 up to float32 rounding, and which one the
     argmax picked differed between two CPUs (relevance 0.725 on one, 0.730 on the other).
-    Counting ties as misses reproduces the committed 0.725 on both."""
-    tasks = sorted({x.task for x in instances})
+    Counting ties as misses reproduces the committed 0.725 on both.
+
+    ``tasks``: the descriptions competing for each instance (default: the tasks present).
+    The chapter passes every *candidate* task, also those the task mix left out, so that a
+    smaller mix does not make the nearest-description test easier."""
+    tasks = sorted(set(tasks or ()) | {x.task for x in instances})
     descriptions = torch.as_tensor(np.asarray(embed([TASKS[t][3] for t in tasks])), dtype=torch.float32)
     unique = sorted({s for a in annotations for s in a.skills})
     index = {s: i for i, s in enumerate(unique)}
@@ -441,11 +546,12 @@ def _own_task_nearest(similarity: torch.Tensor, own: int) -> bool:
     return not len(others) or bool(similarity[own] > others.max() + SIMILARITY_TIE)
 
 
-def question_relevance(instances: list[Instance], embed) -> np.ndarray:
+def question_relevance(instances: list[Instance], embed, tasks: list[str] | None = None) -> np.ndarray:
     """C1's floor: whether the *question text alone* points to the instance's own task, by
-    the same nearest-description rule as :func:`relevance`. Skills parsed from a rationale
-    that only restated the question would reach this share and no more."""
-    tasks = sorted({x.task for x in instances})
+    the same nearest-description rule (and the same competing ``tasks``) as :func:`relevance`.
+    Skills parsed from a rationale that only restated the question would reach this share
+    and no more."""
+    tasks = sorted(set(tasks or ()) | {x.task for x in instances})
     descriptions = torch.as_tensor(np.asarray(embed([TASKS[t][3] for t in tasks])), dtype=torch.float32)
     questions = torch.as_tensor(np.asarray(embed([x.question for x in instances])), dtype=torch.float32)
     similarity = questions @ descriptions.T  # (questions, tasks)
@@ -525,7 +631,14 @@ ANNOTATIONS_DIR = Path(__file__).parent / "annotations"
 
 
 def corpus_settings(cfg) -> dict:
-    return {"tasks": list(cfg.tasks), "per_task": cfg.per_task, "n_choices": cfg.n_choices, "seed": cfg.seed}
+    """What decides a run's corpus: the candidate tasks, the rule that picks among them, and
+    the draw (the models only through the balanced rule's design corpus)."""
+    settings = {"tasks": list(cfg.tasks), "per_task": cfg.per_task, "n_choices": cfg.n_choices, "seed": cfg.seed,
+                "task_mix": cfg.task_mix}
+    if cfg.task_mix == "balanced":
+        settings.update(mix_tolerance=cfg.mix_tolerance, min_tasks=cfg.min_tasks, models=list(cfg.models[:2]),
+                        normalise=cfg.normalise)
+    return settings
 
 
 def annotation_file(cfg) -> Path:
@@ -556,7 +669,8 @@ def annotate(cfg, progress: bool = True) -> Path:
     from . import models
     from .results import versions, write_atomic
 
-    corpus = build_corpus(cfg.tasks, cfg.per_task, cfg.n_choices, cfg.seed)
+    mix = choose_tasks(cfg, progress)
+    corpus = chapter_corpus(cfg, mix)
     writer = models.load(cfg.rationale_model, preset=cfg.preset, progress=progress)
     start = time.perf_counter()
     notes = write_rationales(writer.model, writer.tokenizer, corpus, cfg.rationale_tokens, progress=progress)
@@ -565,7 +679,7 @@ def annotate(cfg, progress: bool = True) -> Path:
         "rationale_model": cfg.rationale_model, "model": writer.spec.description,
         "prompt": rationale_prompt("{question}"), "decoding": f"greedy, {cfg.rationale_tokens} new tokens",
         "date": datetime.date.today().isoformat(), "seconds": round(time.perf_counter() - start),
-        "versions": versions(("torch", "transformers")), "corpus": corpus_settings(cfg),
+        "versions": versions(("torch", "transformers")), "corpus": corpus_settings(cfg), "tasks_asked": mix.tasks,
         "annotations": [asdict(a) for a in notes],
     }
     path = annotation_file(cfg)
