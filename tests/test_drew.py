@@ -4,6 +4,7 @@ import types
 
 import numpy as np
 import pytest
+import torch
 
 from replbook import data, drew, models
 
@@ -100,7 +101,7 @@ def test_unknown_watermark_and_edit_list_the_choices():
     with pytest.raises(ValueError, match="watermark 'stegano'; choose one of: rivagan, dwtdctsvd"):
         drew.watermark("stegano")
     with pytest.raises(ValueError, match="edit 'warp'; choose one of: none, rotate"):
-        drew.apply_edit("warp", np.zeros((1, 8, 8, 3), np.uint8))
+        drew.apply_edit("warp", np.zeros((1, 8, 8, 3), np.uint8), seed=0)
 
 
 def test_trustmark_glue_writes_and_reads_bit_strings(monkeypatch):
@@ -130,12 +131,98 @@ def test_trustmark_glue_writes_and_reads_bit_strings(monkeypatch):
     assert (decoded == [5, 900, 1023]).all() and (confidence == 1).all()
 
 
-def test_edits_keep_shape_and_are_deterministic(photos):
+SAMPLED_EDITS = ("rotate", "blur", "jitter", "combo")
+
+
+def test_edits_keep_shape_and_follow_the_seed(photos):
     for edit in drew.EDITS:
-        once, twice = drew.apply_edit(edit, photos), drew.apply_edit(edit, photos)
-        assert once.shape == photos.shape and once.dtype == np.uint8 and (once == twice).all()
-    assert (drew.apply_edit("none", photos) == photos).all()
-    assert (drew.apply_edit("flip", photos) == photos[:, :, ::-1]).all()
+        once, twice = drew.apply_edit(edit, photos, seed=4), drew.apply_edit(edit, photos, seed=4)
+        assert once.shape == photos.shape and once.dtype == np.uint8 and (once == twice).all(), edit
+        other_seed = drew.apply_edit(edit, photos, seed=5)
+        # a sampled edit redraws its strengths with the seed; a fixed one does not move
+        assert (other_seed != once).any() if edit in SAMPLED_EDITS else (other_seed == once).all(), edit
+    assert (drew.apply_edit("none", photos, seed=0) == photos).all()
+    assert (drew.apply_edit("flip", photos, seed=0) == photos[:, :, ::-1]).all()
+
+
+def test_sampled_edits_draw_a_strength_per_query_in_the_official_ranges():
+    """The official create_queries.py: RandomRotation(±int(90 · 0.25)), GaussianBlur(5) with σ in
+    [0.1, 2], ColorJitter(1, 0.5, 1, 0.1) in a random order. A single draw for the whole batch, or
+    the torchvision defaults (blur σ 0.1–2 on the wrong kernel, jitter without order), fail here."""
+    n = 400
+    angles = np.array([s["degrees"] for s in drew.edit_strengths("rotate", n, seed=0)])
+    assert drew.MAX_DEGREES == 22 and np.abs(angles).max() <= 22 and angles.min() < -18 and angles.max() > 18
+    assert len(np.unique(angles)) == n
+    sigmas = np.array([s["sigma"] for s in drew.edit_strengths("blur", n, seed=0)])
+    assert sigmas.min() >= 0.1 and sigmas.max() <= 2.0 and sigmas.min() < 0.3 and sigmas.max() > 1.8
+    jitters = drew.edit_strengths("jitter", n, seed=0)
+    for key, (low, high) in {"brightness": (0, 2), "contrast": (0.5, 1.5), "saturation": (0, 2),
+                             "hue": (-0.1, 0.1)}.items():
+        values = np.array([j[key] for j in jitters])
+        assert values.min() >= low and values.max() <= high and np.ptp(values) > 0.8 * (high - low), key
+    orders = {tuple(j["order"]) for j in jitters}
+    assert all(sorted(o) == [0, 1, 2, 3] for o in orders) and len(orders) > 12
+    # the stream is the edit's own: another edit, or more queries, do not shift a query's draw
+    assert drew.edit_strengths("combo", 5, seed=0) != drew.edit_strengths("rotate", 5, seed=0)
+    assert drew.edit_strengths("rotate", 5, seed=0) == drew.edit_strengths("rotate", n, seed=0)[:5]
+    assert all(s == {} for e in ("none", "crop", "flip", "stretch", "jpeg") for s in drew.edit_strengths(e, 3, 0))
+
+
+def test_each_query_gets_its_own_draw_and_every_watermark_the_same(photos):
+    """Copies of one image come back differently edited (one draw per query), and query i gets
+    the i-th draw whatever the images are, so each watermark's copy of a query is edited alike."""
+    import torchvision.transforms.v2.functional as TF
+
+    copies = np.repeat(photos[:1], 6, axis=0)
+    rotated = drew.apply_edit("rotate", copies, seed=0)
+    assert len({r.tobytes() for r in rotated}) == 6
+    angles = [s["degrees"] for s in drew.edit_strengths("rotate", 6, seed=0)]
+    for image, angle, got in zip(copies, angles, rotated):
+        want = TF.rotate(torch.from_numpy(image).permute(2, 0, 1)[None], angle)[0].permute(1, 2, 0).numpy()
+        assert (got == want).all()
+    other_mark = np.repeat(photos[1:2], 6, axis=0)
+    for edit in SAMPLED_EDITS:
+        first, second = drew.apply_edit(edit, copies, seed=0), drew.apply_edit(edit, other_mark, seed=0)
+        # query i's edit depends on i and the seed, not on the other images of the batch
+        assert (drew.apply_edit(edit, copies[:1], seed=0) == first[:1]).all(), edit
+        assert (drew.apply_edit(edit, np.concatenate([copies[:3], other_mark[3:]]), seed=0)[3:] == second[3:]).all()
+
+
+def test_jitter_applies_its_four_adjustments_in_the_drawn_order(photos):
+    import torchvision.transforms.v2.functional as TF
+
+    draws = drew.edit_strengths("jitter", 2, seed=3)
+    adjust = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    names = ["brightness", "contrast", "saturation", "hue"]
+    got = drew.apply_edit("jitter", photos[:2], seed=3)
+    assert draws[0]["order"] != draws[1]["order"], "the test needs two different orders"
+    for image, draw, out in zip(photos[:2], draws, got):
+        x = torch.from_numpy(image).permute(2, 0, 1)[None]
+        for which in draw["order"]:
+            x = adjust[which](x, draw[names[which]])
+        assert (out == x[0].permute(1, 2, 0).numpy()).all()
+
+
+def test_run_queries_edits_with_its_own_seed(monkeypatch):
+    seen = []
+    real = drew.apply_edit
+    monkeypatch.setattr(drew, "apply_edit", lambda name, images, *, seed: seen.append(seed) or real(name, images, seed=seed))
+    code, clusters, embedder, reference = _toy_reference(64)
+    query_ids = np.arange(0, 64, 4)
+    drew.run_queries(reference, query_ids, {"fake": _ReadsBits(code, clusters[query_ids])}, code, {"noisy": embedder},
+                     ("rotate", "blur"), 0.5, seed=11, progress=False)
+    assert seen == [11, 11]
+
+
+def test_combo_is_the_official_chain():
+    """Central 7/8 of the rows (severity 0.25), horizontal flip, rotation, resized back."""
+    import torchvision.transforms.v2.functional as TF
+
+    image = drew.synthetic_images(1, 64, seed=2)
+    degrees = drew.edit_strengths("combo", 1, seed=7)[0]["degrees"]
+    x = torch.from_numpy(image).permute(0, 3, 1, 2)
+    want = TF.resize(TF.rotate(TF.horizontal_flip(TF.center_crop(x, [56, 64])), degrees), [64, 64], antialias=True)
+    assert (drew.apply_edit("combo", image, seed=7) == want.permute(0, 2, 3, 1).numpy()).all()
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -275,19 +362,25 @@ class _ReadsBits:
         return bits
 
 
+def _toy_reference(n: int):
+    """A BCH(31, 6) code, ``n`` synthetic images in its clusters, a noisy embedder and its index."""
+    code = drew.ClusterCode("bch-31-6")
+    images = drew.synthetic_images(n, 16, seed=0)
+    clusters = drew.assign_clusters(n, code.k, seed=0)
+    embedder = _NoisyEmbedder(noise=0.6)
+    reference = drew.Reference(clusters, {"fake": images}, {("fake", "noisy"): drew.Index(embedder(images), clusters)})
+    return code, clusters, embedder, reference
+
+
 def test_run_queries_searches_the_decoded_cluster_never_the_true_one():
     """DREW's search reads only what the watermark says: where the read is a random word,
     a search of the true cluster (a leak of the truth into DREW) would match the oracle."""
-    code = drew.ClusterCode("bch-31-6")
-    images = drew.synthetic_images(128, 16, seed=0)
-    clusters = drew.assign_clusters(128, code.k, seed=0)
-    embedder = _NoisyEmbedder(noise=0.6)
-    reference = drew.Reference(clusters, {"fake": images}, {("fake", "noisy"): drew.Index(embedder(images), clusters)})
+    code, clusters, embedder, reference = _toy_reference(128)
     query_ids = np.arange(0, 128, 2)
     mark = _ReadsBits(code, clusters[query_ids])
     tau = code.threshold_for(0.01)
     rows = drew.run_queries(reference, query_ids, {"fake": mark}, code, {"noisy": embedder}, ("none",), tau,
-                            progress=False)
+                            seed=0, progress=False)
     assert rows["baseline"].mean() < rows["oracle cluster"].mean(), "the toy must leave DREW something to fix"
     assert np.array_equal(rows["DREW"].to_numpy(), drew.gated_top1(rows, tau))
     destroyed = rows.index >= len(query_ids) // 2

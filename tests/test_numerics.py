@@ -172,6 +172,7 @@ def test_publishing_from_another_family_keeps_the_old_numbers_as_that_familys_re
     old = json.loads((root / "results" / f"{slug}.json").read_text())
     notebook = nbformat.read(root / "notebooks" / f"{slug}.ipynb", as_version=4)
     new = dict(old, date="2099-01-01")
+    numerics.mark_family_dependent(slug, root)
     numerics.write_reference(slug, "x86_64-intel", new, notebook, root)  # the intel reference, now published
     numerics.record_publication(slug, "x86_64-intel", new, old, notebook, root)
     assert numerics.published_family(slug, root) == "x86_64-intel"
@@ -186,6 +187,19 @@ def test_publishing_from_another_family_keeps_the_old_numbers_as_that_familys_re
     numerics.write_reference(slug, "x86_64-intel", new, notebook, root)  # made under the old code
     assert numerics.record_publication(slug, "x86_64-amd", dict(new, code_version="f" * 16), None, None, root) == [
         numerics.reference_path(slug, "x86_64-intel", root)]
+
+
+def test_a_family_independent_chapter_keeps_no_reference_when_another_family_publishes_it(tmp_path):
+    """Its families agree, so the old family's numbers guard nothing the new ones do not; kept,
+    they would go stale at the next code change and be refused on that family's machine."""
+    root = _book_copy(tmp_path, "09_vit_decompose")
+    slug = "09_vit_decompose"
+    old = json.loads((root / "results" / f"{slug}.json").read_text())
+    notebook = nbformat.read(root / "notebooks" / f"{slug}.ipynb", as_version=4)
+    assert slug not in numerics.family_dependent(root)
+    assert numerics.record_publication(slug, "x86_64-intel", dict(old, date="2099-01-01"), old, notebook, root) == []
+    assert numerics.published_family(slug, root) == "x86_64-intel"
+    assert list((root / "results" / "reference").glob(f"*/{slug}.json")) == []
 
 
 def test_a_reference_is_refused_on_the_published_family_and_for_stale_results(tmp_path, monkeypatch):

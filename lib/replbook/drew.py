@@ -348,13 +348,27 @@ def _stretch(x, factor):
     return TF.center_crop(wide, [size, size])
 
 
-def _jitter(x, brightness=1.5, contrast=0.6, saturation=1.8, hue=0.2):
+def _jitter(x, order, brightness, contrast, saturation, hue):
+    """torchvision's ColorJitter with its draws given: the four adjustments in ``order``
+    (0 brightness, 1 contrast, 2 saturation, 3 hue), as ColorJitter applies them."""
     import torchvision.transforms.v2.functional as TF
 
-    x = TF.adjust_brightness(x, brightness)
-    x = TF.adjust_contrast(x, contrast)
-    x = TF.adjust_saturation(x, saturation)
-    return TF.adjust_hue(x, hue)
+    adjust = [lambda y: TF.adjust_brightness(y, brightness), lambda y: TF.adjust_contrast(y, contrast),
+              lambda y: TF.adjust_saturation(y, saturation), lambda y: TF.adjust_hue(y, hue)]
+    for which in order:
+        x = adjust[int(which)](x)
+    return x
+
+
+def _combo(x, degrees, severity):
+    """The official ``combo,<severity>``: keep the central rows (256 − 128·severity of 256),
+    flip horizontally, rotate, resize back to the square."""
+    import torchvision.transforms.v2.functional as TF
+
+    size = x.shape[-1]
+    kept_rows = size - int(size / 2 * severity)
+    x = TF.horizontal_flip(TF.center_crop(x, [kept_rows, size]))
+    return TF.resize(TF.rotate(x, degrees), [size, size], antialias=True)
 
 
 def _jpeg(x, quality):
@@ -371,21 +385,56 @@ def _jpeg(x, quality):
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
 
 
-def _edit_fns() -> dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+# The sampled strengths follow the official create_queries.py: rotation and the combined
+# edit at its mildest severity, 0.25 (RandomRotation over ±int(90 · 0.25) = ±22 degrees);
+# blur as its GaussianBlur(5) (σ drawn from [0.1, 2]); jitter as its ColorJitter(brightness=1,
+# contrast=0.5, saturation=1, hue=0.1), the four adjustments in a random order. Crop, flip,
+# stretch and JPEG have fixed strengths, as crop, flip and stretch do in the official code.
+SEVERITY = 0.25
+MAX_DEGREES = int(90 * SEVERITY)
+BLUR_KERNEL, BLUR_SIGMA = 5, (0.1, 2.0)
+JITTER_RANGES = {"brightness": (0.0, 2.0), "contrast": (0.5, 1.5), "saturation": (0.0, 2.0), "hue": (-0.1, 0.1)}
+
+
+def edit_strengths(name: str, n: int, seed: int) -> list[dict]:
+    """The strength of edit ``name`` for each of ``n`` queries, drawn as the paper's code
+    draws them (one draw per query image). The stream depends on (seed, edit) only, so
+    every watermark's copy of a query gets the same edit, and a query's draw does not
+    depend on which other edits run. Edits with fixed strengths give empty dicts."""
+    import zlib
+
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    if name in ("rotate", "combo"):
+        return [{"degrees": float(d)} for d in rng.uniform(-MAX_DEGREES, MAX_DEGREES, n)]
+    if name == "blur":
+        return [{"sigma": float(s)} for s in rng.uniform(*BLUR_SIGMA, n)]
+    if name == "jitter":
+        return [{"order": rng.permutation(4).tolist(),
+                 **{k: float(rng.uniform(low, high)) for k, (low, high) in JITTER_RANGES.items()}} for _ in range(n)]
+    return [{} for _ in range(n)]
+
+
+def _edit_fns() -> dict[str, tuple[str, Callable[..., torch.Tensor]]]:
+    """Each edit: its description and a function of (images N,3,H,W; one image's strengths)."""
     import torchvision.transforms.v2.functional as TF
 
     return {
         "none": ("the watermarked image itself", lambda x: x),
-        "rotate": ("rotation by 15 degrees (black corners)", lambda x: _rotate(x, 15)),
+        "rotate": (f"rotation by an angle drawn per query from [−{MAX_DEGREES}°, {MAX_DEGREES}°] (black corners)",
+                   lambda x, degrees: _rotate(x, degrees)),
         "crop": ("centre crop keeping 60% of the side, resized back", lambda x: _centre_crop(x, 0.6)),
         "flip": ("horizontal flip", TF.horizontal_flip),
         "stretch": ("horizontal stretch by 1.3, centre part kept", lambda x: _stretch(x, 1.3)),
-        "blur": ("Gaussian blur, sigma 3 px", lambda x: TF.gaussian_blur(x, [13, 13], [3.0, 3.0])),
-        "jitter": ("colour jitter: brightness 1.5, contrast 0.6, saturation 1.8, hue +0.2",
-                   lambda x: _jitter(x)),
+        "blur": (f"Gaussian blur, {BLUR_KERNEL}×{BLUR_KERNEL} kernel, σ drawn per query from "
+                 f"[{BLUR_SIGMA[0]}, {BLUR_SIGMA[1]}] px",
+                 lambda x, sigma: TF.gaussian_blur(x, [BLUR_KERNEL, BLUR_KERNEL], [sigma, sigma])),
+        "jitter": ("colour jitter drawn per query: brightness and saturation factors from [0, 2], contrast "
+                   "from [0.5, 1.5], hue shift from [−0.1, 0.1], in a random order (torchvision's ColorJitter)",
+                   _jitter),
         "jpeg": ("JPEG at quality 30 (Pillow)", lambda x: _jpeg(x, 30)),
-        "combo": ("crop 80% + rotation 10 degrees + brightness 1.3, saturation 1.5",
-                  lambda x: _jitter(_rotate(_centre_crop(x, 0.8), 10), 1.3, 1.0, 1.5, 0.0)),
+        "combo": (f"central {100 - 50 * SEVERITY:g}% of the rows, horizontal flip, rotation drawn per query "
+                  f"from [−{MAX_DEGREES}°, {MAX_DEGREES}°], resized back (the official combo at severity {SEVERITY})",
+                  lambda x, degrees: _combo(x, degrees, SEVERITY)),
     }
 
 
@@ -396,14 +445,23 @@ def describe_edits() -> dict[str, str]:
     return {name: what for name, (what, _) in _edit_fns().items()}
 
 
-def apply_edit(name: str, images: np.ndarray) -> np.ndarray:
+def apply_edit(name: str, images: np.ndarray, *, seed: int) -> np.ndarray:
     """The query edit ``name`` applied to uint8 RGB images (N, H, W, 3); same shape back.
-    Deterministic: every edit has fixed parameters (the paper samples them)."""
+    Image i gets the i-th of :func:`edit_strengths`' draws for ``seed``, so the same
+    seed gives the same edits."""
     fns = _edit_fns()
     if name not in fns:
         raise ValueError(f"edit {name!r}; choose one of: {', '.join(fns)}")
+    if len(images) == 0:
+        return np.array(images, copy=True)
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    return fns[name][1](x).permute(0, 2, 3, 1).contiguous().numpy()
+    edit = fns[name][1]
+    strengths = edit_strengths(name, len(x), seed)
+    if not any(strengths):  # a fixed strength: the whole batch at once
+        out = edit(x)
+    else:
+        out = torch.cat([edit(x[i:i + 1], **s) for i, s in enumerate(strengths)])
+    return out.permute(0, 2, 3, 1).contiguous().numpy()
 
 
 # ----------------------------------------------------------------------------- images and embeddings
@@ -616,9 +674,10 @@ def build_reference(images: np.ndarray, clusters: np.ndarray, code: ClusterCode,
 
 def run_queries(reference: Reference, query_ids: np.ndarray, marks: dict[str, Watermark],
                 code: ClusterCode, embedders: dict[str, Embedder], edits: tuple[str, ...],
-                threshold: float, progress: bool = True) -> pd.DataFrame:
-    """Take each query's watermarked reference image, apply every edit, read the
-    watermark back and retrieve four ways with every embedder. One row per
+                threshold: float, seed: int, progress: bool = True) -> pd.DataFrame:
+    """Take each query's watermarked reference image, apply every edit (strengths drawn
+    per query from ``seed``: each watermark's copy of a query gets the same edit), read
+    the watermark back and retrieve four ways with every embedder. One row per
     (watermark, edit, embedder, query)."""
     from tqdm.auto import tqdm
 
@@ -629,7 +688,7 @@ def run_queries(reference: Reference, query_ids: np.ndarray, marks: dict[str, Wa
         sent = payload(code, true_clusters, mark.payload_bits)
         marked = reference.marked[mark_name][query_ids]
         for edit in edits:
-            edited = apply_edit(edit, marked)
+            edited = apply_edit(edit, marked, seed=seed)
             received = mark.extract(edited)
             decoded, confidence = code.decode(received)
             raw = code.raw_clusters(received)

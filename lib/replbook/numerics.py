@@ -223,14 +223,17 @@ def record_publication(slug: str, family_name: str, published: dict, previous: d
                        previous_notebook=None, root: Path | None = None) -> list[Path]:
     """``published`` (results) just replaced ``previous`` (and its notebook): record which family
     made it, and drop that family's reference for the chapter (its published results are now the
-    family's own). If the previous results came from another family and the code is unchanged,
-    they stay the guard for that family, as its reference. Returns the other families'
-    references the new code made stale (each needs ``replbook reference`` on such a machine)."""
+    family's own). If the chapter is family-dependent, the previous results came from another
+    family and the code is unchanged, they stay the guard for that family, as its reference (a
+    family-independent chapter needs none: kept, it would only go stale with the next code
+    change and be refused on that family). Returns the other families' references the new code
+    made stale (each needs ``replbook reference`` on such a machine)."""
     root = root or repo_root()
     families = published_families(root)
     before = families.get(slug)
     if (previous is not None and previous_notebook is not None and before and before != family_name
-            and previous.get("code_version") == published.get("code_version")):
+            and previous.get("code_version") == published.get("code_version")
+            and slug in family_dependent(root)):
         write_reference(slug, before, previous, previous_notebook, root, cpu="the machine that published it before")
     families[slug] = family_name
     path = reference_dir(root) / "published.json"
