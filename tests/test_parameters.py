@@ -87,6 +87,7 @@ BAD_TOGETHER = [
     ("06_mllm_tracing", {"vision": "own"}, "vision='own' needs a LLaVA checkpoint"),
     ("07_drew", {"n_queries": 3000}, "n_queries must be ≤ n_reference"),
     ("09_vit_decompose", {"width": 66}, "width must be a multiple of heads"),
+    ("09_vit_decompose", {"top_k": 11}, "top_k must be smaller than the official granularity's"),
     ("10_semantic_tokens", {"patch": 6}, "image_size must be a multiple of patch"),
 ]
 

@@ -34,3 +34,16 @@ def test_every_committed_result_has_a_notebook_and_valid_verdicts(repo_root):
         assert r["preset"] in ("book", "paper")
         for v in r["verdicts"]:
             assert v["verdict"] in results.VERDICTS and (v["decisive"] or v["untestable"])
+
+
+def test_the_scoreboard_says_where_the_guard_waits_for_another_familys_numbers(tmp_path):
+    from replbook import numerics
+
+    (tmp_path / "results" / "reference").mkdir(parents=True)
+    fake = _fake()
+    assert "pending" not in scoreboard.markdown(fake, root=tmp_path)
+    numerics.write_pending(fake[0]["slug"], "x86_64-amd", {"code_version": "f" * 16}, "x86_64-intel",
+                           {"numbers": {}, "same": [], "differed": []}, None, tmp_path)
+    page = scoreboard.markdown(fake, root=tmp_path)
+    assert f"{fake[0]['slug'][:2]} on x86_64-amd (since " in page and "pending" in page
+    assert "pending" not in scoreboard.markdown(fake, root=tmp_path, brief=True)

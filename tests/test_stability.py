@@ -155,6 +155,34 @@ def test_carry_forward_refuses_a_rerun_that_moved_a_number(chapter_with_record, 
     assert (root / "results" / f"{slug}.json").read_bytes() == published, "the refused run stays published"
 
 
+def test_a_refused_carry_forward_leaves_the_other_familys_reference_as_it_was(chapter_with_record, monkeypatch):
+    """Publishing under new code turns the other family's reference into a pending record
+    (numerics.record_publication); a refused run puts the reference back, and removes a
+    record its publication wrote where there was none."""
+    from replbook import numerics
+
+    slug, root, saved, record = chapter_with_record
+    (root / "results" / "reference").mkdir()
+    (root / "results" / "reference" / "published.json").write_text(json.dumps({slug: "x86_64-amd"}))
+    monkeypatch.setattr(numerics, "family", lambda environ=None, *a: "x86_64-amd")
+    numerics.mark_family_dependent(slug, root)
+    notebook = nbformat.read(root / "notebooks" / f"{slug}.ipynb", 4)
+    numerics.write_reference(slug, "x86_64-intel", saved, notebook, root)
+    intel = numerics.reference_path(slug, "x86_64-intel", root)
+    before = intel.read_bytes()
+    stray = numerics.reference_path(slug, "aarch64", root)
+
+    def move_and_publish(new):
+        new["verdicts"][0]["numbers"][next(iter(new["verdicts"][0]["numbers"]))] += 0.5
+        assert numerics.record_publication(slug, "x86_64-amd", new, saved, notebook, root) == [intel]
+        numerics.write_pending(slug, "aarch64", new, "x86_64-amd", {}, None, root)
+
+    _fake_run(monkeypatch, root, slug, saved, move_and_publish)
+    with pytest.raises(stability.CarryForwardRefused):
+        stability.carry_forward(slug[:2], root, progress=False)
+    assert intel.read_bytes() == before and not stray.exists()
+
+
 def test_carry_forward_is_refused_where_the_chapters_numbers_are_another_familys(chapter_with_record, monkeypatch):
     """On an Intel machine, a chapter published from an AMD one whose numbers differ on Intel
     (it has an Intel reference) is not carried forward: the rerun would replace AMD's numbers."""

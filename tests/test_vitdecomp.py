@@ -11,9 +11,9 @@ from replbook import vitdecomp
 @pytest.fixture(scope="module", params=vitdecomp.ARCHITECTURES)
 def small_model(request):
     model = vitdecomp.build_model(request.param, image_size=24, width=32, depth=2, heads=4, seed=0, num_labels=3)
-    with torch.no_grad():  # non-trivial LayerScale and LayerNorm affine parameters
-        for name, p in model.named_parameters():
-            if "lambda1" in name or "norm" in name:
+    with torch.no_grad():  # non-trivial LayerScale, LayerNorm affine parameters and biases (the output
+        for name, p in model.named_parameters():  # projection's is split over the heads: a whole one per head is wrong)
+            if "lambda1" in name or "norm" in name or name.endswith("bias"):
                 p.add_(0.3 * torch.randn_like(p))
     return model.eval()
 
@@ -67,9 +67,67 @@ def test_component_scores_rank_the_component_that_carries_the_feature():
     noise = torch.randn(400, 3, 10, generator=generator)
     noise = noise - (noise @ basis.T) @ basis  # orthogonal to the span
     mapped = torch.stack([noise[:, 0], feature, noise[:, 1], noise[:, 2]], 1)
+    mapped[:, 0] += 3 * basis[0]  # a constant inside the span: no correlation, once centred over the images
     scores = vitdecomp.component_scores(mapped, basis)
     assert scores[1] == pytest.approx(1.0, abs=1e-5) and scores.abs().max() == scores[1]
+    assert abs(float(scores[0])) < 0.05
     assert vitdecomp.top_components(scores, 1) == [1]
+
+
+def test_the_official_granularity_sums_the_early_layers_into_one_component(small_model):
+    decomposition = vitdecomp.decompose(small_model, torch.randn(5, 3, 24, 24))
+    coarse = vitdecomp.lump_early_layers(decomposition, 1)
+    assert coarse.names == ["before L1", "L1.H0", "L1.H1", "L1.H2", "L1.H3", "L1.MLP"]
+    early = [i for i, n in enumerate(decomposition.names) if n == "embed" or n.startswith("L0.")]
+    assert torch.allclose(coarse.contributions[:, 0], decomposition.contributions[:, early].sum(1))
+    assert torch.equal(coarse.contributions[:, 1:], decomposition.contributions[:, len(early):])
+    assert torch.allclose(coarse.contributions.sum(1), decomposition.representation, atol=1e-5)
+    for first in (-1, 2):
+        with pytest.raises(ValueError, match=f"first_layer={first}"):
+            vitdecomp.lump_early_layers(decomposition, first)
+    assert [vitdecomp.official_first_layer(d) for d in (12, 4, 2)] == [7, 2, 1]  # ViT-B's block 7 of 12, scaled
+
+
+def test_the_official_ranking_prefers_a_purely_spurious_component_to_one_that_also_carries_the_core():
+    """Score for location minus score for object: a component carrying both ranks below one
+    carrying location alone, although its location score is higher (the location-only ranking
+    picks it)."""
+    generator = torch.Generator().manual_seed(0)
+    span = vitdecomp.orthonormal_basis(torch.randn(4, 12, generator=generator))
+    location, core = span[:2], span[2:]
+    n = 500
+    where, what = torch.randn(n, 2, generator=generator), torch.randn(n, 2, generator=generator)
+    only_location = (where + 0.5 * torch.randn(n, 2, generator=generator)) @ location  # a little less in step
+    both = 1.5 * where @ location + what @ core
+    only_core = torch.randn(n, 2, generator=generator) @ core
+    mapped = torch.stack([only_core, both, only_location], 1)
+    ranking = vitdecomp.spurious_minus_core(mapped, location, core)
+    assert vitdecomp.top_components(ranking, 1) == [2]
+    assert vitdecomp.top_components(vitdecomp.component_scores(mapped, location), 1) == [1]  # the variant's pick
+
+
+def test_chance_agreement_is_that_of_random_neighbours_other_than_the_query():
+    labels = np.array([0, 0, 1, 1])
+    assert vitdecomp.chance_agreement(labels) == pytest.approx(1 / 3)  # not 1/2: a query is not its own neighbour
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 600)
+    embeddings = torch.as_tensor(rng.normal(size=(600, 16)), dtype=torch.float32)
+    assert vitdecomp.retrieval_agreement(embeddings, labels, k=5) == pytest.approx(vitdecomp.chance_agreement(labels), abs=0.03)
+    hits = vitdecomp.retrieval_hits(embeddings, labels, k=5)
+    assert hits.shape == (600,) and set(np.unique(hits * 5)) <= set(range(6))
+
+
+def test_the_margin_interval_pairs_the_queries():
+    """Both retrievals share each query's difficulty; only a paired interval sees a small,
+    steady margin through it."""
+    rng = np.random.default_rng(0)
+    difficulty = rng.uniform(0, 1, 400)
+    own, other = difficulty + 0.02, difficulty
+    mean, low, high = vitdecomp.paired_interval(own, other, seed=0)
+    assert mean == pytest.approx(0.02) and low == pytest.approx(0.02) and high == pytest.approx(0.02)
+    mean, low, high = vitdecomp.paired_interval(own + rng.normal(0, 0.05, 400), other, seed=0)
+    assert 0 < low < mean < high and high - low < 0.03
+    assert vitdecomp.paired_interval(own, other, seed=1)[1:] == vitdecomp.paired_interval(own, other, seed=1)[1:]
 
 
 def test_retrieval_agreement():

@@ -18,6 +18,15 @@ outputs nbval compares. ``replbook reference NN``, run on a machine of that fami
 one. The regression guard and nbval then hold a rerun to the numbers of its own family —
 exactly as tightly as on the published one; a chapter with no reference for this family is
 held to the published numbers (right for the chapters whose numbers do not depend on it).
+
+A session has one machine, of one family. When it publishes a family-dependent chapter under
+changed code, the other family's reference no longer describes that code, and only a machine
+of that family can record a new one. Until then the family is **pending** for the chapter: its
+reference file becomes a pending record (:func:`record_publication`) that holds what the two
+families' last runs of the same code showed about how far they lie apart. On a pending family
+the guard holds a rerun to the published **verdicts** exactly and to each number within its
+tolerance widened by twice the measured cross-family move (what the new code added or changed
+is not compared there: :func:`pending_view`); nbval runs every cell but compares no outputs. ``replbook reference NN`` on that family ends the wait.
 """
 from __future__ import annotations
 
@@ -130,8 +139,18 @@ def missing_families(slug: str, root: Path | None = None) -> list[str]:
     for name in KNOWN_FAMILIES:
         path = reference_path(slug, name, root)
         if path.exists() and json.loads(path.read_text()).get("code_version") == version:
-            covered.add(name)
+            covered.add(name)  # its own numbers, or a current pending record
     return [name for name in KNOWN_FAMILIES if name not in covered]
+
+
+def pending_families(slug: str, root: Path | None = None) -> dict[str, str]:
+    """The families waiting for their own numbers of ``slug``'s current code: family -> since when."""
+    waiting = {}
+    for path in sorted(reference_dir(root).glob(f"*/{slug}.json")):
+        record = json.loads(path.read_text())
+        if record.get("pending"):
+            waiting[path.parent.name] = record.get("since", "?")
+    return waiting
 
 
 def reference_path(slug: str, family_name: str, root: Path | None = None) -> Path:
@@ -169,6 +188,139 @@ def write_reference(slug: str, family_name: str, run_results: dict, notebook, ro
     return results.write_atomic(path, payload)
 
 
+# ------------------------------------------------------------------ a family waiting for its numbers
+
+# how many times its measured cross-family move a number may move beyond its tolerance on a
+# pending family: one pair of runs gives one sample of the move, not a bound (set before any
+# pending family was checked against it)
+PENDING_MARGIN = 2.0
+
+
+def _first_pattern(path: str, rows: list) -> str | None:
+    """The tolerance pattern ``results.compare`` applies to ``path`` (the first that matches)."""
+    return next((glob for glob, spec in rows if results.tolerance_for(path, [[glob, spec]]) is not None), None)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _comparable_leaves(run: dict) -> dict[str, Any]:
+    """What ``results.compare`` holds a rerun to, by the path its tolerance patterns see: each
+    metric, each number a verdict's rule read (``verdicts.C1.<name>``) and each of its checks
+    (``verdicts.C1.decisive.<check>``, ``verdicts.C1.supporting.<check>``)."""
+    leaves = dict(results._leaves(run.get("metrics", {}), ""))  # noqa: SLF001 - the guard's own walk
+    for verdict in run.get("verdicts", []):
+        claim = verdict["claim"]
+        leaves.update({f"verdicts.{claim}.{name}": value for name, value in (verdict.get("numbers") or {}).items()})
+        for kind in ("decisive", "supporting"):
+            if isinstance(verdict.get(kind), dict):
+                leaves.update({f"verdicts.{claim}.{kind}.{name}": value for name, value in verdict[kind].items()})
+    return leaves
+
+
+def cross_family_moves(one: dict, other: dict) -> dict:
+    """How far two families' runs of the same code lie apart, as :func:`pending_view` reads it:
+    each number's |Δ|, and the paths of the other values (and the checks) that were the same
+    and that differed."""
+    a, b = _comparable_leaves(one), _comparable_leaves(other)
+    numbers, same, differed = {}, [], []
+    for path in sorted(set(a) & set(b)):
+        x, y = a[path], b[path]
+        if _is_number(x) and _is_number(y):
+            numbers[path] = abs(x - y)
+        else:
+            (same if x == y else differed).append(path)
+    return {"numbers": numbers, "same": same, "differed": differed}
+
+
+def _pending_tolerance(path: str, value: Any, rows: list, moves: dict) -> dict | None:
+    """What a pending family's rerun may do to one published value (None: what the
+    committed tolerances say)."""
+    glob = _first_pattern(path, rows)
+    spec = dict(rows)[glob] if glob is not None else None
+    if spec is None or spec["kind"] == "ignored":
+        return None  # no pattern: compare reports it
+    if _is_number(value):
+        if path not in moves.get("numbers", {}):
+            return results.ignored("not computed alike by both numerics families' last runs")
+        move = moves["numbers"][path]
+        base = spec if spec["kind"] == "band" else results.band()
+        return results.band(abs=base["abs"] + PENDING_MARGIN * move, rel=base["rel"]) if move > 0 else None
+    if path not in moves.get("same", []):
+        return results.ignored("differed between the numerics families, or is new since")
+    return None
+
+
+def pending_view(committed: dict, rerun: dict, moves: dict) -> dict:
+    """The published results as a pending family's rerun is compared with them
+    (``results.compare``). Verdicts, claims and config stay exact. Each number is held within
+    its tolerance plus ``PENDING_MARGIN`` × the move measured for it between the families;
+    each other value and each check only where the families gave it alike. What the
+    families' last runs did not both compute — a number or check the new code added, or
+    changed (:func:`still_measured`) — is not compared here: which way the families' sums move
+    it is unknown, and the published family's guard holds it."""
+    rows = committed["tolerances"]
+    widened = []
+    for path, value in sorted(_comparable_leaves(committed).items()):
+        if path.startswith("verdicts.") and (".decisive." in path or ".supporting." in path):
+            continue  # checks: below
+        spec = None if "*" in path else _pending_tolerance(path, value, rows, moves)  # '*' cannot be matched alone
+        if spec is not None:
+            widened.append([path, spec])
+    view = json.loads(json.dumps(committed))
+    view["tolerances"] = widened + rows
+    reran = {v["claim"]: v for v in rerun.get("verdicts", [])}
+    same = set(moves.get("same", []))
+    for verdict in view.get("verdicts", []):
+        for kind in ("decisive", "supporting"):
+            checks, theirs = verdict.get(kind), (reran.get(verdict["claim"]) or {}).get(kind)
+            if isinstance(checks, dict) and isinstance(theirs, dict):
+                for name in checks:
+                    if f"verdicts.{verdict['claim']}.{kind}.{name}" not in same and name in theirs:
+                        checks[name] = theirs[name]  # not compared: the rerun's own
+    return view
+
+
+def still_measured(moves: dict, published: dict, previous: dict) -> dict:
+    """``moves`` less what a code change changed: a number whose newly published value left
+    the band a pending family is held to around the previous one, or another value or check
+    that changed, is a new computation, whose move between the families is unknown."""
+    rows = previous.get("tolerances") or []
+    new, old = _comparable_leaves(published), _comparable_leaves(previous)
+    numbers = {}
+    for path, move in moves.get("numbers", {}).items():
+        if path in new and path in old and _is_number(new[path]) and _is_number(old[path]):
+            spec = _pending_tolerance(path, old[path], rows, moves) or dict(rows).get(_first_pattern(path, rows))
+            allowed = (spec["abs"] + spec["rel"] * abs(old[path]) if spec and spec["kind"] == "band"
+                       else float("inf") if spec and spec["kind"] == "ignored" else 0.0)
+            if abs(new[path] - old[path]) <= allowed:
+                numbers[path] = move
+    same = [path for path in moves.get("same", []) if path in new and path in old and new[path] == old[path]]
+    return {"numbers": numbers, "same": same, "differed": list(moves.get("differed", []))}
+
+
+def uncompared(committed: dict, moves: dict) -> list[str]:
+    """The published values and checks a pending family's guard does not compare (:func:`pending_view`)."""
+    return sorted(path for path, value in _comparable_leaves(committed).items()
+                  if path not in moves.get("numbers", {}) and path not in moves.get("same", []))
+
+
+def write_pending(slug: str, family_name: str, published: dict, published_on: str, moves: dict,
+                  measured: str | None, root: Path | None = None) -> Path:
+    """Record that ``family_name`` waits for its own numbers of ``published``'s code."""
+    payload = {"slug": slug, "family": family_name, "pending": True, "code_version": published.get("code_version"),
+               "since": time.strftime("%Y-%m-%d"), "published_on": published_on,
+               "why": f"{slug} was published on {published_on} under code this family has not run: until "
+                      f"`replbook reference {slug[:2]}` runs on a {family_name} machine, a rerun here is held to the "
+                      f"published verdicts and to each number within its tolerance plus {PENDING_MARGIN:g} x the "
+                      "cross-family move below; nbval runs the cells without comparing their outputs",
+               "measured": measured, "moves": moves}
+    path = reference_path(slug, family_name, root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return results.write_atomic(path, payload)
+
+
 class Expected:
     """What a rerun of ``slug`` on a machine of ``family_name`` must reproduce."""
 
@@ -177,30 +329,50 @@ class Expected:
         self.slug, self.family = slug, family_name or family()
         self.committed = json.loads((root / "results" / f"{slug}.json").read_text())
         self.published_family = published_family(slug, root)
-        self.reference = None
+        self.dependent = slug in family_dependent(root)
+        self.reference = self.pending = None
         path = reference_path(slug, self.family, root)
         if self.family != self.published_family and path.exists():
-            self.reference = json.loads(path.read_text())
-            if self.reference.get("code_version") != self.committed.get("code_version"):
+            record = json.loads(path.read_text())
+            if record.get("code_version") != self.committed.get("code_version"):
                 raise ValueError(
-                    f"results/reference/{self.family}/{slug}.json was made with code {self.reference.get('code_version')}, "
+                    f"results/reference/{self.family}/{slug}.json was made with code {record.get('code_version')}, "
                     f"results/{slug}.json with {self.committed.get('code_version')}: rerun `replbook reference "
                     f"{slug[:2]}` on a {self.family} machine (or delete it if the chapter no longer differs there)")
+            if record.get("pending"):
+                self.pending = record
+            else:
+                self.reference = record
 
     @property
     def results(self) -> dict:
         return self.reference["results"] if self.reference else self.committed
 
     @property
+    def compares_outputs(self) -> bool:
+        """Whether nbval compares the cells' outputs here (not on a pending family: its own are not known)."""
+        return self.pending is None
+
+    @property
     def source(self) -> str:
         if self.reference:
             return (f"results/reference/{self.family}/{self.slug}.json (this machine's family; "
                     f"results/{self.slug}.json was made on {self.published_family})")
+        if self.pending:
+            return (f"results/{self.slug}.json, made on {self.published_family}, with {self.family} pending since "
+                    f"{self.pending.get('since')}: verdicts exactly, numbers within their tolerance plus "
+                    f"{PENDING_MARGIN:g} x the measured cross-family move ("
+                    f"{len(uncompared(self.committed, self.pending['moves']))} values and checks the families' last "
+                    f"runs did not both compute are not compared), cell outputs not compared, until "
+                    f"`replbook reference {self.slug[:2]}` runs on a {self.family} machine")
         if self.family == self.published_family:
             return f"results/{self.slug}.json (made on this machine's family, {self.family})"
+        if not self.dependent:
+            return (f"results/{self.slug}.json, made on {self.published_family}: {self.slug} is not family-dependent "
+                    f"(results/reference/family_dependent.json), so this machine ({self.family}) is held to its "
+                    "published numbers")
         return (f"results/{self.slug}.json, made on {self.published_family}: this machine is {self.family}, for which "
-                f"{self.slug} has no reference. If the numbers differ only because the family does, record one with "
-                f"`replbook reference {self.slug[:2]}` here")
+                f"{self.slug} has no numbers: record them with `replbook reference {self.slug[:2]}` here")
 
     def cell_outputs(self, notebook) -> list[list[dict]] | None:
         """Per code cell of ``notebook`` (the committed one), the outputs nbval should expect on
@@ -216,6 +388,8 @@ class Expected:
         return [r["outputs"] for r in cells]
 
     def compare(self, rerun: dict) -> list[str]:
+        if self.pending:
+            return results.compare(rerun, pending_view(self.committed, rerun, self.pending["moves"]))
         return results.compare(rerun, self.results)
 
 
@@ -226,21 +400,52 @@ def record_publication(slug: str, family_name: str, published: dict, previous: d
     family's own). If the chapter is family-dependent, the previous results came from another
     family and the code is unchanged, they stay the guard for that family, as its reference (a
     family-independent chapter needs none: kept, it would only go stale with the next code
-    change and be refused on that family). Returns the other families' references the new code
-    made stale (each needs ``replbook reference`` on such a machine)."""
+    change and be refused on that family). Under changed code, each other known family of a
+    family-dependent chapter becomes pending (:func:`write_pending`), with the moves measured
+    between the families' runs of the code just replaced (or carried from its earlier pending
+    record). Returns the records written pending and any other family's record the new code
+    made stale (each waits for ``replbook reference`` on such a machine)."""
     root = root or repo_root()
     families = published_families(root)
     before = families.get(slug)
+    dependent = slug in family_dependent(root)
+    version = published.get("code_version")
+    # each family's run of the code being replaced: what the distance between families is measured on
+    old_runs = {before: previous} if previous is not None and before else {}
+    for path in sorted(reference_dir(root).glob(f"*/{slug}.json")):
+        record = json.loads(path.read_text())
+        if previous is not None and not record.get("pending") and record.get("code_version") == previous.get("code_version"):
+            old_runs.setdefault(path.parent.name, record["results"])
     if (previous is not None and previous_notebook is not None and before and before != family_name
-            and previous.get("code_version") == published.get("code_version")
-            and slug in family_dependent(root)):
+            and previous.get("code_version") == version and dependent):
         write_reference(slug, before, previous, previous_notebook, root, cpu="the machine that published it before")
     families[slug] = family_name
     path = reference_dir(root) / "published.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     results.write_atomic(path, dict(sorted(families.items())))
     own = reference_path(slug, family_name, root)
+    carried = None  # a pending record of the publishing family keeps the last measured distance
     if own.exists():
+        record = json.loads(own.read_text())
+        carried = record if record.get("pending") else None
         own.unlink()
-    return [path for path in sorted(reference_dir(root).glob(f"*/{slug}.json"))
-            if json.loads(path.read_text()).get("code_version") != published.get("code_version")]
+    waiting = []
+    for name in KNOWN_FAMILIES if dependent else ():
+        path = reference_path(slug, name, root)
+        record = json.loads(path.read_text()) if path.exists() else None
+        if name == family_name or (record and record.get("code_version") == version):
+            continue
+        last_pending = record if record and record.get("pending") else carried  # the last measured distance
+        if name in old_runs and family_name in old_runs:
+            moves = cross_family_moves(old_runs[name], old_runs[family_name])
+            measured = (f"code {previous.get('code_version')}: {name}'s run of {old_runs[name].get('date', '?')} vs "
+                        f"{family_name}'s of {old_runs[family_name].get('date', '?')}")
+        elif last_pending:
+            moves, measured = last_pending["moves"], last_pending.get("measured")
+        else:
+            moves, measured = {"numbers": {}, "same": [], "differed": []}, None
+        if previous is not None:  # what this publication changed is no longer measured
+            moves = still_measured(moves, published, previous)
+        waiting.append(write_pending(slug, name, published, family_name, moves, measured, root))
+    return waiting + [path for path in sorted(reference_dir(root).glob(f"*/{slug}.json"))
+                      if path not in waiting and json.loads(path.read_text()).get("code_version") != version]

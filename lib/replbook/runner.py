@@ -161,12 +161,14 @@ def run(chapter: str, preset: str = "book", parameters: dict | None = None, root
         os.replace(staged_notebook, final_notebook)
         os.replace(result_file, final_results)
         if publish:  # which machines' sums these numbers are (numerics.py): the guard needs to know
-            stale = numerics.record_publication(slug, numerics.family(), json.loads(final_results.read_text()),
-                                                *(previous or (None, None)), root=root)
-            for path in stale:
-                print(f"replbook: {path.relative_to(root)} was made with other code: on a {path.parent.name} "
-                      f"machine, run `replbook reference {slug[:2]}` (make test fails until then)",
-                      file=sys.stderr)
+            waiting = numerics.record_publication(slug, numerics.family(), json.loads(final_results.read_text()),
+                                                  *(previous or (None, None)), root=root)
+            for path in waiting:
+                pending = json.loads(path.read_text()).get("pending")
+                print(f"replbook: {path.relative_to(root)}: " + (
+                    f"{path.parent.name} is pending for {slug} (the guard there holds verdicts and widened bands)"
+                    if pending else "made with other code (make test fails until it is rerun)")
+                    + f": on a {path.parent.name} machine, run `replbook reference {slug[:2]}`", file=sys.stderr)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         for name, value in saved_environment.items():

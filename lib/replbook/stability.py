@@ -123,9 +123,14 @@ class CarryForwardRefused(RuntimeError):
                          f"record stays stale; rerun `replbook stability {slug[:2]} --seeds 3`. Differences:\n  {listed}")
 
 
-def _restore(files: dict[Path, bytes]) -> None:
-    """Put back files a refused or stopped carry-forward replaced (each through a rename)."""
+def _restore(files: dict[Path, bytes], slug: str, root: Path) -> None:
+    """Put back files a refused or stopped carry-forward replaced (each through a rename), and
+    remove the numerics records of ``slug`` its publication wrote where there were none."""
+    for path in numerics.reference_dir(root).glob(f"*/{slug}.json"):
+        if path not in files:
+            path.unlink()
     for path, content in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.restoring")
         temporary.write_bytes(content)
         os.replace(temporary, path)
@@ -172,10 +177,12 @@ def carry_forward(chapter: str, root: Path | None = None, progress: bool = True)
         raise ValueError(f"{slug}'s numbers depend on the CPU family (results/reference/{here}/ holds this "
                          f"machine's) and results/{slug}.json was made on {made_on}: carry it forward on a "
                          f"{made_on} machine, then `replbook reference {slug[:2]}` on this one")
-    # what a refused or stopped run must leave as it was: the published run and its family
+    # what a refused or stopped run must leave as it was: the published run, its family and the
+    # other families' records (publishing under new code turns them pending)
     notebook = notebook_for(chapter, root)
-    kept = {f: f.read_bytes() for f in (committed_path, notebook, numerics.reference_dir(root) / "published.json")
-            if f.exists()}
+    records = sorted(numerics.reference_dir(root).glob(f"*/{slug}.json"))
+    kept = {f: f.read_bytes() for f in (committed_path, notebook, numerics.reference_dir(root) / "published.json",
+                                        *records) if f.exists()}
     results.write_atomic(path, {**record, "code_version": version})
     try:
         runner.run(chapter, "book", root=root, progress=progress)
@@ -185,11 +192,11 @@ def carry_forward(chapter: str, root: Path | None = None, progress: bool = True)
             differences.append(f"{slug}'s code changed while it ran")
     except BaseException:
         results.write_atomic(path, record)
-        _restore(kept)
+        _restore(kept, slug, root)
         raise
     if differences:
         results.write_atomic(path, record)
-        _restore(kept)
+        _restore(kept, slug, root)
         raise CarryForwardRefused(slug, differences)
     runs = [_entry(0, {}, published, f"results/{slug}.json"), *(r for r in record["runs"] if r["index"] != 0)]
     history = [*record.get("carried_forward", []),

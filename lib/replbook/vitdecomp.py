@@ -221,13 +221,79 @@ def top_components(scores: torch.Tensor, k: int) -> list[int]:
 
 
 @torch.no_grad()
-def retrieval_agreement(embeddings: torch.Tensor, labels: np.ndarray, k: int = 5) -> float:
-    """How often an image's k nearest other images (cosine) share its label."""
+def retrieval_hits(embeddings: torch.Tensor, labels: np.ndarray, k: int = 5) -> np.ndarray:
+    """Per query image, the share of its k nearest other images (cosine) that share its label."""
     x = nn.functional.normalize(embeddings, dim=-1)
     sims = x @ x.T
     sims.fill_diagonal_(-float("inf"))
     neighbours = sims.topk(k, dim=1).indices.numpy()
-    return float((labels[neighbours] == labels[:, None]).mean())
+    return (labels[neighbours] == labels[:, None]).mean(1)
+
+
+def retrieval_agreement(embeddings: torch.Tensor, labels: np.ndarray, k: int = 5) -> float:
+    """How often an image's k nearest other images (cosine) share its label."""
+    return float(retrieval_hits(embeddings, labels, k).mean())
+
+
+def chance_agreement(labels: np.ndarray) -> float:
+    """The agreement of k neighbours drawn at random from the other images: the chance that
+    two distinct images share a label (0.5 for two balanced backgrounds, ~0.1 for ten classes)."""
+    counts = np.unique(labels, return_counts=True)[1].astype(float)
+    return float((counts * (counts - 1)).sum() / (len(labels) * (len(labels) - 1)))
+
+
+def paired_interval(own: np.ndarray, other: np.ndarray, seed: int, level: float = 0.95,
+                    resamples: int = 2000) -> tuple[float, float, float]:
+    """Mean of ``own − other`` over the same queries and its percentile-bootstrap interval
+    (queries resampled with replacement; scipy.stats.bootstrap). Neighbour lists overlap, so
+    the queries are not quite independent: the interval is a little narrow, if anything."""
+    from scipy import stats
+
+    difference = np.asarray(own, dtype=float) - np.asarray(other, dtype=float)
+    interval = stats.bootstrap((difference,), np.mean, n_resamples=resamples, confidence_level=level,
+                               method="percentile", rng=np.random.default_rng(seed)).confidence_interval
+    return float(difference.mean()), float(interval.low), float(interval.high)
+
+
+# ----------------------------------------------------------------------------- the official spurious-feature protocol
+
+# The official zs_spur_correlation.py decomposes ViT-B's blocks 7-11 (of 12) by head and MLP and
+# keeps everything written before block 7 as one component, ranks components by their score for
+# the spurious feature's texts minus their score for the core feature's, and mean-ablates the top
+# ten with their mean over the evaluation images themselves.
+OFFICIAL_FIRST_BLOCK = (7, 12)
+
+
+def official_first_layer(depth: int) -> int:
+    """The first layer the official protocol decomposes by head and MLP, scaled to ``depth``
+    layers (7 of 12: layer 2 of 4 here)."""
+    first, of = OFFICIAL_FIRST_BLOCK
+    return min(depth - 1, max(1, round(depth * first / of)))
+
+
+def lump_early_layers(decomposition: Decomposition, first_layer: int) -> Decomposition:
+    """The official granularity: the embeddings and every head and MLP of the layers before
+    ``first_layer`` summed into one component, ``before L{first_layer}``; the later heads and
+    MLPs as they are. The contributions still sum to the representation."""
+    def layer(name: str) -> int:
+        return -1 if name == "embed" else int(name[1:name.index(".")])
+
+    early = [i for i, name in enumerate(decomposition.names) if layer(name) < first_layer]
+    late = [i for i, name in enumerate(decomposition.names) if layer(name) >= first_layer]
+    if not early or not late:
+        raise ValueError(f"first_layer={first_layer}: must leave components before and after it "
+                         f"(0..{max(layer(n) for n in decomposition.names)})")
+    contributions = torch.cat([decomposition.contributions[:, early].sum(1, keepdim=True),
+                               decomposition.contributions[:, late]], 1)
+    return Decomposition([f"before L{first_layer}"] + [decomposition.names[i] for i in late], contributions,
+                         decomposition.representation)
+
+
+@torch.no_grad()
+def spurious_minus_core(mapped: torch.Tensor, spurious_basis: torch.Tensor, core_basis: torch.Tensor) -> torch.Tensor:
+    """The official ranking score: each component's CompAttribute score for the spurious
+    feature minus its score for the core one (highest first is ablated). (C,)"""
+    return component_scores(mapped, spurious_basis) - component_scores(mapped, core_basis)
 
 
 # ----------------------------------------------------------------------------- a Waterbirds-like set
@@ -476,6 +542,12 @@ def parameter_rules():
                                        lambda v: v["width"] % v["heads"] == 0),
         "neighbours_within_test": relation("neighbours, n_test", "neighbours must be < n_test",
                                            lambda v: v["neighbours"] < v["n_test"]),
+        # C3 ablates top_k of the official granularity's components (one before the decomposed layers)
+        "top_k_within_components": relation(
+            "top_k, depth, heads, architectures",
+            "top_k must be smaller than the official granularity's 1 + (depth - first decomposed layer) x (heads + 1) "
+            "components", lambda v: not set(v["architectures"]) <= set(ARCHITECTURES)
+            or v["top_k"] < 1 + (v["depth"] - official_first_layer(v["depth"])) * (v["heads"] + 1)),
     }
 
 # the texts that describe each feature (CompAttribute's B), in the CLIP space's own words
