@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -282,22 +283,40 @@ def pending_view(committed: dict, rerun: dict, moves: dict) -> dict:
     return view
 
 
-def still_measured(moves: dict, published: dict, previous: dict) -> dict:
-    """``moves`` less what a code change changed: a number whose newly published value left
-    the band a pending family is held to around the previous one, or another value or check
-    that changed, is a new computation, whose move between the families is unknown."""
+def _record_of(path: str) -> str:
+    """The record a value belongs to: its path less the last key or index."""
+    return re.sub(r"(\[\d+\]|\.[^.\[]+)$", "", path)
+
+
+def still_measured(moves: dict, published: dict, previous: dict, same_family: bool) -> dict:
+    """``moves`` less what a code change changed. ``previous`` is the run ``published``
+    replaces: the publishing family's own run of the old code (``same_family``: a value
+    counts as unchanged within its declared tolerance) or, failing that, the other family's
+    (within the band a pending family is held to). A value that changed is a new computation,
+    whose move between the families is unknown, and so is every value of the same record (a
+    row of a table, a list, a claim's numbers): a table whose rows moved, or a list computed
+    otherwise, can leave one value equal by coincidence."""
     rows = previous.get("tolerances") or []
     new, old = _comparable_leaves(published), _comparable_leaves(previous)
-    numbers = {}
-    for path, move in moves.get("numbers", {}).items():
-        if path in new and path in old and _is_number(new[path]) and _is_number(old[path]):
-            spec = _pending_tolerance(path, old[path], rows, moves) or dict(rows).get(_first_pattern(path, rows))
-            allowed = (spec["abs"] + spec["rel"] * abs(old[path]) if spec and spec["kind"] == "band"
-                       else float("inf") if spec and spec["kind"] == "ignored" else 0.0)
-            if abs(new[path] - old[path]) <= allowed:
-                numbers[path] = move
-    same = [path for path in moves.get("same", []) if path in new and path in old and new[path] == old[path]]
-    return {"numbers": numbers, "same": same, "differed": list(moves.get("differed", []))}
+
+    def unchanged(path: str) -> bool:
+        x, y = new.get(path), old.get(path)
+        if path not in new or path not in old:
+            return False
+        if not (_is_number(x) and _is_number(y)):
+            return x == y
+        spec = None if same_family else _pending_tolerance(path, y, rows, moves)
+        spec = spec or dict(rows).get(_first_pattern(path, rows))
+        allowed = (spec["abs"] + spec["rel"] * abs(y) if spec and spec["kind"] == "band"
+                   else float("inf") if spec and spec["kind"] == "ignored" else 0.0)
+        return abs(x - y) <= allowed
+
+    changed_records = {_record_of(path) for path in set(new) | set(old) if not unchanged(path)}
+    kept = [path for path in [*moves.get("numbers", {}), *moves.get("same", [])]
+            if unchanged(path) and _record_of(path) not in changed_records]
+    return {"numbers": {path: moves["numbers"][path] for path in kept if path in moves.get("numbers", {})},
+            "same": [path for path in kept if path in moves.get("same", [])],
+            "differed": list(moves.get("differed", []))}
 
 
 def uncompared(committed: dict, moves: dict) -> list[str]:
@@ -444,8 +463,10 @@ def record_publication(slug: str, family_name: str, published: dict, previous: d
             moves, measured = last_pending["moves"], last_pending.get("measured")
         else:
             moves, measured = {"numbers": {}, "same": [], "differed": []}, None
-        if previous is not None:  # what this publication changed is no longer measured
-            moves = still_measured(moves, published, previous)
+        if family_name in old_runs:  # what this publication changed is no longer measured
+            moves = still_measured(moves, published, old_runs[family_name], same_family=True)
+        elif previous is not None:
+            moves = still_measured(moves, published, previous, same_family=False)
         waiting.append(write_pending(slug, name, published, family_name, moves, measured, root))
     return waiting + [path for path in sorted(reference_dir(root).glob(f"*/{slug}.json"))
                       if path not in waiting and json.loads(path.read_text()).get("code_version") != version]
