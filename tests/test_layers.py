@@ -20,10 +20,10 @@ README = PACKAGE / "README.md"
 # lowest first; the name of each layer is the one the README uses
 LAYERS: dict[str, frozenset[str]] = {
     "core": frozenset({"config", "paths", "results", "numerics", "plotting", "scoreboard"}),
-    "organisms": frozenset({"models", "lm", "cliplike", "data", "countries"}),
+    "organisms": frozenset({"models", "lm", "cliplike", "data", "countries", "architectures"}),
     "papers": frozenset({"zoo", "restor", "skillslices", "intcoop", "endor", "t2icomp", "mllmtrace", "drew",
                          "loki", "vitdecomp", "semtokens"}),
-    "commands": frozenset({"cli", "runner", "prepare", "stability"}),
+    "commands": frozenset({"cli", "runner", "prepare", "stability", "dryrun"}),
 }
 ORDER = list(LAYERS)
 

@@ -67,10 +67,11 @@ BAD = {
                          "clip": "openai", "image_model": "minilm-l6", "text_model": "efficientnet-lite0",
                          "n_align": 0, "align_steps": 0, "orthogonality_weight": -0.1, "top_k": 0, "neighbours": 0,
                          "random_sets": 0, "seed": -1, "threads": 0},
-    "10_semantic_tokens": {"data": "coco", "n_train": 0, "n_test": 1, "width": 2, "depth": 0, "heads": 0,
-                           "embed_dim": 0, "patch": 0, "image_size": 8, "text_queries": 0, "epochs": 0, "lr": 0.0,
-                           "batch": 0, "text_model": "tiny-llama", "segmenter": "sam", "seeds": [1, 1],
-                           "data_seed": -1, "threads": 0},
+    "10_semantic_tokens": {"data": "coco", "n_train": 0, "n_val": 0, "n_test": 1, "width": 2, "depth": 0, "heads": 0,
+                           "embed_dim": 0, "patch": 0, "image_size": 8, "text_queries": 0, "text_layers": -1,
+                           "max_epochs": 0, "patience": 0, "lr": 0.0, "batch": 0, "negatives": ["colour"],
+                           "text_model": "tiny-llama", "segmenter": "sam", "seeds": [1, 1], "data_seed": -1,
+                           "threads": 0},
 }
 
 # pairs that are each allowed but not together: the relations between parameters
@@ -80,6 +81,8 @@ BAD_TOGETHER = [
     ("01_restor", {"fact_retain_methods": ["ga_kl"]}, "every fact_retain_methods entry must be in methods"),
     ("02_skill_slices", {"min_tasks": 9}, "min_tasks must be at most the number of tasks"),
     ("03_intcoop", {"shots": 2000}, "shots must be ≤ pool_size"),
+    ("10_semantic_tokens", {"negatives": ["word order"]}, "generated scenes have relation and attribute negatives"),
+    ("10_semantic_tokens", {"n_train": 100, "batch": 200}, "batch must not exceed n_train"),
     ("04_endor", {"operating_sparsity": 0.6}, "operating_sparsity must be one of sparsities"),
     ("04_endor", {"offload_pruner": "wanda", "pruners": ["magnitude"]}, "offload_pruner must be one of pruners"),
     ("05_t2i_composition", {"switch_at": 26}, "switch_at must be at most sampling_steps"),

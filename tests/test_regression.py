@@ -51,7 +51,7 @@ def committed(slug: str) -> dict:
 # that the record is current and says every cell and the guard passed; any change to the
 # chapter's code, its committed notebook, results or references, the comparison's rules or
 # the pinned dependencies makes it stale, and the test fails until the rerun is recorded again.
-BY_HAND = ("01_restor", "02_skill_slices", "06_mllm_tracing", "07_drew")
+BY_HAND = ("01_restor", "02_skill_slices", "06_mllm_tracing", "07_drew", "10_semantic_tokens")
 BY_HAND_RECORD = ROOT / "results" / "guard" / "by_hand_reruns.json"
 RECORDING_BY_HAND = os.environ.get("REPLBOOK_RECORD_BY_HAND") == "1"
 # what decides whether a re-execution passes besides the chapter's own code (code_version)

@@ -173,19 +173,35 @@ def test_shuffle_trigrams_changes_the_order_keeps_the_words():
     assert semtokens.shuffle_trigrams("a dog", rng) == "a dog"
 
 
+def _random_texts(n, seed=0, dim=8):
+    g = torch.Generator().manual_seed(seed)
+    return semtokens.TextStates(torch.randn(n, 6, dim, generator=g).half(), torch.ones(n, 6, dtype=torch.bool))
+
+
 def test_training_lowers_the_loss_and_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("REPLBOOK_CACHE", str(tmp_path))
-    cfg = config.resolve(semtokens.PRESETS, "smoke", n_train=64, n_test=16, epochs=4, batch=16, seeds=[0])
+    cfg = config.resolve(semtokens.PRESETS, "smoke", n_train=64, n_test=16, max_epochs=4, patience=4, batch=16,
+                         seeds=[0])
     scenes, images, tokens = _small_tokens(64, seed=2)
-    texts = semtokens.TextStates(torch.randn(64, 6, 8).half(), torch.ones(64, 6, dtype=torch.bool))
-    model, facts = semtokens.trained_model("no additive weights", cfg, 0, tokens, texts, "fingerprint")
+    data = semtokens.TrainingSet(tokens, _random_texts(64))
+    validation = semtokens.TrainingSet(tokens[:32], _random_texts(64)[:32])
+    model, facts = semtokens.trained_model("no additive weights", cfg, 0, data, validation, "fingerprint")
     assert facts["training"] == "trained now" and facts["losses"][-1] < facts["losses"][0]
     assert not model.image.bias.table.any()  # frozen at zero
-    again, facts_again = semtokens.trained_model("no additive weights", cfg, 0, tokens, texts, "fingerprint")
+    again, facts_again = semtokens.trained_model("no additive weights", cfg, 0, data, validation, "fingerprint")
     assert facts_again["training"] == "cached"
     for a, b in zip(model.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
     assert not list(tmp_path.rglob("*.tmp*")), "no half-written cache entries"
+    # a damaged entry is trained again, never loaded (paths.cached_torch checks its checksum)
+    (entry,) = [p for p in tmp_path.rglob("*.pt") if p.stat().st_size > 10_000]
+    data_bytes = bytearray(entry.read_bytes())
+    data_bytes[len(data_bytes) // 2] ^= 0xFF
+    entry.write_bytes(bytes(data_bytes))
+    rebuilt, facts_rebuilt = semtokens.trained_model("no additive weights", cfg, 0, data, validation, "fingerprint")
+    assert facts_rebuilt["training"] == "trained now"
+    for a, b in zip(model.state_dict().values(), rebuilt.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_unknown_data_and_segmenter_fail_clearly():
@@ -209,7 +225,7 @@ def test_paper_preset_runs_on_a_tiny_coco_folder(tmp_path, results_tmp):
 
     root = tmp_path / "coco"
     (root / "annotations").mkdir(parents=True)
-    for split, n, seed in [("train2017", 24, 1), ("val2017", 8, 2)]:
+    for split, n, seed in [("train2017", 32, 1), ("val2017", 8, 2)]:
         (root / split).mkdir()
         scenes = semtokens.make_scenes(n, None, seed)
         images, _ = semtokens.render_all(scenes)
@@ -222,8 +238,8 @@ def test_paper_preset_runs_on_a_tiny_coco_folder(tmp_path, results_tmp):
     notebook = repo_root() / "notebooks" / "10_semantic_tokens.ipynb"
     papermill.execute_notebook(
         str(notebook), str(tmp_path / "out.ipynb"), kernel_name="python3", cwd=str(notebook.parent), progress_bar=False,
-        parameters={"preset": "paper", "data": str(root), "n_train": 24, "n_test": 8, "width": 16, "depth": 1, "heads": 2,
-                    "embed_dim": 16, "patch": 16, "image_size": 64, "epochs": 1, "batch": 8,
+        parameters={"preset": "paper", "data": str(root), "n_train": 24, "n_val": 8, "n_test": 8, "width": 16, "depth": 1,
+                    "heads": 2, "embed_dim": 16, "patch": 16, "image_size": 64, "max_epochs": 1, "batch": 8,
                     "text_model": "tiny-bert-encoder", "segmenter": "maskrcnn-untrained", "seeds": [0, 1], "threads": 2})
     saved = json.loads((results_tmp / "10_semantic_tokens.json").read_text())
     assert saved["preset"] == "paper" and [v["claim"] for v in saved["verdicts"]] == ["C1", "C2", "C3"]
@@ -244,3 +260,168 @@ def test_text_states_match_each_caption_encoded_alone():
             n = len(alone)
             assert states.mask[i, :n].all() and not states.mask[i, n:].any()
             assert torch.allclose(states.states[i, :n].float(), alone, atol=2e-2)  # stored as float16
+
+
+# ----------------------------------------------------------------------------- doors closed on plausible bugs
+
+
+def test_crops_hold_only_their_instance():
+    """The tangible token's crop is masked: outside its instance (mask channel 0) the RGB
+    channels are 0, though the random background is light; an unmasked crop fails."""
+    _, _, tokens = _small_tokens()
+    rgb, mask = tokens.crops[:, :2, :3], tokens.crops[:, :2, 3:]
+    outside = (mask == 0).expand_as(rgb)
+    assert outside.float().mean() > 0.05, "the test needs crops with background in their box"
+    assert rgb[outside].abs().max() == 0
+    assert rgb[(mask > 0.99).expand_as(rgb)].mean() > 0.2  # the instance's own pixels are kept
+
+
+def test_relation_tokens_carry_the_union_box_of_subject_and_object():
+    scenes, _, tokens = _small_tokens()
+    n_predicates = len(semtokens.PREDICATES)
+    for i in range(len(scenes)):
+        s, o = int(tokens.subject[i, 0]), int(tokens.object[i, 0])
+        boxes = []
+        for k in (s, o):  # (x0, y0, x1, y1) from the tangible token's centre and size
+            cx, cy, w, h = tokens.geometry[i, k, :4].tolist()
+            boxes.append((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2))
+        x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+        x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+        expected = torch.tensor([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0])
+        assert torch.allclose(tokens.relations[i, 0, n_predicates:], expected, atol=1e-5), i
+
+
+def test_the_patch_vit_knows_where_each_patch_is():
+    """Shuffling the patches of an image changes the patch ViT's output (learned position
+    embeddings); without them a transformer with a class token is blind to the order."""
+    torch.manual_seed(0)
+    _, images, _ = _small_tokens(2)
+    encoder = semtokens.PatchEncoder(32, 2, 2, 16).eval()
+    x = semtokens.pixels(images)
+    grid = x.unfold(2, 8, 8).unfold(3, 8, 8)  # (N, 3, 8, 8, 8, 8): patch rows, patch columns
+    shuffled = grid.flip(2).flip(3).permute(0, 1, 2, 4, 3, 5).reshape(x.shape)  # patches in reverse order
+    with torch.no_grad():
+        moved = (encoder(x) - encoder(shuffled)).abs().max()
+        assert moved > 1e-3 * encoder(x).abs().max()
+
+
+def test_additive_weights_change_what_the_encoder_computes():
+    torch.manual_seed(0)
+    _, _, tokens = _small_tokens()
+    encoder = semtokens.TokenEncoder(32, 2, 2, 16).eval()
+    with torch.no_grad():
+        before = encoder(tokens)
+        encoder.bias.table[semtokens.PAIR_TYPES.index("relation → subject")] = 4.0
+        after = encoder(tokens)
+        maps, _ = semtokens.attention_maps(encoder, tokens)
+    assert (before - after).abs().max() > 1e-3
+    relation, subject = 1 + 4, 1 + 0  # positions after CLS and 4 tangible slots
+    assert (maps[0][:, :, relation, subject] > 0.5).all()  # exp(4) of the mass goes to the subject
+
+
+def _dual_encoder_and_batch(n=6, dim=8):
+    torch.manual_seed(0)
+    _, _, tokens = _small_tokens(n)
+    model = semtokens.DualEncoder(semtokens.TokenEncoder(16, 1, 2, 8), dim, 8, queries=2)
+    return model, tokens, _random_texts(n, 1, dim), _random_texts(n, 2, dim)
+
+
+def test_contrastive_loss_is_symmetric_and_hard_negatives_join_image_to_text():
+    model, tokens, texts, swapped = _dual_encoder_and_batch()
+    with torch.no_grad():
+        model.logit_scale.fill_(np.log(5.0))
+        images, captions, wrong = model.embed_images(tokens), model.embed_texts(texts), model.embed_texts(swapped)
+        logits = 5.0 * images @ captions.T
+        labels = torch.arange(len(logits))
+        ce = torch.nn.functional.cross_entropy
+        assert abs(ce(logits, labels) - ce(logits.T, labels)) > 1e-3, "the test needs the directions to differ"
+        assert torch.allclose(model.loss(tokens, texts), (ce(logits, labels) + ce(logits.T, labels)) / 2, atol=1e-6)
+        with_negatives = (ce(torch.cat([logits, 5.0 * images @ wrong.T], 1), labels) + ce(logits.T, labels)) / 2
+        assert torch.allclose(model.loss(tokens, texts, [swapped]), with_negatives, atol=1e-6)
+
+
+def test_training_stops_at_the_plateau_and_keeps_the_best_epoch(monkeypatch):
+    """Scripted validation losses: improving at epochs 1 and 2, then 2.5, 1.9995 (less than
+    MIN_IMPROVEMENT better) and 2.2: with patience 3 training stops after epoch 5 and
+    returns the weights of epoch 2."""
+    model, tokens, texts, swapped = _dual_encoder_and_batch(16)
+    data = semtokens.TrainingSet(tokens, texts, {"relation": swapped})
+    script = iter([3.0, 2.0, 2.5, 1.9995, 2.2, 1.0, 0.5])
+    states = []
+
+    def scripted(model, validation, batch):
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(script)
+
+    monkeypatch.setattr(semtokens, "validation_loss", scripted)
+    history = semtokens.train(model, data, data, 1e-2, 8, 0, max_epochs=10, patience=3)
+    assert (history["epochs"], history["best_epoch"], history["hit_the_cap"]) == (5, 2, False)
+    assert history["validation_losses"] == [3.0, 2.0, 2.5, 1.9995, 2.2]
+    kept = model.state_dict()
+    assert all(torch.equal(kept[k], states[1][k]) for k in kept)
+    assert not all(torch.equal(kept[k], states[-1][k]) for k in kept)  # training did move on
+    script = iter([3.0, 2.0, 1.0])
+    capped = semtokens.train(model, data, data, 1e-2, 8, 0, max_epochs=2, patience=3)
+    assert (capped["epochs"], capped["best_epoch"], capped["hit_the_cap"]) == (2, 2, True)
+
+
+def test_validation_loss_is_the_training_loss_in_fixed_batches():
+    model, tokens, texts, swapped = _dual_encoder_and_batch(12)
+    data = semtokens.TrainingSet(tokens, texts, {"attribute": swapped})
+    with torch.no_grad():
+        whole = float(model.loss(tokens, texts, [swapped]))
+        halves = (float(model.loss(tokens[:6], texts[:6], [swapped[:6]]))
+                  + float(model.loss(tokens[6:], texts[6:], [swapped[6:]]))) / 2
+    assert semtokens.validation_loss(model, data, 12) == pytest.approx(whole, abs=1e-6)
+    assert semtokens.validation_loss(model, data, 6) == pytest.approx(halves, abs=1e-6)
+
+
+def test_every_variant_trains_with_the_configured_hard_negatives_and_learns_its_additive_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPLBOOK_CACHE", str(tmp_path))
+    cfg = config.resolve(semtokens.PRESETS, "smoke", n_train=64, n_val=16, n_test=16, max_epochs=2, patience=2,
+                         batch=16, seeds=[0], negatives=["attribute"])
+    data = semtokens.load_data(cfg)
+    assert len(data["validation"].captions) == 16 and semtokens.test_splits(data) == ["held-out combinations",
+                                                                                   "seen combinations"]
+    assert not (data["validation"].images[:16] == data["train"].images[:16]).all((1, 2, 3)).any()  # own draw
+    prepared = semtokens.prepare(cfg, data, progress=False)
+    seen = []
+    real_train = semtokens.train
+
+    def spy(model, data, validation, *args, **kwargs):
+        seen.append((list(data.negatives), list(validation.negatives), len(data), len(validation)))
+        return real_train(model, data, validation, *args, **kwargs)
+
+    monkeypatch.setattr(semtokens, "train", spy)
+    for variant in semtokens.variants_for(cfg):
+        model, _ = semtokens.trained_variant(variant, cfg, 0, prepared)
+        if variant in ("semantic (segmenter masks)", "semantic (oracle masks)", "no intangible tokens"):
+            assert model.image.bias.table.abs().max() > 0, f"{variant}: the additive weights never learned"
+    assert seen == [(["attribute"], ["attribute"], 64, 16)] * len(semtokens.variants_for(cfg))
+    # the ablations are the headline (segmenter) model's, the oracle only its own variant
+    segmenter = prepared.inputs["semantic (segmenter masks)"]["train"]
+    for ablation in ("no intangible tokens", "no additive weights"):
+        assert torch.equal(prepared.inputs[ablation]["train"].crops, segmenter.crops)
+    assert semtokens.reference_variant(semtokens.variants_for(cfg)) == "semantic (segmenter masks)"
+
+
+def test_hard_negatives_the_data_lacks_are_refused_before_anything_loads():
+    with pytest.raises(config.ParameterError, match="negatives.*relation and attribute negatives"):
+        config.resolve(semtokens.PRESETS, "smoke", negatives=["word order"])
+    with pytest.raises(config.ParameterError, match="batch must not exceed n_train"):
+        config.resolve(semtokens.PRESETS, "smoke", n_train=32, batch=64)
+    assert config.resolve(semtokens.PRESETS, "smoke", negatives=[]).negatives == []
+
+
+def test_the_text_head_reads_word_order():
+    """With a transformer layer and learned positions the text head tells a caption's
+    token states from the same states in reverse order; bare attention pooling
+    (``layers=0``) cannot: it is blind to order by construction."""
+    torch.manual_seed(0)
+    texts = _random_texts(4, dim=16)
+    reversed_texts = semtokens.TextStates(texts.states.flip(1), texts.mask)
+    with torch.no_grad():
+        for layers, blind in [(1, False), (0, True)]:
+            head = semtokens.TextProjection(16, 8, queries=2, layers=layers, width=16, heads=2)
+            moved = (head(texts) - head(reversed_texts)).abs().max()
+            assert (moved < 1e-5) == blind, (layers, moved)

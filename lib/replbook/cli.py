@@ -7,6 +7,7 @@
     replbook build                 # scoreboard + site (executes chapters with no results)
     replbook scoreboard            # only regenerate the scoreboard files
     replbook annotate --preset book  # write chapter 02's rationales (committed data)
+    replbook dryrun 08 [--layers 1]  # the paper preset on its models built from their configs (random weights)
 """
 from __future__ import annotations
 
@@ -72,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     p_build = sub.add_parser("build", help="regenerate the scoreboard and build the site")
     p_build.add_argument("--no-execute", action="store_true", help="do not execute chapters lacking results")
     sub.add_parser("scoreboard", help="regenerate the scoreboard files only")
+    p_dry = sub.add_parser("dryrun", help="run a chapter's paper preset on its paper models built from their public "
+                                               "configs (random weights, full width, --layers deep), served from a "
+                                               "local hub cache; outputs under runs/dryrun/, never results/")
+    p_dry.add_argument("chapter", help="chapter number, e.g. 08")
+    p_dry.add_argument("--layers", type=int, default=1, help="transformer layers of every model (default 1)")
     p_annotate = sub.add_parser("annotate", help="write chapter 02's skill rationales (once; ~6 min on 2 cores)")
     p_annotate.add_argument("--preset", default="book", help="one of smoke, book, paper")
     args = parser.parse_args(argv)
@@ -109,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
             print(record_reference(args.chapter))
         elif args.command == "build":
             build(execute_missing=not args.no_execute)
+        elif args.command == "dryrun":
+            from . import dryrun
+
+            if args.layers < 1:
+                raise ValueError(f"--layers={args.layers}: at least 1")
+            print(dryrun.record(dryrun.run(args.chapter, args.layers)))
         elif args.command == "annotate":
             from . import config, skillslices
 

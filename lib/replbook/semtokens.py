@@ -22,11 +22,16 @@ verify; the ones here are our design (chapter 10 says so):
   object, subject → relation, ...), added to the attention logits;
 - the encoders (:class:`TokenEncoder`, :class:`PatchEncoder`) share one transformer
   (:class:`Backbone`), so the patch ViT has the same size and training budget;
-- the text side: MiniLM frozen; a learned projection pools its token states with a few
-  learned attention queries and maps them linearly (:class:`TextProjection`).
+- the text side: MiniLM frozen; a learned head — one transformer layer with learned
+  positions over its token states, then a few learned attention-pooling queries and a
+  linear map (:class:`TextProjection`) — so word order can be learned;
+- training (:func:`train`): the symmetric contrastive loss with hard negatives (each
+  image's relation- and attribute-swapped captions, NegCLIP-style) for every encoder
+  alike, each trained to a plateau of its validation loss by one rule.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -402,15 +407,22 @@ class Backbone(nn.Module):
         """tokens (N, L, width) with the class token's slot first; bias (N, heads, L, L)
         added to the attention logits (a large negative value masks padding)."""
         mask = None if bias is None else bias.flatten(0, 1)
-        # torch's fused inference path ("fast path") returned NaN with a learned per-head
-        # float mask (torch 2.x, CPU); the ordinary path gives the training-mode outputs
-        fast = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        try:
+        with _ordinary_attention():
             x = self.blocks(tokens, mask=mask)
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fast)
         return self.head(self.norm(x[:, 0]))
+
+
+@contextmanager
+def _ordinary_attention():
+    """torch's fused inference path ("fast path") returned NaN with a learned per-head
+    float mask (torch 2.x, CPU) and skips padded positions in evaluation only; the
+    ordinary path gives the training-mode outputs."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
 
 
 class PatchEncoder(nn.Module):
@@ -480,20 +492,37 @@ class TokenEncoder(nn.Module):
 
 
 class TextProjection(nn.Module):
-    """The text side's learned part on top of the frozen MiniLM: ``queries`` learned
-    attention-pooling queries over MiniLM's last-layer token states (precomputed), their
-    pooled vectors concatenated and mapped linearly into the joint space. With one query
-    and uniform weights this is MiniLM's own mean pooling; several queries let the
-    projection keep *which* object a word belongs to, which mean pooling blurs (the swapped
-    captions' MiniLM sentence embeddings have cosine ≈ 0.99)."""
+    """The text side's learned part on top of the frozen MiniLM (its last-layer token
+    states, precomputed): ``layers`` transformer layers of width ``width`` over the
+    states mapped down to that width, with learned positions, so the text side can learn
+    which word belongs to which object and in what order; then ``queries`` learned
+    attention-pooling queries, their pooled vectors concatenated and mapped linearly into
+    the joint space. ``layers=0`` pools MiniLM's states directly (with one query and
+    uniform weights that is MiniLM's own mean pooling, under which a caption and its
+    relation swap have cosine ≈ 0.99)."""
 
-    def __init__(self, text_dim: int, embed_dim: int, queries: int = 4):
+    def __init__(self, text_dim: int, embed_dim: int, queries: int = 4, layers: int = 0, width: int = 64,
+                 heads: int = 4, length: int = 24):
         super().__init__()
-        self.queries = nn.Parameter(torch.randn(queries, text_dim) * text_dim ** -0.5)
-        self.linear = nn.Linear(queries * text_dim, embed_dim)
+        dim = width if layers else text_dim
+        self.blocks = None
+        if layers:
+            self.down = nn.Linear(text_dim, width)
+            self.position = nn.Parameter(torch.randn(length, width) * 0.02)
+            layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
+                                               batch_first=True, norm_first=True)
+            self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+            self.norm = nn.LayerNorm(width)
+        self.queries = nn.Parameter(torch.randn(queries, dim) * dim ** -0.5)
+        self.linear = nn.Linear(queries * dim, embed_dim)
 
     def forward(self, text: "TextStates") -> torch.Tensor:
         states = text.states.float()
+        if self.blocks is not None:
+            x = self.down(states) + self.position[:states.shape[1]]
+            with _ordinary_attention():
+                x = self.blocks(x, src_key_padding_mask=~text.mask)
+            states = self.norm(x)
         scores = torch.einsum("nld,qd->nql", states, self.queries)
         scores = scores.masked_fill(~text.mask[:, None, :], -1e4)
         pooled = torch.einsum("nql,nld->nqd", scores.softmax(-1), states)
@@ -542,10 +571,11 @@ class DualEncoder(nn.Module):
     """An image encoder (patches or semantic tokens) and the text projection, trained with
     the symmetric contrastive (CLIP) loss and a learned temperature."""
 
-    def __init__(self, image_encoder: nn.Module, text_dim: int, embed_dim: int, queries: int = 4):
+    def __init__(self, image_encoder: nn.Module, text_dim: int, embed_dim: int, queries: int = 4,
+                 text_layers: int = 0, text_width: int = 64):
         super().__init__()
         self.image = image_encoder
-        self.text = TextProjection(text_dim, embed_dim, queries)
+        self.text = TextProjection(text_dim, embed_dim, queries, text_layers, text_width)
         self.logit_scale = nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))
 
     def embed_images(self, inputs) -> torch.Tensor:
@@ -554,16 +584,17 @@ class DualEncoder(nn.Module):
     def embed_texts(self, sentences: TextStates) -> torch.Tensor:
         return nn.functional.normalize(self.text(sentences), dim=-1)
 
-    def loss(self, inputs, sentences: TextStates, negatives: TextStates | None = None) -> torch.Tensor:
-        """Symmetric InfoNCE over the batch; ``negatives`` (swapped captions of the batch's
-        images) join the image → text side as extra wrong captions (NegCLIP-style)."""
+    def loss(self, inputs, sentences: TextStates, negatives: "list[TextStates] | tuple" = ()) -> torch.Tensor:
+        """Symmetric InfoNCE over the batch (CLIP: the mean of the image → text and the
+        text → image cross-entropies); each entry of ``negatives`` (one wrong caption per
+        image of the batch, e.g. its relation swap) joins the image → text side as extra
+        wrong captions for every image (NegCLIP-style hard negatives, Yuksekgonul et al.
+        2023)."""
         images, texts = self.embed_images(inputs), self.embed_texts(sentences)
         scale = self.logit_scale.exp().clamp(max=100)
         logits = scale * images @ texts.T
         labels = torch.arange(len(logits))
-        image_to_text = logits
-        if negatives is not None:
-            image_to_text = torch.cat([logits, scale * images @ self.embed_texts(negatives).T], 1)
+        image_to_text = torch.cat([logits, *(scale * images @ self.embed_texts(n).T for n in negatives)], 1)
         return (nn.functional.cross_entropy(image_to_text, labels) + nn.functional.cross_entropy(logits.T, labels)) / 2
 
 
@@ -574,9 +605,44 @@ def _take(inputs, index):
 ADDITIVE_LR = 10.0  # learning-rate multiplier of the additive attention weights
 
 
-def train(model: DualEncoder, inputs, sentences: TextStates, epochs: int, lr: float, batch: int, seed: int,
-          negatives: TextStates | None = None, progress: str | None = None) -> list[float]:
-    """AdamW with a cosine schedule over ``epochs`` passes; returns the mean loss per epoch."""
+@dataclass
+class TrainingSet:
+    """What an encoder trains or validates on: its image inputs, the caption states and
+    one swapped caption per image for each hard-negative kind."""
+
+    inputs: object
+    captions: TextStates
+    negatives: dict[str, TextStates] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def batch(self, index) -> tuple:
+        return _take(self.inputs, index), self.captions[index], [n[index] for n in self.negatives.values()]
+
+
+@torch.no_grad()
+def validation_loss(model: DualEncoder, data: TrainingSet, batch: int) -> float:
+    """The training loss on held-aside pairs, in fixed consecutive batches of ``batch``
+    (the in-batch negatives are the same every epoch), weighted by batch size."""
+    model.eval()
+    total = 0.0
+    for start in range(0, len(data), batch):
+        index = np.arange(start, min(start + batch, len(data)))
+        total += float(model.loss(*data.batch(index))) * len(index)
+    return total / len(data)
+
+
+def train(model: DualEncoder, data: TrainingSet, validation: TrainingSet, lr: float, batch: int, seed: int,
+          max_epochs: int, patience: int, progress: str | None = None) -> dict:
+    """Train to a plateau of the validation loss, one rule for every encoder: AdamW, the
+    rate warmed up linearly over the first epoch, then halved whenever an epoch does not
+    improve the best validation loss (by more than ``MIN_IMPROVEMENT``); training stops
+    after ``patience`` epochs in a row without improvement (or at ``max_epochs``) and the
+    weights of the best epoch are kept. Returns the training and validation loss per
+    epoch, the best epoch and whether the cap stopped it."""
+    import copy
+
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -590,27 +656,45 @@ def train(model: DualEncoder, inputs, sentences: TextStates, epochs: int, lr: fl
     optimizer = torch.optim.AdamW([{"params": groups["decay"], "weight_decay": 0.05, "lr": lr},
                                    {"params": groups["plain"], "weight_decay": 0.0, "lr": lr},
                                    {"params": groups["additive"], "weight_decay": 0.0, "lr": lr * ADDITIVE_LR}])
-    steps = epochs * (len(sentences) // batch)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, [g["lr"] for g in optimizer.param_groups],
-                                                   total_steps=steps, pct_start=0.1)
-    losses = []
-    model.train()
-    bar = tqdm(range(epochs), desc=progress, disable=progress is None, leave=False)
-    for _ in bar:
-        order = rng.permutation(len(sentences))
-        epoch = []
-        for start in range(0, len(order) - batch + 1, batch):
-            index = np.sort(order[start:start + batch])
-            loss = model.loss(_take(inputs, index), sentences[index], None if negatives is None else negatives[index])
+    base = [g["lr"] for g in optimizer.param_groups]
+    steps_per_epoch = len(data) // batch
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch={batch} is larger than the {len(data)} training pairs")
+    losses, validation_losses = [], []
+    best, best_state, best_epoch, waited, scale, step = float("inf"), None, 0, 0, 1.0, 0
+    bar = tqdm(range(max_epochs), desc=progress, disable=progress is None, leave=False)
+    for epoch in bar:
+        model.train()
+        order = rng.permutation(len(data))
+        epoch_losses = []
+        for start in range(0, steps_per_epoch * batch, batch):
+            warm = min(1.0, (step + 1) / steps_per_epoch)
+            for group, rate in zip(optimizer.param_groups, base):
+                group["lr"] = rate * scale * warm
+            loss = model.loss(*data.batch(np.sort(order[start:start + batch])))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            schedule.step()
-            epoch.append(loss.item())
-        losses.append(float(np.mean(epoch)))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            epoch_losses.append(loss.item())
+            step += 1
+        losses.append(float(np.mean(epoch_losses)))
+        validation_losses.append(validation_loss(model, validation, batch))
+        if validation_losses[-1] < best - MIN_IMPROVEMENT:
+            best, best_epoch, waited = validation_losses[-1], epoch + 1, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            waited += 1
+            scale /= 2
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", validation=f"{validation_losses[-1]:.3f}")
+        if waited >= patience:
+            break
+    model.load_state_dict(best_state)
     model.eval()
-    return losses
+    return {"losses": losses, "validation_losses": validation_losses, "best_epoch": best_epoch,
+            "epochs": len(losses), "hit_the_cap": waited < patience}
+
+
+MIN_IMPROVEMENT = 1e-3  # validation-loss units (nats) an epoch must gain to count as improving
 
 
 @torch.no_grad()
@@ -678,26 +762,31 @@ def attention_maps(encoder: TokenEncoder, tokens: Tokens) -> tuple[list[torch.Te
 
 VARIANTS = {
     "patch ViT": "patches of the image, learned positions",
-    "semantic (oracle masks)": "tangible tokens from the oracle masks, intangible tokens from the scene graph",
     "semantic (segmenter masks)": "tangible tokens from the segmenter's masks, intangible tokens from the relation rule",
-    "no intangible tokens": "the oracle-mask model without relation tokens",
-    "no additive weights": "the oracle-mask model with its additive attention weights frozen at zero",
+    "semantic (oracle masks)": "tangible tokens from the oracle masks, intangible tokens from the scene graph",
+    "no intangible tokens": "the segmenter-mask model without relation tokens",
+    "no additive weights": "the segmenter-mask model with its additive attention weights frozen at zero",
 }
+# the hard-negative kinds each kind of data provides (swapped captions of every image)
+NEGATIVE_KINDS = {"scenes": ("relation", "attribute"), "coco": ("word order",)}
 SEGMENTERS = ("threshold", "maskrcnn", "maskrcnn-untrained")
 
 _BOOK = {
-    "data": "scenes", "n_train": 4000, "n_test": 500, "width": 64, "depth": 4, "heads": 4, "embed_dim": 64,
-    "patch": 8, "image_size": 64, "text_queries": 4, "epochs": 10, "lr": 1e-3, "batch": 256,
-    "text_model": "minilm-l6", "segmenter": "threshold", "seeds": [0, 1, 2], "data_seed": 0, "threads": 2,
+    "data": "scenes", "n_train": 4000, "n_val": 500, "n_test": 500, "width": 64, "depth": 4, "heads": 4,
+    "embed_dim": 64, "patch": 8, "image_size": 64, "text_queries": 4, "text_layers": 1, "max_epochs": 60, "patience": 3,
+    "lr": 1e-3, "batch": 256, "negatives": ["relation", "attribute"], "text_model": "minilm-l6",
+    "segmenter": "threshold", "seeds": [0, 1, 2], "data_seed": 0, "threads": 2,
 }
 PRESETS = {
-    "smoke": {**_BOOK, "n_train": 256, "n_test": 64, "width": 32, "depth": 1, "heads": 2, "embed_dim": 32,
-              "epochs": 1, "batch": 64, "text_model": "tiny-bert-encoder", "seeds": [0, 1]},
+    "smoke": {**_BOOK, "n_train": 256, "n_val": 64, "n_test": 64, "width": 32, "depth": 1, "heads": 2,
+              "embed_dim": 32, "max_epochs": 2, "patience": 1, "batch": 64, "text_model": "tiny-bert-encoder",
+              "seeds": [0, 1]},
     "book": _BOOK,
     # COCO captions (a local copy of the 2017 images and caption annotations), Mask R-CNN
     # instance masks, the relation rule for intangible tokens, ViT-B-sized encoders
-    "paper": {**_BOOK, "data": "coco", "n_train": 118000, "n_test": 5000, "width": 768, "depth": 12,
-              "heads": 12, "embed_dim": 512, "patch": 16, "image_size": 224, "epochs": 30, "lr": 5e-4,
+    "paper": {**_BOOK, "data": "coco", "n_train": 113000, "n_val": 5000, "n_test": 5000, "width": 768, "depth": 12,
+              "heads": 12, "embed_dim": 512, "patch": 16, "image_size": 224, "max_epochs": 40, "lr": 5e-4,
+              "negatives": ["word order"],
               "batch": 512, "text_model": "minilm-l6-hub", "segmenter": "maskrcnn", "threads": 16},
 }
 
@@ -713,6 +802,7 @@ def parameter_rules():
     return {
         "data": one_of("scenes") | coco_folder,
         "n_train": integer(1),
+        "n_val": integer(1),
         "n_test": integer(2),
         "width": integer(4),
         "depth": integer(1),
@@ -721,9 +811,12 @@ def parameter_rules():
         "patch": integer(1),
         "image_size": integer(16, 1024),
         "text_queries": integer(1),
-        "epochs": integer(1),
+        "text_layers": integer(0),
+        "max_epochs": integer(1),
+        "patience": integer(1),
         "lr": number(above=0, maximum=1),
         "batch": integer(1),
+        "negatives": items(one_of(*sorted({k for kinds in NEGATIVE_KINDS.values() for k in kinds})), min_items=0),
         "text_model": model("sentence-encoder"),
         "segmenter": one_of(*SEGMENTERS),
         "seeds": items(integer(0)),
@@ -733,6 +826,11 @@ def parameter_rules():
                                        lambda v: v["width"] % v["heads"] == 0),
         "patches_tile_the_image": relation("image_size, patch", "image_size must be a multiple of patch",
                                            lambda v: v["image_size"] % v["patch"] == 0),
+        "negatives_the_data_has": relation(
+            "data, negatives", "generated scenes have relation and attribute negatives, COCO word order",
+            lambda v: set(v["negatives"]) <= set(NEGATIVE_KINDS["scenes" if v["data"] == "scenes" else "coco"])),
+        "a_batch_fits_the_training_set": relation("n_train, batch", "batch must not exceed n_train",
+                                                  lambda v: v["batch"] <= v["n_train"]),
     }
 
 
@@ -761,13 +859,23 @@ def scene_split(n: int, held_out: bool | None, seed: int, partners: bool = False
     return split
 
 
+TRAINING_SPLITS = ("train", "validation")  # every other split is a test split
+
+
+def test_splits(data) -> list[str]:
+    return [name for name in data if name not in TRAINING_SPLITS]
+
+
 def load_data(cfg) -> dict[str, Split]:
-    """``train`` plus the test splits: generated scenes (``held-out combinations``:
-    every scene has a colour–shape pair never seen in training; ``seen combinations``),
-    or a local COCO folder (``data`` = its path; ``test`` = the first ``n_test`` val images)."""
+    """``train``, ``validation`` (drawn like the training data; it decides when training
+    stops) and the test splits: generated scenes (``held-out combinations``: every
+    scene has a colour–shape pair never seen in training; ``seen combinations``), or a
+    local COCO folder (``data`` = its path; validation = the ``n_val`` train images after
+    the first ``n_train``; ``test`` = the first ``n_test`` val images)."""
     if cfg.data == "scenes":  # data_seed 0 draws the scenes with seeds 1, 2, 3; each data seed its own
         first = 3 * cfg.data_seed + 1
         return {"train": scene_split(cfg.n_train, False, first),
+                "validation": scene_split(cfg.n_val, False, VALIDATION_SEEDS + cfg.data_seed),
                 "held-out combinations": scene_split(cfg.n_test, True, first + 1, partners=True),
                 "seen combinations": scene_split(cfg.n_test, False, first + 2, partners=True)}
     from pathlib import Path
@@ -776,13 +884,17 @@ def load_data(cfg) -> dict[str, Split]:
         raise ValueError(f"data={cfg.data!r}: use 'scenes' or the path of a COCO folder with annotations/ "
                          f"captions_train2017.json, captions_val2017.json and the train2017/ val2017/ images")
     return {"train": coco_split(Path(cfg.data), "train2017", cfg.n_train, cfg.image_size),
+            "validation": coco_split(Path(cfg.data), "train2017", cfg.n_val, cfg.image_size, skip=cfg.n_train),
             "test": coco_split(Path(cfg.data), "val2017", cfg.n_test, cfg.image_size)}
 
 
-def coco_split(root, split: str, n: int, size: int) -> Split:
-    """The first ``n`` images of a COCO split (sorted by id), each with its first caption,
-    resized to ``size`` px; negatives: the caption with its word trigrams shuffled (ARO's
-    COCO-Order perturbation)."""
+VALIDATION_SEEDS = 1000  # validation scenes are drawn with seed 1000 + data_seed, apart from the others
+
+
+def coco_split(root, split: str, n: int, size: int, skip: int = 0) -> Split:
+    """``n`` images of a COCO split (sorted by id, after the first ``skip``), each with its
+    first caption, resized to ``size`` px; negatives: the caption with its word trigrams
+    shuffled (ARO's COCO-Order perturbation)."""
     import json
 
     from PIL import Image
@@ -792,7 +904,7 @@ def coco_split(root, split: str, n: int, size: int) -> Split:
     first = {}
     for a in sorted(annotations["annotations"], key=lambda a: a["id"]):
         first.setdefault(a["image_id"], a["caption"].strip())
-    ids = sorted(first)[:n]
+    ids = sorted(first)[skip:skip + n]
     images = np.stack([np.asarray(Image.open(root / split / files[i]).convert("RGB").resize((size, size)))
                        for i in ids])
     captions = [first[i] for i in ids]
@@ -849,9 +961,9 @@ def inputs_for(variant: str, split: Split, found: np.ndarray | None):
     oracle (scene graph) or the segmenter's masks (relation rule)."""
     if variant == "patch ViT":
         return pixels(split.images)
-    if variant == "semantic (segmenter masks)" or split.oracle is None:
-        return build_tokens(split.images, found)
-    return build_tokens(split.images, split.oracle, split.graphs)
+    if variant == "semantic (oracle masks)" and split.oracle is not None:
+        return build_tokens(split.images, split.oracle, split.graphs)
+    return build_tokens(split.images, found)  # the headline model and its two ablations
 
 
 def build_encoder(variant: str, cfg) -> nn.Module:
@@ -868,56 +980,56 @@ def text_encoder(cfg):
 
 
 def cached_text_states(encoder, captions: list[str], key: str) -> TextStates:
-    """:func:`text_states`, cached outside the repo under a hash of the captions, the
+    """:func:`text_states`, cached outside the repo (``paths.cached_torch``: checksummed,
+    built under a lock, loaded without running code) under a hash of the captions, the
     encoder's name and this module's code."""
-    import hashlib
     import sys
 
-    from .paths import cache_dir, code_hash
+    from .paths import cached_torch, code_hash
 
-    digest = hashlib.sha256(("\n".join(captions) + key + code_hash(sys.modules[__name__])).encode()).hexdigest()[:20]
-    path = cache_dir("semtokens") / f"text-{digest}.pt"
-    if path.exists():
-        saved = torch.load(path)
-        return TextStates(saved["states"], saved["mask"])
-    states = text_states(encoder, captions)
-    partial = path.with_suffix(".tmp")
-    torch.save({"states": states.states, "mask": states.mask}, partial)
-    partial.replace(path)
-    return states
+    def build():
+        states = text_states(encoder, captions)
+        return {"states": states.states, "mask": states.mask}
+
+    saved, _ = cached_torch("semtokens", "text\n" + "\n".join(captions) + key + code_hash(sys.modules[__name__]), build)
+    return TextStates(saved["states"], saved["mask"])
 
 
-def trained_model(variant: str, cfg, seed: int, inputs, sentences: TextStates, fingerprint: str,
+def trained_model(variant: str, cfg, seed: int, data: TrainingSet, validation: TrainingSet, fingerprint: str,
                   progress: str | None = None) -> tuple[DualEncoder, dict]:
-    """A dual encoder trained on the training split — cached outside the repo under a hash
-    of the data, the settings, the seed and this module's code; returns it and how it came
-    to be (training seconds, losses)."""
-    import hashlib
+    """A dual encoder trained on the training split to a plateau of the validation loss
+    (:func:`train`) — cached outside the repo (``paths.cached_torch``: a damaged entry is
+    retrained, never loaded) under a hash of the data, the settings, the seed and this
+    module's code; returns it and how it came to be (training seconds, losses per epoch,
+    the epoch kept)."""
     import json
-    import os
     import sys
     import time
 
-    from .paths import cache_dir, code_hash
+    from .paths import cached_torch, code_hash
 
     settings = {k: cfg[k] for k in ("width", "depth", "heads", "embed_dim", "patch", "image_size", "text_queries",
-                                    "epochs", "lr", "batch")}
-    digest = hashlib.sha256((fingerprint + variant + json.dumps(settings) + str(seed)
-                             + code_hash(sys.modules[__name__])).encode()).hexdigest()[:20]
-    path = cache_dir("semtokens") / f"model-{digest}.pt"
-    torch.manual_seed(seed)
-    model = DualEncoder(build_encoder(variant, cfg), sentences.states.shape[-1], cfg.embed_dim, cfg.text_queries)
-    if path.exists():
-        saved = torch.load(path)
-        model.load_state_dict(saved["state"])
-        return model.eval(), {**saved["facts"], "training": "cached"}
-    start = time.perf_counter()
-    losses = train(model, inputs, sentences, cfg.epochs, cfg.lr, cfg.batch, seed, progress=progress)
-    facts = {"train_seconds": round(time.perf_counter() - start, 1), "final_loss": losses[-1], "losses": losses}
-    partial = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"state": model.state_dict(), "facts": facts}, partial)
-    partial.replace(path)
-    return model.eval(), {**facts, "training": "trained now"}
+                                    "text_layers", "max_epochs", "patience", "lr", "batch", "negatives")}
+    key = "model\n" + fingerprint + variant + json.dumps(settings) + str(seed) + code_hash(sys.modules[__name__])
+
+    def fresh() -> DualEncoder:
+        torch.manual_seed(seed)
+        return DualEncoder(build_encoder(variant, cfg), data.captions.states.shape[-1], cfg.embed_dim,
+                           cfg.text_queries, cfg.text_layers, cfg.width)
+
+    def build():
+        model = fresh()
+        start = time.perf_counter()
+        history = train(model, data, validation, cfg.lr, cfg.batch, seed, cfg.max_epochs, cfg.patience,
+                        progress=progress)
+        facts = {"train_seconds": round(time.perf_counter() - start, 1),
+                 "best_validation_loss": history["validation_losses"][history["best_epoch"] - 1], **history}
+        return {"state": model.state_dict(), "facts": facts}
+
+    saved, from_cache = cached_torch("semtokens", key, build)
+    model = fresh()
+    model.load_state_dict(saved["state"])
+    return model.eval(), {**saved["facts"], "training": "cached" if from_cache else "trained now"}
 
 
 @torch.no_grad()
@@ -950,6 +1062,12 @@ class Prepared:
     found: dict[str, np.ndarray]
     fingerprint: str
 
+    def training_set(self, variant: str, split: str, negatives: list[str]) -> TrainingSet:
+        """What ``variant`` trains (``train``) or validates (``validation``) on, with the
+        swapped captions of each hard-negative kind in ``negatives``."""
+        texts = self.texts[split]
+        return TrainingSet(self.inputs[variant][split], texts["captions"], {kind: texts[kind] for kind in negatives})
+
 
 def prepare(cfg, data: dict[str, Split], progress: bool = True) -> Prepared:
     import hashlib
@@ -970,10 +1088,12 @@ def prepare(cfg, data: dict[str, Split], progress: bool = True) -> Prepared:
         inputs[variant] = {name: inputs_for(variant, split, found[name]) for name, split in data.items()}
         partner_inputs[variant] = {name: inputs_for(variant, split.partner, partner_found[name])
                                    for name, split in data.items() if split.partner is not None}
-    train = data["train"]
-    fingerprint = hashlib.sha256(train.images.tobytes() + "\n".join(train.captions).encode()
-                                 + cfg.text_model.encode() + cfg.segmenter.encode()).hexdigest()
-    return Prepared(inputs, partner_inputs, texts, found, fingerprint)
+    digest = hashlib.sha256(cfg.text_model.encode() + cfg.segmenter.encode())
+    for name in TRAINING_SPLITS:  # what training reads: images, captions and every swapped caption
+        digest.update(data[name].images.tobytes())
+        for captions in [data[name].captions, *data[name].negatives.values()]:
+            digest.update("\n".join(captions).encode())
+    return Prepared(inputs, partner_inputs, texts, found, digest.hexdigest())
 
 
 def run_all(cfg, prepared: Prepared, progress: bool = True) -> tuple[list[dict], list[dict]]:
@@ -986,17 +1106,21 @@ def run_all(cfg, prepared: Prepared, progress: bool = True) -> tuple[list[dict],
     bar = tqdm(jobs, desc="train and evaluate", disable=not progress)
     for seed, variant in bar:
         bar.set_postfix_str(f"{variant}, seed {seed}")
-        model, facts = trained_model(variant, cfg, seed, prepared.inputs[variant]["train"],
-                                     prepared.texts["train"]["captions"], prepared.fingerprint)
-        trainings.append({"variant": variant, "seed": seed, **{k: v for k, v in facts.items() if k != "losses"},
-                          "losses": facts["losses"]})
-        for split, texts in prepared.texts.items():
-            if split == "train":
-                continue
+        model, facts = trained_variant(variant, cfg, seed, prepared)
+        trainings.append({"variant": variant, "seed": seed, **facts})
+        for split in test_splits(prepared.texts):
+            texts = prepared.texts[split]
             partner = prepared.partner_inputs[variant].get(split)
             rows.append({"variant": variant, "seed": seed, "split": split,
                          **evaluate(model, prepared.inputs[variant][split], texts, partner)})
     return rows, trainings
+
+
+def trained_variant(variant: str, cfg, seed: int, prepared: Prepared) -> tuple[DualEncoder, dict]:
+    """``variant`` trained with ``seed`` on the prepared training split, validated on the
+    validation split, both with the hard negatives ``cfg.negatives`` (cached)."""
+    return trained_model(variant, cfg, seed, prepared.training_set(variant, "train", cfg.negatives),
+                         prepared.training_set(variant, "validation", cfg.negatives), prepared.fingerprint)
 
 
 def paired_gain(table, better: str, worse: str, metric: str, split: str) -> tuple[float, float, float]:
@@ -1009,6 +1133,9 @@ def paired_gain(table, better: str, worse: str, metric: str, split: str) -> tupl
 
 
 def reference_variant(variants: list[str]) -> str:
-    """The semantic-token model the claims are judged on: oracle masks when the data has
-    them (generated scenes), else the segmenter's."""
-    return "semantic (oracle masks)" if "semantic (oracle masks)" in variants else "semantic (segmenter masks)"
+    """The semantic-token model the claims are judged on: the segmenter's masks, the
+    paper's setting (an off-the-shelf segmenter); the oracle's clean masks and scene graph
+    are an upper bound shown beside it."""
+    if "semantic (segmenter masks)" not in variants:
+        raise ValueError(f"variants={variants}: the segmenter-mask model is missing")
+    return "semantic (segmenter masks)"

@@ -1,0 +1,210 @@
+"""``replbook dryrun NN``: a chapter's ``paper`` preset run on its paper models built from
+their public configurations (:mod:`replbook.architectures`) — random weights, full width,
+``layers`` transformer layers deep — served from a local hub cache, so the chapter's own
+``from_pretrained("meta-llama/Llama-2-7b-hf")`` finds them offline (issue #29).
+
+What it proves: the paper preset's code path (hub ids as shipped, the model classes they
+resolve to, full-width shapes such as Llama-2-70B's grouped-query attention, the dtypes and
+``device_map`` the chapter asks for) runs end to end; what it records: seconds and peak
+memory. What it does not: any number about the paper — the weights are random. Its
+notebooks and results go to ``runs/dryrun/<layers>/``, never to ``results/``, and the run
+says "dry run" wherever it writes.
+
+The hub cache is built once per (model, depth) under ``cache_dir("dryrun-hub")`` in the
+hub's layout (``models--org--name/snapshots/<revision>/`` and ``refs/main``), with the
+book's byte-level tokenizer (256 byte tokens + end-of-text: ids fit every vocabulary).
+Hub *datasets* are not faked: :data:`OVERRIDES` swaps a chapter's hub texts for offline
+ones and shrinks its workload to a step or two.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from . import architectures
+from .paths import cache_dir, repo_root
+
+REVISION = "d" * 40  # the fake commit every dry-run snapshot is filed under
+
+# per chapter: the smallest paper-preset workload that still walks its code path, and
+# offline texts for the hub datasets (wikitext-2) it would read
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "00_model_zoo": {},
+    "08_loki": {"calibration_text": "synthetic", "evaluation_text": "synthetic", "window": 64,
+                "calibration_windows": 1, "evaluation_windows": 1, "contexts": [256], "timing_repeats": 1},
+}
+
+
+def snapshot(root: Path, hub_id: str) -> Path:
+    """Where the hub cache keeps ``hub_id``'s files (the layout huggingface_hub reads offline)."""
+    repo = root / f"models--{hub_id.replace('/', '--')}"
+    return repo / "snapshots" / REVISION
+
+
+def _save_tokenizer(folder: Path, max_length: int | None = None) -> None:
+    from . import models
+
+    tokenizer = models._byte_tokenizer()  # the registry's tiny-model tokenizer: 257 ids
+    if max_length:
+        tokenizer.model_max_length = max_length
+    tokenizer.save_pretrained(folder)
+
+
+SERVED = ("llama", "opt", "gemma3", "llava", "clip", "dinov2", "vit", "bert")  # not yet: Stable Diffusion
+
+
+def _save(name: str, folder: Path, layers: int) -> None:
+    """``name`` at ``layers`` deep, random weights in the paper's dtype, saved as on the hub."""
+    import transformers
+
+    arch = architectures.architecture(name)
+    if arch.family not in SERVED:
+        raise ValueError(f"{name!r}: a dry run cannot serve family {arch.family!r} yet; it serves "
+                         f"{', '.join(sorted(SERVED))}")
+    model = architectures.build(name, layers=layers, device="cpu", dtype=arch.dtype)
+    if arch.family in ("llama", "opt", "gemma3"):
+        model.save_pretrained(folder)
+        _save_tokenizer(folder)
+    elif arch.family == "llava":
+        model.save_pretrained(folder)
+        _save_tokenizer(folder)
+        size = arch.config["vision_config"]["image_size"]
+        transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+                                        ).save_pretrained(folder)
+    elif arch.family in ("clip", "dinov2", "vit"):
+        model.save_pretrained(folder)
+        size = arch.config.get("vision_config", arch.config)["image_size"]
+        processor = transformers.CLIPImageProcessor if arch.family == "clip" else transformers.BitImageProcessor
+        processor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(folder)
+        if arch.family == "clip":
+            _save_tokenizer(folder, 77)
+    elif arch.family == "bert":  # a sentence-transformers repository: the encoder + mean pooling
+        import shutil
+
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+        raw = folder / "encoder"
+        model.save_pretrained(raw)
+        _save_tokenizer(raw, arch.config["max_position_embeddings"])
+        word = Transformer(str(raw))
+        SentenceTransformer(modules=[word, Pooling(word.get_embedding_dimension(), pooling_mode="mean")],
+                            device="cpu").save(str(folder))
+        shutil.rmtree(raw)
+    else:
+        raise ValueError(f"{name!r}: a dry run cannot serve family {arch.family!r} yet")
+
+
+def fake_hub(names: list[str], layers: int = 1, root: Path | None = None) -> Path:
+    """The hub cache serving each of ``names`` (registry names or hub ids) at ``layers`` deep;
+    built once per model and depth, under a lock, and reused."""
+    from .paths import cached_dir
+
+    root = root or cache_dir("dryrun-hub", f"layers-{layers}")
+    for name in names:
+        hub_id = architectures.architecture(name).hub_id
+        folder = snapshot(root, hub_id)
+
+        def build(tmp: Path, name=name, hub_id=hub_id) -> dict:
+            _save(name, tmp, layers)
+            return {"hub_id": hub_id, "layers": layers, "weights": "random, from the public config"}
+
+        cached_dir(folder, build)  # verified on load: a damaged snapshot is built again
+        refs = folder.parent.parent / "refs"
+        refs.mkdir(exist_ok=True)
+        (refs / "main").write_text(REVISION)
+    return root
+
+
+def paper_models(slug: str) -> list[str]:
+    """The hub models ``slug``'s paper preset names (registry names or hub ids)."""
+    import importlib
+
+    from . import models
+    from .paths import chapter_module, notebook_for
+
+    module = chapter_module(notebook_for(slug[:2], repo_root()))
+    module = importlib.import_module(f"replbook.{module}") if isinstance(module, str) else module
+    named = []
+    for value in module.PRESETS["paper"].values():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if not isinstance(item, str):
+                continue
+            spec = models.REGISTRY.get(item)
+            hub = spec is not None and spec.source == "hub"
+            if hub or item in architectures.ARCHITECTURES:
+                named.append(item)
+    return named
+
+
+def peak_rss_bytes() -> int:
+    """The largest resident memory of this process's children so far (Linux: ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+
+
+def run(chapter: str, layers: int = 1, overrides: dict[str, Any] | None = None, root: Path | None = None) -> dict:
+    """Execute ``chapter`` at the paper preset on its dry-run models; returns (and writes
+    beside the executed notebook) what ran: models, depth, seconds, peak memory."""
+    import papermill
+
+    from .paths import notebook_for
+
+    repo = repo_root()
+    notebook = notebook_for(chapter, repo)
+    slug = notebook.stem
+    names = paper_models(slug)
+    start = time.perf_counter()
+    hub = fake_hub(names, layers)
+    built = time.perf_counter() - start
+    out_dir = (root or repo / "runs" / "dryrun") / f"layers-{layers}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parameters = {"preset": "paper", **OVERRIDES.get(slug, {}), **(overrides or {})}
+    saved_env = {k: os.environ.get(k) for k in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                                                "REPLBOOK_RESULTS_DIR")}
+    os.environ.update({"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                       "REPLBOOK_RESULTS_DIR": str(out_dir / "results")})
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(str(notebook), str(out_dir / notebook.name), kernel_name="python3",
+                                   cwd=str(notebook.parent), parameters=parameters, progress_bar=False)
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    record = {"chapter": slug, "dry_run": "random weights from the public configs: no number here is the paper's",
+              "layers": layers, "models": {n: architectures.architecture(n).hub_id for n in names},
+              "parameters_built": {n: architectures.parameter_count(n, layers) for n in names},
+              "overrides": parameters, "build_seconds": round(built, 1),
+              "run_seconds": round(time.perf_counter() - start, 1), "peak_rss_bytes": peak_rss_bytes(),
+              # above the machine's core count, other work shared the CPU and the seconds are inflated
+              "load_average_1min": round(os.getloadavg()[0], 2)}
+    (out_dir / f"{slug}.dryrun.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def record(entry: dict, path: Path | None = None) -> Path:
+    """Add a dry run's entry to the committed record of dry runs on this kind of machine
+    (``kernels/measurements/paper_dryrun_<device>.json``, keyed by chapter and depth),
+    stamped with the chapter's code version and the date."""
+    import platform
+
+    import torch
+
+    from .results import code_version, write_atomic
+
+    device = torch.cuda.get_device_name(0).split()[-1].lower() if torch.cuda.is_available() else "cpu"
+    path = path or repo_root() / "kernels" / "measurements" / f"paper_dryrun_{device}.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    saved[f"{entry['chapter']}|layers-{entry['layers']}"] = {
+        **entry, "code_version": code_version(entry["chapter"], repo_root()), "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores" + (f", {device}" if device != "cpu" else "")}
+    write_atomic(path, dict(sorted(saved.items())))
+    path.chmod(0o644)
+    return path

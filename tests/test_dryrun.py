@@ -1,0 +1,78 @@
+"""replbook.dryrun: paper models built from their public configs are served from a local
+hub cache, so a chapter's own loading code finds them by hub id, offline (issue #29)."""
+import json
+
+import pytest
+
+from replbook import architectures, cli, dryrun
+
+
+def _in_a_fresh_process(root, code: str) -> dict:
+    """Run ``code`` (which prints one JSON line) in a new interpreter whose hub cache is
+    ``root``, offline: as a chapter's kernel started by ``dryrun.run`` sees it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_CACHE": str(root), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_hub_id_loads_offline_from_the_dry_run_cache(tmp_path):
+    root = dryrun.fake_hub(["smollm2-135m-hub"], layers=1, root=tmp_path / "hub")
+    assert (root / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "refs" / "main").read_text() == dryrun.REVISION
+    seen = _in_a_fresh_process(root, """
+import json
+from replbook import models
+loaded = models.load("smollm2-135m-hub", preset="paper", progress=False)  # the chapter's own path
+c = loaded.model.config
+ids = loaded.tokenizer("the capital of France is", return_tensors="pt").input_ids
+print(json.dumps({"shape": [c.hidden_size, c.num_hidden_layers, c.num_key_value_heads, c.vocab_size],
+                  "parameters": sum(p.numel() for p in loaded.model.parameters()), "max_id": int(ids.max()),
+                  "logits": list(loaded.model(ids).logits.shape)}))
+""")
+    assert seen["shape"] == [576, 1, 3, 49152]
+    assert seen["parameters"] == architectures.parameter_count("smollm2-135m-hub", layers=1)
+    assert seen["max_id"] < 49152 and seen["logits"][-1] == 49152
+    # built once: a second call reuses the snapshot
+    weights = dryrun.snapshot(root, "HuggingFaceTB/SmolLM2-135M-Instruct") / "model.safetensors"
+    before = weights.stat().st_mtime
+    dryrun.fake_hub(["smollm2-135m-hub"], layers=1, root=root)
+    assert weights.stat().st_mtime == before
+
+
+def test_a_sentence_encoder_is_served_as_a_sentence_transformers_repository(tmp_path):
+    root = dryrun.fake_hub(["minilm-l6-hub"], layers=1, root=tmp_path / "hub")
+    seen = _in_a_fresh_process(root, """
+import json
+from replbook import models
+encoder = models.load("minilm-l6-hub", preset="paper", progress=False).model
+print(json.dumps({"shape": list(encoder.encode(["a red cube", "a blue ball"]).shape)}))
+""")
+    assert seen["shape"] == [2, 384]
+
+
+def test_the_paper_models_of_a_chapter_are_read_from_its_preset():
+    assert dryrun.paper_models("08_loki") == ["llama2-7b", "llama2-13b"]
+    assert set(dryrun.paper_models("04_endor")) == {"opt-66b", "llama2-70b"}
+    assert "llava-hf/llava-1.5-7b-hf" in dryrun.paper_models("06_mllm_tracing")
+
+
+def test_a_dry_run_record_names_its_chapter_depth_and_code(tmp_path):
+    path = dryrun.record({"chapter": "08_loki", "layers": 1, "run_seconds": 3.0}, tmp_path / "dry.json")
+    saved = json.loads(path.read_text())
+    entry = saved["08_loki|layers-1"]
+    assert entry["code_version"] and entry["run_seconds"] == 3.0 and entry["date"]
+    assert oct(path.stat().st_mode & 0o777) == "0o644"
+
+
+def test_the_cli_refuses_a_depth_below_one(capsys):
+    assert cli.main(["dryrun", "08", "--layers", "0"]) == 2
+    assert "--layers=0: at least 1" in capsys.readouterr().err
+
+
+def test_a_family_the_dry_run_cannot_serve_is_named():
+    with pytest.raises(ValueError, match="cannot serve family .pipeline. yet"):
+        dryrun._save("stable-diffusion-v1-4", None, 1)
