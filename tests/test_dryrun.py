@@ -76,3 +76,13 @@ def test_the_cli_refuses_a_depth_below_one(capsys):
 def test_a_family_the_dry_run_cannot_serve_is_named():
     with pytest.raises(ValueError, match="cannot serve family .pipeline. yet"):
         dryrun._save("stable-diffusion-v1-4", None, 1)
+
+
+def test_the_committed_dry_run_records_name_what_ran():
+    from replbook.paths import repo_root
+
+    for path in (repo_root() / "kernels" / "measurements").glob("paper_dryrun_*.json"):
+        for key, entry in json.loads(path.read_text()).items():
+            assert key == f"{entry['chapter']}|layers-{entry['layers']}", path.name
+            assert entry["models"] and entry["run_seconds"] > 0 and entry["peak_rss_bytes"] > 0, key
+            assert "random weights" in entry["dry_run"] and entry["code_version"], key

@@ -55,7 +55,9 @@ def test_recorded_gpu_measurements_are_correct_and_complete(repo_root):
     """The GPU reports kept in kernels/measurements must record a passing correctness check."""
     import json
 
-    reports = sorted((repo_root / "kernels" / "measurements").glob("*.json"))
+    # paper_dryrun_*.json are dry-run records of whole chapters (tests/test_dryrun.py checks them)
+    reports = sorted(p for p in (repo_root / "kernels" / "measurements").glob("*.json")
+                     if not p.name.startswith("paper_dryrun_"))
     assert reports, "no GPU measurement recorded"
     for path in reports:
         report = json.loads(path.read_text())
