@@ -145,10 +145,18 @@ def test_painted_garments_measure_as_their_paint():
 
     garment = np.full((1, 28, 28), 255, np.uint8)  # a full-intensity garment filling the image
     for seed in range(8):
-        painted = intcoop.tint(garment, seed)
+        painted, paint = intcoop.tint(garment, seed)
         colour = [name for name, rgb in intcoop.TINTS.items() if tuple(painted[0, 14, 14]) == rgb]
-        assert len(colour) == 1 and COLOURS[dominant_colour(painted)[0]] == colour[0]
-    assert (intcoop.tint(np.zeros((1, 28, 28), np.uint8), 0) == 255).all(), "no garment: white background"
+        assert len(colour) == 1 and COLOURS[dominant_colour(painted)[0]] == colour[0] == COLOURS[paint[0]]
+    assert (intcoop.tint(np.zeros((1, 28, 28), np.uint8), 0)[0] == 255).all(), "no garment: white background"
+
+
+def test_drawn_shapes_report_the_colour_they_were_drawn_in():
+    from replbook.cliplike import COLOURS
+
+    images, _, paint = intcoop.synthetic_shapes(12, seed=3)
+    centre = images[:, 16, 16]  # every shape covers the centre
+    assert [COLOURS[k] for k in paint] == [next(n for n, rgb in intcoop.TINTS.items() if tuple(px) == rgb) for px in centre]
 
 
 def test_corruptions_and_their_errors():
@@ -170,13 +178,26 @@ def test_few_shot_draws_that_many_of_each_class_and_says_when_it_cannot():
         intcoop.few_shot(labels, [1], shots=11, seed=0)
 
 
-def test_cifar10_split_is_shuffled_and_disjoint():
-    ds = intcoop.load_dataset("cifar10", pool_size=500, n_test=500, seed=0)
-    assert set(ds.pool_labels) == set(ds.test_labels) == set(range(10))
-    pool = {im.tobytes() for im in ds.pool_images}
-    assert not any(im.tobytes() in pool for im in ds.test_images)
+@pytest.mark.parametrize("name", ["cifar10", "fashion-tinted"])
+def test_pool_alignment_and_test_splits_are_disjoint(name):
+    """The captioned CLIP-like model learns from the alignment split: an image there that is
+    also a test or few-shot image would let it memorise what the claims are scored on.
+    (The smoke preset's drawn shapes come in 40 kinds, so they repeat by design.)"""
+    ds = intcoop.load_dataset(name, pool_size=400, n_test=400, seed=0, n_align=400)
+    assert len(ds.pool_images) == len(ds.align_images) == len(ds.test_images) == 400
+    assert set(ds.pool_labels) == set(ds.test_labels) == set(ds.align_labels) == set(range(len(ds.class_names)))
+    seen = {im.tobytes() for im in ds.pool_images}
+    aligned = {im.tobytes() for im in ds.align_images}
+    assert not seen & aligned
+    assert not any(im.tobytes() in seen | aligned for im in ds.test_images)
+    assert (ds.test_colours is None) == (name == "cifar10")
+
+
+def test_splits_that_do_not_fit_are_refused():
     with pytest.raises(ValueError, match="choose one of: cifar10, fashion-tinted, synthetic-shapes"):
         intcoop.load_dataset("imagenet", 10, 10, 0)
+    with pytest.raises(ValueError, match="pool_size \\+ n_align = 5001"):
+        intcoop.load_dataset("cifar10", pool_size=1001, n_test=10, seed=0, n_align=4000)
 
 
 def test_mean_interval():
@@ -195,6 +216,122 @@ def test_features_are_cached_and_reused(monkeypatch, tmp_path):
             return images.reshape(len(images), -1).astype(np.float32)
 
     images = np.arange(24, dtype=np.uint8).reshape(2, 2, 2, 3)
-    first, second = cliplike.cached_features(Counting(), images), intcoop.cached_features(Counting(), images)
+    first, second = cliplike.cached_features(Counting(), images), cliplike.cached_features(Counting(), images)
     assert Counting.calls == 1 and np.array_equal(first, second)
     assert not list(tmp_path.rglob("*.tmp.npy"))
+    # chapter 03's cache is checksummed: a damaged entry is rebuilt, never served
+    first = intcoop.cached_features(Counting(), images)
+    assert Counting.calls == 2 and np.array_equal(intcoop.cached_features(Counting(), images), first) and Counting.calls == 2
+    entry = next(tmp_path.rglob("intcoop-features/*.pt"))
+    entry.write_bytes(entry.read_bytes()[:-8] + b"damaged!")
+    assert np.array_equal(intcoop.cached_features(Counting(), images), first) and Counting.calls == 3
+
+
+# ----------------------------------------------------------------------------- IntCoOp's loss, term by term
+
+
+def _toy_intcoop(clip_like, **weights):
+    torch.manual_seed(0)
+    method = intcoop.IntCoOp(clip_like, CLASSES, ["red", "green", "blue"], **weights)
+    images = torch.nn.functional.normalize(torch.randn(6, clip_like.dim), dim=-1)
+    return method, images, torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([0, 1, 2, 2, 1, 0])
+
+
+def test_each_loss_term_is_the_one_its_weight_scales(clip_like):
+    """loss(λ_a, λ_r) − loss(0, 0) is λ_a · CE(head, *these* attribute labels) + λ_r · the
+    regulariser: fails if the attribute term is dropped, reads shuffled labels or is weighted
+    wrong, and if the regulariser is."""
+    method, images, labels, attributes = _toy_intcoop(clip_like, attribute_weight=0.0, regularizer_weight=0.0)
+    with torch.no_grad():
+        task = method.loss(images, labels, [0, 1, 2], attributes)
+        method.attribute_weight, method.regularizer_weight = 0.7, 3.0
+        full = method.loss(images, labels, [0, 1, 2], attributes)
+        expected_attribute = torch.nn.functional.cross_entropy(method.attribute_head(images), attributes)
+        mixed = method._mixed(images, method._per_attribute([0, 1, 2]))
+        expected_regularizer = method.regularizer(mixed, [0, 1, 2], attributes)
+    assert full - task == pytest.approx(float(0.7 * expected_attribute + 3.0 * expected_regularizer), abs=1e-5)
+    with torch.no_grad():
+        shuffled = torch.nn.functional.cross_entropy(method.attribute_head(images), attributes.roll(1))
+    assert float(expected_attribute) != pytest.approx(float(shuffled), abs=1e-4), "the toy must tell labels apart"
+
+
+def test_the_regulariser_pulls_toward_the_prompt_naming_each_images_own_attribute(clip_like):
+    """Zero exactly when every image's prompt features are "a photo of a {its attribute}
+    {class}": fails for a pull toward the bare class prompt, or toward every attribute."""
+    method, _, _, attributes = _toy_intcoop(clip_like)
+    hand = method.hand_prompts([0, 1, 2])  # K x C x d
+    assert torch.allclose(hand[1, 2], clip_like.embed_texts(["a photo of a green frog"])[0], atol=1e-6)
+    own = hand[attributes]  # N x C x d
+    assert float(method.regularizer(own, [0, 1, 2], attributes)) == pytest.approx(0.0, abs=1e-10)
+    assert float(method.regularizer(own, [0, 1, 2], attributes.roll(1))) > 0.01
+    bare = clip_like.embed_texts([f"a photo of a {c}" for c in CLASSES]).expand(len(attributes), -1, -1)
+    assert float(method.regularizer(bare, [0, 1, 2], attributes)) > 0.01
+
+
+def test_the_class_loss_trains_the_attribute_head_through_the_token(clip_like):
+    """With the attribute and regulariser terms off, the classification loss alone must reach
+    the attribute head (through q(x) in the prompt): fails if the probabilities are detached."""
+    method, images, labels, attributes = _toy_intcoop(clip_like, attribute_weight=0.0, regularizer_weight=0.0)
+    method.loss(images, labels, [0, 1, 2], attributes).backward()
+    assert method.attribute_head.weight.grad is not None and method.attribute_head.weight.grad.abs().sum() > 0
+
+
+def test_prompt_learners_train_on_base_class_shots_only(clip_like, monkeypatch):
+    """run_seed hands the learners base-class images only: fails if the few-shot set leaks
+    novel classes (their accuracy would no longer measure generalisation)."""
+    rng = np.random.default_rng(0)
+    n, classes = 40, ["cat", "truck", "frog", "dog"]
+    labels = np.repeat(np.arange(4), n // 4)
+    images = rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8)
+    ds = intcoop.Dataset("toy", classes, images, labels, images, labels, images[:0], labels[:0])
+    vectors = torch.nn.functional.normalize(torch.randn(n, clip_like.dim), dim=-1)
+    data = intcoop.Embedded(ds, vectors, vectors, {}, labels % 3, labels % 3, labels[:0])
+    seen = []
+    monkeypatch.setattr(intcoop, "train", lambda method, few, *args, **kwargs: seen.append(set(few.labels.tolist())))
+    cfg = type("Cfg", (), {"shots": 3, "steps": 1, "lr": 0.01, "scale": 30.0, "attribute_weight": 1.0,
+                           "regularizer_weight": 8.0})()
+    rows, _ = intcoop.run_seed(clip_like, data, cfg, seed=0, progress=False)
+    assert seen == [{0, 1}] * 3 and ds.base == [0, 1]  # CoOp, KgCoOp, IntCoOp
+    assert {r["method"] for r in rows} == set(intcoop.METHOD_NAMES)
+
+
+def test_c3_scores_the_true_colour_where_the_data_has_one(clip_like):
+    """attribute_readings scores the token against the paint (never a training label) next
+    to the measured label; a token fixed at "green" matches exactly the green ones."""
+    from replbook.cliplike import COLOURS
+
+    method = intcoop.IntCoOp(clip_like, ["cat", "truck", "frog", "dog"], list(COLOURS))
+    with torch.no_grad():
+        method.attribute_head.weight.zero_()
+        method.attribute_head.bias.fill_(-30.0)
+        method.attribute_head.bias[COLOURS.index("green")] = 30.0
+    labels = np.array([0, 1, 2, 3] * 5)
+    green, red = COLOURS.index("green"), COLOURS.index("red")
+    true = np.array([green, red, green, green] * 5)
+    measured = np.full(20, red)
+    blank = np.zeros((20, 4, 4, 3), np.uint8)
+    ds = intcoop.Dataset("toy", ["cat", "truck", "frog", "dog"], blank, labels, blank, labels, blank[:0], labels[:0], true)
+    vectors = torch.nn.functional.normalize(torch.randn(20, clip_like.dim), dim=-1)
+    readings = intcoop.attribute_readings(method, intcoop.Embedded(ds, vectors, vectors, {}, measured, measured, labels[:0]))
+    assert readings["true_match_novel"] == 1.0 and readings["true_match_base"] == 0.5
+    assert readings["match_novel"] == 0.0 and readings["majority_novel"] == 1.0
+
+
+def test_kgcoop_is_coop_plus_the_pull_toward_the_bare_hand_prompt(clip_like):
+    """At the start (context = "a photo of a") KgCoOp's pull is zero and its loss is CoOp's;
+    once the context moves, the difference is λ · mean ‖g_c − hand(c)‖²."""
+    torch.manual_seed(0)
+    coop, kg = intcoop.CoOp(clip_like, CLASSES), intcoop.KgCoOp(clip_like, CLASSES, regularizer_weight=5.0)
+    images = torch.nn.functional.normalize(torch.randn(6, clip_like.dim), dim=-1)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.no_grad():
+        assert float(kg.loss(images, labels, [0, 1, 2])) == pytest.approx(float(coop.loss(images, labels, [0, 1, 2])),
+                                                                          abs=1e-5)
+        kg.prompts.context.add_(0.05 * torch.randn_like(kg.prompts.context))
+        coop.prompts.context.copy_(kg.prompts.context)
+        features = kg.prompts.features([0, 1, 2])
+        hand = clip_like.embed_texts([f"a photo of a {c}" for c in CLASSES])
+        pull = float(((features - hand) ** 2).sum(-1).mean())
+        assert pull > 1e-4
+        assert float(kg.loss(images, labels, [0, 1, 2]) - coop.loss(images, labels, [0, 1, 2])) == pytest.approx(
+            5.0 * pull, rel=1e-4)

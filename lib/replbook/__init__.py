@@ -7,7 +7,7 @@ who imports whom; ``tests/test_layers.py`` enforces it):
   :mod:`~replbook.results` (verdict rules, tolerances, the regression guard),
   :mod:`~replbook.plotting`, :mod:`~replbook.scoreboard`
 - organisms: :mod:`~replbook.models` (the model registry), :mod:`~replbook.lm`,
-  :mod:`~replbook.cliplike`, :mod:`~replbook.data` (offline data)
+  :mod:`~replbook.cliplike`, :mod:`~replbook.captionclip`, :mod:`~replbook.data` (offline data)
 - papers: one module per chapter's method (``replbook.zoo`` is chapter 00, ...)
 - commands: :mod:`~replbook.cli` (``replbook run | prepare | stability | build``),
   :mod:`~replbook.runner` (papermill runs, publishing, the site build),

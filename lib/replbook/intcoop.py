@@ -1,5 +1,6 @@
 """IntCoOp (Ghosal et al., EMNLP 2024, arXiv 2406.13683) and CoOp (Zhou et al., 2022):
-prompt tuning on chapter 03's CLIP-like model (:mod:`replbook.cliplike`).
+prompt tuning on chapter 03's CLIP-like model, whose image side is learned from
+captions (:mod:`replbook.captionclip`).
 
 A prompt is a sequence of input embeddings fed to the frozen text encoder (MiniLM):
 
@@ -17,8 +18,9 @@ over that mixture at its output — the class feature for image x is
 instead of one per (image, class). The context is not image-conditioned (the paper
 conditions it by cross-attention). The loss is the paper's three terms:
 cross-entropy + λ_attr · attribute loss (here the cross-entropy of q(x) against the
-measured attribute) + λ_reg · ‖T([v, attr, CLASS]) − T("a photo of a {attr} {CLASS}")‖²
-(KgCoOp-style, toward the hand-written attribute prompt).
+measured attribute) + λ_reg · ‖g_c(x) − T("a photo of a {attr(x)} {CLASS}")‖², per image
+and class, toward the hand-written prompt naming the image's own attribute (KgCoOp-style;
+λ_reg = 8 is KgCoOp's default).
 
 The rest of the module is chapter 03's experiment: its presets, the datasets
 (CIFAR-10, painted Fashion-MNIST, synthetic shapes for the smoke preset), measured
@@ -35,6 +37,7 @@ import torch
 from torch import nn
 
 from . import cliplike
+from .captionclip import CaptionedClip
 from .cliplike import ClipLike
 from .results import mean_interval  # noqa: F401  (chapter 03 calls intcoop.mean_interval)
 
@@ -92,6 +95,23 @@ class CoOp(nn.Module):
         return nn.functional.cross_entropy(self.logits(images, classes), labels)
 
 
+class KgCoOp(CoOp):
+    """CoOp plus KgCoOp's pull (Yao et al., CVPR 2023) of every learned class prompt toward
+    the hand-written "a photo of a {class}": λ · mean_c ‖g_c − hand(c)‖². IntCoOp's
+    regulariser without the attribute, so IntCoOp − KgCoOp is the attribute token's own
+    part of IntCoOp − CoOp."""
+
+    def __init__(self, model: ClipLike, class_names: list[str], scale: float = 30.0, regularizer_weight: float = 8.0):
+        super().__init__(model, class_names, scale)
+        self.regularizer_weight = regularizer_weight
+        self.hand = model.embed_texts([f"a photo of a {name}" for name in class_names])
+
+    def loss(self, images, labels, classes, attributes=None):
+        features = self.prompts.features(classes)
+        task = nn.functional.cross_entropy(self.scale * images @ features.T, labels)
+        return task + self.regularizer_weight * ((features - self.hand[classes]) ** 2).sum(-1).mean()
+
+
 class IntCoOp(nn.Module):
     """CoOp plus an image-predicted attribute token, its supervision and the
     hand-prompt regulariser (see the module docstring)."""
@@ -114,9 +134,12 @@ class IntCoOp(nn.Module):
     def logits(self, images: torch.Tensor, classes: list[int]) -> torch.Tensor:
         return self._logits(images, self._per_attribute(classes))
 
-    def _logits(self, images, per_attribute):
+    def _mixed(self, images, per_attribute):  # N x C x d: each image's prompt features, a(x) in place
         mixed = torch.einsum("nk,kcd->ncd", self.attribute_probs(images), per_attribute)
-        return self.scale * torch.einsum("nd,ncd->nc", images, nn.functional.normalize(mixed, dim=-1))
+        return nn.functional.normalize(mixed, dim=-1)
+
+    def _logits(self, images, per_attribute):
+        return self.scale * torch.einsum("nd,ncd->nc", images, self._mixed(images, per_attribute))
 
     def hand_prompts(self, classes: list[int]) -> torch.Tensor:  # K x C x d, "a photo of a {attr} {class}"
         key = tuple(classes)
@@ -125,15 +148,24 @@ class IntCoOp(nn.Module):
                                            for a in self.attributes])
         return self._hand[key]
 
+    def attribute_loss(self, images: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+        """λ_a's term: the cross-entropy of q(x) against each image's attribute label."""
+        return nn.functional.cross_entropy(self.attribute_head(images), attributes)
+
+    def regularizer(self, mixed: torch.Tensor, classes: list[int], attributes: torch.Tensor) -> torch.Tensor:
+        """λ_r's term, per image as in the paper: for image i and every class c, the squared
+        distance between its prompt's feature g_c(x_i) (``mixed``, N x C x d) and the
+        hand-written "a photo of a {attr(x_i)} {class c}" with the image's *own* attribute."""
+        return ((mixed - self.hand_prompts(classes)[attributes]) ** 2).sum(-1).mean()
+
     def loss(self, images, labels, classes, attributes):
-        per_attribute = self._per_attribute(classes)
-        task = nn.functional.cross_entropy(self._logits(images, per_attribute), labels)
-        attribute = nn.functional.cross_entropy(self.attribute_head(images), attributes)
-        regularizer = ((per_attribute - self.hand_prompts(classes)) ** 2).sum(-1).mean()
-        return task + self.attribute_weight * attribute + self.regularizer_weight * regularizer
+        mixed = self._mixed(images, self._per_attribute(classes))
+        task = nn.functional.cross_entropy(self.scale * torch.einsum("nd,ncd->nc", images, mixed), labels)
+        return (task + self.attribute_weight * self.attribute_loss(images, attributes)
+                + self.regularizer_weight * self.regularizer(mixed, classes, attributes))
 
 
-METHODS = {"coop": CoOp, "intcoop": IntCoOp}
+METHODS = {"coop": CoOp, "kgcoop": KgCoOp, "intcoop": IntCoOp}
 
 
 @dataclass
@@ -196,23 +228,23 @@ class ZeroShot(nn.Module):
 
 PRESETS = {
     "smoke": {
-        "clip": "cliplike", "image_model": "tiny-efficientnet", "text_model": "tiny-bert-encoder",
-        "colour_weight": 0.5, "temperature": 2.0, "image_size": 64,
+        "clip": "captioned", "image_model": "tiny-efficientnet", "text_model": "tiny-bert-encoder",
+        "colour_caption_share": 1.0, "n_align": 120, "align_epochs": 3, "image_size": 64,
         "datasets": ["synthetic-shapes"], "pool_size": 120, "n_test": 60, "shots": 4, "steps": 3, "lr": 1e-2,
         "scale": 30.0, "attribute_weight": 1.0, "regularizer_weight": 8.0,
         "corruptions": ["grayscale", "blur", "noise"], "seeds": [0], "data_seed": 0, "threads": 2,
     },
     "book": {
-        "clip": "cliplike", "image_model": "efficientnet-lite0", "text_model": "minilm-l6",
-        "colour_weight": 0.5, "temperature": 2.0, "image_size": 128,
+        "clip": "captioned", "image_model": "efficientnet-lite0", "text_model": "minilm-l6",
+        "colour_caption_share": 1.0, "n_align": 3000, "align_epochs": 40, "image_size": 128,
         "datasets": ["cifar10", "fashion-tinted"], "pool_size": 1000, "n_test": 1000, "shots": 16, "steps": 60,
         "lr": 1e-2, "scale": 30.0, "attribute_weight": 1.0, "regularizer_weight": 8.0,
         "corruptions": ["grayscale", "blur", "noise"], "seeds": [0, 1, 2], "data_seed": 0, "threads": 2,
     },
     "paper": {
         # the paper's CLIP; its ten datasets (ImageNet, Caltech101, ...) are not wired in
-        "clip": "clip-vit-b-16", "image_model": "", "text_model": "", "colour_weight": 0.0, "temperature": 0.0,
-        "image_size": 224, "datasets": ["cifar10", "fashion-tinted"], "pool_size": 2000, "n_test": 4000,
+        "clip": "clip-vit-b-16", "image_model": "", "text_model": "", "colour_caption_share": 0.0, "n_align": 0,
+        "align_epochs": 0, "image_size": 224, "datasets": ["cifar10", "fashion-tinted"], "pool_size": 2000, "n_test": 4000,
         "shots": 16, "steps": 200, "lr": 2e-3, "scale": 100.0, "attribute_weight": 1.0,
         "regularizer_weight": 8.0, "corruptions": ["grayscale", "blur", "noise"], "seeds": [1, 2, 3],
         "data_seed": 0, "threads": 16,
@@ -230,8 +262,9 @@ def parameter_rules():
         "clip": one_of(lambda: CLIPS),
         "image_model": model("image-classifier") | unused,
         "text_model": model("sentence-encoder") | unused,
-        "colour_weight": number(0, 1),
-        "temperature": number(minimum=0),
+        "colour_caption_share": number(0, 1),
+        "n_align": integer(0),
+        "align_epochs": integer(0),
         "image_size": integer(32, 1024),
         "datasets": items(one_of(lambda: DATASETS)),
         "pool_size": integer(1),
@@ -247,18 +280,30 @@ def parameter_rules():
         "data_seed": integer(0),
         "threads": integer(1),
         "book_towers": relation("clip, image_model, text_model",
-                                "the book's CLIP (clip='cliplike') needs an image_model and a text_model",
-                                lambda v: v["clip"] != "cliplike" or bool(v["image_model"] and v["text_model"])),
+                                "the book's CLIP (clip='captioned') needs an image_model and a text_model",
+                                lambda v: v["clip"] != "captioned" or bool(v["image_model"] and v["text_model"])),
+        "alignment": relation("clip, n_align, align_epochs",
+                              "the book's CLIP (clip='captioned') learns its image side: n_align ≥ 20 and align_epochs ≥ 1",
+                              lambda v: v["clip"] != "captioned" or (v["n_align"] >= 20 and v["align_epochs"] >= 1)),
+        "cifar_halves": relation("datasets, pool_size, n_align, n_test",
+                                 "cifar10 has 5,000 images per half: pool_size + n_align ≤ 5000 and n_test ≤ 5000",
+                                 lambda v: "cifar10" not in v["datasets"]
+                                 or (v["pool_size"] + v["n_align"] <= 5000 and v["n_test"] <= 5000)),
         "few_shot": relation("shots, pool_size", "shots must be ≤ pool_size (the few-shot sets are drawn from the pool)",
                              lambda v: v["shots"] <= v["pool_size"]),
     }
-CLIPS = cliplike.CLIPS
+# the book's CLIP-like model learns its image side from captions (replbook.captionclip);
+# the paper preset's is OpenAI's CLIP; the tests' a tiny random open_clip model
+CLIPS = ("captioned", "clip-vit-b-16", "tiny-open-clip")
 
 
 def load_clip(cfg):
-    """The joint image-text model a preset names (:func:`replbook.cliplike.load`)."""
-    return cliplike.load(cfg.clip, cfg.preset, cfg.image_model, cfg.text_model, temperature=cfg.temperature,
-                         colour_weight=cfg.colour_weight, image_size=cfg.image_size)
+    """The joint image-text model a preset names; the captioned one still has to be
+    aligned (:func:`align_clip`) before it embeds images."""
+    if cfg.clip == "captioned":
+        return CaptionedClip(cfg.preset, cfg.image_model, cfg.text_model, image_size=cfg.image_size,
+                             colour_caption_share=cfg.colour_caption_share, align_epochs=cfg.align_epochs)
+    return cliplike.load(cfg.clip, cfg.preset)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -272,7 +317,10 @@ TINTS = {"red": (220, 30, 30), "orange": (240, 140, 20), "yellow": (240, 220, 30
 
 @dataclass
 class Dataset:
-    """A few-shot pool and a test set, RGB uint8, with class labels and measured attributes."""
+    """A few-shot pool, a test set and an alignment split (what the captioned CLIP-like
+    model learns its image side from; disjoint from the other two), RGB uint8, with class
+    labels. ``test_colours``: each test image's true colour (index into
+    ``cliplike.COLOURS``) where the data knows it (painted or drawn), else None."""
 
     name: str
     class_names: list[str]
@@ -280,6 +328,9 @@ class Dataset:
     pool_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
+    align_images: np.ndarray
+    align_labels: np.ndarray
+    test_colours: np.ndarray | None = None
 
     @property
     def base(self) -> list[int]:  # the first half of the classes, as CoCoOp's protocol splits them
@@ -290,28 +341,39 @@ class Dataset:
         return list(range(len(self.class_names) // 2, len(self.class_names)))
 
 
-def tint(gray: np.ndarray, seed: int) -> np.ndarray:
+def tint(gray: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Paint light-on-black grayscale garments in a random colour from ``TINTS`` on a white
-    background: pixel = white · (1 − g) + colour · g, with g the garment's intensity."""
+    background: pixel = white · (1 − g) + colour · g, with g the garment's intensity.
+    Returns the images and each one's paint (index into ``cliplike.COLOURS``)."""
+    from .cliplike import COLOURS
+
     rng = np.random.default_rng(seed)
-    colours = np.array(list(TINTS.values()), dtype=np.float64)[rng.integers(0, len(TINTS), len(gray))]
+    drawn = rng.integers(0, len(TINTS), len(gray))
+    colours = np.array(list(TINTS.values()), dtype=np.float64)[drawn]
     g = gray[..., None].astype(np.float64) / 255
-    return np.round(255 * (1 - g) + colours[:, None, None, :] * g).astype(np.uint8)
+    paint = np.array([COLOURS.index(name) for name in TINTS])[drawn]
+    return np.round(255 * (1 - g) + colours[:, None, None, :] * g).astype(np.uint8), paint
 
 
 SHAPES = ("circle", "square", "triangle", "cross")
 
 
-def synthetic_shapes(n: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Coloured shapes on a light background (the smoke preset's stand-in data)."""
+def synthetic_shapes(n: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Coloured shapes on a light background (the smoke preset's stand-in data): images,
+    shape labels and each shape's colour (index into ``cliplike.COLOURS``)."""
     from skimage.draw import disk, polygon, rectangle
+
+    from .cliplike import COLOURS
 
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, len(SHAPES), n)
     images = np.full((n, size, size, 3), 235, np.uint8)
+    paint = np.zeros(n, np.int64)
     c, r = size / 2, size / 3
     for i, label in enumerate(labels):
-        colour = np.array(list(TINTS.values())[rng.integers(0, len(TINTS))], np.uint8)
+        drawn = int(rng.integers(0, len(TINTS)))
+        colour = np.array(list(TINTS.values())[drawn], np.uint8)
+        paint[i] = COLOURS.index(list(TINTS)[drawn])
         if label == 0:
             areas = [disk((c, c), r, shape=(size, size))]
         elif label == 1:
@@ -323,31 +385,42 @@ def synthetic_shapes(n: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.
                      rectangle((c - 3, c - r), (c + 3, c + r), shape=(size, size))]
         for rows, cols in areas:
             images[i, np.asarray(rows, int), np.asarray(cols, int)] = colour
-    return images, labels.astype(np.int64)
+    return images, labels.astype(np.int64), paint
 
 
-def load_dataset(name: str, pool_size: int, n_test: int, seed: int) -> Dataset:
-    """``cifar10``: the CIFAR-10 test set shuffled with ``seed`` and split in two halves
-    (pool | test), since only the test set can be had offline; ``fashion-tinted``: Fashion-MNIST's train split as
-    the pool and its test split as the test set, garments painted (:func:`tint`);
-    ``synthetic-shapes``: drawn here (smoke preset)."""
+def load_dataset(name: str, pool_size: int, n_test: int, seed: int, n_align: int = 0) -> Dataset:
+    """``cifar10``: the CIFAR-10 test set (the only split to be had offline) shuffled with
+    ``seed`` and split in two halves: the first half holds the pool (its start) and the
+    alignment split (its last ``n_align`` images), the second the test set;
+    ``fashion-tinted``: Fashion-MNIST's train split holds the pool (its start) and the
+    alignment split (its end), its test split the test set, garments painted
+    (:func:`tint`, each part with its own seed); ``synthetic-shapes``: drawn here (smoke
+    preset)."""
     from . import data
 
     if name == "cifar10":
         images, labels = data.cifar10_test()
         order = np.random.default_rng(seed).permutation(len(images))  # bigbench ships the images sorted by class
         images, labels, half = images[order], labels[order], len(images) // 2
+        if pool_size + n_align > half:
+            raise ValueError(f"pool_size + n_align = {pool_size + n_align}: cifar10 has {half} images for both")
         return Dataset(name, list(data.CIFAR10_CLASSES), images[:pool_size], labels[:pool_size],
-                       images[half:half + n_test], labels[half:half + n_test])
+                       images[half:half + n_test], labels[half:half + n_test],
+                       images[half - n_align:half], labels[half - n_align:half])
     if name == "fashion-tinted":
         pool, pool_labels = data.fashion_mnist("train")
         test, test_labels = data.fashion_mnist("test")
-        return Dataset(name, list(data.FASHION_MNIST_CLASSES), tint(pool[:pool_size], seed), pool_labels[:pool_size],
-                       tint(test[:n_test], seed + 1), test_labels[:n_test])
+        if pool_size + n_align > len(pool):
+            raise ValueError(f"pool_size + n_align = {pool_size + n_align}: fashion-tinted has {len(pool)} images for both")
+        test_images, test_colours = tint(test[:n_test], seed + 1)
+        return Dataset(name, list(data.FASHION_MNIST_CLASSES), tint(pool[:pool_size], seed)[0], pool_labels[:pool_size],
+                       test_images, test_labels[:n_test], tint(pool[len(pool) - n_align:], seed + 2)[0],
+                       pool_labels[len(pool) - n_align:], test_colours)
     if name == "synthetic-shapes":
-        images, labels = synthetic_shapes(pool_size + n_test, seed)
+        images, labels, colours = synthetic_shapes(pool_size + n_test, seed)
+        align_images, align_labels, _ = synthetic_shapes(n_align, seed + 2)
         return Dataset(name, list(SHAPES), images[:pool_size], labels[:pool_size], images[pool_size:],
-                       labels[pool_size:])
+                       labels[pool_size:], align_images, align_labels, colours[pool_size:])
     raise ValueError(f"dataset {name!r}; choose one of: {', '.join(DATASETS)}")
 
 
@@ -394,13 +467,44 @@ def measured_attributes(images: np.ndarray) -> np.ndarray:
     return dominant_colour(images)
 
 
-# image features of either joint model, cached (shared with chapter 09)
-cached_features = cliplike.cached_features
+def cached_features(model, images: np.ndarray, progress: str | None = None) -> np.ndarray:
+    """``model.image_features(images)``, cached outside the repo (checksummed, rebuilt when
+    damaged: :func:`replbook.paths.cached_torch`) under a hash of the images and the
+    model's feature key (which names the code that computes the features)."""
+    import hashlib
+
+    from .paths import cached_torch
+
+    key = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest() + f" {images.shape} {model.feature_key}"
+    features, _ = cached_torch("intcoop-features", key,
+                               lambda: torch.as_tensor(model.image_features(images, progress=progress)))
+    return features.numpy()
+
+
+def align_clip(model, datasets: list[Dataset], seed: int, progress: bool = True):
+    """Fit the captioned CLIP-like model's image side on the alignment splits of all
+    ``datasets`` at once (one model for the chapter, like one CLIP), captions naming each
+    image's measured colour (:func:`measured_attributes`) with the model's
+    ``colour_caption_share``. Other models come pretrained: returned unchanged."""
+    if not isinstance(model, CaptionedClip):
+        return model
+    from .cliplike import COLOURS
+
+    features, labels, colours, names = [], [], [], []
+    for ds in datasets:
+        features.append(cached_features(model, ds.align_images, progress=f"{ds.name}: alignment images" if progress else None))
+        labels.append(ds.align_labels + len(names))
+        colours.append(measured_attributes(ds.align_images))
+        names += ds.class_names
+    return model.align(np.concatenate(features), np.concatenate(labels), np.concatenate(colours), names,
+                       list(COLOURS), seed, progress="aligning the image side" if progress else None)
 
 
 # ----------------------------------------------------------------------------- the experiment
 
-METHOD_NAMES = ("zero-shot", "CoOp", "IntCoOp")
+# KgCoOp: CoOp with IntCoOp's pull toward the hand-written prompt but no attribute (the
+# ablation that tells the attribute token's part from the regulariser's)
+METHOD_NAMES = ("zero-shot", "CoOp", "KgCoOp", "IntCoOp")
 
 
 @dataclass
@@ -436,6 +540,8 @@ def build_method(name: str, model, class_names: list[str], cfg) -> nn.Module:
         return ZeroShot(model, class_names, scale=cfg.scale)
     if name == "CoOp":
         return CoOp(model, class_names, scale=cfg.scale)
+    if name == "KgCoOp":
+        return KgCoOp(model, class_names, scale=cfg.scale, regularizer_weight=cfg.regularizer_weight)
     if name == "IntCoOp":
         return IntCoOp(model, class_names, list(COLOURS), scale=cfg.scale, attribute_weight=cfg.attribute_weight,
                        regularizer_weight=cfg.regularizer_weight)
@@ -488,17 +594,24 @@ def run_seed(model, data: Embedded, cfg, seed: int, progress: bool = True) -> tu
 
 
 def attribute_readings(method: IntCoOp, data: Embedded) -> dict:
-    """How often the nearest attribute word to a(x) is the image's measured colour, on the
-    base and on the novel test classes, next to always guessing the commonest colour; and
-    how often it is black, white or gray on the grayscale base-class images."""
+    """How often the nearest attribute word to a(x) is the image's measured colour (the
+    label its head was trained on), on the base and on the novel test classes, next to
+    always guessing the commonest colour; where the data knows each image's true colour
+    (``Dataset.test_colours``: paint, not a measurement, so never a training label), the
+    same against it (``true_*``); and how often the token reads black, white or gray on
+    the grayscale base-class images."""
     ds = data.dataset
     nearest = nearest_attribute(method, data.test)
     out = {}
-    for split, classes in (("base", ds.base), ("novel", ds.novel)):
-        keep = np.isin(ds.test_labels, classes)
-        truth = data.test_attributes[keep]
-        out[f"match_{split}"] = float((nearest[keep] == truth).mean())
-        out[f"majority_{split}"] = float(np.bincount(truth).max() / len(truth))
+    labels = {"": data.test_attributes}
+    if ds.test_colours is not None:
+        labels["true_"] = ds.test_colours
+    for prefix, attributes in labels.items():
+        for split, classes in (("base", ds.base), ("novel", ds.novel)):
+            keep = np.isin(ds.test_labels, classes)
+            truth = attributes[keep]
+            out[f"{prefix}match_{split}"] = float((nearest[keep] == truth).mean())
+            out[f"{prefix}majority_{split}"] = float(np.bincount(truth).max() / len(truth))
     if "grayscale" in data.shifted:  # with the colour gone, does the token say so?
         from .cliplike import COLOURS
 
