@@ -23,7 +23,7 @@ LAYERS: dict[str, frozenset[str]] = {
     "organisms": frozenset({"models", "lm", "cliplike", "captionclip", "data", "countries", "architectures"}),
     "papers": frozenset({"zoo", "restor", "skillslices", "intcoop", "endor", "t2icomp", "mllmtrace", "drew",
                          "loki", "vitdecomp", "semtokens"}),
-    "commands": frozenset({"cli", "runner", "prepare", "stability", "dryrun"}),
+    "commands": frozenset({"cli", "runner", "prepare", "stability", "dryrun", "resources"}),
 }
 ORDER = list(LAYERS)
 

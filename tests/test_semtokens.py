@@ -365,6 +365,43 @@ def test_training_stops_at_the_plateau_and_keeps_the_best_epoch(monkeypatch):
     assert (capped["epochs"], capped["best_epoch"], capped["hit_the_cap"]) == (2, 2, True)
 
 
+def test_the_rate_warms_up_over_the_first_epoch_and_halves_after_each_epoch_without_a_new_best(monkeypatch):
+    """The same scripted losses: 2 steps an epoch, so the rate is lr/2 then lr in epoch 1,
+    lr in epochs 2 and 3 (both follow an improvement), lr/2 in epoch 4 (epoch 3 did not
+    improve) and lr/4 in epoch 5 (epoch 4 improved by less than MIN_IMPROVEMENT). The
+    additive weights' group runs at ADDITIVE_LR times each. Fails if halving never happens,
+    happens after improving epochs, or the warm-up is skipped."""
+    model, tokens, texts, swapped = _dual_encoder_and_batch(16)
+    data = semtokens.TrainingSet(tokens, texts, {"relation": swapped})
+    script = iter([3.0, 2.0, 2.5, 1.9995, 2.2])
+    monkeypatch.setattr(semtokens, "validation_loss", lambda model, validation, batch: next(script))
+    rates = []
+
+    class Recording(torch.optim.AdamW):
+        def step(self, closure=None):
+            rates.append([group["lr"] for group in self.param_groups])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    semtokens.train(model, data, data, 1e-2, 8, 0, max_epochs=10, patience=3)
+    expected = [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+    assert [r[0] for r in rates] == pytest.approx([1e-2 * x for x in expected])
+    assert [r[-1] for r in rates] == pytest.approx([1e-2 * semtokens.ADDITIVE_LR * x for x in expected])
+
+
+def test_validation_runs_in_eval_mode(monkeypatch):
+    """A model left in training mode is switched to eval before its validation loss (no
+    dropout or other training-only behaviour in the number that picks the best epoch)."""
+    model, tokens, texts, swapped = _dual_encoder_and_batch(12)
+    data = semtokens.TrainingSet(tokens, texts, {"attribute": swapped})
+    modes = []
+    loss = model.loss
+    monkeypatch.setattr(model, "loss", lambda *args: modes.append(model.training) or loss(*args))
+    model.train()
+    semtokens.validation_loss(model, data, 6)
+    assert modes == [False, False]
+
+
 def test_validation_loss_is_the_training_loss_in_fixed_batches():
     model, tokens, texts, swapped = _dual_encoder_and_batch(12)
     data = semtokens.TrainingSet(tokens, texts, {"attribute": swapped})

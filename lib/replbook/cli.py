@@ -8,6 +8,7 @@
     replbook scoreboard            # only regenerate the scoreboard files
     replbook annotate --preset book  # write chapter 02's rationales (committed data)
     replbook dryrun 08 [--layers 1]  # the paper preset on its models built from their configs (random weights)
+    replbook resources [08]        # what a paper preset needs: memory, disk, time (computed from the configs)
 """
 from __future__ import annotations
 
@@ -78,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
                                                "local hub cache; outputs under runs/dryrun/, never results/")
     p_dry.add_argument("chapter", help="chapter number, e.g. 08")
     p_dry.add_argument("--layers", type=int, default=1, help="transformer layers of every model (default 1)")
+    p_res = sub.add_parser("resources", help="print what each chapter's paper preset needs (memory, disk, time), "
+                                             "computed from the paper models' configs")
+    p_res.add_argument("chapters", nargs="*", help="chapter numbers (default: the table of all)")
+    p_res.add_argument("--write-page", action="store_true", help="rewrite the table in book/how-to-run.md")
     p_annotate = sub.add_parser("annotate", help="write chapter 02's skill rationales (once; ~6 min on 2 cores)")
     p_annotate.add_argument("--preset", default="book", help="one of smoke, book, paper")
     args = parser.parse_args(argv)
@@ -121,6 +126,17 @@ def main(argv: list[str] | None = None) -> int:
             if args.layers < 1:
                 raise ValueError(f"--layers={args.layers}: at least 1")
             print(dryrun.record(dryrun.run(args.chapter, args.layers)))
+        elif args.command == "resources":
+            from . import resources
+            from .paths import notebook_for
+
+            if args.write_page:
+                changed = resources.update_page(repo_root() / "book" / "how-to-run.md")
+                print("book/how-to-run.md " + ("updated" if changed else "already current"))
+            elif args.chapters:
+                print("\n\n".join(resources.describe(notebook_for(c, repo_root()).stem) for c in args.chapters))
+            else:
+                print(resources.table())
         elif args.command == "annotate":
             from . import config, skillslices
 

@@ -1,0 +1,351 @@
+"""Resource cards: what each chapter's ``paper`` preset needs, computed from the paper
+models' public configurations (:mod:`replbook.architectures`) and the preset's own numbers
+(issue #29, item 2). Nothing here is measured on the paper's models: a card is arithmetic,
+each row with the formula that made it, so a reader can check it and a code change that
+moves a workload moves its card.
+
+Memory (decimal GB, 1e9 bytes):
+
+- **weights**: parameters × bytes of the precision the preset loads them in *today* (a
+  causal LM loads in float32 unless the chapter asks otherwise: ``models._from_pretrained``),
+  summed over the models held at once;
+- **training state** for the parameters a chapter trains: gradient (same precision) plus
+  AdamW's two moments in float32 (8 bytes);
+- **activations**: a transformer layer keeps ``s·b·h·(34 + 5·a·s/h)`` bytes for the backward
+  pass in 16-bit precision (Korthikanti et al. 2022, eq. 1; twice that in float32), only
+  where a chapter back-propagates through one; inference holds the **KV cache**,
+  ``2 · layers · kv_heads · head_dim · s · b`` values;
+- **disk**: the hub checkpoint (its parameters at the precision it is stored in) plus any
+  files the chapter writes (chapter 04's offloaded bitmaps).
+
+Time is a **lower bound**: ``2 · N · tokens`` FLOPs (``6 · N · tokens`` when training) at
+an H100's dense bf16 peak, 989 TFLOP/s; real runs are several times slower. Rows that no
+formula here covers say so ("not estimated"): a card never guesses.
+
+``replbook resources`` prints the cards; the how-to-run page carries their table between
+markers, and a test fails when it differs from what this module computes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import architectures
+
+GB = 1e9
+H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM (NVIDIA's data sheet)
+BYTES = architectures.BYTES
+
+
+@dataclass
+class Row:
+    what: str
+    formula: str
+    gigabytes: float | None  # None: not estimated
+
+
+@dataclass
+class Card:
+    chapter: str
+    device: str  # where the paper preset runs today
+    gpu: list[Row] = field(default_factory=list)  # what a GPU (or the CPU, when it runs there) holds at the peak
+    host: list[Row] = field(default_factory=list)  # host memory beyond that, as the preset loads
+    disk: list[Row] = field(default_factory=list)
+    flops: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def _total(rows: list[Row]) -> float | None:
+        known = [r.gigabytes for r in rows if r.gigabytes is not None]
+        return sum(known) if known else None
+
+    @property
+    def peak_gb(self) -> float | None:
+        return self._total(self.gpu)
+
+    @property
+    def host_gb(self) -> float | None:
+        return self._total(self.host)
+
+    @property
+    def disk_gb(self) -> float | None:
+        return self._total(self.disk)
+
+    @property
+    def partial(self) -> bool:
+        return any(r.gigabytes is None for r in self.gpu + self.host + self.disk)
+
+    @property
+    def hours_at_peak(self) -> float | None:
+        return None if self.flops is None else self.flops / H100_BF16_FLOPS / 3600
+
+
+def params(name: str) -> int:
+    return architectures.parameter_count(name)
+
+
+def weights(name: str, dtype: str, copies: int = 1) -> Row:
+    n = params(name)
+    label = architectures.architecture(name).hub_id
+    times = f"{copies} × " if copies > 1 else ""
+    return Row(f"{label} weights ({dtype})", f"{times}{n / 1e9:.3f} B params × {BYTES[dtype]} B",
+               copies * n * BYTES[dtype] / GB)
+
+
+def checkpoint(name: str) -> Row:
+    arch = architectures.architecture(name)
+    n = params(name)
+    return Row(f"{arch.hub_id} checkpoint", f"{n / 1e9:.3f} B params × {BYTES[arch.dtype]} B ({arch.dtype})",
+               n * BYTES[arch.dtype] / GB)
+
+
+def adamw_state(what: str, trained: int, dtype: str) -> Row:
+    per = BYTES[dtype] + 8
+    return Row(f"{what}: gradients + AdamW moments", f"{trained / 1e9:.3f} B trained × ({BYTES[dtype]} + 8) B",
+               trained * per / GB)
+
+
+def _text(config: dict) -> dict:
+    return config.get("text_config", config)
+
+
+def kv_cache(name: str, tokens: int, batch: int, dtype: str) -> Row:
+    c = _text(architectures.architecture(name).config)
+    layers, heads = c["num_hidden_layers"], c["num_attention_heads"]
+    kv_heads = c.get("num_key_value_heads", heads)
+    head_dim = c.get("head_dim", c["hidden_size"] // heads)
+    values = 2 * layers * kv_heads * head_dim * tokens * batch
+    return Row(f"KV cache, {tokens} tokens × batch {batch}",
+               f"2 × {layers} layers × {kv_heads} × {head_dim} × {tokens} × {batch} × {BYTES[dtype]} B",
+               values * BYTES[dtype] / GB)
+
+
+def activations(what: str, layers: int, hidden: int, heads: int, tokens: int, batch: int, dtype: str) -> Row:
+    """Korthikanti et al. (2022), eq. 1: s·b·h·(34 + 5·a·s/h) bytes per layer in 16 bits."""
+    per_layer = tokens * batch * hidden * (34 + 5 * heads * tokens / hidden)
+    scale = BYTES[dtype] / 2
+    return Row(f"{what}: activations for backward ({dtype})",
+               f"{layers} × {tokens}·{batch}·{hidden}·(34 + 5·{heads}·{tokens}/{hidden}) × {scale:g}",
+               layers * per_layer * scale / GB)
+
+
+def _preset(slug: str) -> dict:
+    from .paths import chapter_module, repo_root
+
+    return chapter_module(repo_root() / "notebooks" / f"{slug}.ipynb").PRESETS["paper"]
+
+
+def _mlp_params(name: str, layers: tuple[int, int]) -> int:
+    c = _text(architectures.architecture(name).config)
+    return 3 * c["hidden_size"] * c["intermediate_size"] * (layers[1] - layers[0])
+
+
+# ----------------------------------------------------------------------------- the cards
+
+
+def card(slug: str) -> Card:
+    build = CARDS.get(slug)
+    if build is None:
+        raise ValueError(f"chapter={slug!r}: no resource card; cards exist for {', '.join(sorted(CARDS))}")
+    return build(_preset(slug))
+
+
+def _zoo(p) -> Card:
+    c = Card("00_model_zoo", "CPU (no device parameter)")
+    biggest = max(p["language_models"], key=params)
+    c.gpu = [weights(biggest, "float32"), weights(p["sentence_model"], "float32")]
+    c.disk = [checkpoint(m) for m in [*p["language_models"], p["sentence_model"]]]
+    c.notes.append("one language model at a time; a few tokens each: seconds on any machine")
+    return c
+
+
+def _restor(p) -> Card:
+    c = Card("01_restor", "CPU (no device parameter)")
+    name = p["model_name"]
+    trained = _mlp_params(name, tuple(p["trainable_layers"]))
+    # the clean model, one corrupted copy per k of mix_k (the notebook keeps them all), the
+    # copy being unlearned, and the task vector's fine-tuned clone of every parameter
+    copies = 3 + len(p["mix_k"])
+    c.gpu = [weights(name, "float32", copies=copies),
+             adamw_state(f"MLPs of layers {p['trainable_layers'][0]}–{p['trainable_layers'][1]}", trained, "float32"),
+             Row("activations", "sequence length set by the retain documents", None)]
+    c.disk = [checkpoint(name)]
+    c.notes.append(f"as shipped it fine-tunes in float32 on the CPU and keeps {copies} copies of the model "
+                   "(clean, one corrupted per k, the one being unlearned, the task vector's): does not fit one GPU; "
+                   "bf16, LoRA or fewer copies would (issue #29)")
+    return c
+
+
+def _skillslices(p) -> Card:
+    c = Card("02_skill_slices", "CPU (no device parameter)")
+    biggest = max(p["models"], key=params)
+    c.gpu = [weights(biggest, "float32"), weights(p["sentence_model"], "float32")]
+    c.disk = [checkpoint(m) for m in dict.fromkeys([*p["models"], p["rationale_model"], p["sentence_model"]])]
+    c.notes.append("multiple-choice scoring and short rationales: inference only")
+    return c
+
+
+def _intcoop(p) -> Card:
+    c = Card("03_intcoop", "CPU (no device parameter)")
+    name = "timm/vit_base_patch16_clip_224.openai"
+    text = architectures.architecture(name).config["text_config"]
+    prompts = 11 * (10 // 2)  # eleven attribute prompts per base class, five base classes
+    c.gpu = [weights(name, "float32"),
+             activations(f"text tower over {prompts} prompts", text["num_hidden_layers"], text["hidden_size"],
+                         text["num_attention_heads"], text["max_position_embeddings"], prompts, "float32")]
+    c.disk = [checkpoint(name)]
+    c.notes.append("only the context vectors and the attribute head learn (a few thousand parameters)")
+    return c
+
+
+def _endor(p) -> Card:
+    c = Card("04_endor", p["device"])
+    names = p["model_names"]
+    sparsity = p["operating_sparsity"]
+    value_bits = 8 * BYTES[p["storage_dtype"]]
+    c.gpu = [Row("one decoder layer at a time, streamed from host or disk", "largest layer of the two models", None),
+             kv_cache(max(names, key=params), p["window"], 1, p["load_dtype"])]
+    c.host = [weights(n, p["load_dtype"], copies=2) for n in names]
+    c.disk = [checkpoint(n) for n in names] + [
+        Row(f"{architectures.architecture(n).hub_id} offloaded bitmaps at sparsity {sparsity}",
+            f"{params(n) / 1e9:.3f} B × (1 + {value_bits}·{1 - sparsity:g}) bits / 8",
+            params(n) * (1 + value_bits * (1 - sparsity)) / 8 / GB) for n in p["offload_model_names"]]
+    c.notes.append("as shipped both models and a pruned clone of each sit in host memory at once; one model at a "
+                   "time would halve it (issue #29)")
+    return c
+
+
+def _t2icomp(p) -> Card:
+    c = Card("05_t2i_composition", "CUDA when present")
+    backbone = {"stable-diffusion-v1-4": "CompVis/stable-diffusion-v1-4",
+                "stable-diffusion-2-1": "stabilityai/stable-diffusion-2-1"}.get(p["backbone"], p["backbone"])
+    c.gpu = [weights(backbone, "float16"),
+             Row(f"UNet activations, batch {p['sample_batch']} (sampling) and the optimised prompts' backward",
+                 "no transformer formula covers a UNet", None)]
+    c.disk = [checkpoint(backbone)]
+    return c
+
+
+def _mllmtrace(p) -> Card:
+    c = Card("06_mllm_tracing", "CPU (loads in bfloat16, never moved to a GPU)")
+    name = p["language_model"]
+    c.gpu = [weights(name, "bfloat16"), kv_cache(name, 600, 1, "bfloat16")]
+    c.disk = [checkpoint(name)]
+    c.notes.append("KV cache at ~600 tokens: 576 image patches at 336 px plus a short question")
+    return c
+
+
+def _drew(p) -> Card:
+    c = Card("07_drew", "CPU (its ViTs load without a device)")
+    names = {"dinov2-base": "facebook/dinov2-base", "clip-vit-l-14": "openai/clip-vit-large-patch14"}
+    c.gpu = [weights(names[e], "float32") for e in p["embedders"] if e in names]
+    c.disk = [checkpoint(names[e]) for e in p["embedders"] if e in names]
+    c.notes.append(f"{p['n_reference']} reference and {p['n_queries']} × {len(p['edits'])} query images embedded once; "
+                   "CLIP's whole checkpoint is counted, though the chapter keeps its image tower")
+    return c
+
+
+def _loki(p) -> Card:
+    c = Card("08_loki", "CUDA when present (device='auto')")
+    names = p["model_names"]
+    biggest = max(names, key=params)
+    longest = max(p["contexts"])
+    c.gpu = [weights(biggest, "bfloat16"), kv_cache(biggest, longest, 1, "bfloat16")]
+    c.disk = [checkpoint(n) for n in names]
+    tokens = p["window"] * (p["calibration_windows"] + p["evaluation_windows"])
+    c.flops = sum(2 * params(n) * tokens for n in names)
+    c.notes.append(f"one model at a time; the KV row is the timing sweep's longest context ({longest} tokens); the "
+                   "time counts the perplexity windows only, not the timing sweep's repeats")
+    return c
+
+
+def _vitdecomp(p) -> Card:
+    c = Card("09_vit_decompose", "CPU (no device parameter)")
+    names = [n for n in p["architectures"] if n in architectures.ARCHITECTURES]
+    clip = "timm/vit_base_patch16_clip_224.openai"
+    c.gpu = [weights(max(names, key=params), "float32"), weights(clip, "float32")]
+    c.disk = [checkpoint(n) for n in [*names, clip]]
+    c.notes.append("one ViT at a time; the probes and the CLIP alignment train a few linear maps")
+    return c
+
+
+def _semtokens(p) -> Card:
+    c = Card("10_semantic_tokens", "CPU (no device parameter)")
+    width, depth, heads = p["width"], p["depth"], p["heads"]
+    tokens = (p["image_size"] // p["patch"]) ** 2 + 1
+    encoder = 12 * width * width * depth  # attention (4 h²) + MLP (8 h²) per layer
+    c.gpu = [Row(f"image ViT ({depth} × {width}), float32", f"12 × {width}² × {depth} × 4 B", encoder * 4 / GB),
+             adamw_state("image ViT", encoder, "float32"),
+             activations(f"image ViT, batch {p['batch']}", depth, width, heads, tokens, p["batch"], "float32"),
+             weights(p["text_model"], "float32"),
+             Row("Mask R-CNN segmenter", "torchvision's COCO model, not in the architecture registry", None)]
+    c.disk = [checkpoint(p["text_model"]), Row("COCO 2017 train + val images and annotations", "the dataset's size",
+                                               None)]
+    c.flops = 6 * encoder * tokens * p["n_train"] * p["max_epochs"]
+    c.notes.append("trains a ViT-B from scratch at batch 512 in float32: the activations alone exceed one H200; "
+                   "mixed precision or gradient checkpointing would be needed (issue #29)")
+    return c
+
+
+CARDS = {"00_model_zoo": _zoo, "01_restor": _restor, "02_skill_slices": _skillslices, "03_intcoop": _intcoop,
+         "04_endor": _endor, "05_t2i_composition": _t2icomp, "06_mllm_tracing": _mllmtrace, "07_drew": _drew,
+         "08_loki": _loki, "09_vit_decompose": _vitdecomp, "10_semantic_tokens": _semtokens}
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def _gb(value: float | None, partial: bool = False) -> str:
+    if value is None:
+        return "not estimated"
+    return f"≥ {value:,.1f}" if partial else f"{value:,.1f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.2g} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.2g} min"
+    return f"{seconds / 3600:.2g} h"
+
+
+def table() -> str:
+    """The how-to-run page's table: one row per chapter."""
+    lines = ["| chapter | runs on (paper preset today) | device memory, GB | host memory beyond it, GB | disk, GB | "
+             "time at H100 peak | notes |", "|---|---|---|---|---|---|---|"]
+    for slug in CARDS:
+        c = card(slug)
+        partial_gpu = any(r.gigabytes is None for r in c.gpu)
+        hours = "—" if c.hours_at_peak is None else f"≥ {_duration(c.hours_at_peak * 3600)}"
+        lines.append(f"| {slug} | {c.device} | {_gb(c.peak_gb, partial_gpu)} | {_gb(c.host_gb) if c.host else '—'} | "
+                     f"{_gb(c.disk_gb, any(r.gigabytes is None for r in c.disk))} | {hours} | {'; '.join(c.notes)} |")
+    return "\n".join(lines)
+
+
+def describe(slug: str) -> str:
+    """One card in full, every row with its formula."""
+    c = card(slug)
+    out = [f"{slug} — paper preset, runs on: {c.device}"]
+    for title, rows in (("device memory", c.gpu), ("host memory", c.host), ("disk", c.disk)):
+        for r in rows:
+            out.append(f"  {title:13} {_gb(r.gigabytes):>14}  {r.what}  [{r.formula}]")
+    if c.hours_at_peak is not None:
+        out.append(f"  {'time':13} ≥ {_duration(c.hours_at_peak * 3600)} at {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s")
+    out += [f"  note: {n}" for n in c.notes]
+    return "\n".join(out)
+
+
+BEGIN, END = "<!-- resource cards: begin (replbook.resources.table) -->", "<!-- resource cards: end -->"
+
+
+def update_page(path) -> bool:
+    """Write the table between the markers of ``path``; True when it changed."""
+    from pathlib import Path
+
+    path = Path(path)
+    text = path.read_text()
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    new = f"{head}{BEGIN}\n{table()}\n{END}{tail}"
+    if new != text:
+        path.write_text(new)
+    return new != text
