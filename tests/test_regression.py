@@ -49,8 +49,9 @@ def committed(slug: str) -> dict:
 # guard by hand — `make nbval-by-hand` — and recorded in results/guard/by_hand_reruns.json
 # with a fingerprint of everything the outcome depends on (by_hand_fingerprint). CI checks
 # that the record is current and says every cell and the guard passed; any change to the
-# chapter's code, its committed notebook, results or references, the comparison's rules or
-# the pinned dependencies makes it stale, and the test fails until the rerun is recorded again.
+# chapter's code, its committed notebook's code cells and outputs (not its prose: executed_cells),
+# results or references, the comparison's rules or the pinned dependencies makes it stale, and the
+# test fails until the rerun is recorded again.
 BY_HAND = ("01_restor", "02_skill_slices", "06_mllm_tracing", "07_drew", "10_semantic_tokens")
 BY_HAND_RECORD = ROOT / "results" / "guard" / "by_hand_reruns.json"
 RECORDING_BY_HAND = os.environ.get("REPLBOOK_RECORD_BY_HAND") == "1"
@@ -60,9 +61,23 @@ BY_HAND_INPUTS = ("lib/replbook/config.py", "lib/replbook/paths.py", "lib/replbo
                   "tests/nbval_sanitize.cfg", "requirements.txt", "requirements-nodeps.txt", "pyproject.toml")
 
 
+def executed_cells(notebook: Path) -> bytes:
+    """What of a committed notebook decides its rerun under nbval: each code cell's source,
+    tags (``nbval-ignore-output`` and the like) and outputs. Markdown, execution counts and
+    timing metadata never do, so a fix to a chapter's prose does not make its by-hand record
+    stale (re-recording 01, 02, 06, 07 and 10 takes hours)."""
+    nb = json.loads(notebook.read_bytes())
+    cells = [{"source": "".join(c["source"]) if isinstance(c["source"], list) else c["source"],
+              "tags": c.get("metadata", {}).get("tags", []), "outputs": c.get("outputs", [])}
+             for c in nb["cells"] if c["cell_type"] == "code"]
+    return json.dumps(cells, sort_keys=True).encode()
+
+
 def by_hand_fingerprint(slug: str) -> str:
     digest = hashlib.sha256(results.code_version(slug, ROOT).encode())
-    files = [ROOT / "notebooks" / f"{slug}.ipynb", ROOT / "results" / f"{slug}.json",
+    notebook = ROOT / "notebooks" / f"{slug}.ipynb"
+    digest.update(b"\0" + str(notebook.relative_to(ROOT)).encode() + b"\0" + executed_cells(notebook))
+    files = [ROOT / "results" / f"{slug}.json",
              *sorted(numerics.reference_dir(ROOT).glob(f"*/{slug}.json")), *(ROOT / p for p in BY_HAND_INPUTS)]
     for path in files:
         digest.update(b"\0" + str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
@@ -132,6 +147,29 @@ def test_a_stale_by_hand_record_is_refused(monkeypatch):
     assert by_hand_fingerprint(slug) != before
     with pytest.raises(AssertionError, match="stale|has no record"):
         check_by_hand_record(slug)
+
+
+def test_a_by_hand_record_follows_code_cells_and_outputs_not_prose(tmp_path):
+    """Editing a markdown cell keeps the notebook's part of the fingerprint; editing a code
+    cell's source, its output or its nbval tags moves it."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# prose"), nbformat.v4.new_code_cell("1 + 1")])
+    nb.cells[1].outputs = [nbformat.v4.new_output("execute_result", {"text/plain": "2"}, execution_count=1)]
+    path = tmp_path / "nb.ipynb"
+
+    def digest(edit=lambda nb: None):
+        copy = nbformat.from_dict(json.loads(json.dumps(nb)))
+        edit(copy)
+        nbformat.write(copy, path)
+        return executed_cells(path)
+
+    base = digest()
+    assert digest(lambda nb: setattr(nb.cells[0], "source", "# better prose")) == base
+    assert digest(lambda nb: nb.cells[1].metadata.update(execution={"iopub.status.busy": "now"})) == base
+    assert digest(lambda nb: setattr(nb.cells[1], "source", "1 + 2")) != base
+    assert digest(lambda nb: nb.cells[1].outputs[0]["data"].update({"text/plain": "3"})) != base
+    assert digest(lambda nb: nb.cells[1].metadata.update(tags=["nbval-ignore-output"])) != base
 
 
 def test_every_committed_result_declares_tolerances_covering_every_number():

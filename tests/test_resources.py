@@ -74,3 +74,19 @@ def test_the_cli_prints_a_card_with_its_formulas(capsys):
     out = capsys.readouterr().out
     assert out.startswith("08_loki") and "KV cache, 16384 tokens" in out and "[2 × 40 layers × 40 × 128" in out
     assert cli.main(["resources", "99"]) == 2
+
+
+def test_a_70b_model_is_spread_over_fake_gpus_within_their_budgets():
+    """Accelerate's device_map="auto" planned on the meta device (no GPU here): every
+    weight is placed once, no GPU gets more than its budget less the reserve, and what
+    does not fit goes to host memory before disk."""
+    from replbook import architectures
+
+    total = architectures.weight_bytes("meta-llama/Llama-2-70b-hf") / 1e9
+    two = resources.device_plan("llama2-70b", gpus=2, gpu_gb=80)
+    assert set(two) == {"cuda:0", "cuda:1"} and sum(two.values()) == pytest.approx(total, rel=1e-6)
+    assert all(gb <= 80 - 2.0 for gb in two.values())
+    one = resources.device_plan("llama2-70b", gpus=1, gpu_gb=80, cpu_gb=40)
+    assert list(one) == ["cuda:0", "cpu", "disk"] and one["cpu"] <= 40 and sum(one.values()) == pytest.approx(total)
+    with pytest.raises(ValueError, match="gpu_gb"):
+        resources.device_plan("llama2-70b", gpus=1, gpu_gb=1)

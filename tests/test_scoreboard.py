@@ -47,3 +47,30 @@ def test_the_scoreboard_says_where_the_guard_waits_for_another_familys_numbers(t
     page = scoreboard.markdown(fake, root=tmp_path)
     assert f"{fake[0]['slug'][:2]} on x86_64-amd (since " in page and "pending" in page
     assert "pending" not in scoreboard.markdown(fake, root=tmp_path, brief=True)
+
+
+def test_a_failed_scoreboard_write_leaves_the_old_readme_whole(tmp_path, monkeypatch):
+    """The README is replaced by a rename, never rewritten in place: a write that fails
+    half-way (or a second run publishing at the same moment) cannot leave it torn."""
+    import json
+    import os
+
+    import pytest
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    fake = {**_fake()[0], "config": {"preset": "book"}, "metrics": {}, "tolerances": []}
+    (folder / "07_drew.json").write_text(json.dumps(fake))
+    readme = tmp_path / "README.md"
+    old = f"intro\n{scoreboard.README_START}\nold\n{scoreboard.README_END}\noutro\n"
+    readme.write_text(old)
+
+    def broken(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError, match="disk full"):
+        scoreboard.update_readme(readme, folder)
+    assert readme.read_text() == old and sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "results"]
+    monkeypatch.undo()
+    assert scoreboard.update_readme(readme, folder) and "07 DREW" in readme.read_text()

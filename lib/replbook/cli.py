@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
                                              "computed from the paper models' configs")
     p_res.add_argument("chapters", nargs="*", help="chapter numbers (default: the table of all)")
     p_res.add_argument("--write-page", action="store_true", help="rewrite the table in book/how-to-run.md")
+    p_res.add_argument("--spread", metavar="MODEL", help="plan device_map='auto' for a model over --gpus GPUs")
+    p_res.add_argument("--gpus", type=int, default=1, help="GPUs for --spread (default 1)")
+    p_res.add_argument("--gpu-gb", type=float, default=80.0, help="memory per GPU for --spread (default 80)")
+    p_res.add_argument("--cpu-gb", type=float, default=0.0, help="host memory --spread may use (default 0)")
     p_annotate = sub.add_parser("annotate", help="write chapter 02's skill rationales (once; ~6 min on 2 cores)")
     p_annotate.add_argument("--preset", default="book", help="one of smoke, book, paper")
     args = parser.parse_args(argv)
@@ -130,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             from . import resources
             from .paths import notebook_for
 
-            if args.write_page:
+            if args.spread:
+                plan = resources.device_plan(args.spread, args.gpus, args.gpu_gb, cpu_gb=args.cpu_gb)
+                print("\n".join(f"{device:>8}  {gb:8.1f} GB" for device, gb in plan.items()))
+            elif args.write_page:
                 changed = resources.update_page(repo_root() / "book" / "how-to-run.md")
                 print("book/how-to-run.md " + ("updated" if changed else "already current"))
             elif args.chapters:

@@ -334,6 +334,43 @@ def describe(slug: str) -> str:
     return "\n".join(out)
 
 
+# ----------------------------------------------------------------------------- spreading a model
+
+
+def device_plan(name: str, gpus: int, gpu_gb: float, dtype: str | None = None, cpu_gb: float = 0.0,
+                reserve_gb: float = 2.0) -> dict[str, float]:
+    """How Accelerate's ``device_map="auto"`` would spread ``name`` (at ``dtype``, default
+    the paper's) over ``gpus`` GPUs of ``gpu_gb`` each, keeping ``reserve_gb`` per GPU free
+    for activations and the KV cache, then over ``cpu_gb`` of host memory, then disk: the
+    gigabytes of weights on each device. Planned on the meta device (no memory, no GPU),
+    with the ``max_memory`` a reader would pass to ``from_pretrained``."""
+    import logging
+
+    import torch
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import compute_module_sizes
+
+    if gpus < 0 or gpu_gb <= reserve_gb:
+        raise ValueError(f"gpus={gpus}, gpu_gb={gpu_gb}: need gpus ≥ 0 and gpu_gb > reserve_gb={reserve_gb}")
+    dtype = dtype or architectures.architecture(name).dtype
+    model = architectures.build(name, device="meta")
+    budget = {i: (gpu_gb - reserve_gb) * GB for i in range(gpus)}
+    budget["cpu"] = cpu_gb * GB
+    quiet = logging.getLogger("accelerate.utils.modeling")
+    level, quiet.level = quiet.level, logging.ERROR  # it warns that the planned GPUs are absent here
+    try:
+        plan = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=model._no_split_modules,
+                                     dtype=getattr(torch, dtype))
+    finally:
+        quiet.setLevel(level)
+    sizes = compute_module_sizes(model, dtype=getattr(torch, dtype))
+    placed: dict[str, float] = {}
+    for module, device in plan.items():
+        key = f"cuda:{device}" if isinstance(device, int) else str(device)
+        placed[key] = placed.get(key, 0.0) + sizes[module] / GB
+    return placed
+
+
 BEGIN, END = "<!-- resource cards: begin (replbook.resources.table) -->", "<!-- resource cards: end -->"
 
 

@@ -63,10 +63,27 @@ def pending_note(results: list[dict[str, Any]], root: Path | None = None) -> str
             + "; ".join(waiting) + ".\n")
 
 
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling and a rename, so a reader (or a
+    second run publishing at the same time, as the tasks of a cluster array do) never sees
+    a half-written file, and a failed write leaves the old one."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def write_page(out: Path, results_folder: Path | None = None) -> Path:
     """Write the included scoreboard file of the landing page."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown(load_all(results_folder), root=Path(results_folder).parent if results_folder else None))
+    _replace(out, markdown(load_all(results_folder), root=Path(results_folder).parent if results_folder else None))
     return out
 
 
@@ -86,5 +103,5 @@ def update_readme(readme: Path, results_folder: Path | None = None) -> bool:
     new = pattern.sub(lambda _: readme_block(load_all(results_folder)), text)
     changed = new != text
     if changed:
-        readme.write_text(new)
+        _replace(readme, new)
     return changed
