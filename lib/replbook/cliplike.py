@@ -266,23 +266,21 @@ class OpenClip:
 
 
 def cached_features(model, images: np.ndarray, progress: str | None = None) -> np.ndarray:
-    """``model.image_features(images)``, cached outside the repo under a hash of the
-    images, the model's feature key and the code that computes the features."""
+    """``model.image_features(images)``, cached outside the repo (checksummed, rebuilt when
+    damaged: :func:`replbook.paths.cached_torch`) under a hash of the images, the model's
+    feature key and the code of this module (chapters 03 and 09)."""
     import hashlib
     import sys
 
-    from .paths import cache_dir, code_hash
+    import torch
 
-    digest = hashlib.sha256(np.ascontiguousarray(images).tobytes() + model.feature_key.encode()
-                            + code_hash(sys.modules[__name__]).encode()).hexdigest()[:20]
-    path = cache_dir("cliplike") / f"{digest}.npy"
-    if path.exists():
-        return np.load(path)
-    features = model.image_features(images, progress=progress)
-    partial = path.with_suffix(".tmp.npy")
-    np.save(partial, features)
-    partial.replace(path)
-    return features
+    from .paths import cached_torch, code_hash
+
+    key = (hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
+           + f" {images.shape} {model.feature_key} {code_hash(sys.modules[__name__])}")
+    features, _ = cached_torch("clip-features", key,
+                               lambda: torch.as_tensor(model.image_features(images, progress=progress)))
+    return features.numpy()
 
 
 CLIPS = ("cliplike", "clip-vit-b-16", "tiny-open-clip")

@@ -467,18 +467,8 @@ def measured_attributes(images: np.ndarray) -> np.ndarray:
     return dominant_colour(images)
 
 
-def cached_features(model, images: np.ndarray, progress: str | None = None) -> np.ndarray:
-    """``model.image_features(images)``, cached outside the repo (checksummed, rebuilt when
-    damaged: :func:`replbook.paths.cached_torch`) under a hash of the images and the
-    model's feature key (which names the code that computes the features)."""
-    import hashlib
-
-    from .paths import cached_torch
-
-    key = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest() + f" {images.shape} {model.feature_key}"
-    features, _ = cached_torch("intcoop-features", key,
-                               lambda: torch.as_tensor(model.image_features(images, progress=progress)))
-    return features.numpy()
+# image features of either joint model, cached and checksummed (shared with chapter 09)
+cached_features = cliplike.cached_features
 
 
 def align_clip(model, datasets: list[Dataset], seed: int, progress: bool = True):
