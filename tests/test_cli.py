@@ -78,6 +78,7 @@ def fake_papermill(monkeypatch):
     monkeypatch.setattr(papermill, "execute_notebook", execute)
     monkeypatch.setattr(runner, "notebook_parameters", lambda path: ["seed", "fail"])
     monkeypatch.setattr(runner, "check_parameters", lambda *a: None)  # "fail" is this stand-in's own parameter
+    monkeypatch.setattr(runner, "busy_share", lambda: 0.0)  # no second of sampling per published run
     return calls
 
 
@@ -97,6 +98,26 @@ def test_only_a_finished_book_run_without_overrides_is_published(book, fake_pape
     assert "duration" not in (book / "notebooks" / "00_model_zoo.ipynb").read_text()  # cleaned of timings
     assert runner.run("00", "book", {"seed": 3}, root=book, publish=True) == book / "notebooks" / "00_model_zoo.ipynb"
     assert not [p for p in (book / "runs").iterdir() if p.name.startswith(".staging")], "staging folder left behind"
+
+
+def test_busy_share_is_the_machines_busy_ticks_over_its_ticks():
+    ticks = iter([(100, 1000), (160, 1100)])
+    assert runner.busy_share(0, times=lambda: next(ticks)) == pytest.approx(0.6)
+    assert runner.busy_share(0, times=lambda: None) == 0.0
+    busy, total = runner._cpu_times()
+    assert 0 <= busy <= total
+
+
+def test_a_published_run_started_on_a_busy_machine_says_its_runtime_includes_the_wait(book, fake_papermill,
+                                                                                     monkeypatch, capsys):
+    monkeypatch.setattr(runner, "busy_share", lambda: 0.9)
+    runner.run("00", "smoke", root=book)
+    assert "busy" not in capsys.readouterr().err, "only a published run's runtime is recorded"
+    runner.run("00", "book", root=book)
+    assert "90% busy before 00_model_zoo starts" in capsys.readouterr().err
+    monkeypatch.setattr(runner, "busy_share", lambda: 0.1)
+    runner.run("00", "book", root=book)
+    assert "busy" not in capsys.readouterr().err
 
 
 def test_smoke_and_book_runs_are_offline_and_the_paper_preset_may_reach_the_hub(book, fake_papermill, monkeypatch):

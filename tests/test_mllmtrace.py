@@ -81,6 +81,110 @@ def test_rank_one_update_meets_its_constraint_and_spares_c_orthogonal_keys():
     assert torch.allclose(w2 @ x, w @ x, atol=1e-4)
 
 
+def test_batched_update_meets_every_constraint_equals_rome_for_one_key_and_spares_c_orthogonal_keys():
+    torch.manual_seed(0)
+    w = torch.randn(8, 16)
+    c = mllmtrace.key_covariance(torch.randn(200, 16))
+    keys, values = torch.randn(5, 16), torch.randn(5, 8)
+    w2 = mllmtrace.batched_update(w, keys, values, c)
+    # all five facts hold at once (editing them one after another would keep only the last)
+    assert torch.allclose(keys @ w2.T, values, atol=1e-4)
+    assert torch.linalg.matrix_rank(w2 - w) == 5
+    assert torch.allclose(mllmtrace.batched_update(w, keys[:1], values[:1], c),
+                          mllmtrace.rank_one_update(w, keys[0], values[0], c), atol=1e-5)
+    # a key x with xᵀ C⁻¹ K = 0 is mapped as before
+    c_inv_k = torch.linalg.solve(c, keys.T)  # (16, 5)
+    x = torch.randn(16)
+    x = x - c_inv_k @ torch.linalg.lstsq(c_inv_k, x[:, None]).solution[:, 0]
+    assert torch.allclose(w2 @ x, w @ x, atol=1e-4)
+    # and it is the smallest such change in the C-weighted norm: another change meeting the
+    # constraints (plus anything that maps every key to 0) is larger
+    other = w2 + torch.randn(8, 16) @ (torch.eye(16) - keys.T @ torch.linalg.pinv(keys.T))
+    assert torch.allclose(keys @ other.T, values, atol=1e-3)
+    norm = lambda d: torch.trace(d @ c @ d.T)
+    assert norm(w2 - w) < norm(other - w)
+
+
+def test_a_last_layer_edit_acts_only_at_the_final_position(prompt):
+    """C3's comparator: in a causal decoder nothing reads the last layer's output at an
+    earlier position, so an edit there cannot move the answer; at the final position it can."""
+    model, embeds, positions, _ = prompt
+    last_layer = len(mllmtrace.layers(model)) - 1
+    mlp = mllmtrace.layers(model)[last_layer].mlp
+    before = model(inputs_embeds=embeds).logits[:, -1].detach()
+
+    def shifted_at(position):
+        def hook(_m, _i, output):
+            out = output.clone()
+            out[:, position] += 10.0
+            return out
+        handle = mlp.register_forward_hook(hook)
+        try:
+            return model(inputs_embeds=embeds).logits[:, -1].detach()
+        finally:
+            handle.remove()
+
+    last_visual = mllmtrace.edit_positions(positions, "constraint")
+    assert last_visual.tolist() == [6, 6]
+    assert torch.equal(shifted_at(6), before)
+    final = mllmtrace.edit_positions(positions, "final")
+    assert final.tolist() == [embeds.shape[1] - 1] * 2
+    assert not torch.allclose(shifted_at(embeds.shape[1] - 1), before)
+    arms = mllmtrace.edit_arms([0, 1], early_layer=0)
+    assert ("rank-one", 1, "final") in arms and ("fine-tune", 0, "constraint") in arms
+    assert [a for a in arms if a[0] == "rank-one" and a[2] == "constraint"] == [("rank-one", 0, "constraint"),
+                                                                                 ("rank-one", 1, "constraint")]
+    with pytest.raises(ValueError, match="site='first'"):
+        mllmtrace.edit_positions(positions, "first")
+
+
+def test_multedit_reads_keys_at_the_last_visual_token_and_inserts_every_fact_in_one_update(tiny_llama):
+    from replbook import config
+
+    cfg = config.resolve(mllmtrace.PRESETS, "smoke", value_steps=5)
+    model = tiny_llama.model.eval()
+    wrapper = mllmtrace.MiniLlava(model, tiny_llama.tokenizer, 8)
+    vlm = mllmtrace.VisionLanguageModel(wrapper, None, True, "")
+    template = ("The capital of", " is")
+    generator = torch.Generator().manual_seed(0)
+    cases = [mllmtrace.EditCase(i, 90 + i, f, f) for i, f in enumerate(torch.randn(3, 1, 4, 8, generator=generator))]
+    embeds, _ = wrapper.embed(torch.cat([c.edit_features for c in cases]), *template)
+    head = len(tiny_llama.tokenizer(template[0], add_special_tokens=False).input_ids)
+    layer = 1
+    inputs = mllmtrace.projection_inputs(model, layer, embeds.detach())
+    keys, values = mllmtrace.edit_keys_and_values(vlm, cases, layer, cfg, template)
+    # the key is the projection input at the *last* of the 4 visual tokens, not the first
+    assert torch.allclose(keys, inputs[:, head + 3], atol=1e-6)
+    assert not torch.allclose(keys, inputs[:, head], atol=1e-3)
+    final_keys, _ = mllmtrace.edit_keys_and_values(vlm, cases, layer, cfg, template, site="final")
+    assert torch.allclose(final_keys, inputs[:, -1], atol=1e-6)
+    weight = mllmtrace.output_projection(mllmtrace.layers(model)[layer]).weight.detach().clone()
+    c = mllmtrace.key_covariance(torch.randn(400, weight.shape[1], generator=torch.Generator().manual_seed(1)))
+    original = mllmtrace.rank_one_edit(vlm, cases, layer, c, cfg, template=template)
+    try:
+        # one update holds every case's fact: each key now gives its own value
+        outputs = mllmtrace.record(model, embeds.detach(), "mlp")[layer][:, head + 3]
+        assert torch.allclose(outputs, values, atol=1e-3)
+    finally:
+        mllmtrace.undo_edit(model, layer, original)
+    # the same with values far from what the MLP gives now (the optimized ones move little
+    # in 5 steps): facts applied one after another, or only the last, would fail here
+    far = values + 3 * torch.randn(values.shape, generator=generator)
+    original = mllmtrace.edit_mlp(model, layer, keys, far, c)
+    try:
+        outputs = mllmtrace.record(model, embeds.detach(), "mlp")[layer][:, head + 3]
+        assert torch.allclose(outputs, far, atol=1e-3)
+    finally:
+        mllmtrace.undo_edit(model, layer, original)
+    assert torch.equal(mllmtrace.output_projection(mllmtrace.layers(model)[layer]).weight, weight)
+
+
+def test_mid_edit_layer_is_the_middle_one_neither_early_nor_last():
+    assert mllmtrace.mid_edit_layer([0, 5, 15, 29], 30, early=0) == 15
+    assert mllmtrace.mid_edit_layer([0, 5, 15, 29], 30, early=15) == 5
+    assert mllmtrace.mid_edit_layer([0, 1], 2, early=0) is None
+
+
 def test_edit_makes_the_model_give_the_new_answer_and_undo_restores_it(prompt):
     model, embeds, positions, _ = prompt
     embeds = embeds[:1]
@@ -184,6 +288,37 @@ def test_effect_center_and_its_bootstrap_difference():
     assert same[0] == 0
 
 
+def test_effects_within_the_noise_floor_do_not_place_a_causal_layer():
+    """C1 compared effect-weighted mean layers over every layer, so a trace that is noise
+    everywhere still had a mean layer, and a few thousandths at late layers moved a real one."""
+    corrupted = np.zeros(4)
+    rng = np.random.default_rng(0)
+    noise_only = mllmtrace.Trace("attn", 1, np.ones(4), corrupted, rng.uniform(-0.004, 0.004, (6, 4)), floor=0.01)
+    assert not np.isnan(mllmtrace.effect_center(noise_only.restored, corrupted))  # what the old rule saw
+    assert np.isnan(mllmtrace.effect_center(noise_only.restored, corrupted, noise_only.floor))
+    real = mllmtrace.Trace("mlp", 1, np.ones(4), corrupted, np.zeros((6, 4)), floor=0.01)
+    real.restored[1] = 0.8
+    real.restored[5] = 0.008  # within the floor
+    assert mllmtrace.effect_center(real.restored, corrupted) > 1.0
+    assert mllmtrace.effect_center(real.restored, corrupted, real.floor) == pytest.approx(1.0)
+    point, low, high = mllmtrace.center_difference(noise_only, real, 50, seed=0)
+    assert np.isnan(point) and np.isnan(high) and not high < 0  # "earlier" cannot pass on noise
+
+
+def test_trace_setting_averages_noise_draws_and_its_floor_is_how_far_a_redraw_moves_the_effect(prompt):
+    model, embeds, positions, answers = prompt
+    prompts = mllmtrace.Prompts([(embeds, positions, answers, np.array([0, 1]))])
+    sigma = float(embeds[positions].std())
+    one = [mllmtrace.causal_trace(model, embeds, mllmtrace.noise_corrupt(embeds, positions, 3 * sigma, 5 + 1000 * d),
+                                  positions, answers, "mlp", 1) for d in range(2)]
+    trace = mllmtrace.trace_setting(model, prompts, "mlp", 1, 3.0, seed=5, draws=2)
+    assert np.allclose(trace.restored, (one[0].restored + one[1].restored) / 2, atol=1e-6)
+    assert np.allclose(trace.corrupted, (one[0].corrupted + one[1].corrupted) / 2, atol=1e-6)
+    assert trace.floor == pytest.approx(np.abs(one[0].effect - one[1].effect).max(), abs=1e-6) and trace.floor > 0
+    single = mllmtrace.trace_setting(model, prompts, "mlp", 1, 3.0, seed=5, draws=1)
+    assert single.floor == 0 and np.allclose(single.restored, one[0].restored, atol=1e-6)
+
+
 def test_a_rank_one_edit_through_the_wrapper_raises_the_target_and_undo_restores_the_model(tiny_llama):
     from replbook import config
 
@@ -202,7 +337,7 @@ def test_a_rank_one_edit_through_the_wrapper_raises_the_target_and_undo_restores
     before = mllmtrace.answer_probability(model, embeds, targets)
     weight = mllmtrace.output_projection(mllmtrace.layers(model)[0]).weight.detach().clone()
     keys = torch.randn(400, weight.shape[1], generator=torch.Generator().manual_seed(1))
-    original = mllmtrace.rank_one_edit(vlm, case, 0, mllmtrace.key_covariance(keys), cfg, template=short)
+    original = mllmtrace.rank_one_edit(vlm, [case], 0, mllmtrace.key_covariance(keys), cfg, template=short)
     assert (mllmtrace.answer_probability(model, embeds, targets) > before * 1.1).all()
     mllmtrace.undo_edit(model, 0, original)
     assert torch.equal(mllmtrace.output_projection(mllmtrace.layers(model)[0]).weight, weight)
@@ -236,7 +371,7 @@ def test_paper_preset_runs_on_a_tiny_llava(tiny_llava_folder, tmp_path, results_
 
     notebook = repo_root() / "notebooks" / "06_mllm_tracing.ipynb"
     small = {"n_countries": 6, "require_known": False, "single_token_names": False, "image_size": 32,
-             "train_views": 1, "test_views": 1, "n_trace": 4, "attention_layers": 1, "ablate_k": [1, 2],
+             "train_views": 1, "test_views": 1, "n_trace": 4, "noise_draws": 2, "attention_layers": 1, "ablate_k": [1, 2],
              "ablation_draws": 2, "n_edits": 2, "edit_layers": [0, 1], "edit_views": 1, "value_steps": 2,
              "finetune_steps": 2, "covariance_text": "synthetic", "covariance_tokens": 512, "bootstrap": 20,
              "threads": 2}

@@ -57,6 +57,19 @@ def test_a_card_follows_its_preset(monkeypatch):
     assert resources.card("01_restor").gpu[0].gigabytes == pytest.approx(one_k * 4 / 7)
 
 
+
+def test_chapter_03s_prompt_count_comes_from_its_colours_and_classes():
+    """The text tower's activations are sized for one prompt per colour per base class of
+    the largest dataset, read from the code (a typed 11 × 5 would not follow a new colour)."""
+    from replbook import cliplike, intcoop
+
+    row = resources.card("03_intcoop").gpu[1]
+    datasets = [intcoop.Dataset(name, list(classes), *[None] * 6)
+                for name, classes in (("cifar10", range(10)), ("fashion-tinted", range(10)))]
+    expected = len(cliplike.COLOURS) * max(len(d.base) for d in datasets)
+    assert f"over {expected} prompts" in row.what
+
+
 def test_the_how_to_run_page_shows_the_current_table(tmp_path):
     page = (ROOT / "book" / "how-to-run.md").read_text()
     assert f"{resources.BEGIN}\n{resources.table()}\n{resources.END}" in page, \

@@ -143,6 +143,20 @@ def _with_depth(config: dict, layers: int | None) -> dict:
     return out
 
 
+# the transformers config class of each plain family (its numbers are the class's keyword
+# arguments); the composite families nest configs and are built in config_of
+PLAIN_CONFIGS = {"llama": "LlamaConfig", "opt": "OPTConfig", "gemma3": "Gemma3TextConfig", "bert": "BertConfig",
+                 "clip-text": "CLIPTextConfig", "dinov2": "Dinov2Config", "vit": "ViTConfig"}
+# diffusers models: their config is the keyword arguments themselves
+DIFFUSERS_FAMILIES = ("sd-unet", "sd-vae")
+# the model class built from a config, where the Auto classes do not pick it: diffusers
+# models, and composites whose Auto class would be a different head
+MODEL_CLASSES = {"sd-unet": "UNet2DConditionModel", "sd-vae": "AutoencoderKL",
+                 "llava": "LlavaForConditionalGeneration", "clip": "CLIPModel", "clip-text": "CLIPTextModel"}
+# built with their language-model head (the rest: AutoModel, the bare encoder)
+CAUSAL_FAMILIES = ("llama", "opt", "gemma3")
+
+
 def config_of(name: str, layers: int | None = None):
     """The transformers/diffusers config object (or, for diffusers models, the keyword
     arguments) of ``name``, at most ``layers`` transformer layers deep when given."""
@@ -151,14 +165,10 @@ def config_of(name: str, layers: int | None = None):
     arch = architecture(name)
     numbers = _with_depth(arch.config, layers)
     family = arch.family
-    if family == "llama":
-        return transformers.LlamaConfig(**numbers)
-    if family == "opt":
-        return transformers.OPTConfig(**numbers)
-    if family == "gemma3":
-        return transformers.Gemma3TextConfig(**numbers)
-    if family == "bert":
-        return transformers.BertConfig(**numbers)
+    if family in PLAIN_CONFIGS:
+        return getattr(transformers, PLAIN_CONFIGS[family])(**numbers)
+    if family in DIFFUSERS_FAMILIES:
+        return numbers
     if family == "llava":
         return transformers.LlavaConfig(text_config=transformers.LlamaConfig(**numbers["text_config"]),
                                         vision_config=transformers.CLIPVisionConfig(**numbers["vision_config"]),
@@ -166,14 +176,6 @@ def config_of(name: str, layers: int | None = None):
     if family == "clip":
         return transformers.CLIPConfig(text_config=numbers["text_config"], vision_config=numbers["vision_config"],
                                        projection_dim=numbers["projection_dim"])
-    if family == "clip-text":
-        return transformers.CLIPTextConfig(**numbers)
-    if family == "dinov2":
-        return transformers.Dinov2Config(**numbers)
-    if family == "vit":
-        return transformers.ViTConfig(**numbers)
-    if family in ("sd-unet", "sd-vae"):
-        return numbers
     raise ValueError(f"{name!r}: family {family!r} is a pipeline; build its parts")
 
 
@@ -192,21 +194,13 @@ def build(name: str, layers: int | None = None, device: str = "meta", dtype: str
     torch_dtype = getattr(torch, dtype or "float32")
 
     def make():
-        if arch.family == "sd-unet":
-            from diffusers import UNet2DConditionModel
-            return UNet2DConditionModel(**config)
-        if arch.family == "sd-vae":
-            from diffusers import AutoencoderKL
-            return AutoencoderKL(**config)
-        if arch.family == "llava":
-            return transformers.LlavaForConditionalGeneration(config)
-        if arch.family == "clip":
-            return transformers.CLIPModel(config)
-        if arch.family == "clip-text":
-            return transformers.CLIPTextModel(config)
-        if arch.family in ("llama", "opt", "gemma3"):
-            return transformers.AutoModelForCausalLM.from_config(config)
-        return transformers.AutoModel.from_config(config)
+        if arch.family in DIFFUSERS_FAMILIES:
+            import diffusers
+            return getattr(diffusers, MODEL_CLASSES[arch.family])(**config)
+        if arch.family in MODEL_CLASSES:
+            return getattr(transformers, MODEL_CLASSES[arch.family])(config)
+        auto = transformers.AutoModelForCausalLM if arch.family in CAUSAL_FAMILIES else transformers.AutoModel
+        return auto.from_config(config)
 
     if device != "meta":
         return make().to(torch_dtype)

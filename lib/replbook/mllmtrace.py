@@ -138,6 +138,8 @@ class Trace:
     clean: np.ndarray
     corrupted: np.ndarray
     restored: np.ndarray
+    # the prompt-mean effect a layer must exceed to count as causal (:func:`trace_setting`)
+    floor: float = 0.0
 
     @property
     def effect(self) -> np.ndarray:
@@ -228,6 +230,25 @@ def rank_one_update(weight: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return (w + update).to(weight.dtype)
 
 
+def batched_update(weight: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, covariance: torch.Tensor
+                   ) -> torch.Tensor:
+    """Several edits in **one** update (MultEdit edits many facts at once): the smallest
+    change in ROME's C-weighted sense with W' kᵢ = vᵢ for every key (rows of ``keys`` (n,
+    d_in), ``values`` (n, d_out)):
+
+        ΔW = (V − W K) (Kᵀ C⁻¹ K)⁻¹ (C⁻¹ K)ᵀ,   K = [k₁ … kₙ], V = [v₁ … vₙ]
+
+    — ROME's eq. 2 with n constraints, and MEMIT's closed form (Meng et al. 2023, eq. 14)
+    in its limit of exact insertion. For one key it is :func:`rank_one_update`; a key x
+    with xᵀ C⁻¹ K = 0 is mapped as before."""
+    w, k, v = weight.double(), keys.double().T, values.double().T  # (d_out, d_in), (d_in, n), (d_out, n)
+    c_inv_k = torch.linalg.solve(covariance.double(), k)
+    gram = k.T @ c_inv_k  # (n, n), symmetric
+    # R G⁻¹ = (G⁻¹ Rᵀ)ᵀ since G is symmetric
+    update = torch.linalg.solve(gram, (v - w @ k).T).T @ c_inv_k.T
+    return (w + update).to(weight.dtype)
+
+
 def optimize_value(model, layer_index: int, inputs_embeds: torch.Tensor, position: torch.Tensor,
                    target_ids: torch.Tensor, steps: int = 40, lr: float = 0.5, weight_decay: float = 1e-3,
                    seed: int = 0, groups: torch.Tensor | None = None) -> torch.Tensor:
@@ -277,13 +298,15 @@ def optimize_value(model, layer_index: int, inputs_embeds: torch.Tensor, positio
 
 @torch.no_grad()
 def edit_mlp(model, layer_index: int, key: torch.Tensor, value: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
-    """Apply :func:`rank_one_update` to layer ``layer_index``'s MLP output projection in
-    place, so that the MLP's output for ``key`` is ``value`` (the projection's bias, if
-    any, is subtracted first); returns the original weight (to undo the edit)."""
+    """Edit layer ``layer_index``'s MLP output projection in place so that the MLP maps
+    ``key`` to ``value`` — one edit ((d_ff,), (d,): :func:`rank_one_update`) or several at
+    once ((n, d_ff), (n, d): :func:`batched_update`); the projection's bias, if any, is
+    subtracted first. Returns the original weight (to undo the edit)."""
     proj = output_projection(layers(model)[layer_index])
     original = proj.weight.detach().clone()
     target = value - (proj.bias if proj.bias is not None else 0)
-    proj.weight.copy_(rank_one_update(proj.weight, key, target, covariance))
+    update = rank_one_update if key.dim() == 1 else batched_update
+    proj.weight.copy_(update(proj.weight, key, target, covariance))
     return original
 
 
@@ -345,21 +368,21 @@ _BOOK = {
     "language_model": "smollm2-135m", "vision": "efficientnet-lite0", "n_countries": 40, "require_known": True,
     "single_token_names": True, "image_size": 128, "train_views": 8, "test_views": 2,
     "projector_steps": 160, "projector_lr": 1e-3, "projector_batch": 16,
-    "n_trace": 6, "window": 3, "noise": 3.0, "attention_layers": 8, "ablate_k": [1, 2, 4, 8], "ablation_draws": 4,
-    "n_edits": 4, "edit_layers": [0, 5, 15, 29], "edit_views": 2, "value_steps": 20, "value_lr": 0.5,
+    "n_trace": 6, "window": 3, "noise": 3.0, "noise_draws": 4, "attention_layers": 8, "ablate_k": [1, 2, 4, 8], "ablation_draws": 4,
+    "n_edits": 12, "edit_layers": [0, 5, 15, 29], "edit_views": 2, "value_steps": 20, "value_lr": 0.5,
     "finetune_steps": 10, "finetune_lr": 1e-3, "specificity_flags": 20, "covariance_text": "moby-dick", "covariance_tokens": 8192,
     "bootstrap": 1000, "seed": 0, "threads": 2,
 }
 PRESETS = {
     "smoke": {**_BOOK, "language_model": "tiny-llama", "n_countries": 8, "require_known": False,
               "single_token_names": False, "image_size": 64, "train_views": 2, "test_views": 1, "projector_steps": 4,
-              "n_trace": 4, "attention_layers": 1, "ablate_k": [1, 2], "ablation_draws": 2, "n_edits": 2,
+              "n_trace": 4, "noise_draws": 2, "attention_layers": 1, "ablate_k": [1, 2], "ablation_draws": 2, "n_edits": 2,
               "edit_layers": [0, 1], "edit_views": 1, "value_steps": 3, "finetune_steps": 3, "specificity_flags": 4,
               "covariance_text": "synthetic", "covariance_tokens": 512, "bootstrap": 50},
     "book": _BOOK,
     # LLaVA-1.5 with its own vision tower and projector (nothing trained); 32 layers
     "paper": {**_BOOK, "language_model": "llava-hf/llava-1.5-7b-hf", "vision": "own", "n_countries": 120,
-              "image_size": 336, "projector_steps": 0, "n_trace": 120, "window": 5, "n_edits": 30,
+              "image_size": 336, "projector_steps": 0, "n_trace": 120, "window": 5, "noise_draws": 10, "n_edits": 30,
               "edit_layers": [0, 2, 4, 6, 8, 12, 16, 20, 24, 28, 31], "specificity_flags": 119,
               "covariance_text": "wikitext-2-train",
               "covariance_tokens": 100000, "threads": 16},
@@ -386,6 +409,7 @@ def parameter_rules():
         "n_trace": integer(1),  # at most: fewer when fewer views are answered right
         "window": integer(1),
         "noise": number(above=0),
+        "noise_draws": integer(2),  # two at least: the noise floor compares two halves of the draws
         "attention_layers": integer(1),
         "ablate_k": items(integer(1), increasing=True),
         "ablation_draws": integer(1),
@@ -708,33 +732,53 @@ def name_prompts(vlm: VisionLanguageModel, labels: np.ndarray, countries: list[C
     return Prompts(groups)
 
 
-def trace_setting(model, prompts: Prompts, kind: str, size: int, noise: float, seed: int,
+def trace_setting(model, prompts: Prompts, kind: str, size: int, noise: float, seed: int, draws: int = 1,
                   progress: str | None = None) -> Trace:
     """:func:`causal_trace` of every group, the constraint corrupted by Gaussian noise of
-    ``noise`` × the standard deviation of the constraint's embeddings (ROME's 3σ)."""
+    ``noise`` × the standard deviation of the constraint's embeddings (ROME's 3σ), averaged
+    over ``draws`` independent noise draws per prompt (ROME averages ten). The trace's
+    **noise floor** is the largest difference, at any layer, between the prompt-mean effect
+    curves of two disjoint halves of the draws (the even and the odd ones): how far a layer's
+    effect moves when only the noise is drawn again. Without a second draw it is 0."""
     sigma = float(torch.cat([e[p] for e, p, _, _ in prompts.groups]).std())
-    traces = [causal_trace(model, e, noise_corrupt(e, p, noise * sigma, seed + i), p, a, kind, size, progress)
-              for i, (e, p, a, _) in enumerate(prompts.groups)]
-    return Trace(kind, size, *(np.concatenate([getattr(t, f) for t in traces], -1)
-                               for f in ("clean", "corrupted", "restored")))
+    per_draw = []
+    for draw in range(draws):
+        label = f"{progress} ({draw + 1}/{draws})" if progress and draws > 1 else progress
+        traces = [causal_trace(model, e, noise_corrupt(e, p, noise * sigma, seed + i + 1000 * draw), p, a, kind, size,
+                               label)
+                  for i, (e, p, a, _) in enumerate(prompts.groups)]
+        per_draw.append(Trace(kind, size, *(np.concatenate([getattr(t, f) for t in traces], -1)
+                                             for f in ("clean", "corrupted", "restored"))))
+    half_effect = lambda half: np.mean([t.effect for t in half], 0)
+    floor = float(np.abs(half_effect(per_draw[0::2]) - half_effect(per_draw[1::2])).max()) if draws > 1 else 0.0
+    return Trace(kind, size, per_draw[0].clean, np.mean([t.corrupted for t in per_draw], 0),
+                 np.mean([t.restored for t in per_draw], 0), floor)
 
 
-def effect_center(restored: np.ndarray, corrupted: np.ndarray) -> float:
-    """The effect-weighted mean layer: Σ_l l · e_l / Σ_l e_l with e_l the positive part of
-    the mean indirect effect of (the window starting at) layer l."""
-    effect = np.clip((restored - corrupted[None]).mean(1), 0, None)
-    return float((np.arange(len(effect)) * effect).sum() / max(effect.sum(), 1e-12))
+def effect_center(restored: np.ndarray, corrupted: np.ndarray, floor: float = 0.0) -> float:
+    """The effect-weighted mean layer Σ_l l · e_l / Σ_l e_l over the layers whose mean
+    indirect effect e_l (of the window starting at l) exceeds ``floor`` (the trace's noise
+    floor; 0: every positive effect); NaN when no layer does — a trace that is noise
+    everywhere has no causal layer to place."""
+    effect = (restored - corrupted[None]).mean(1)
+    effect = np.where(effect > floor, effect, 0.0)
+    return float((np.arange(len(effect)) * effect).sum() / effect.sum()) if effect.sum() > 0 else float("nan")
 
 
 def center_difference(a: Trace, b: Trace, n_boot: int, seed: int) -> tuple[float, float, float]:
-    """center(a) − center(b) and its 95% bootstrap interval (prompts resampled within each)."""
+    """center(a) − center(b), each above its own noise floor, and its 95% bootstrap interval
+    (prompts resampled within each; resamples in which a trace has no layer above its floor
+    are left out). NaN throughout when either trace has no layer above its floor."""
     rng = np.random.default_rng(seed)
-    point = effect_center(a.restored, a.corrupted) - effect_center(b.restored, b.corrupted)
+    point = effect_center(a.restored, a.corrupted, a.floor) - effect_center(b.restored, b.corrupted, b.floor)
+    if np.isnan(point):
+        return float("nan"), float("nan"), float("nan")
     draws = []
     for _ in range(n_boot):
         ia, ib = rng.integers(0, len(a.clean), len(a.clean)), rng.integers(0, len(b.clean), len(b.clean))
-        draws.append(effect_center(a.restored[:, ia], a.corrupted[ia]) - effect_center(b.restored[:, ib], b.corrupted[ib]))
-    low, high = np.percentile(draws, [2.5, 97.5])
+        draws.append(effect_center(a.restored[:, ia], a.corrupted[ia], a.floor)
+                     - effect_center(b.restored[:, ib], b.corrupted[ib], b.floor))
+    low, high = np.nanpercentile(draws, [2.5, 97.5])
     return point, float(low), float(high)
 
 
@@ -831,51 +875,70 @@ def _last_visual_index(positions: torch.Tensor) -> torch.Tensor:
     return positions.float().cumsum(1).argmax(1)  # the last True per row
 
 
-def edit_metrics(vlm: VisionLanguageModel, case: EditCase, others: torch.Tensor, others_before: torch.Tensor) -> dict:
-    """Efficacy (edit views answer the new capital), generalization (held-out views of the
-    flag, under the question and its rephrasings) and specificity (other flags' answers
-    unchanged), each a fraction."""
+# Where an edit reads its key (and writes its value): ROME's site, the constraint's last
+# token (the last visual token here), or the prompt's final position — the only position
+# at which an edit of the *last* layer can reach the answer in a causal decoder (at any
+# earlier position the last layer's output feeds no later computation)
+EDIT_SITES = ("constraint", "final")
+
+
+def edit_positions(positions: torch.Tensor, site: str) -> torch.Tensor:
+    """The position (B,) each row's edit reads its key at: the constraint's last token or
+    the prompt's last one."""
+    if site not in EDIT_SITES:
+        raise ValueError(f"site={site!r}: choose from {EDIT_SITES}")
+    if site == "constraint":
+        return _last_visual_index(positions)
+    return torch.full((len(positions),), positions.shape[1] - 1)
+
+
+def edit_metrics(vlm: VisionLanguageModel, case: EditCase, specificity: float) -> dict:
+    """Efficacy (the edit views answer the new capital) and generalization (held-out views
+    of the flag, under the question and its rephrasings), each a fraction, with the
+    specificity measured for the whole update (:func:`edit_experiment`)."""
     hit = lambda features, template: (predictions(vlm, features, template) == case.target).float().mean().item()
     general = [hit(case.test_features, QUESTION)] + [hit(case.test_features, t) for t in REPHRASINGS.values()]
     return {"efficacy": hit(case.edit_features, QUESTION), "generalization": float(np.mean(general)),
-            "specificity": (predictions(vlm, others, QUESTION) == others_before).float().mean().item()}
+            "specificity": specificity}
 
 
 def edit_keys_and_values(vlm: VisionLanguageModel, cases: list[EditCase], layer: int, cfg,
-                         template: tuple[str, str] = QUESTION) -> tuple[torch.Tensor, torch.Tensor]:
+                         template: tuple[str, str] = QUESTION, site: str = "constraint"
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """MultEdit's key and value for every case at ``layer`` (cases, d_ff) and (cases, d):
-    the key is the MLP projection input at the last visual token (mean over the case's
-    edit views), the value the MLP output there that makes the model answer the new
-    capital (:func:`optimize_value`, all cases in one batch, one δ each)."""
+    the key is the MLP projection input at the edit ``site`` (:func:`edit_positions`; mean
+    over the case's edit views), the value the MLP output there that makes the model answer
+    the new capital (:func:`optimize_value`, all cases in one batch, one δ each)."""
     with torch.no_grad():
         embeds, positions = vlm.wrapper.embed(torch.cat([c.edit_features for c in cases]), *template)
     groups = torch.cat([torch.full((len(c.edit_features),), i) for i, c in enumerate(cases)])
-    last = _last_visual_index(positions)
-    inputs = projection_inputs(vlm.lm, layer, embeds)[torch.arange(len(embeds)), last]
+    at = edit_positions(positions, site)
+    inputs = projection_inputs(vlm.lm, layer, embeds)[torch.arange(len(embeds)), at]
     keys = torch.zeros(len(cases), inputs.shape[-1]).index_add_(0, groups, inputs)
     keys = keys / torch.bincount(groups)[:, None]
     targets = torch.tensor([cases[g].target for g in groups])
-    values = optimize_value(vlm.lm, layer, embeds, last, targets, steps=cfg.value_steps, lr=cfg.value_lr,
+    values = optimize_value(vlm.lm, layer, embeds, at, targets, steps=cfg.value_steps, lr=cfg.value_lr,
                             seed=cfg.seed, groups=groups)
     return keys, values
 
 
-def rank_one_edit(vlm: VisionLanguageModel, case: EditCase, layer: int, covariance: torch.Tensor, cfg,
-                  template: tuple[str, str] = QUESTION) -> torch.Tensor:
-    """One MultEdit edit (key, value, ROME's closed form) applied in place; returns the
+def rank_one_edit(vlm: VisionLanguageModel, cases: list[EditCase], layer: int, covariance: torch.Tensor, cfg,
+                  template: tuple[str, str] = QUESTION, site: str = "constraint") -> torch.Tensor:
+    """MultEdit: every case's key and value at ``layer``, applied in **one** update
+    (:func:`batched_update`; ROME's rank-one form when there is one case). Returns the
     original weight."""
-    keys, values = edit_keys_and_values(vlm, [case], layer, cfg, template)
-    return edit_mlp(vlm.lm, layer, keys[0], values[0], covariance)
+    keys, values = edit_keys_and_values(vlm, cases, layer, cfg, template, site)
+    return edit_mlp(vlm.lm, layer, keys, values, covariance)
 
 
-def finetune_edit(vlm: VisionLanguageModel, case: EditCase, layer: int, cfg) -> torch.Tensor:
-    """The baseline: fine-tune the same MLP output projection (unconstrained) on the edit
-    views for the new answer; returns the original weight."""
+def finetune_edit(vlm: VisionLanguageModel, cases: list[EditCase], layer: int, cfg) -> torch.Tensor:
+    """The baseline: fine-tune the same MLP output projection (unconstrained) on every
+    case's edit views at once, each for its new answer; returns the original weight."""
     proj = output_projection(layers(vlm.lm)[layer])
     original = proj.weight.detach().clone()
     with torch.no_grad():
-        embeds, _ = vlm.wrapper.embed(case.edit_features, *QUESTION)
-    targets = torch.full((len(embeds),), case.target)
+        embeds, _ = vlm.wrapper.embed(torch.cat([c.edit_features for c in cases]), *QUESTION)
+    targets = torch.cat([torch.full((len(c.edit_features),), c.target) for c in cases])
     proj.weight.requires_grad_(True)
     optimizer = torch.optim.Adam([proj.weight], lr=cfg.finetune_lr)
     try:
@@ -907,36 +970,44 @@ def edit_cases(vlm: VisionLanguageModel, flags: FlagData, correct: np.ndarray, n
     return cases
 
 
-def edit_experiment(vlm: VisionLanguageModel, flags: FlagData, cases: list[EditCase], edit_layers: list[int],
-                    finetune_layer: int, covariances: dict[int, torch.Tensor], cfg, progress: bool = True) -> list[dict]:
-    """Every case × (rank-one edit at each of ``edit_layers``, fine-tuning at
-    ``finetune_layer``): the metrics of :func:`edit_metrics`, the model restored after each."""
+def edit_arms(edit_layers: list[int], early_layer: int) -> list[tuple[str, int, str]]:
+    """(method, layer, site) of every edit the chapter compares: MultEdit at each of
+    ``edit_layers`` at the constraint's site, MultEdit at the last layer at the final
+    position (the last layer's edit that *can* reach the answer), and fine-tuning of the
+    early layer's MLP."""
+    return ([("rank-one", layer, "constraint") for layer in edit_layers]
+            + [("rank-one", max(edit_layers), "final"), ("fine-tune", early_layer, "constraint")])
+
+
+def edit_experiment(vlm: VisionLanguageModel, flags: FlagData, cases: list[EditCase], arms: list[tuple[str, int, str]],
+                    covariances: dict[int, torch.Tensor], cfg, progress: bool = True) -> list[dict]:
+    """For every arm of :func:`edit_arms`: **all** cases edited in one update, then each
+    case's efficacy and generalization and the update's specificity — the share of
+    ``specificity_flags`` flags that no case edits (their first test view) whose answer is
+    unchanged; the model is restored after each arm."""
     from tqdm.auto import tqdm
 
-    rows = []
-    # specificity: the first test view of the first ``specificity_flags`` flags other than the edited one
-    first_view = np.flatnonzero(np.arange(len(flags.test_labels)) < min(len(flags.countries), cfg.specificity_flags + 1))
-    unedited = predictions(vlm, flags.test_features[first_view], QUESTION)
+    edited = {case.label for case in cases}
+    others = [c for c in range(len(flags.countries)) if c not in edited][:cfg.specificity_flags]
+    first_view = np.array([np.flatnonzero(flags.test_labels == c)[0] for c in others], dtype=int)
+    unedited = predictions(vlm, flags.test_features[first_view], QUESTION) if len(others) else None
 
-    def score(case, method, layer, original):
-        keep = torch.as_tensor(flags.test_labels[first_view] != case.label)
-        keep &= keep.cumsum(0) <= cfg.specificity_flags
+    rows = []
+    for method, layer, site in tqdm(arms, desc="edits", disable=not progress, leave=False):
+        if method == "rank-one":
+            original = rank_one_edit(vlm, cases, layer, covariances[layer], cfg, site=site)
+        elif method == "fine-tune":
+            original = finetune_edit(vlm, cases, layer, cfg)
+        else:
+            raise ValueError(f"method={method!r}: choose from rank-one, fine-tune")
         try:
-            rows.append({"country": flags.countries[case.label].name, "method": method, "layer": layer,
-                         **edit_metrics(vlm, case, flags.test_features[first_view][keep], unedited[keep])})
+            specificity = (float((predictions(vlm, flags.test_features[first_view], QUESTION) == unedited).float().mean())
+                           if len(others) else float("nan"))
+            for case in cases:
+                rows.append({"country": flags.countries[case.label].name, "method": method, "layer": layer,
+                             "site": site, **edit_metrics(vlm, case, specificity)})
         finally:
             undo_edit(vlm.lm, layer, original)
-
-    bar = tqdm(total=len(cases) * (len(edit_layers) + 1), desc="edits", disable=not progress, leave=False)
-    for layer in edit_layers:
-        keys, values = edit_keys_and_values(vlm, cases, layer, cfg)
-        for case, key, value in zip(cases, keys, values):
-            score(case, "rank-one", layer, edit_mlp(vlm.lm, layer, key, value, covariances[layer]))
-            bar.update()
-    for case in cases:
-        score(case, "fine-tune", finetune_layer, finetune_edit(vlm, case, finetune_layer, cfg))
-        bar.update()
-    bar.close()
     return rows
 
 
@@ -948,3 +1019,11 @@ def early_edit_layer(flag_mlp: Trace, edit_layers: list[int], n_layers: int, thr
     gap = max(float(flag_mlp.clean.mean() - flag_mlp.corrupted.mean()), 1e-9)
     anchor = int(flag_mlp.effect.argmax()) if flag_mlp.effect.max() / gap >= threshold else n_layers / 6
     return min(edit_layers, key=lambda l: (abs(l - anchor), l))
+
+
+def mid_edit_layer(edit_layers: list[int], n_layers: int, early: int) -> int | None:
+    """C3's mid-layer comparator: the edit layer nearest the network's middle, other than
+    the early causal layer and the last edit layer (compared at the final position); None
+    if there is none."""
+    candidates = [l for l in edit_layers if l not in (early, max(edit_layers))]
+    return min(candidates, key=lambda l: (abs(l - n_layers / 2), l)) if candidates else None

@@ -188,7 +188,12 @@ def _intcoop(p) -> Card:
     c = Card("03_intcoop", "CPU (no device parameter)")
     name = "timm/vit_base_patch16_clip_224.openai"
     text = architectures.architecture(name).config["text_config"]
-    prompts = 11 * (10 // 2)  # eleven attribute prompts per base class, five base classes
+    # the text tower encodes a prompt per colour attribute per base class (the first half of
+    # a dataset's classes, CoCoOp's split: intcoop.Dataset.base), for the largest dataset
+    from .cliplike import COLOURS
+    from .data import CIFAR10_CLASSES, FASHION_MNIST_CLASSES
+    classes = {"cifar10": len(CIFAR10_CLASSES), "fashion-tinted": len(FASHION_MNIST_CLASSES)}
+    prompts = len(COLOURS) * max(classes[d] // 2 for d in p["datasets"])
     c.gpu = [weights(name, "float32"),
              activations(f"text tower over {prompts} prompts", text["num_hidden_layers"], text["hidden_size"],
                          text["num_attention_heads"], text["max_position_embeddings"], prompts, "float32")]

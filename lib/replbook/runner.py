@@ -92,6 +92,45 @@ def _experiment_folder(root: Path, preset: str, parameters: dict) -> Path:
     return root / "runs" / (preset if not parameters else f"{preset}-with-overrides")
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) CPU ticks of the whole machine since boot (Linux); None elsewhere."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_share(seconds: float = 1.0, times=_cpu_times) -> float:
+    """The share of the machine's CPU time that processes used over the next ``seconds``
+    (0 where it cannot be read)."""
+    import time
+
+    before = times()
+    time.sleep(seconds)
+    after = times()
+    if before is None or after is None or after[1] <= before[1]:
+        return 0.0
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
+# a published run records its wall-clock time as the chapter's runtime (the scoreboard's
+# "min" column): a run started beside other work records the wait too (chapter 03 once
+# recorded 758 s beside a test run, 131 s alone)
+BUSY_WARNING = 0.5
+
+
+def warn_if_busy(slug: str, share: float | None = None) -> bool:
+    """Say on stderr, before a published run starts, that the machine is already busy."""
+    share = busy_share() if share is None else share
+    if share < BUSY_WARNING:
+        return False
+    print(f"replbook: the machine is {share:.0%} busy before {slug} starts: its published runtime will include "
+          "the wait for the CPU (run chapters alone; `top` shows what else runs)", file=sys.stderr)
+    return True
+
+
 def run(chapter: str, preset: str = "book", parameters: dict | None = None, root: Path | None = None,
         publish: bool | None = None, out_dir: Path | None = None, progress: bool = True) -> Path:
     """Execute one chapter with papermill; returns the executed notebook's path.
@@ -133,6 +172,8 @@ def run(chapter: str, preset: str = "book", parameters: dict | None = None, root
     _remove_stale_staging(root / "runs")
     stage = Path(tempfile.mkdtemp(prefix=f".staging-{slug}.", dir=root / "runs"))
     staged_notebook, staged_results = stage / source.name, stage / "results"
+    if publish:
+        warn_if_busy(slug)
     environment = {"REPLBOOK_RESULTS_DIR": str(staged_results),  # the kernel inherits these
                    **(OFFLINE_ENVIRONMENT | reproducible_cpu_environment() if preset != "paper" else {})}
     saved_environment = {name: os.environ.get(name) for name in environment}
