@@ -58,6 +58,18 @@ def test_the_paper_models_of_a_chapter_are_read_from_its_preset():
     assert dryrun.paper_models("08_loki") == ["llama2-7b", "llama2-13b"]
     assert set(dryrun.paper_models("04_endor")) == {"opt-66b", "llama2-70b"}
     assert "llava-hf/llava-1.5-7b-hf" in dryrun.paper_models("06_mllm_tracing")
+    # a model the dry run's overrides swap out is neither built nor recorded
+    assert "clip-vit-b-16" in dryrun.paper_models("09_vit_decompose")
+    assert "clip-vit-b-16" not in dryrun.paper_models("09_vit_decompose", dryrun.OVERRIDES["09_vit_decompose"])
+
+
+def test_every_dry_run_override_is_a_parameter_its_paper_preset_accepts():
+    from replbook import config
+    from replbook.paths import chapter_module, notebook_for, repo_root
+
+    for slug, overrides in dryrun.OVERRIDES.items():
+        module = chapter_module(notebook_for(slug[:2], repo_root()))
+        config.resolve(module.PRESETS, "paper", **overrides)  # raises on an unknown name or a refused value
 
 
 def test_a_dry_run_record_names_its_chapter_depth_and_code(tmp_path):
@@ -86,3 +98,16 @@ def test_the_committed_dry_run_records_name_what_ran():
             assert key == f"{entry['chapter']}|layers-{entry['layers']}", path.name
             assert entry["models"] and entry["run_seconds"] > 0 and entry["peak_rss_bytes"] > 0, key
             assert "random weights" in entry["dry_run"] and entry["code_version"], key
+
+
+def test_the_how_to_run_page_names_exactly_the_chapters_with_a_committed_dry_run():
+    import re
+
+    from replbook.paths import repo_root
+
+    root = repo_root()
+    page = (root / "book" / "how-to-run.md").read_text()
+    named = re.search(r"Chapters with a dry run so far: ([^(]+)\(", page).group(1)
+    recorded = {key.split("|")[0][:2] for key in json.loads(
+        (root / "kernels" / "measurements" / "paper_dryrun_cpu.json").read_text())}
+    assert set(re.findall(r"\b\d\d\b", named)) == recorded

@@ -33,8 +33,20 @@ REVISION = "d" * 40  # the fake commit every dry-run snapshot is filed under
 # offline texts for the hub datasets (wikitext-2) it would read
 OVERRIDES: dict[str, dict[str, Any]] = {
     "00_model_zoo": {},
+    "02_skill_slices": {"tasks": ["addition", "capitals", "syllogisms"], "min_tasks": 2, "per_task": 4,
+                        "rationale_tokens": 8, "min_slice": 1, "route_min_cluster": 2},
+    # the fake hub's byte-level tokenizer makes no country name one token
+    "06_mllm_tracing": {"n_countries": 6, "require_known": False, "single_token_names": False, "train_views": 1,
+                        "test_views": 1, "n_trace": 2, "noise_draws": 2, "attention_layers": 1, "ablate_k": [1, 2],
+                        "ablation_draws": 1, "n_edits": 2, "edit_layers": [0], "edit_views": 1, "value_steps": 1,
+                        "finetune_steps": 1, "specificity_flags": 2, "covariance_text": "synthetic",
+                        "covariance_tokens": 256, "bootstrap": 10},
     "08_loki": {"calibration_text": "synthetic", "evaluation_text": "synthetic", "window": 64,
                 "calibration_windows": 1, "evaluation_windows": 1, "contexts": [256], "timing_repeats": 1},
+    # its CLIP is loaded through open_clip, whose checkpoint format the fake hub does not
+    # write: the dry run proves the three hub ViTs and keeps the book's CLIP-like model
+    "09_vit_decompose": {"clip": "cliplike", "n_train": 64, "n_test": 32, "probe_steps": 2, "n_align": 64,
+                         "align_steps": 2, "random_sets": 2},
 }
 
 
@@ -119,8 +131,9 @@ def fake_hub(names: list[str], layers: int = 1, root: Path | None = None) -> Pat
     return root
 
 
-def paper_models(slug: str) -> list[str]:
-    """The hub models ``slug``'s paper preset names (registry names or hub ids)."""
+def paper_models(slug: str, overrides: dict[str, Any] | None = None) -> list[str]:
+    """The hub models ``slug``'s paper preset names (registry names or hub ids), after
+    ``overrides`` (a dry run's :data:`OVERRIDES` may swap one for an offline model)."""
     import importlib
 
     from . import models
@@ -129,7 +142,7 @@ def paper_models(slug: str) -> list[str]:
     module = chapter_module(notebook_for(slug[:2], repo_root()))
     module = importlib.import_module(f"replbook.{module}") if isinstance(module, str) else module
     named = []
-    for value in module.PRESETS["paper"].values():
+    for value in {**module.PRESETS["paper"], **(overrides or {})}.values():
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if not isinstance(item, str):
                 continue
@@ -157,17 +170,23 @@ def run(chapter: str, layers: int = 1, overrides: dict[str, Any] | None = None, 
     repo = repo_root()
     notebook = notebook_for(chapter, repo)
     slug = notebook.stem
-    names = paper_models(slug)
+    # the paper presets ask for 16 threads (a GPU node's cores); on fewer cores that many
+    # threads crowd each other out (chapter 06's first model cell: > 10 min at 16 threads on
+    # 2 cores, seconds at 2), so a dry run uses the cores it has
+    parameters = {"preset": "paper", "threads": os.cpu_count() or 1, **OVERRIDES.get(slug, {}), **(overrides or {})}
+    names = paper_models(slug, parameters)
     start = time.perf_counter()
     hub = fake_hub(names, layers)
     built = time.perf_counter() - start
     out_dir = (root or repo / "runs" / "dryrun") / f"layers-{layers}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    parameters = {"preset": "paper", **OVERRIDES.get(slug, {}), **(overrides or {})}
     saved_env = {k: os.environ.get(k) for k in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
                                                 "REPLBOOK_RESULTS_DIR")}
     os.environ.update({"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                        "REPLBOOK_RESULTS_DIR": str(out_dir / "results")})
+    from .runner import busy_share
+
+    busy = busy_share()  # other work on the CPU inflates the seconds recorded below
     start = time.perf_counter()
     try:
         papermill.execute_notebook(str(notebook), str(out_dir / notebook.name), kernel_name="python3",
@@ -183,8 +202,9 @@ def run(chapter: str, layers: int = 1, overrides: dict[str, Any] | None = None, 
               "parameters_built": {n: architectures.parameter_count(n, layers) for n in names},
               "overrides": parameters, "build_seconds": round(built, 1),
               "run_seconds": round(time.perf_counter() - start, 1), "peak_rss_bytes": peak_rss_bytes(),
-              # above the machine's core count, other work shared the CPU and the seconds are inflated
-              "load_average_1min": round(os.getloadavg()[0], 2)}
+              # the share of the CPU other work used in the second before the run (the load
+              # average is no guide here: torch's idle threads lift it to 6–11 on an idle 2-core machine)
+              "cpu_busy_before_run": round(busy, 2)}
     (out_dir / f"{slug}.dryrun.json").write_text(json.dumps(record, indent=1))
     return record
 
