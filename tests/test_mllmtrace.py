@@ -65,13 +65,21 @@ def test_replace_corrupt_takes_the_other_input_only_at_the_positions():
     assert out[:, 1:3].eq(1).all() and out[:, [0, 3, 4]].eq(0).all()
 
 
-def test_rank_one_update_meets_its_constraint_and_spares_c_orthogonal_keys():
+def rome_rank_one(w, k, v, c):
+    """ROME's eq. 2 written out in float64, the reference for one key:
+    W' = W + (v − W k)(C⁻¹k)ᵀ / (kᵀ C⁻¹ k)."""
+    w, k, v, c = w.double(), k.double(), v.double(), c.double()
+    c_inv_k = torch.linalg.solve(c, k)
+    return w + torch.outer(v - w @ k, c_inv_k) / (k @ c_inv_k)
+
+
+def test_one_key_edit_is_romes_rank_one_update_and_spares_c_orthogonal_keys(tiny_llama):
     torch.manual_seed(0)
     w = torch.randn(8, 16)
-    keys = torch.randn(200, 16)
-    c = mllmtrace.key_covariance(keys)
+    c = mllmtrace.key_covariance(torch.randn(200, 16))
     k, v = torch.randn(16), torch.randn(8)
-    w2 = mllmtrace.rank_one_update(w, k, v, c)
+    w2 = mllmtrace.batched_update(w, k[None], v[None], c)
+    assert torch.allclose(w2.double(), rome_rank_one(w, k, v, c), atol=1e-5)
     assert torch.allclose(w2 @ k, v, atol=1e-4)
     assert torch.linalg.matrix_rank(w2 - w) == 1
     # a key x with xᵀ C⁻¹ k = 0 is mapped as before
@@ -79,6 +87,18 @@ def test_rank_one_update_meets_its_constraint_and_spares_c_orthogonal_keys():
     x = torch.randn(16)
     x = x - (x @ c_inv_k) / (c_inv_k @ c_inv_k) * c_inv_k
     assert torch.allclose(w2 @ x, w @ x, atol=1e-4)
+    # edit_mlp takes one key as a vector and writes the same update (a bias is subtracted first)
+    model = tiny_llama.model
+    proj = mllmtrace.output_projection(mllmtrace.layers(model)[0])
+    k, v = torch.randn(proj.in_features), torch.randn(proj.out_features)
+    c = mllmtrace.key_covariance(torch.randn(400, proj.in_features))
+    expected = rome_rank_one(proj.weight.detach(), k, v, c)
+    original = mllmtrace.edit_mlp(model, 0, k, v, c)
+    try:
+        assert torch.allclose(proj.weight.double(), expected, atol=1e-4)
+    finally:
+        mllmtrace.undo_edit(model, 0, original)
+    assert torch.equal(proj.weight, original)
 
 
 def test_batched_update_meets_every_constraint_equals_rome_for_one_key_and_spares_c_orthogonal_keys():
@@ -90,8 +110,8 @@ def test_batched_update_meets_every_constraint_equals_rome_for_one_key_and_spare
     # all five facts hold at once (editing them one after another would keep only the last)
     assert torch.allclose(keys @ w2.T, values, atol=1e-4)
     assert torch.linalg.matrix_rank(w2 - w) == 5
-    assert torch.allclose(mllmtrace.batched_update(w, keys[:1], values[:1], c),
-                          mllmtrace.rank_one_update(w, keys[0], values[0], c), atol=1e-5)
+    assert torch.allclose(mllmtrace.batched_update(w, keys[:1], values[:1], c).double(),
+                          rome_rank_one(w, keys[0], values[0], c), atol=1e-5)
     # a key x with xᵀ C⁻¹ K = 0 is mapped as before
     c_inv_k = torch.linalg.solve(c, keys.T)  # (16, 5)
     x = torch.randn(16)
@@ -408,3 +428,96 @@ def test_warmup_cosine_schedule():
     assert factors[0] == pytest.approx(0.2) and factors[4] == pytest.approx(1.0)
     assert factors[5] == pytest.approx(1.0) and factors[-1] < 0.01
     assert all(a >= b for a, b in zip(factors[4:], factors[5:])), "decays after the warm-up"
+
+
+def test_restore_sites_are_every_constraint_token_or_the_last():
+    positions = torch.zeros(3, 7, dtype=torch.bool)
+    positions[0, 1:4] = True  # a three-token name
+    positions[1, 2] = True  # a one-token name: its last token is itself
+    positions[2, 3:7] = True  # the constraint runs to the end
+    assert torch.equal(mllmtrace.restore_positions(positions, "joint"), positions)
+    last = mllmtrace.restore_positions(positions, "last")
+    assert last.sum(1).tolist() == [1, 1, 1]
+    assert last.nonzero().tolist() == [[0, 3], [1, 2], [2, 6]]  # not the first token, not one past the end
+    with pytest.raises(ValueError, match=r"site='first': choose from \('joint', 'last'\)"):
+        mllmtrace.restore_positions(positions, "first")
+
+
+def test_a_last_token_trace_corrupts_the_whole_constraint_and_restores_only_its_last_token(prompt, monkeypatch):
+    model, embeds, positions, answers = prompt
+    prompts = mllmtrace.Prompts([(embeds, positions, answers, np.array([0, 1]))])
+    seen = []
+    real = mllmtrace.causal_trace
+
+    def spy(model, clean, corrupted, restore, *args, **kwargs):
+        seen.append(((corrupted != clean).any(-1), restore))
+        return real(model, clean, corrupted, restore, *args, **kwargs)
+
+    monkeypatch.setattr(mllmtrace, "causal_trace", spy)
+    joint = mllmtrace.trace_setting(model, prompts, "mlp", 1, 3.0, seed=5, draws=2)
+    last = mllmtrace.trace_setting(model, prompts, "mlp", 1, 3.0, seed=5, draws=2, site="last")
+    for corrupted_at, restore in seen:
+        assert torch.equal(corrupted_at, positions)  # the noise covers the whole constraint at either site
+    assert torch.equal(seen[0][1], positions)
+    assert seen[-1][1].nonzero().tolist() == [[0, 6], [1, 6]]
+    # same noise at both sites: the corrupted runs are the same, the restorations differ
+    assert np.array_equal(joint.corrupted, last.corrupted) and np.array_equal(joint.clean, last.clean)
+    assert not np.allclose(joint.restored, last.restored)
+
+
+def test_multi_token_countries_share_one_length_of_several_tokens(tiny_llama):
+    tokenizer = tiny_llama.tokenizer
+    chosen = mllmtrace.multi_token_countries(tiny_llama.model, tokenizer, 5, require_known=False)
+    lengths = {len(tokenizer(" " + c.name, add_special_tokens=False).input_ids) for c in chosen}
+    assert len(chosen) == 5 and len(lengths) == 1 and min(lengths) >= 2
+    # the shortest length that has two names (a byte-level tokenizer: " " + 4 letters)
+    everyone = mllmtrace.candidate_countries(tokenizer, single_token_names=False)
+    shortest = min(len(tokenizer(" " + c.name, add_special_tokens=False).input_ids) for c in everyone)
+    assert lengths == {shortest}
+
+
+def test_specificity_counts_only_flags_that_no_edit_touches(monkeypatch):
+    """A stub model answers each flag's label; an update changes the answers of exactly the
+    edited flags. Specificity must then be 1: counting an edited flag among the 'others'
+    (the plausible slip) would lower it."""
+    n = 8
+    features = torch.arange(n, dtype=torch.float32).repeat(2)[:, None]  # two test views per flag
+    labels = np.tile(np.arange(n), 2)
+    countries = [mllmtrace.Country(f"C{i}", f"K{i}", np.zeros((2, 2, 3), np.uint8), 100 + i, i) for i in range(n)]
+    flags = mllmtrace.FlagData(countries, features, labels, features, labels, None, 1.0)
+    cases = [mllmtrace.EditCase(2, 999, features[labels == 2][:1], features[labels == 2]),
+             mllmtrace.EditCase(5, 998, features[labels == 5][:1], features[labels == 5])]
+    state = {"edited": False}
+
+    def answers(_vlm, rows, _template, batch=64):
+        out = 100 + rows[:, 0].long()
+        if state["edited"]:
+            for case in cases:
+                out[rows[:, 0].long() == case.label] = case.target
+        return out
+
+    def edit(*_args, **_kwargs):
+        state["edited"] = True
+        return None
+
+    def undo(*_args):
+        state["edited"] = False
+
+    monkeypatch.setattr(mllmtrace, "predictions", answers)
+    monkeypatch.setattr(mllmtrace, "rank_one_edit", edit)
+    monkeypatch.setattr(mllmtrace, "undo_edit", undo)
+    cfg = type("Cfg", (), {"specificity_flags": n})()
+    vlm = type("Stub", (), {"lm": None})()
+    rows = mllmtrace.edit_experiment(vlm, flags, cases, [("rank-one", 0, "constraint")], {0: None}, cfg, progress=False)
+    assert [r["specificity"] for r in rows] == [1.0, 1.0]
+    assert [r["efficacy"] for r in rows] == [1.0, 1.0] and [r["generalization"] for r in rows] == [1.0, 1.0]
+    assert not state["edited"]  # undone after the arm
+
+
+def test_multi_token_countries_never_take_a_one_token_name():
+    class WordTokenizer:  # one token per word: " Spain" is one token, " Costa Rica" two
+        def __call__(self, text, add_special_tokens=False):
+            return type("Encoding", (), {"input_ids": list(range(len(text.split())))})()
+
+    chosen = mllmtrace.multi_token_countries(None, WordTokenizer(), 50, require_known=False)
+    assert len(chosen) >= 2 and {len(c.name.split()) for c in chosen} == {2}

@@ -52,7 +52,7 @@ BAD = {
     "06_mllm_tracing": {"language_model": "llava-hf/llava-1.5-7b-hf", "vision": "clip", "n_countries": 1,
                         "require_known": "true", "single_token_names": 0, "image_size": 0, "train_views": 0,
                         "test_views": 0, "projector_steps": -1, "projector_lr": 0.0, "projector_batch": 0,
-                        "n_trace": 0, "window": 0, "noise": 0.0, "noise_draws": 1, "attention_layers": 0, "ablate_k": [0, 1],
+                        "n_trace": 0, "n_names": 1, "window": 0, "noise": 0.0, "noise_draws": 1, "attention_layers": 0, "ablate_k": [0, 1],
                         "ablation_draws": 0, "n_edits": 0, "edit_layers": [5, 0], "edit_views": 0, "value_steps": 0,
                         "value_lr": 0.0, "finetune_steps": 0, "finetune_lr": 0.0, "specificity_flags": 0,
                         "covariance_text": "wiki", "covariance_tokens": 0, "bootstrap": 1, "seed": -1, "threads": 0},

@@ -37,7 +37,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
                         "rationale_tokens": 8, "min_slice": 1, "route_min_cluster": 2},
     # the fake hub's byte-level tokenizer makes no country name one token
     "06_mllm_tracing": {"n_countries": 6, "require_known": False, "single_token_names": False, "train_views": 1,
-                        "test_views": 1, "n_trace": 2, "noise_draws": 2, "attention_layers": 1, "ablate_k": [1, 2],
+                        "test_views": 1, "n_trace": 2, "n_names": 2, "noise_draws": 2, "attention_layers": 1, "ablate_k": [1, 2],
                         "ablation_draws": 1, "n_edits": 2, "edit_layers": [0], "edit_views": 1, "value_steps": 1,
                         "finetune_steps": 1, "specificity_flags": 2, "covariance_text": "synthetic",
                         "covariance_tokens": 256, "bootstrap": 10},

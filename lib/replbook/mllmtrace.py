@@ -9,11 +9,12 @@ Three tools, for any transformers decoder with ``model.model.layers`` (Llama fam
   outputs of a window of layers' MLPs, attention blocks or whole layers at the
   constraint positions; a layer's causal effect is the restored probability of the
   correct answer (Meng et al. 2022's tracing, extended to images as in the paper);
-- **rank-one editing** (:func:`rank_one_update`, :func:`edit_mlp`): ROME's closed form
+- **editing** (:func:`batched_update`, :func:`edit_mlp`): ROME's closed form
   W' = W + (v* − W k*)(C⁻¹k*)ᵀ / (k*ᵀC⁻¹k*) on an MLP's output projection, with k* the
   projection's input at the constraint's last token, C the covariance of its inputs on
   ordinary text, and v* an output vector optimized so that the model gives the new
-  answer (:func:`optimize_value`) — the MultEdit idea of editing the early causal MLP;
+  answer (:func:`optimize_value`), written for many facts in one update — the MultEdit
+  idea of editing the early causal MLP;
 - **a small LLaVA-style model** (:class:`MiniLlava`): visual tokens from a frozen
   vision encoder's feature map, a trained projector, a frozen language model.
 """
@@ -219,17 +220,6 @@ def _with_ridge(second_moment: torch.Tensor, ridge: float) -> torch.Tensor:
     return (c + ridge * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype)).float()
 
 
-def rank_one_update(weight: torch.Tensor, key: torch.Tensor, value: torch.Tensor, covariance: torch.Tensor
-                    ) -> torch.Tensor:
-    """ROME's closed form (Meng et al. 2022, eq. 2) for a linear map ``out = W @ k``:
-    W' = W + (v − W k)(C⁻¹k)ᵀ / (kᵀ C⁻¹ k), the smallest change (in the C-weighted sense)
-    with W' k = v."""
-    w, k, v = weight.double(), key.double(), value.double()
-    c_inv_k = torch.linalg.solve(covariance.double(), k)
-    update = torch.outer(v - w @ k, c_inv_k) / (k @ c_inv_k)
-    return (w + update).to(weight.dtype)
-
-
 def batched_update(weight: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, covariance: torch.Tensor
                    ) -> torch.Tensor:
     """Several edits in **one** update (MultEdit edits many facts at once): the smallest
@@ -239,8 +229,8 @@ def batched_update(weight: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
         ΔW = (V − W K) (Kᵀ C⁻¹ K)⁻¹ (C⁻¹ K)ᵀ,   K = [k₁ … kₙ], V = [v₁ … vₙ]
 
     — ROME's eq. 2 with n constraints, and MEMIT's closed form (Meng et al. 2023, eq. 14)
-    in its limit of exact insertion. For one key it is :func:`rank_one_update`; a key x
-    with xᵀ C⁻¹ K = 0 is mapped as before."""
+    in its limit of exact insertion. For one key it is ROME's rank-one update
+    W' = W + (v − W k)(C⁻¹k)ᵀ / (kᵀ C⁻¹ k); a key x with xᵀ C⁻¹ K = 0 is mapped as before."""
     w, k, v = weight.double(), keys.double().T, values.double().T  # (d_out, d_in), (d_in, n), (d_out, n)
     c_inv_k = torch.linalg.solve(covariance.double(), k)
     gram = k.T @ c_inv_k  # (n, n), symmetric
@@ -299,14 +289,14 @@ def optimize_value(model, layer_index: int, inputs_embeds: torch.Tensor, positio
 @torch.no_grad()
 def edit_mlp(model, layer_index: int, key: torch.Tensor, value: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
     """Edit layer ``layer_index``'s MLP output projection in place so that the MLP maps
-    ``key`` to ``value`` — one edit ((d_ff,), (d,): :func:`rank_one_update`) or several at
-    once ((n, d_ff), (n, d): :func:`batched_update`); the projection's bias, if any, is
-    subtracted first. Returns the original weight (to undo the edit)."""
+    ``key`` to ``value`` — one edit ((d_ff,), (d,)) or several at once ((n, d_ff), (n, d)),
+    by :func:`batched_update`; the projection's bias, if any, is subtracted first. Returns
+    the original weight (to undo the edit)."""
     proj = output_projection(layers(model)[layer_index])
     original = proj.weight.detach().clone()
     target = value - (proj.bias if proj.bias is not None else 0)
-    update = rank_one_update if key.dim() == 1 else batched_update
-    proj.weight.copy_(update(proj.weight, key, target, covariance))
+    keys, targets = (key[None], target[None]) if key.dim() == 1 else (key, target)
+    proj.weight.copy_(batched_update(proj.weight, keys, targets, covariance))
     return original
 
 
@@ -368,7 +358,7 @@ _BOOK = {
     "language_model": "smollm2-135m", "vision": "efficientnet-lite0", "n_countries": 40, "require_known": True,
     "single_token_names": True, "image_size": 128, "train_views": 8, "test_views": 2,
     "projector_steps": 160, "projector_lr": 1e-3, "projector_batch": 16,
-    "n_trace": 6, "window": 3, "noise": 3.0, "noise_draws": 4, "attention_layers": 8, "ablate_k": [1, 2, 4, 8], "ablation_draws": 4,
+    "n_trace": 6, "n_names": 12, "window": 3, "noise": 3.0, "noise_draws": 4, "attention_layers": 8, "ablate_k": [1, 2, 4, 8], "ablation_draws": 4,
     "n_edits": 12, "edit_layers": [0, 5, 15, 29], "edit_views": 2, "value_steps": 20, "value_lr": 0.5,
     "finetune_steps": 10, "finetune_lr": 1e-3, "specificity_flags": 20, "covariance_text": "moby-dick", "covariance_tokens": 8192,
     "bootstrap": 1000, "seed": 0, "threads": 2,
@@ -376,13 +366,13 @@ _BOOK = {
 PRESETS = {
     "smoke": {**_BOOK, "language_model": "tiny-llama", "n_countries": 8, "require_known": False,
               "single_token_names": False, "image_size": 64, "train_views": 2, "test_views": 1, "projector_steps": 4,
-              "n_trace": 4, "noise_draws": 2, "attention_layers": 1, "ablate_k": [1, 2], "ablation_draws": 2, "n_edits": 2,
+              "n_trace": 4, "n_names": 2, "noise_draws": 2, "attention_layers": 1, "ablate_k": [1, 2], "ablation_draws": 2, "n_edits": 2,
               "edit_layers": [0, 1], "edit_views": 1, "value_steps": 3, "finetune_steps": 3, "specificity_flags": 4,
               "covariance_text": "synthetic", "covariance_tokens": 512, "bootstrap": 50},
     "book": _BOOK,
     # LLaVA-1.5 with its own vision tower and projector (nothing trained); 32 layers
     "paper": {**_BOOK, "language_model": "llava-hf/llava-1.5-7b-hf", "vision": "own", "n_countries": 120,
-              "image_size": 336, "projector_steps": 0, "n_trace": 120, "window": 5, "noise_draws": 10, "n_edits": 30,
+              "image_size": 336, "projector_steps": 0, "n_trace": 120, "n_names": 120, "window": 5, "noise_draws": 10, "n_edits": 30,
               "edit_layers": [0, 2, 4, 6, 8, 12, 16, 20, 24, 28, 31], "specificity_flags": 119,
               "covariance_text": "wikitext-2-train",
               "covariance_tokens": 100000, "threads": 16},
@@ -407,6 +397,7 @@ def parameter_rules():
         "projector_lr": number(above=0, maximum=1),
         "projector_batch": integer(1),
         "n_trace": integer(1),  # at most: fewer when fewer views are answered right
+        "n_names": integer(2),  # at most: countries with a name of several tokens, traced in text (two at least)
         "window": integer(1),
         "noise": number(above=0),
         "noise_draws": integer(2),  # two at least: the noise floor compares two halves of the draws
@@ -465,6 +456,27 @@ def candidate_countries(tokenizer, single_token_names: bool) -> list[Country]:
         out.append(Country(name, capital, flag, tokenizer(" " + capital, add_special_tokens=False).input_ids[0],
                            name_ids[0]))
     return out
+
+
+def multi_token_countries(model, tokenizer, n: int, require_known: bool) -> list[Country]:
+    """The first ``n`` candidate countries whose name is several tokens long (" Costa Rica")
+    and, if ``require_known``, whose capital the language model gives in text: subjects of
+    several tokens, which ROME traces at their last token. All of one length — the shortest
+    that at least two countries qualify at (two tokens with SmolLM2's tokenizer; a
+    byte-level tokenizer has none) — so that the prompts form one batch (tracing runs each
+    length apart). Their flags play no part. Empty if no length has two."""
+    by_length: dict[int, list[Country]] = {}
+    for country in candidate_countries(tokenizer, single_token_names=False):
+        length = len(tokenizer(" " + country.name, add_special_tokens=False).input_ids)
+        if length > 1:
+            by_length.setdefault(length, []).append(country)
+    for length in sorted(by_length):
+        chosen = by_length[length]
+        if require_known:
+            chosen = [c for c, k in zip(chosen, known_in_text(model, tokenizer, chosen)) if k]
+        if len(chosen) >= 2:
+            return chosen[:n]
+    return []
 
 
 def text_prompt(name: str, template: tuple[str, str] = QUESTION) -> str:
@@ -732,11 +744,32 @@ def name_prompts(vlm: VisionLanguageModel, labels: np.ndarray, countries: list[C
     return Prompts(groups)
 
 
+# Where a trace puts the clean state back (the constraint is always corrupted whole): at
+# every constraint token at once, as the paper restores an image's visual tokens, or at the
+# constraint's last token only — ROME's site for a subject of several tokens ("the last
+# subject token"), where Meng et al. find the mid-layer MLPs that recall the fact
+TRACE_SITES = ("joint", "last")
+
+
+def restore_positions(positions: torch.Tensor, site: str) -> torch.Tensor:
+    """The (B, T) mask a trace restores at: the constraint mask itself (``joint``) or its
+    last True per row (``last``)."""
+    if site not in TRACE_SITES:
+        raise ValueError(f"site={site!r}: choose from {TRACE_SITES}")
+    if site == "joint":
+        return positions
+    last = torch.zeros_like(positions)
+    last[torch.arange(len(positions)), _last_visual_index(positions)] = True
+    return last & positions
+
+
 def trace_setting(model, prompts: Prompts, kind: str, size: int, noise: float, seed: int, draws: int = 1,
-                  progress: str | None = None) -> Trace:
+                  progress: str | None = None, site: str = "joint") -> Trace:
     """:func:`causal_trace` of every group, the constraint corrupted by Gaussian noise of
     ``noise`` × the standard deviation of the constraint's embeddings (ROME's 3σ), averaged
-    over ``draws`` independent noise draws per prompt (ROME averages ten). The trace's
+    over ``draws`` independent noise draws per prompt (ROME averages ten), the clean state
+    restored at the constraint's ``site`` (:func:`restore_positions`; the noise does not
+    depend on the site, so two sites' traces share their corrupted runs). The trace's
     **noise floor** is the largest difference, at any layer, between the prompt-mean effect
     curves of two disjoint halves of the draws (the even and the odd ones): how far a layer's
     effect moves when only the noise is drawn again. Without a second draw it is 0."""
@@ -744,8 +777,8 @@ def trace_setting(model, prompts: Prompts, kind: str, size: int, noise: float, s
     per_draw = []
     for draw in range(draws):
         label = f"{progress} ({draw + 1}/{draws})" if progress and draws > 1 else progress
-        traces = [causal_trace(model, e, noise_corrupt(e, p, noise * sigma, seed + i + 1000 * draw), p, a, kind, size,
-                               label)
+        traces = [causal_trace(model, e, noise_corrupt(e, p, noise * sigma, seed + i + 1000 * draw),
+                               restore_positions(p, site), a, kind, size, label)
                   for i, (e, p, a, _) in enumerate(prompts.groups)]
         per_draw.append(Trace(kind, size, *(np.concatenate([getattr(t, f) for t in traces], -1)
                                              for f in ("clean", "corrupted", "restored"))))
