@@ -521,3 +521,28 @@ def test_multi_token_countries_never_take_a_one_token_name():
 
     chosen = mllmtrace.multi_token_countries(None, WordTokenizer(), 50, require_known=False)
     assert len(chosen) >= 2 and {len(c.name.split()) for c in chosen} == {2}
+
+
+def test_published_center_difference_is_the_flag_joint_row_minus_the_names_last_token_row():
+    """C1's decisive number must compare what the claim names: the flag with every visual
+    token restored (the paper's protocol) against two-token names restored at their last
+    token (ROME's site). A notebook that passed the wrong pair of traces to
+    ``center_difference`` (the flag's last visual token, the names restored jointly, the
+    one-token "text" setting, or the pair reversed) would still publish a plausible number;
+    here it must agree with the two rows of the published trace summary it claims to be."""
+    import json
+    import math
+    from pathlib import Path
+
+    metrics = json.loads((Path(__file__).resolve().parents[1] / "results" / "06_mllm_tracing.json")
+                         .read_text())["metrics"]
+    rows = {(row["setting"], row["block"]): row for row in metrics["trace_summary"]}
+    for kind, (point, low, high) in metrics["center_difference"].items():
+        flag, names = rows["flag", kind], rows["names, last token", kind]
+        assert (flag["restored at"], names["restored at"]) == ("joint", "last"), kind
+        flag_layer, names_layer = flag["mean layer (above the floor)"], names["mean layer (above the floor)"]
+        if flag_layer is None or names_layer is None:  # a trace within its noise floor has no mean layer
+            assert point is None and (high is None or not high < 0), kind
+            continue
+        assert point == pytest.approx(flag_layer - names_layer, abs=2e-5), kind
+        assert low is None or high is None or low <= point <= high or math.isclose(point, high), kind
