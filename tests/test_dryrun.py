@@ -2,6 +2,7 @@
 hub cache, so a chapter's own loading code finds them by hub id, offline (issue #29)."""
 import json
 
+import numpy as np
 import pytest
 
 from replbook import architectures, cli, dryrun
@@ -22,7 +23,7 @@ def _in_a_fresh_process(root, code: str) -> dict:
 
 def test_a_hub_id_loads_offline_from_the_dry_run_cache(tmp_path):
     root = dryrun.fake_hub(["smollm2-135m-hub"], layers=1, root=tmp_path / "hub")
-    assert (root / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "refs" / "main").read_text() == dryrun.REVISION
+    assert (root / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "refs" / "main").read_text() == dryrun.revision("smollm2-135m-hub", 1)
     seen = _in_a_fresh_process(root, """
 import json
 from replbook import models
@@ -37,10 +38,28 @@ print(json.dumps({"shape": [c.hidden_size, c.num_hidden_layers, c.num_key_value_
     assert seen["parameters"] == architectures.parameter_count("smollm2-135m-hub", layers=1)
     assert seen["max_id"] < 49152 and seen["logits"][-1] == 49152
     # built once: a second call reuses the snapshot
-    weights = dryrun.snapshot(root, "HuggingFaceTB/SmolLM2-135M-Instruct") / "model.safetensors"
+    weights = dryrun.snapshot(root, "HuggingFaceTB/SmolLM2-135M-Instruct", 1) / "model.safetensors"
     before = weights.stat().st_mtime
     dryrun.fake_hub(["smollm2-135m-hub"], layers=1, root=root)
     assert weights.stat().st_mtime == before
+
+
+def test_a_changed_config_is_served_from_a_new_snapshot(tmp_path, monkeypatch):
+    """The snapshot is filed under a hash of what it is built from: after a config is
+    corrected, the hub cache serves the corrected model, not the one built before."""
+    import dataclasses
+
+    root = dryrun.fake_hub(["minilm-l6-hub"], layers=1, root=tmp_path / "hub")
+    before = dryrun.snapshot(root, "minilm-l6-hub", 1)
+    assert before.is_dir() and dryrun.revision("minilm-l6-hub", 2) != before.name
+    arch = architectures.architecture("minilm-l6-hub")
+    changed = dataclasses.replace(arch, config={**arch.config, "intermediate_size": 768})
+    monkeypatch.setitem(architectures.ARCHITECTURES, arch.hub_id, changed)
+    dryrun.fake_hub(["minilm-l6-hub"], layers=1, root=root)
+    after = dryrun.snapshot(root, "minilm-l6-hub", 1)
+    assert after != before and (after.parent.parent / "refs" / "main").read_text() == after.name
+    served = [json.loads(p.read_text()) for p in after.rglob("config.json")]
+    assert [c["intermediate_size"] for c in served if "intermediate_size" in c] == [768]
 
 
 def test_a_sentence_encoder_is_served_as_a_sentence_transformers_repository(tmp_path):
@@ -52,6 +71,25 @@ encoder = models.load("minilm-l6-hub", preset="paper", progress=False).model
 print(json.dumps({"shape": list(encoder.encode(["a red cube", "a blue ball"]).shape)}))
 """)
     assert seen["shape"] == [2, 384]
+
+
+def test_clip_l14_image_tower_loads_alone_with_its_projection(tmp_path):
+    """Chapter 07's paper embedder is CLIP ViT-L/14's image tower with its projection,
+    loaded alone (CLIPVisionModelWithProjection reads the tower's own config). A config
+    giving the projection width only at the top level built a 512-wide tower projection
+    that the loader refused (chapter 07's first dry run failed on it)."""
+    root = dryrun.fake_hub(["clip-vit-l-14"], layers=1, root=tmp_path / "hub")
+    seen = _in_a_fresh_process(root, """
+import json
+import numpy as np
+from replbook import models
+loaded = models.load("clip-vit-l-14", preset="paper", progress=False)  # the chapter's own path
+image = np.zeros((224, 224, 3), np.uint8)
+inputs = loaded.tokenizer(images=[image], return_tensors="pt")
+print(json.dumps({"embedding": list(loaded.model(pixel_values=inputs["pixel_values"]).image_embeds.shape),
+                  "width": loaded.model.config.hidden_size}))
+""")
+    assert seen == {"embedding": [1, 768], "width": 1024}
 
 
 def test_the_paper_models_of_a_chapter_are_read_from_its_preset():
@@ -67,9 +105,29 @@ def test_every_dry_run_override_is_a_parameter_its_paper_preset_accepts():
     from replbook import config
     from replbook.paths import chapter_module, notebook_for, repo_root
 
-    for slug, overrides in dryrun.OVERRIDES.items():
+    for slug in dryrun.OVERRIDES:
         module = chapter_module(notebook_for(slug[:2], repo_root()))
-        config.resolve(module.PRESETS, "paper", **overrides)  # raises on an unknown name or a refused value
+        parameters = dryrun.dry_run_parameters(slug)
+        parameters.pop("preset")
+        config.resolve(module.PRESETS, "paper", **parameters)  # raises on an unknown name or a refused value
+
+
+def test_the_fake_coco_folder_is_read_by_the_chapters_coco_reader(tmp_path):
+    """Chapter 10's dry run reads a folder in COCO's caption layout written from the book's
+    scenes: its reader must find every image with its caption, in id order."""
+    from replbook import semtokens
+
+    root = dryrun.fake_coco(6, 3, root=tmp_path / "coco")
+    train = semtokens.coco_split(root, "train2017", 4, 32)
+    validation = semtokens.coco_split(root, "train2017", 2, 32, skip=4)
+    test = semtokens.coco_split(root, "val2017", 3, 32)
+    scenes = semtokens.scene_split(6, False, 1)
+    assert train.captions + validation.captions == scenes.captions
+    assert test.captions == semtokens.scene_split(3, False, 2).captions
+    assert train.images.shape == (4, 32, 32, 3) and set(train.negatives) == {"word order"}
+    # the pictures themselves, not only their captions (JPEG is lossy: close, not equal)
+    assert np.abs(semtokens.coco_split(root, "train2017", 1, 64).images[0].astype(int)
+                  - scenes.images[0]).mean() < 8
 
 
 def test_a_dry_run_record_names_its_chapter_depth_and_code(tmp_path):

@@ -80,7 +80,10 @@ ARCHITECTURES: dict[str, Architecture] = {a.hub_id: a for a in [
                   "image_token_index": 32000, "projector_hidden_act": "gelu"},
                  "float16", "Liu et al. 2023 (LLaVA-1.5: Vicuna-7B, CLIP ViT-L/14 at 336 px, 2-layer MLP); config.json"),
     Architecture("openai/clip-vit-large-patch14", "clip",
-                 {"text_config": _CLIP_L14_TEXT, "vision_config": _CLIP_L14_VISION, "projection_dim": 768},
+                 # config.json repeats the projection width in each tower's config, and a tower
+                 # loaded alone (CLIPVisionModelWithProjection) reads it from there
+                 {"text_config": {**_CLIP_L14_TEXT, "projection_dim": 768},
+                  "vision_config": {**_CLIP_L14_VISION, "projection_dim": 768}, "projection_dim": 768},
                  "float32", "Radford et al. 2021, Table 20; config.json"),
     Architecture("timm/vit_base_patch16_clip_224.openai", "clip",
                  {"text_config": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,

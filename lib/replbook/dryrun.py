@@ -11,10 +11,13 @@ notebooks and results go to ``runs/dryrun/<layers>/``, never to ``results/``, an
 says "dry run" wherever it writes.
 
 The hub cache is built once per (model, depth) under ``cache_dir("dryrun-hub")`` in the
-hub's layout (``models--org--name/snapshots/<revision>/`` and ``refs/main``), with the
+hub's layout (``models--org--name/snapshots/<revision>/`` and ``refs/main``; the revision hashes
+what the snapshot is built from, see :func:`revision`), with the
 book's byte-level tokenizer (256 byte tokens + end-of-text: ids fit every vocabulary).
 Hub *datasets* are not faked: :data:`OVERRIDES` swaps a chapter's hub texts for offline
-ones and shrinks its workload to a step or two.
+ones and shrinks its workload to a step or two. A local dataset folder a reader would
+supply (chapter 10's COCO) is written in its layout from the book's own data
+(:func:`fake_coco`).
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ from typing import Any
 from . import architectures
 from .paths import cache_dir, repo_root
 
-REVISION = "d" * 40  # the fake commit every dry-run snapshot is filed under
+
+FAKE_COCO = "fake COCO folder"  # an OVERRIDES value of ``data``: the folder :func:`fake_coco` writes
 
 # per chapter: the smallest paper-preset workload that still walks its code path, and
 # offline texts for the hub datasets (wikitext-2) it would read
@@ -41,6 +45,18 @@ OVERRIDES: dict[str, dict[str, Any]] = {
                         "ablation_draws": 1, "n_edits": 2, "edit_layers": [0], "edit_views": 1, "value_steps": 1,
                         "finetune_steps": 1, "specificity_flags": 2, "covariance_text": "synthetic",
                         "covariance_tokens": 256, "bootstrap": 10},
+    # TrustMark fetches its own weights on first use (no hub, no network here): the dry run
+    # proves the paper's two hub embedders at the paper's image size with the book's
+    # 32-bit watermark, whose payload fits a length-31 code (the paper's is 63 bits long)
+    "07_drew": {"watermarks": ["rivagan"], "ecc": "bch-31-6", "n_reference": 128, "n_queries": 8,
+                "bootstrap_samples": 100},
+    # COCO is a local folder, not a hub dataset: the dry run writes one in COCO's layout
+    # (fake_coco); Mask R-CNN's COCO weights are a torchvision download, so its untrained
+    # network walks the segmenter's code path; the encoders are trained here, so one layer
+    # of the paper's ViT-B width stands for the dry run's depth
+    "10_semantic_tokens": {"data": FAKE_COCO, "n_train": 32, "n_val": 8, "n_test": 8, "depth": 1,
+                           "segmenter": "maskrcnn-untrained", "max_epochs": 1, "patience": 1, "batch": 16,
+                           "seeds": [0]},
     "08_loki": {"calibration_text": "synthetic", "evaluation_text": "synthetic", "window": 64,
                 "calibration_windows": 1, "evaluation_windows": 1, "contexts": [256], "timing_repeats": 1},
     # its CLIP is loaded through open_clip, whose checkpoint format the fake hub does not
@@ -50,10 +66,57 @@ OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
-def snapshot(root: Path, hub_id: str) -> Path:
-    """Where the hub cache keeps ``hub_id``'s files (the layout huggingface_hub reads offline)."""
-    repo = root / f"models--{hub_id.replace('/', '--')}"
-    return repo / "snapshots" / REVISION
+def revision(name: str, layers: int) -> str:
+    """The fake commit ``name``'s dry-run snapshot at ``layers`` deep is filed under: a hash
+    of what the snapshot is built from (its public config and dtype, the depth, and the
+    code that writes it), so a corrected config is built afresh instead of the cache
+    serving the old one (a wrong CLIP ViT-L/14 tower projection once outlived its fix)."""
+    import hashlib
+    import inspect
+
+    arch = architectures.architecture(name)
+    built_from = {"hub_id": arch.hub_id, "family": arch.family, "config": arch.config, "dtype": arch.dtype,
+                  "layers": layers, "code": [inspect.getsource(f) for f in (_save, _save_tokenizer)]}
+    return hashlib.sha1(json.dumps(built_from, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fake_coco(n_train: int, n_val: int, root: Path | None = None) -> Path:
+    """A folder in COCO 2017's caption layout (``annotations/captions_train2017.json`` and
+    ``captions_val2017.json``, JPEGs in ``train2017/`` and ``val2017/``) holding the book's
+    generated scenes and their captions: chapter 10's COCO reader walks its code path on
+    it offline. It is not COCO: nothing measured on it says anything about COCO."""
+    from . import semtokens
+    from .paths import cached_dir
+
+    root = root or cache_dir("dryrun-coco", f"train-{n_train}-val-{n_val}")
+
+    def build(tmp: Path) -> dict:
+        from PIL import Image
+
+        (tmp / "annotations").mkdir()
+        for split, n, seed in (("train2017", n_train, 1), ("val2017", n_val, 2)):
+            scenes = semtokens.scene_split(n, False, seed)
+            (tmp / split).mkdir()
+            images, captions = [], []
+            for i, (pixels, caption) in enumerate(zip(scenes.images, scenes.captions), start=1):
+                name = f"{i:012d}.jpg"  # COCO's file naming
+                Image.fromarray(pixels).save(tmp / split / name, quality=95)
+                images.append({"id": i, "file_name": name, "height": pixels.shape[0], "width": pixels.shape[1]})
+                captions.append({"id": i, "image_id": i, "caption": caption})
+            (tmp / "annotations" / f"captions_{split}.json").write_text(
+                json.dumps({"images": images, "annotations": captions}))
+        return {"layout": "COCO 2017 captions", "images": "the book's generated scenes (not COCO)",
+                "train": n_train, "val": n_val}
+
+    cached_dir(root, build)
+    return root
+
+
+def snapshot(root: Path, name: str, layers: int) -> Path:
+    """Where the hub cache keeps ``name``'s files at ``layers`` deep (the layout
+    huggingface_hub reads offline: ``models--org--name/snapshots/<revision>/``)."""
+    repo = root / f"models--{architectures.architecture(name).hub_id.replace('/', '--')}"
+    return repo / "snapshots" / revision(name, layers)
 
 
 def _save_tokenizer(folder: Path, max_length: int | None = None) -> None:
@@ -118,7 +181,7 @@ def fake_hub(names: list[str], layers: int = 1, root: Path | None = None) -> Pat
     root = root or cache_dir("dryrun-hub", f"layers-{layers}")
     for name in names:
         hub_id = architectures.architecture(name).hub_id
-        folder = snapshot(root, hub_id)
+        folder = snapshot(root, name, layers)
 
         def build(tmp: Path, name=name, hub_id=hub_id) -> dict:
             _save(name, tmp, layers)
@@ -127,7 +190,7 @@ def fake_hub(names: list[str], layers: int = 1, root: Path | None = None) -> Pat
         cached_dir(folder, build)  # verified on load: a damaged snapshot is built again
         refs = folder.parent.parent / "refs"
         refs.mkdir(exist_ok=True)
-        (refs / "main").write_text(REVISION)
+        (refs / "main").write_text(folder.name)
     return root
 
 
@@ -160,6 +223,19 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 
 
+def dry_run_parameters(slug: str, overrides: dict[str, Any] | None = None, build: bool = True) -> dict[str, Any]:
+    """The papermill parameters of ``slug``'s dry run: the paper preset with
+    :data:`OVERRIDES` and ``overrides``; with ``build``, a :data:`FAKE_COCO` value becomes
+    the folder's path (built now, once), else it stays a name (what the record shows)."""
+    # the paper presets ask for 16 threads (a GPU node's cores); on fewer cores that many
+    # threads crowd each other out (chapter 06's first model cell: > 10 min at 16 threads on
+    # 2 cores, seconds at 2), so a dry run uses the cores it has
+    parameters = {"preset": "paper", "threads": os.cpu_count() or 1, **OVERRIDES.get(slug, {}), **(overrides or {})}
+    if build and parameters.get("data") == FAKE_COCO:  # validation images come from train2017, after the training ones
+        parameters["data"] = str(fake_coco(parameters["n_train"] + parameters["n_val"], parameters["n_test"]))
+    return parameters
+
+
 def run(chapter: str, layers: int = 1, overrides: dict[str, Any] | None = None, root: Path | None = None) -> dict:
     """Execute ``chapter`` at the paper preset on its dry-run models; returns (and writes
     beside the executed notebook) what ran: models, depth, seconds, peak memory."""
@@ -170,10 +246,7 @@ def run(chapter: str, layers: int = 1, overrides: dict[str, Any] | None = None, 
     repo = repo_root()
     notebook = notebook_for(chapter, repo)
     slug = notebook.stem
-    # the paper presets ask for 16 threads (a GPU node's cores); on fewer cores that many
-    # threads crowd each other out (chapter 06's first model cell: > 10 min at 16 threads on
-    # 2 cores, seconds at 2), so a dry run uses the cores it has
-    parameters = {"preset": "paper", "threads": os.cpu_count() or 1, **OVERRIDES.get(slug, {}), **(overrides or {})}
+    parameters = dry_run_parameters(slug, overrides)
     names = paper_models(slug, parameters)
     start = time.perf_counter()
     hub = fake_hub(names, layers)
@@ -200,7 +273,7 @@ def run(chapter: str, layers: int = 1, overrides: dict[str, Any] | None = None, 
     record = {"chapter": slug, "dry_run": "random weights from the public configs: no number here is the paper's",
               "layers": layers, "models": {n: architectures.architecture(n).hub_id for n in names},
               "parameters_built": {n: architectures.parameter_count(n, layers) for n in names},
-              "overrides": parameters, "build_seconds": round(built, 1),
+              "overrides": dry_run_parameters(slug, overrides, build=False), "build_seconds": round(built, 1),
               "run_seconds": round(time.perf_counter() - start, 1), "peak_rss_bytes": peak_rss_bytes(),
               # the share of the CPU other work used in the second before the run (the load
               # average is no guide here: torch's idle threads lift it to 6–11 on an idle 2-core machine)
