@@ -92,13 +92,40 @@ print(json.dumps({"embedding": list(loaded.model(pixel_values=inputs["pixel_valu
     assert seen == {"embedding": [1, 768], "width": 1024}
 
 
+def test_an_open_clip_model_is_served_where_open_clip_looks_for_its_weights(tmp_path):
+    """Chapters 03 and 09 load OpenAI's CLIP ViT-B/16 through open_clip by architecture and
+    tag; open_clip fetches the weights from the model's hub repository. The dry run serves
+    them there, at full depth (open_clip builds the named architecture before loading)."""
+    root = dryrun.fake_hub(["clip-vit-b-16"], layers=1, root=tmp_path / "hub")
+    seen = _in_a_fresh_process(root, """
+import json
+import os
+from pathlib import Path
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from replbook import dryrun, models
+loaded = models.load("clip-vit-b-16", preset="paper", progress=False)  # the chapters' own path
+model, (preprocess, tokenizer) = loaded.model, loaded.tokenizer
+snapshot = dryrun.snapshot(Path(os.environ["HF_HUB_CACHE"]), "clip-vit-b-16", 1)
+served = load_file(snapshot / "open_clip_model.safetensors")
+image = preprocess(Image.new("RGB", (300, 240))).unsqueeze(0)
+print(json.dumps({"image": list(model.encode_image(image).shape), "text": list(model.encode_text(tokenizer(["a cat"])).shape),
+                  "layers": len(model.visual.transformer.resblocks),
+                  "served": all(torch.equal(v, served[k]) for k, v in model.state_dict().items() if k in served),
+                  "every_weight_served": set(model.state_dict()) <= set(served)}))
+""")
+    assert seen == {"image": [1, 512], "text": [1, 512], "layers": 12, "served": True, "every_weight_served": True}
+    assert dryrun.served_depth("clip-vit-b-16", 1) is None and dryrun.served_depth("clip-vit-l-14", 1) == 1
+
+
 def test_the_paper_models_of_a_chapter_are_read_from_its_preset():
     assert dryrun.paper_models("08_loki") == ["llama2-7b", "llama2-13b"]
     assert set(dryrun.paper_models("04_endor")) == {"opt-66b", "llama2-70b"}
     assert "llava-hf/llava-1.5-7b-hf" in dryrun.paper_models("06_mllm_tracing")
     # a model the dry run's overrides swap out is neither built nor recorded
     assert "clip-vit-b-16" in dryrun.paper_models("09_vit_decompose")
-    assert "clip-vit-b-16" not in dryrun.paper_models("09_vit_decompose", dryrun.OVERRIDES["09_vit_decompose"])
+    assert "clip-vit-b-16" not in dryrun.paper_models("09_vit_decompose", {"clip": "cliplike"})
 
 
 def test_every_dry_run_override_is_a_parameter_its_paper_preset_accepts():

@@ -39,6 +39,11 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "00_model_zoo": {},
     "02_skill_slices": {"tasks": ["addition", "capitals", "syllogisms"], "min_tasks": 2, "per_task": 4,
                         "rationale_tokens": 8, "min_slice": 1, "route_min_cluster": 2},
+    # OpenAI's CLIP ViT-B/16 through open_clip, served at full size (see served_depth)
+    "03_intcoop": {"pool_size": 40, "n_test": 40, "shots": 2, "steps": 2, "seeds": [1]},
+    # Endor on the CPU (the paper preset's device is a GPU's), one short window of offline text
+    "04_endor": {"device": "cpu", "calibration_text": "synthetic", "evaluation_text": "synthetic", "window": 32,
+                 "calibration_windows": 1, "evaluation_windows": 1, "sparsities": [0.5], "new_tokens": 2},
     # the fake hub's byte-level tokenizer makes no country name one token
     "06_mllm_tracing": {"n_countries": 6, "require_known": False, "single_token_names": False, "train_views": 1,
                         "test_views": 1, "n_trace": 2, "n_names": 2, "noise_draws": 2, "attention_layers": 1, "ablate_k": [1, 2],
@@ -59,9 +64,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
                            "seeds": [0]},
     "08_loki": {"calibration_text": "synthetic", "evaluation_text": "synthetic", "window": 64,
                 "calibration_windows": 1, "evaluation_windows": 1, "contexts": [256], "timing_repeats": 1},
-    # its CLIP is loaded through open_clip, whose checkpoint format the fake hub does not
-    # write: the dry run proves the three hub ViTs and keeps the book's CLIP-like model
-    "09_vit_decompose": {"clip": "cliplike", "n_train": 64, "n_test": 32, "probe_steps": 2, "n_align": 64,
+    # its three hub ViTs one layer deep, and OpenAI's CLIP ViT-B/16 at full size (open_clip)
+    "09_vit_decompose": {"n_train": 64, "n_test": 32, "probe_steps": 2, "n_align": 64,
                          "align_steps": 2, "random_sets": 2},
 }
 
@@ -76,7 +80,7 @@ def revision(name: str, layers: int) -> str:
 
     arch = architectures.architecture(name)
     built_from = {"hub_id": arch.hub_id, "family": arch.family, "config": arch.config, "dtype": arch.dtype,
-                  "layers": layers, "code": [inspect.getsource(f) for f in (_save, _save_tokenizer)]}
+                  "layers": layers, "code": [inspect.getsource(f) for f in (_save, _save_tokenizer, served_depth)]}
     return hashlib.sha1(json.dumps(built_from, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -131,11 +135,36 @@ def _save_tokenizer(folder: Path, max_length: int | None = None) -> None:
 SERVED = ("llama", "opt", "gemma3", "llava", "clip", "dinov2", "vit", "bert")  # not yet: Stable Diffusion
 
 
+def open_clip_architecture(name: str) -> str | None:
+    """open_clip's own name for ``name`` when the book loads it through open_clip (by
+    architecture and pretrained tag, the weights from its hub repository), else None."""
+    from . import models
+
+    hub_id = architectures.architecture(name).hub_id
+    return next((arch for registry_name, (arch, _) in models.OPEN_CLIP_NAMES.items()
+                 if models.REGISTRY[registry_name].hub_id == hub_id), None)
+
+
+def served_depth(name: str, layers: int) -> int | None:
+    """How deep the dry run serves ``name``: ``layers``, or None (full depth) for an open_clip
+    model, which open_clip builds from its own named configuration before loading the hub's
+    weights into it (a shallower checkpoint would not load)."""
+    return None if open_clip_architecture(name) else layers
+
+
 def _save(name: str, folder: Path, layers: int) -> None:
     """``name`` at ``layers`` deep, random weights in the paper's dtype, saved as on the hub."""
     import transformers
 
     arch = architectures.architecture(name)
+    open_clip_name = open_clip_architecture(name)
+    if open_clip_name:  # the file open_clip's hub download looks for first, at full depth
+        import open_clip
+        from safetensors.torch import save_file
+
+        model = open_clip.create_model(open_clip_name, pretrained=None)  # random weights, open_clip's config
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+        return
     if arch.family not in SERVED:
         raise ValueError(f"{name!r}: a dry run cannot serve family {arch.family!r} yet; it serves "
                          f"{', '.join(sorted(SERVED))}")
@@ -185,7 +214,8 @@ def fake_hub(names: list[str], layers: int = 1, root: Path | None = None) -> Pat
 
         def build(tmp: Path, name=name, hub_id=hub_id) -> dict:
             _save(name, tmp, layers)
-            return {"hub_id": hub_id, "layers": layers, "weights": "random, from the public config"}
+            return {"hub_id": hub_id, "layers": served_depth(name, layers) or "all",
+                    "weights": "random, from the public config"}
 
         cached_dir(folder, build)  # verified on load: a damaged snapshot is built again
         refs = folder.parent.parent / "refs"
@@ -272,7 +302,7 @@ def run(chapter: str, layers: int = 1, overrides: dict[str, Any] | None = None, 
                 os.environ[key] = value
     record = {"chapter": slug, "dry_run": "random weights from the public configs: no number here is the paper's",
               "layers": layers, "models": {n: architectures.architecture(n).hub_id for n in names},
-              "parameters_built": {n: architectures.parameter_count(n, layers) for n in names},
+              "parameters_built": {n: architectures.parameter_count(n, served_depth(n, layers)) for n in names},
               "overrides": dry_run_parameters(slug, overrides, build=False), "build_seconds": round(built, 1),
               "run_seconds": round(time.perf_counter() - start, 1), "peak_rss_bytes": peak_rss_bytes(),
               # the share of the CPU other work used in the second before the run (the load
