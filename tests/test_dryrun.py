@@ -119,6 +119,41 @@ print(json.dumps({"image": list(model.encode_image(image).shape), "text": list(m
     assert dryrun.served_depth("clip-vit-b-16", 1) is None and dryrun.served_depth("clip-vit-l-14", 1) == 1
 
 
+def test_a_stable_diffusion_repository_is_served_part_by_part(tmp_path, monkeypatch):
+    """Chapter 05 loads Stable Diffusion 1.4 by hub id, one part per subfolder (tokenizer,
+    text encoder, UNet, VAE, scheduler). The parts are shrunk here (the dry run serves
+    them at full width); what is checked is the layout, the depth, the schedule, and that
+    an offline load does not go looking for the config.json a tokenizer folder lacks."""
+    import dataclasses
+
+    small = {"CompVis/stable-diffusion-v1-4/unet": {
+                 "cross_attention_dim": 32, "attention_head_dim": 2, "sample_size": 8, "layers_per_block": 2,
+                 "block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                 "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "norm_num_groups": 8},
+             "CompVis/stable-diffusion-v1-4/vae": {
+                 "block_out_channels": [8, 8], "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 8,
+                 "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2},
+             "openai/clip-vit-large-patch14/text": {
+                 "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                 "vocab_size": 49408, "max_position_embeddings": 77}}
+    for hub_id, config in small.items():
+        monkeypatch.setitem(architectures.ARCHITECTURES, hub_id,
+                            dataclasses.replace(architectures.ARCHITECTURES[hub_id], config=config))
+    root = dryrun.fake_hub(["stable-diffusion-v1-4"], layers=1, root=tmp_path / "hub")
+    seen = _in_a_fresh_process(root, """
+import json
+from replbook import models
+parts = models.diffusion_parts("CompVis/stable-diffusion-v1-4", offline=True, device="cpu")  # the chapter's path
+ids = parts.tokenizer(["a red cube"], padding="max_length", max_length=parts.tokenizer.model_max_length).input_ids
+print(json.dumps({"unet_layers": parts.unet.config.layers_per_block, "vae_layers": parts.vae.config.layers_per_block,
+                  "text_layers": parts.text_encoder.config.num_hidden_layers, "tokens": len(ids[0]),
+                  "schedule": [parts.scheduler_config[k] for k in ("beta_schedule", "beta_start", "beta_end",
+                                                                   "prediction_type")]}))
+""")
+    assert seen == {"unet_layers": 1, "vae_layers": 1, "text_layers": 1, "tokens": 77,
+                    "schedule": ["scaled_linear", 0.00085, 0.012, "epsilon"]}
+
+
 def test_the_paper_models_of_a_chapter_are_read_from_its_preset():
     assert dryrun.paper_models("08_loki") == ["llama2-7b", "llama2-13b"]
     assert set(dryrun.paper_models("04_endor")) == {"opt-66b", "llama2-70b"}
@@ -171,8 +206,8 @@ def test_the_cli_refuses_a_depth_below_one(capsys):
 
 
 def test_a_family_the_dry_run_cannot_serve_is_named():
-    with pytest.raises(ValueError, match="cannot serve family .pipeline. yet"):
-        dryrun._save("stable-diffusion-v1-4", None, 1)
+    with pytest.raises(ValueError, match="cannot serve family .sd-unet. yet"):  # served as a pipeline's part only
+        dryrun._save("CompVis/stable-diffusion-v1-4/unet", None, 1)
 
 
 def test_the_committed_dry_run_records_name_what_ran():

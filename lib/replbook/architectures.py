@@ -100,7 +100,8 @@ ARCHITECTURES: dict[str, Architecture] = {a.hub_id: a for a in [
                  parts=("CompVis/stable-diffusion-v1-4/unet", "CompVis/stable-diffusion-v1-4/vae",
                         "openai/clip-vit-large-patch14/text")),
     Architecture("CompVis/stable-diffusion-v1-4/unet", "sd-unet",
-                 {"cross_attention_dim": 768, "attention_head_dim": 8, "sample_size": 64}, "float16",
+                 {"cross_attention_dim": 768, "attention_head_dim": 8, "sample_size": 64, "layers_per_block": 2},
+                 "float16",
                  "unet/config.json (the diffusers defaults are SD 1.x's UNet)"),
     Architecture("CompVis/stable-diffusion-v1-4/vae", "sd-vae",
                  {"block_out_channels": [128, 256, 512, 512], "latent_channels": 4, "layers_per_block": 2,
@@ -113,7 +114,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.hub_id: a for a in [
                         "stabilityai/stable-diffusion-2-1/text")),
     Architecture("stabilityai/stable-diffusion-2-1/unet", "sd-unet",
                  {"cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True,
-                  "sample_size": 96}, "float16", "unet/config.json"),
+                  "sample_size": 96, "layers_per_block": 2}, "float16", "unet/config.json"),
     Architecture("stabilityai/stable-diffusion-2-1/text", "clip-text",
                  {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23, "num_attention_heads": 16,
                   "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "gelu"}, "float16",
@@ -137,7 +138,9 @@ def _with_depth(config: dict, layers: int | None) -> dict:
     if layers is None:
         return dict(config)
     out = dict(config)
-    for key in ("num_hidden_layers",):
+    # a transformer's layers; a Stable Diffusion UNet's or VAE's resnet (and attention)
+    # layers per resolution block
+    for key in ("num_hidden_layers", "layers_per_block"):
         if key in out:
             out[key] = min(out[key], layers)
     for sub in ("text_config", "vision_config"):

@@ -17,7 +17,9 @@ book's byte-level tokenizer (256 byte tokens + end-of-text: ids fit every vocabu
 Hub *datasets* are not faked: :data:`OVERRIDES` swaps a chapter's hub texts for offline
 ones and shrinks its workload to a step or two. A local dataset folder a reader would
 supply (chapter 10's COCO) is written in its layout from the book's own data
-(:func:`fake_coco`).
+(:func:`fake_coco`). open_clip models are served where open_clip looks for them, at full
+depth (:func:`served_depth`); a Stable Diffusion repository part by part, one resnet layer
+per UNet/VAE block at ``layers`` = 1.
 """
 from __future__ import annotations
 
@@ -44,6 +46,11 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # Endor on the CPU (the paper preset's device is a GPU's), one short window of offline text
     "04_endor": {"device": "cpu", "calibration_text": "synthetic", "evaluation_text": "synthetic", "window": 32,
                  "calibration_windows": 1, "evaluation_windows": 1, "sparsities": [0.5], "new_tokens": 2},
+    # Stable Diffusion 1.4 at full width, one resnet layer per UNet/VAE block and one text
+    # layer, at its 512 px; a couple of prompts, samples and steps
+    "05_t2i_composition": {"held_out": 2, "samples_per_prompt": 1, "sampling_steps": 2, "sample_batch": 2,
+                           "untrained_towers": 1, "optimize_steps": 1, "optimize_views": 1, "projection_steps": 1,
+                           "projection_batch": 2, "switch_at": 1},
     # the fake hub's byte-level tokenizer makes no country name one token
     "06_mllm_tracing": {"n_countries": 6, "require_known": False, "single_token_names": False, "train_views": 1,
                         "test_views": 1, "n_trace": 2, "n_names": 2, "noise_draws": 2, "attention_layers": 1, "ablate_k": [1, 2],
@@ -80,7 +87,9 @@ def revision(name: str, layers: int) -> str:
 
     arch = architectures.architecture(name)
     built_from = {"hub_id": arch.hub_id, "family": arch.family, "config": arch.config, "dtype": arch.dtype,
-                  "layers": layers, "code": [inspect.getsource(f) for f in (_save, _save_tokenizer, served_depth)]}
+                  "layers": layers, "code": [inspect.getsource(f) for f in (_save, _save_tokenizer, served_depth)],
+                  "schedule": SD_SCHEDULES.get(arch.hub_id),
+                  "parts": {p: architectures.architecture(p).config for p in arch.parts or ()}}
     return hashlib.sha1(json.dumps(built_from, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -132,7 +141,25 @@ def _save_tokenizer(folder: Path, max_length: int | None = None) -> None:
     tokenizer.save_pretrained(folder)
 
 
-SERVED = ("llama", "opt", "gemma3", "llava", "clip", "dinov2", "vit", "bert")  # not yet: Stable Diffusion
+SERVED = ("llama", "opt", "gemma3", "llava", "clip", "dinov2", "vit", "bert", "pipeline")
+
+# a Stable Diffusion repository's noise schedule (scheduler/scheduler_config.json: the
+# numbers DDPM-type schedulers read); the other parts come from replbook.architectures
+SD_SCHEDULES = {
+    "CompVis/stable-diffusion-v1-4": {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                                      "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+                                      "clip_sample": False, "steps_offset": 1},
+    "stabilityai/stable-diffusion-2-1": {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                                         "beta_schedule": "scaled_linear", "prediction_type": "v_prediction",
+                                         "clip_sample": False, "steps_offset": 1},
+}
+# files a loader asks for that the repository does not have (AutoTokenizer reads a
+# config.json beside a pipeline's tokenizer): marked as huggingface_hub marks a file it
+# found missing online (``.no_exist/<revision>/<path>``), so an offline load knows it is
+# absent instead of failing to reach the hub
+ABSENT = {"pipeline": ("tokenizer/config.json",)}
+# where a pipeline part lives in its repository, by the part's family
+SD_SUBFOLDERS = {"sd-unet": "unet", "sd-vae": "vae", "clip-text": "text_encoder"}
 
 
 def open_clip_architecture(name: str) -> str | None:
@@ -168,6 +195,17 @@ def _save(name: str, folder: Path, layers: int) -> None:
     if arch.family not in SERVED:
         raise ValueError(f"{name!r}: a dry run cannot serve family {arch.family!r} yet; it serves "
                          f"{', '.join(sorted(SERVED))}")
+    if arch.family == "pipeline":  # Stable Diffusion: one subfolder per part, as on the hub
+        from diffusers import DDPMScheduler
+
+        for part in arch.parts:
+            family = architectures.architecture(part).family
+            # float32: what the repositories' main revision holds (float16 is a variant)
+            architectures.build(part, layers, device="cpu", dtype="float32").save_pretrained(
+                folder / SD_SUBFOLDERS[family])
+        _save_tokenizer(folder / "tokenizer", 77)
+        DDPMScheduler(**SD_SCHEDULES[arch.hub_id]).save_pretrained(folder / "scheduler")
+        return
     model = architectures.build(name, layers=layers, device="cpu", dtype=arch.dtype)
     if arch.family in ("llama", "opt", "gemma3"):
         model.save_pretrained(folder)
@@ -221,6 +259,10 @@ def fake_hub(names: list[str], layers: int = 1, root: Path | None = None) -> Pat
         refs = folder.parent.parent / "refs"
         refs.mkdir(exist_ok=True)
         (refs / "main").write_text(folder.name)
+        for path in ABSENT.get(architectures.architecture(name).family, ()):
+            marker = folder.parent.parent / ".no_exist" / folder.name / path
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
     return root
 
 
