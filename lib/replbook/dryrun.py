@@ -39,6 +39,12 @@ FAKE_COCO = "fake COCO folder"  # an OVERRIDES value of ``data``: the folder :fu
 # offline texts for the hub datasets (wikitext-2) it would read
 OVERRIDES: dict[str, dict[str, Any]] = {
     "00_model_zoo": {},
+    # random weights know no fact, so every fact counts; one relation, a few facts, one step
+    # of corruption and of each of the paper's eight methods at one learning rate
+    "01_restor": {"known_only": False, "countries": 12, "relations": ["capital"], "corrupted_per_relation": 3,
+                  "tuning_per_relation": 2, "untouched_per_relation": 3, "mix_k": [0], "corruption_steps": 1,
+                  "unlearning_steps": 1, "learning_rates": [1e-5], "batch_size": 2, "evaluation_text": "synthetic",
+                  "retain_text": "synthetic", "retain_documents": 4},
     "02_skill_slices": {"tasks": ["addition", "capitals", "syllogisms"], "min_tasks": 2, "per_task": 4,
                         "rationale_tokens": 8, "min_slice": 1, "route_min_cluster": 2},
     # OpenAI's CLIP ViT-B/16 through open_clip, served at full size (see served_depth)
