@@ -219,22 +219,11 @@ def test_paper_preset_runs_on_a_tiny_coco_folder(tmp_path, results_tmp):
     trigram-shuffled negatives — on a tiny COCO-format folder of rendered scenes with an
     untrained Mask R-CNN and the tiny text encoder."""
     import papermill
-    from PIL import Image
 
+    from replbook import dryrun
     from replbook.paths import repo_root
 
-    root = tmp_path / "coco"
-    (root / "annotations").mkdir(parents=True)
-    for split, n, seed in [("train2017", 32, 1), ("val2017", 8, 2)]:
-        (root / split).mkdir()
-        scenes = semtokens.make_scenes(n, None, seed)
-        images, _ = semtokens.render_all(scenes)
-        entries, captions = [], []
-        for i, (scene, image) in enumerate(zip(scenes, images)):
-            Image.fromarray(image).save(root / split / f"{i:012d}.jpg")
-            entries.append({"id": i, "file_name": f"{i:012d}.jpg"})
-            captions.append({"id": 100 + i, "image_id": i, "caption": scene.caption})
-        (root / "annotations" / f"captions_{split}.json").write_text(json.dumps({"images": entries, "annotations": captions}))
+    root = dryrun.fake_coco(32, 8, root=tmp_path / "coco")  # the dry run's COCO-layout folder of rendered scenes
     notebook = repo_root() / "notebooks" / "10_semantic_tokens.ipynb"
     papermill.execute_notebook(
         str(notebook), str(tmp_path / "out.ipynb"), kernel_name="python3", cwd=str(notebook.parent), progress_bar=False,

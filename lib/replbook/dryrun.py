@@ -32,7 +32,6 @@ from typing import Any
 from . import architectures
 from .paths import cache_dir, repo_root
 
-
 FAKE_COCO = "fake COCO folder"  # an OVERRIDES value of ``data``: the folder :func:`fake_coco` writes
 
 # per chapter: the smallest paper-preset workload that still walks its code path, and
@@ -68,6 +67,11 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # 32-bit watermark, whose payload fits a length-31 code (the paper's is 63 bits long)
     "07_drew": {"watermarks": ["rivagan"], "ecc": "bch-31-6", "n_reference": 128, "n_queries": 8,
                 "bootstrap_samples": 100},
+    "08_loki": {"calibration_text": "synthetic", "evaluation_text": "synthetic", "window": 64,
+                "calibration_windows": 1, "evaluation_windows": 1, "contexts": [256], "timing_repeats": 1},
+    # its three hub ViTs one layer deep, and OpenAI's CLIP ViT-B/16 at full size (open_clip)
+    "09_vit_decompose": {"n_train": 64, "n_test": 32, "probe_steps": 2, "n_align": 64,
+                         "align_steps": 2, "random_sets": 2},
     # COCO is a local folder, not a hub dataset: the dry run writes one in COCO's layout
     # (fake_coco); Mask R-CNN's COCO weights are a torchvision download, so its untrained
     # network walks the segmenter's code path; the encoders are trained here, so one layer
@@ -75,11 +79,6 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "10_semantic_tokens": {"data": FAKE_COCO, "n_train": 32, "n_val": 8, "n_test": 8, "depth": 1,
                            "segmenter": "maskrcnn-untrained", "max_epochs": 1, "patience": 1, "batch": 16,
                            "seeds": [0]},
-    "08_loki": {"calibration_text": "synthetic", "evaluation_text": "synthetic", "window": 64,
-                "calibration_windows": 1, "evaluation_windows": 1, "contexts": [256], "timing_repeats": 1},
-    # its three hub ViTs one layer deep, and OpenAI's CLIP ViT-B/16 at full size (open_clip)
-    "09_vit_decompose": {"n_train": 64, "n_test": 32, "probe_steps": 2, "n_align": 64,
-                         "align_steps": 2, "random_sets": 2},
 }
 
 
