@@ -79,7 +79,8 @@ def test_stability_record_matches_the_committed_results_and_code(slug):
     assert own["verdicts"] == committed and own["numbers"] == {v["claim"]: v.get("numbers", {}) for v in saved["verdicts"]}, \
         f"{slug}: the record's committed-seed run is not results/{slug}.json"
     for step in record.get("carried_forward", []):
-        assert set(step) == {"from", "to", "date", "check"} and step["from"] != step["to"]
+        assert set(step) - {"parameters_added"} == {"from", "to", "date", "check"} and step["from"] != step["to"]
+        assert set(step.get("parameters_added", {})) <= set(saved["config"]), "an added parameter is in the config"
 
 
 # ----------------------------------------------------------------------------- carry-forward
@@ -137,6 +138,19 @@ def test_carry_forward_keeps_a_record_whose_rerun_moves_no_number(chapter_with_r
     assert carried["carried_forward"][-1]["from"] == record["code_version"]
     assert [r for r in carried["runs"] if r["index"] != 0] == [r for r in record["runs"] if r["index"] != 0]
     assert carried["claims"] == record["claims"]
+
+
+def test_carry_forward_accepts_an_added_parameter_and_says_so_but_not_a_changed_one(chapter_with_record, monkeypatch):
+    slug, root, saved, record = chapter_with_record
+    _fake_run(monkeypatch, root, slug, saved, lambda new: new["config"].update(device="cpu"))
+    stability.carry_forward(slug[:2], root, progress=False)
+    assert results.load_stability(slug, root)["carried_forward"][-1]["parameters_added"] == {"device": "cpu"}
+    (root / "results" / "stability" / f"{slug}.json").write_text(json.dumps(record))
+    (root / "results" / f"{slug}.json").write_text(json.dumps(saved))
+    key = next(iter(saved["config"]))
+    _fake_run(monkeypatch, root, slug, saved, lambda new: new["config"].update({key: "changed"}))
+    with pytest.raises(stability.CarryForwardRefused, match="config"):
+        stability.carry_forward(slug[:2], root, progress=False)
 
 
 def test_carry_forward_refuses_a_rerun_that_moved_a_number(chapter_with_record, monkeypatch):

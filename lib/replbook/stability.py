@@ -142,7 +142,8 @@ def carry_forward(chapter: str, root: Path | None = None, progress: bool = True)
     Re-executes and publishes the committed seed at the book preset under the current
     code, then compares it with the results the record was made with
     (:func:`results.compare`: config, every verdict and decisive check exactly, every
-    number within the chapter's own tolerances). Equal: the record takes the new code
+    number within the chapter's own tolerances; a parameter the new code adds may be new
+    to the config, and the record lists it). Equal: the record takes the new code
     version, the new run as its index 0 and a ``carried_forward`` entry saying so (the
     other seeds are not rerun: a pure refactor cannot move them either, and the entry says
     that this is assumed). Different: the record keeps its old code version, so the tests
@@ -187,7 +188,10 @@ def carry_forward(chapter: str, root: Path | None = None, progress: bool = True)
     try:
         runner.run(chapter, "book", root=root, progress=progress)
         published = json.loads(committed_path.read_text())
-        differences = results.compare(published, committed)
+        # a parameter the new code adds (with the value that keeps the old behaviour) is no
+        # difference by itself: the run must still match every verdict and number
+        added = {k: v for k, v in published.get("config", {}).items() if k not in committed.get("config", {})}
+        differences = results.compare(published, {**committed, "config": {**committed.get("config", {}), **added}})
         if results.code_version(slug, root) != version:
             differences.append(f"{slug}'s code changed while it ran")
     except BaseException:
@@ -202,6 +206,7 @@ def carry_forward(chapter: str, root: Path | None = None, progress: bool = True)
     history = [*record.get("carried_forward", []),
                {"from": record["code_version"], "to": version, "date": time.strftime("%Y-%m-%d"),
                 "check": "the committed seed, re-executed under the new code, passes the regression guard against "
-                         "the run the record was made with; the other seeds were not rerun"}]
+                         "the run the record was made with; the other seeds were not rerun",
+                **({"parameters_added": added} if added else {})}]
     return results.write_atomic(path, {**record, "code_version": version, "runs": runs,
                                        "claims": results.stability_claims(runs), "carried_forward": history})
