@@ -122,8 +122,9 @@ print(json.dumps({"image": list(model.encode_image(image).shape), "text": list(m
 def test_a_stable_diffusion_repository_is_served_part_by_part(tmp_path, monkeypatch):
     """Chapter 05 loads Stable Diffusion 1.4 by hub id, one part per subfolder (tokenizer,
     text encoder, UNet, VAE, scheduler). The parts are shrunk here (the dry run serves
-    them at full width); what is checked is the layout, the depth, the schedule, and that
-    an offline load does not go looking for the config.json a tokenizer folder lacks."""
+    them at full width); what is checked is the layout, the depth, the latent size (SD_SHRINK
+    times smaller), the schedule, and that an offline load does not go looking for the
+    config.json a tokenizer folder lacks."""
     import dataclasses
 
     small = {"CompVis/stable-diffusion-v1-4/unet": {
@@ -146,11 +147,12 @@ from replbook import models
 parts = models.diffusion_parts("CompVis/stable-diffusion-v1-4", offline=True, device="cpu")  # the chapter's path
 ids = parts.tokenizer(["a red cube"], padding="max_length", max_length=parts.tokenizer.model_max_length).input_ids
 print(json.dumps({"unet_layers": parts.unet.config.layers_per_block, "vae_layers": parts.vae.config.layers_per_block,
+                  "latents": parts.unet.config.sample_size,
                   "text_layers": parts.text_encoder.config.num_hidden_layers, "tokens": len(ids[0]),
                   "schedule": [parts.scheduler_config[k] for k in ("beta_schedule", "beta_start", "beta_end",
                                                                    "prediction_type")]}))
 """)
-    assert seen == {"unet_layers": 1, "vae_layers": 1, "text_layers": 1, "tokens": 77,
+    assert seen == {"unet_layers": 1, "vae_layers": 1, "text_layers": 1, "tokens": 77, "latents": 8 // dryrun.SD_SHRINK,
                     "schedule": ["scaled_linear", 0.00085, 0.012, "epsilon"]}
 
 

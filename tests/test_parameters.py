@@ -6,6 +6,7 @@ import importlib
 import json
 
 import pytest
+import torch
 from conftest import ROOT
 
 from replbook import cli, config, paths, results
@@ -24,7 +25,7 @@ BAD = {
                   "methods": ["ga", "rmu"], "fact_retain_methods": ["task_vector"], "learning_rates": [],
                   "batch_size": 0, "trainable_layers": [30, 0], "npo_beta": 0.0, "retain_weight": -1.0,
                   "evaluation_text": "war-and-peace", "retain_text": "c4", "retain_documents": 0, "seed": -3,
-                  "threads": -1},
+                  "threads": -1, "device": "gpu"},
     "02_skill_slices": {"tasks": ["astrology"], "task_mix": "closest", "mix_tolerance": -0.02, "min_tasks": 0,
                         "per_task": 0, "n_choices": 1, "models": ["smollm2-135m"],
                         "normalise": "yes", "rationale_model": "minilm-l6", "rationale_tokens": 0,
@@ -80,6 +81,7 @@ BAD_TOGETHER = [
     ("01_restor", {"countries": 10}, "corrupted + tuning + untouched"),
     ("01_restor", {"methods": ["ga", "ga_ft", "kl_ft", "npo"]}, "must include 'ga_ft', 'kl_ft', 'npo' and 'npo_localized'"),
     ("01_restor", {"fact_retain_methods": ["ga_kl"]}, "every fact_retain_methods entry must be in methods"),
+    *([("01_restor", {"device": "cuda"}, "this machine has no CUDA GPU")] if not torch.cuda.is_available() else []),
     ("02_skill_slices", {"min_tasks": 9}, "min_tasks must be at most the number of tasks"),
     ("03_intcoop", {"shots": 2000}, "shots must be ≤ pool_size"),
     ("03_intcoop", {"n_align": 10}, "learns its image side: n_align ≥ 20"),
@@ -90,6 +92,7 @@ BAD_TOGETHER = [
     ("04_endor", {"offload_pruner": "wanda", "pruners": ["magnitude"]}, "offload_pruner must be one of pruners"),
     ("05_t2i_composition", {"switch_at": 26}, "switch_at must be at most sampling_steps"),
     ("05_t2i_composition", {"wiclp_window": 4}, "wiclp_window must be odd"),
+    ("05_t2i_composition", {"held_out": 2, "samples_per_prompt": 1}, "samples_per_prompt must be ≥ 3 test images"),
     ("06_mllm_tracing", {"vision": "own"}, "vision='own' needs a LLaVA checkpoint"),
     ("07_drew", {"n_queries": 3000}, "n_queries must be ≤ n_reference"),
     ("09_vit_decompose", {"width": 66}, "width must be a multiple of heads"),

@@ -39,7 +39,7 @@ def test_every_chapter_has_a_card_and_totals_add_their_rows():
 
 def test_a_card_follows_its_preset(monkeypatch):
     """Change the preset and the card moves: the longest timing context sets 08's KV row,
-    the number of corrupted copies 01's weights (a card that ignored its preset passes
+    the number of corrupted copies and the band's width 01's rows (a card that ignored its preset passes
     the other tests)."""
     real = resources._preset
 
@@ -52,9 +52,15 @@ def test_a_card_follows_its_preset(monkeypatch):
     kv = resources.kv_cache("meta-llama/Llama-2-13b-hf", 32768 - 16384, 1, "bfloat16").gigabytes
     assert longer - base == pytest.approx(kv)
     monkeypatch.setattr(resources, "_preset", real)
-    one_k = resources.card("01_restor").gpu[0].gigabytes
+    # 01: the frozen weights once; band copies per k (4 k + 3 = 7), each the band's MLPs
+    weights, copies, _, _ = resources.card("01_restor").gpu
     monkeypatch.setattr(resources, "_preset", edited("01_restor", mix_k=[0]))
-    assert resources.card("01_restor").gpu[0].gigabytes == pytest.approx(one_k * 4 / 7)
+    assert resources.card("01_restor").gpu[1].gigabytes == pytest.approx(copies.gigabytes * 4 / 7)
+    assert resources.card("01_restor").gpu[0].gigabytes == weights.gigabytes
+    monkeypatch.setattr(resources, "_preset", edited("01_restor", trainable_layers=[0, 32]))
+    wide = resources.card("01_restor").gpu
+    assert wide[1].gigabytes == pytest.approx(copies.gigabytes * 32 / 6)
+    assert wide[2].gigabytes == pytest.approx(32 * 3 * 4096 * 14336 * (4 + 8) / 1e9)  # gradient + AdamW moments
 
 
 

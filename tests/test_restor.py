@@ -2,6 +2,7 @@
 unlearning losses, and the probing and training loops on the tiny random Llama."""
 import copy
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -329,9 +330,47 @@ def test_every_method_changes_only_the_trainable_band_and_leaves_the_input_model
     changed = {n for n, p in unlearned.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".layers.1.mlp." in n for n in changed), changed
     assert not any(p.requires_grad for p in unlearned.parameters())
+    own = dict(model.named_parameters())
+    shared = {n for n, p in unlearned.named_parameters() if p.data_ptr() == own[n].data_ptr()}
+    assert shared == {n for n in own if ".layers.1.mlp." not in n}, "the copy owns the band and shares the rest"
     assert scores and choice["steps"] in (1, 2)
     if method == "task_vector":
         assert choice["alpha"] in restor.TASK_VECTOR_SCALES
+
+
+def test_a_band_copy_owns_the_band_shares_the_rest_and_leaves_the_model_alone(tiny):
+    model = copy.deepcopy(tiny.model)
+    own = dict(model.named_parameters())
+    values = {n: p.detach().clone() for n, p in own.items()}
+    flags = {n: p.requires_grad for n, p in own.items()}
+    twin = restor.band_copy(model, (1, 2))
+    band = {n for n in own if restor.in_band(n, (1, 2))}
+    assert band and band == {n for n in own if ".layers.1.mlp." in n}
+    for name, p in twin.named_parameters():
+        assert torch.equal(p, own[name]), name
+        assert (p.data_ptr() == own[name].data_ptr()) == (name not in band), name
+    restor.trainable(twin, (1, 2))  # what training does to the copy: band on, the rest frozen
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            if name in band:
+                p.add_(1.0)
+    assert all(torch.equal(p, values[n]) for n, p in model.named_parameters()), "the model's weights are untouched"
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags, "and so are its flags"
+    assert [n for n, p in twin.named_parameters() if p.requires_grad] == sorted(band, key=list(own).index)
+
+
+def test_batches_go_to_the_model_s_device(tiny):
+    forget, _ = _batches(tiny.tokenizer)
+
+    class OnMeta:
+        device = torch.device("meta")
+
+    assert {v.device.type for v in restor.on_device(forget, OnMeta()).values()} == {"meta"}
+    # encode makes CPU tensors; each forward on a batch moves it first (a GPU run fails otherwise)
+    with mock.patch.object(restor, "on_device", wraps=restor.on_device) as moved, torch.no_grad():
+        restor.nll(tiny.model, forget)
+        restor.cross_entropy_to_reference(tiny.model, copy.deepcopy(tiny.model), forget)
+    assert moved.call_count == 2
 
 
 def test_unknown_method_and_empty_band_fail_clearly(tiny):

@@ -38,12 +38,13 @@ FAKE_COCO = "fake COCO folder"  # an OVERRIDES value of ``data``: the folder :fu
 # offline texts for the hub datasets (wikitext-2) it would read
 OVERRIDES: dict[str, dict[str, Any]] = {
     "00_model_zoo": {},
-    # random weights know no fact, so every fact counts; one relation, a few facts, one step
-    # of corruption and of each of the paper's eight methods at one learning rate
+    # random weights know no fact, so every fact counts; one relation, a few facts, two k (the
+    # claims compare them), one step of corruption and of each of the paper's eight methods at
+    # one learning rate; the one layer built is the band that learns
     "01_restor": {"known_only": False, "countries": 12, "relations": ["capital"], "corrupted_per_relation": 3,
-                  "tuning_per_relation": 2, "untouched_per_relation": 3, "mix_k": [0], "corruption_steps": 1,
-                  "unlearning_steps": 1, "learning_rates": [1e-5], "batch_size": 2, "evaluation_text": "synthetic",
-                  "retain_text": "synthetic", "retain_documents": 4},
+                  "tuning_per_relation": 2, "untouched_per_relation": 3, "mix_k": [0, 1], "corruption_steps": 1,
+                  "unlearning_steps": 1, "learning_rates": [1e-5], "batch_size": 2, "trainable_layers": [0, 1],
+                  "evaluation_text": "synthetic", "retain_text": "synthetic", "retain_documents": 4},
     "02_skill_slices": {"tasks": ["addition", "capitals", "syllogisms"], "min_tasks": 2, "per_task": 4,
                         "rationale_tokens": 8, "min_slice": 1, "route_min_cluster": 2},
     # OpenAI's CLIP ViT-B/16 through open_clip, served at full size (see served_depth)
@@ -52,8 +53,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "04_endor": {"device": "cpu", "calibration_text": "synthetic", "evaluation_text": "synthetic", "window": 32,
                  "calibration_windows": 1, "evaluation_windows": 1, "sparsities": [0.5], "new_tokens": 2},
     # Stable Diffusion 1.4 at full width, one resnet layer per UNet/VAE block and one text
-    # layer, at its 512 px; a couple of prompts, samples and steps
-    "05_t2i_composition": {"held_out": 2, "samples_per_prompt": 1, "sampling_steps": 2, "sample_batch": 2,
+    # layer, at 256 px (SD_SHRINK); three test prompts (the FID-style PCA needs them), one
+    # sample, a couple of steps
+    "05_t2i_composition": {"held_out": 3, "samples_per_prompt": 1, "sampling_steps": 2, "sample_batch": 2,
                            "untrained_towers": 1, "optimize_steps": 1, "optimize_views": 1, "projection_steps": 1,
                            "projection_batch": 2, "switch_at": 1},
     # the fake hub's byte-level tokenizer makes no country name one token
@@ -93,7 +95,7 @@ def revision(name: str, layers: int) -> str:
     arch = architectures.architecture(name)
     built_from = {"hub_id": arch.hub_id, "family": arch.family, "config": arch.config, "dtype": arch.dtype,
                   "layers": layers, "code": [inspect.getsource(f) for f in (_save, _save_tokenizer, served_depth)],
-                  "schedule": SD_SCHEDULES.get(arch.hub_id),
+                  "schedule": SD_SCHEDULES.get(arch.hub_id), "sd_shrink": SD_SHRINK if arch.parts else None,
                   "parts": {p: architectures.architecture(p).config for p in arch.parts or ()}}
     return hashlib.sha1(json.dumps(built_from, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -158,6 +160,12 @@ SD_SCHEDULES = {
                                          "beta_schedule": "scaled_linear", "prediction_type": "v_prediction",
                                          "clip_sample": False, "steps_offset": 1},
 }
+# A Stable Diffusion UNet's config states the latent size its pipeline draws at (SD 1.4:
+# 64, so 512 px); the chapter draws at that size. A dry run serves the UNet at 1/SD_SHRINK of
+# it: no weight depends on the resolution, only the run's cost (at 512 px on 2 cores chapter
+# 05's dry run needs about 90 minutes, its first draw 27 of them), so the code path is walked
+# at 256 px, as it is at one layer deep
+SD_SHRINK = 2
 # files a loader asks for that the repository does not have (AutoTokenizer reads a
 # config.json beside a pipeline's tokenizer): marked as huggingface_hub marks a file it
 # found missing online (``.no_exist/<revision>/<path>``), so an offline load knows it is
@@ -184,6 +192,15 @@ def served_depth(name: str, layers: int) -> int | None:
     return None if open_clip_architecture(name) else layers
 
 
+def served_image_size(name: str) -> str:
+    """The pixels a served Stable Diffusion draws at, beside its own (see SD_SHRINK)."""
+    arch = architectures.architecture(name)
+    parts = {architectures.architecture(p).family: architectures.architecture(p).config for p in arch.parts}
+    unet, vae = parts["sd-unet"], parts["sd-vae"]
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    return f"{unet['sample_size'] // SD_SHRINK * factor} px (its own: {unet['sample_size'] * factor} px)"
+
+
 def _save(name: str, folder: Path, layers: int) -> None:
     """``name`` at ``layers`` deep, random weights in the paper's dtype, saved as on the hub."""
     import transformers
@@ -206,8 +223,10 @@ def _save(name: str, folder: Path, layers: int) -> None:
         for part in arch.parts:
             family = architectures.architecture(part).family
             # float32: what the repositories' main revision holds (float16 is a variant)
-            architectures.build(part, layers, device="cpu", dtype="float32").save_pretrained(
-                folder / SD_SUBFOLDERS[family])
+            model = architectures.build(part, layers, device="cpu", dtype="float32")
+            if family == "sd-unet":
+                model.register_to_config(sample_size=model.config.sample_size // SD_SHRINK)
+            model.save_pretrained(folder / SD_SUBFOLDERS[family])
         _save_tokenizer(folder / "tokenizer", 77)
         DDPMScheduler(**SD_SCHEDULES[arch.hub_id]).save_pretrained(folder / "scheduler")
         return
@@ -313,6 +332,18 @@ def dry_run_parameters(slug: str, overrides: dict[str, Any] | None = None, build
     return parameters
 
 
+def machinery_version() -> str:
+    """sha256 (16 hex) of the dry-run code itself (this module and the architectures it
+    serves). A record carries it beside the chapter's code version, so a later change to the
+    fake hub (a corrected config, a new way to serve a family) shows which records predate it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for module in (__file__, architectures.__file__):
+        digest.update(Path(module).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def run(chapter: str, layers: int = 1, overrides: dict[str, Any] | None = None, root: Path | None = None) -> dict:
     """Execute ``chapter`` at the paper preset on its dry-run models; returns (and writes
     beside the executed notebook) what ran: models, depth, seconds, peak memory."""
@@ -323,6 +354,7 @@ def run(chapter: str, layers: int = 1, overrides: dict[str, Any] | None = None, 
     repo = repo_root()
     notebook = notebook_for(chapter, repo)
     slug = notebook.stem
+    machinery = machinery_version()  # before the run: the code that serves its models
     parameters = dry_run_parameters(slug, overrides)
     names = paper_models(slug, parameters)
     start = time.perf_counter()
@@ -348,8 +380,11 @@ def run(chapter: str, layers: int = 1, overrides: dict[str, Any] | None = None, 
             else:
                 os.environ[key] = value
     record = {"chapter": slug, "dry_run": "random weights from the public configs: no number here is the paper's",
-              "layers": layers, "models": {n: architectures.architecture(n).hub_id for n in names},
+              "layers": layers, "machinery": machinery,
+              "models": {n: architectures.architecture(n).hub_id for n in names},
               "parameters_built": {n: architectures.parameter_count(n, served_depth(n, layers)) for n in names},
+              **({"image_size": {n: served_image_size(n) for n in names if architectures.architecture(n).parts}}
+                 if any(architectures.architecture(n).parts for n in names) else {}),
               "overrides": dry_run_parameters(slug, overrides, build=False), "build_seconds": round(built, 1),
               "run_seconds": round(time.perf_counter() - start, 1), "peak_rss_bytes": peak_rss_bytes(),
               # the share of the CPU other work used in the second before the run (the load

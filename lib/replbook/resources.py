@@ -159,19 +159,23 @@ def _zoo(p) -> Card:
 
 
 def _restor(p) -> Card:
-    c = Card("01_restor", "CPU (no device parameter)")
+    c = Card("01_restor", "GPU when present (device auto), one device" if p["device"] == "auto" else p["device"])
     name = p["model_name"]
-    trained = _mlp_params(name, tuple(p["trainable_layers"]))
-    # the clean model, one corrupted copy per k of mix_k (the notebook keeps them all), the
-    # copy being unlearned, and the task vector's fine-tuned clone of every parameter
-    copies = 3 + len(p["mix_k"])
-    c.gpu = [weights(name, "float32", copies=copies),
-             adamw_state(f"MLPs of layers {p['trainable_layers'][0]}–{p['trainable_layers'][1]}", trained, "float32"),
+    lo, hi = p["trainable_layers"]
+    band = _mlp_params(name, (lo, hi))
+    # every copy the chapter holds shares the clean model's frozen weights (restor.band_copy)
+    # and owns only the trained band: one corrupted model per k of mix_k (the notebook keeps
+    # them all), the copy being unlearned, the best of the learning rates tried so far, and
+    # the best checkpoint inside the run (the task vector's fine-tuned band instead)
+    copies = len(p["mix_k"]) + 3
+    c.gpu = [weights(name, "float32"),
+             Row(f"band copies: MLPs of layers {lo}–{hi} (float32)", f"{copies} × {band / 1e9:.3f} B params × 4 B",
+                 copies * band * 4 / GB),
+             adamw_state(f"MLPs of layers {lo}–{hi}", band, "float32"),
              Row("activations", "sequence length set by the retain documents", None)]
     c.disk = [checkpoint(name)]
-    c.notes.append(f"as shipped it fine-tunes in float32 on the CPU and keeps {copies} copies of the model "
-                   "(clean, one corrupted per k, the one being unlearned, the task vector's): does not fit one GPU; "
-                   "bf16, LoRA or fewer copies would (issue #29)")
+    c.notes.append(f"float32 on one device; the copies share the frozen weights and own only the {hi - lo}-layer "
+                   "band that learns (the paper trains LoRA on all modules instead)")
     return c
 
 

@@ -48,7 +48,7 @@ PRESETS = {
         "methods": ["ga_ft", "kl_ft", "npo", "task_vector", "npo_localized"], "fact_retain_methods": ["npo"],
         "learning_rates": [1e-4], "batch_size": 4, "trainable_layers": [0, 2],
         "npo_beta": 0.1, "retain_weight": 1.0, "evaluation_text": "synthetic", "retain_text": "synthetic",
-        "retain_documents": 16, "seed": 0, "threads": 2,
+        "retain_documents": 16, "seed": 0, "threads": 2, "device": "cpu",
     },
     "book": {
         "model_name": "smollm2-135m", "known_only": True, "countries": 150, "relations": ["capital", "continent", "demonym"],
@@ -57,17 +57,20 @@ PRESETS = {
         "methods": ["ga_ft", "kl_ft", "npo", "task_vector", "npo_localized"], "fact_retain_methods": ["npo"],
         "learning_rates": [1e-4], "batch_size": 8, "trainable_layers": [0, 30],
         "npo_beta": 0.1, "retain_weight": 1.0, "evaluation_text": "moby-dick", "retain_text": "moby-dick",
-        "retain_documents": 64, "seed": 0, "threads": 2,
+        "retain_documents": 64, "seed": 0, "threads": 2, "device": "cpu",
     },
+    # Llama-3-8B in float32 on one device. The paper trains LoRA on all modules; here a band of
+    # six early-middle MLPs learns, the widest band whose copies, gradients and AdamW moments
+    # fit one 80 GB GPU beside the frozen weights (74 GB before activations: the resource card)
     "paper": {
         "model_name": "llama3-8b", "known_only": True, "countries": 150, "relations": ["capital", "continent", "demonym"],
         "corrupted_per_relation": 16, "tuning_per_relation": 8, "untouched_per_relation": 16,
         "mix_k": [0, 1, 2, 4], "corruption_steps": 200, "corruption_lr": 5e-5, "unlearning_steps": 50,
         "methods": ["ga", "ga_ft", "ga_kl", "kl_ft", "npo", "task_vector", "npo_localized", "ga_localized"],
         "fact_retain_methods": ["ga_ft", "npo"],
-        "learning_rates": [1e-5, 3e-5, 1e-4], "batch_size": 8, "trainable_layers": [0, 32],
+        "learning_rates": [1e-5, 3e-5, 1e-4], "batch_size": 8, "trainable_layers": [4, 10],
         "npo_beta": 0.1, "retain_weight": 1.0, "evaluation_text": "wikitext-2-test", "retain_text": "wikitext-2-test",
-        "retain_documents": 256, "seed": 0, "threads": 16,
+        "retain_documents": 256, "seed": 0, "threads": 16, "device": "auto",
     },
 }
 
@@ -100,6 +103,9 @@ def parameter_rules():
         "retain_documents": integer(1),
         "seed": integer(0),
         "threads": integer(1),
+        "device": one_of("auto", "cpu", "cuda"),  # auto: the GPU when there is one
+        "gpu_present": relation("device", "device='cuda' but this machine has no CUDA GPU: use 'auto' or 'cpu'",
+                                lambda v: v["device"] != "cuda" or torch.cuda.is_available()),
         "claims": relation("methods", "the claims compare GA, KL, NPO and localized NPO, so methods must include "
                            "'ga_ft', 'kl_ft', 'npo' and 'npo_localized' (the paper's GA and KL are the official GA_FT and KL_FT)",
                            lambda v: {"ga_ft", "kl_ft", "npo", "npo_localized"} <= set(v["methods"])),
@@ -363,8 +369,14 @@ def encode(tokenizer, docs: list[Document], answer_only: bool = False) -> dict[s
 # KL.py, NPO.py, plugged into the SOUL trainer): NLL is the *batch-mean* token cross-entropy
 # (what ``model(**batch).loss`` returns), never a per-sequence sum.
 
+def on_device(batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """``batch`` (made on the CPU by :func:`encode`) on the model's device."""
+    return {key: value.to(model.device) for key, value in batch.items()}
+
+
 def token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the labels [B, T−1] and the mask of counted tokens."""
+    batch = on_device(batch, model)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     labels = batch["labels"][:, 1:]
     mask = labels != -100
@@ -397,6 +409,7 @@ def cross_entropy_to_reference(model, reference, batch) -> torch.Tensor:
     batch's positions: a cross-entropy, not a KL (it equals p_θ's entropy at θ = θ_ref and
     its gradient there is not zero). Padding positions are left out (the official mean
     counts them)."""
+    batch = on_device(batch, model)
     mask = batch["attention_mask"].bool()
     p_model = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().softmax(-1)
     with torch.no_grad():
@@ -435,19 +448,47 @@ def unlearning_loss(method: str, model, reference, forget_batch, retain_batch, g
 
 # ----------------------------------------------------------------------------- training
 
+def run_device(device: str) -> str:
+    """The device a run trains on: ``auto`` is the GPU when there is one, else the CPU. One
+    device, not Accelerate's device_map: a band copy (:func:`band_copy`) shares the frozen
+    weights where they lie, and the trained band needs float32 on the device its optimizer runs."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def in_band(name: str, layers: tuple[int, int]) -> bool:
+    """Is parameter ``name`` in the band that learns: an MLP weight of decoder layers [lo, hi)?"""
+    parts = name.split(".")
+    return ".mlp." in name and "layers" in parts and layers[0] <= int(parts[parts.index("layers") + 1]) < layers[1]
+
+
 def trainable(model, layers: tuple[int, int]) -> list[torch.nn.Parameter]:
     """Only the MLPs of decoder layers [lo, hi) learn: the backward pass stops at layer lo
     (cheap on a CPU) and factual associations are commonly located in mid-layer MLPs."""
     params = []
     for name, param in model.named_parameters():
-        parts = name.split(".")
-        learn = ".mlp." in name and "layers" in parts and layers[0] <= int(parts[parts.index("layers") + 1]) < layers[1]
+        learn = in_band(name, layers)
         param.requires_grad_(learn)
         if learn:
             params.append(param)
     if not params:
         raise ValueError(f"trainable_layers={list(layers)} selects no MLP parameters")
     return params
+
+
+def band_copy(model, layers: tuple[int, int]):
+    """A copy of ``model`` that owns only the band training changes (the MLPs of decoder
+    layers [lo, hi)) and shares every other weight with ``model``. The chapter holds one
+    corrupted model per k and unlearns a copy of each; full copies would each cost the whole
+    model (Llama-3-8B one layer deep: 5.1 GB in float32, its 128k-token embedding and head
+    are most of it), band copies cost only the band. Safe because nothing outside the band
+    is ever written: training selects the same band (:func:`trainable`). A shared weight is
+    a new frozen Parameter over the same memory, so freezing the copy never touches
+    ``model``'s own flags."""
+    shared = {id(p): torch.nn.Parameter(p.detach(), requires_grad=False)
+              for name, p in model.named_parameters() if not in_band(name, layers)}
+    return copy.deepcopy(model, shared)
 
 
 def batches(docs: list[Document], size: int, steps: int, seed: int):
@@ -482,9 +523,9 @@ def corrupt(model, tokenizer, docs: list[Document], steps: int, lr: float, batch
     from safetensors.torch import load_file, save_file
 
     key_text = json.dumps([weights_digest(model), [d.text for d in docs], steps, lr, batch_size, list(layers), seed,
-                           code_hash(train, nll, token_logprobs, encode, batches, trainable)])
+                           code_hash(train, nll, token_logprobs, encode, batches, trainable, in_band)])
     folder = cache_dir("restor") / f"corrupted-{hashlib.sha256(key_text.encode()).hexdigest()[:16]}"
-    corrupted = copy.deepcopy(model)
+    corrupted = band_copy(model, layers)
     band = trainable(corrupted, layers)
     names = [n for n, p in corrupted.named_parameters() if p.requires_grad]
     weights = folder / "band.safetensors"
@@ -554,21 +595,24 @@ def unlearn(corrupted_model, tokenizer, method: str, forget: list[Document], ret
     scale α in θ_u = θ_c − α(θ* − θ_c) is chosen the same way. Returns (model, choice)."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}; choose one of: {', '.join(METHODS)}")
-    model = copy.deepcopy(corrupted_model)
+    model = band_copy(corrupted_model, hp.layers)
     if method == "task_vector":  # θ* = θ_c fine-tuned on the forget set (Ilharco et al. 2023)
         train(model, tokenizer, forget, hp.steps, hp.lr, hp.batch_size, hp.layers, hp.seed, desc)
-        finetuned = [p.detach().clone() for p in model.parameters()]
+        # only the band moved, so the task vector θ* − θ_c is zero everywhere else
+        own, base = dict(model.named_parameters()), dict(corrupted_model.named_parameters())
+        band = [name for name in own if in_band(name, hp.layers)]
+        finetuned = {name: own[name].detach().clone() for name in band}
         best = None
         for alpha in (TASK_VECTOR_SCALES if score else (1.0,)):
             with torch.no_grad():
-                for p_u, p_c, p_f in zip(model.parameters(), corrupted_model.parameters(), finetuned):
-                    p_u.copy_(p_c - alpha * (p_f - p_c))
+                for name in band:
+                    own[name].copy_(base[name] - alpha * (finetuned[name] - base[name]))
             value = score(model) if score else 0.0
             if best is None or value > best[0]:
                 best = (value, alpha)
         with torch.no_grad():
-            for p_u, p_c, p_f in zip(model.parameters(), corrupted_model.parameters(), finetuned):
-                p_u.copy_(p_c - best[1] * (p_f - p_c))
+            for name in band:
+                own[name].copy_(base[name] - best[1] * (finetuned[name] - base[name]))
         return _frozen(model), {"alpha": best[1], "steps": hp.steps, "tuning_score": best[0]}
     reference = corrupted_model
     params = trainable(model, hp.layers)

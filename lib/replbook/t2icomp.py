@@ -759,6 +759,12 @@ def parameter_rules():
         "threads": integer(1),
         "switch_within_sampling": relation("switch_at, sampling_steps", "switch_at must be at most sampling_steps",
                                            lambda v: v["switch_at"] <= v["sampling_steps"]),
+        # the FID-style distance fits a PCA with one component fewer than the test images, and
+        # a Fréchet distance over one component fails (a paper-preset dry run with 2 found it)
+        "quality_components": relation("held_out, samples_per_prompt",
+                                       "the FID-style distance needs two PCA components, so held_out × "
+                                       "samples_per_prompt must be ≥ 3 test images",
+                                       lambda v: v["held_out"] * v["samples_per_prompt"] >= 3),
     }
 BACKBONES = ("book", "stable-diffusion-2-1", "stable-diffusion-v1-4", "tiny-stable-diffusion")
 
