@@ -546,3 +546,82 @@ def test_published_center_difference_is_the_flag_joint_row_minus_the_names_last_
             continue
         assert point == pytest.approx(flag_layer - names_layer, abs=2e-5), kind
         assert low is None or high is None or low <= point <= high or math.isclose(point, high), kind
+
+
+def test_host_features_and_every_tensor_the_method_makes_go_to_the_model_s_device(tiny_llama):
+    """The language model on another device (``meta``: shapes only, no GPU needed), the
+    vision features on the host, as the paper preset runs LLaVA on a GPU: prompts, answer
+    ids, edit keys and values, δ optimization and the key covariances all work there. A
+    tensor left on the host (answer ids, masks, groups, δ, the ridge's identity) fails."""
+    import copy
+
+    from replbook import config
+
+    cfg = config.resolve(mllmtrace.PRESETS, "smoke", value_steps=2)
+    model = copy.deepcopy(tiny_llama.model).eval().to("meta")
+    wrapper = mllmtrace.MiniLlava(model, tiny_llama.tokenizer, 8).to("meta")
+    vlm = mllmtrace.VisionLanguageModel(wrapper, None, True, "")
+    features = torch.randn(4, 3, 8)  # on the host
+    countries = [mllmtrace.Country(f"Land{i}", "Town", np.zeros((2, 2, 3), np.uint8), 60 + i, 70 + i) for i in range(4)]
+    for prompts in (mllmtrace.visual_prompts(vlm, features, np.arange(4), countries),
+                    mllmtrace.name_prompts(vlm, np.arange(4), countries)):
+        assert {t.device.type for group in prompts.groups for t in group[:3]} == {"meta"}
+    cases = [mllmtrace.EditCase(i, 90 + i, features[i:i + 1], features[i:i + 1]) for i in range(2)]
+    for site in mllmtrace.EDIT_SITES:
+        keys, values = mllmtrace.edit_keys_and_values(vlm, cases, 1, cfg, site=site)
+        assert keys.device.type == values.device.type == "meta" and keys.shape[0] == values.shape[0] == 2
+    covariances = mllmtrace.text_key_covariances(model, tiny_llama.tokenizer, "some ordinary text " * 20, 64, [0, 1],
+                                                 length=16)
+    assert {c.device.type for c in covariances.values()} == {"meta"}
+    # a trace's corruption (noise drawn on the host) and restore sites are made on the device,
+    # and its probabilities come back to the host (a copy that meta refuses: no data)
+    (embeds, positions, answers, _), = mllmtrace.visual_prompts(vlm, features, np.arange(4), countries).groups
+    corrupted = mllmtrace.noise_corrupt(embeds, positions, 3.0, 0)
+    assert corrupted.device.type == mllmtrace.restore_positions(positions, "last").device.type == "meta"
+    with pytest.raises(NotImplementedError, match="meta tensor"):
+        mllmtrace.answer_probability(model, corrupted, answers.cpu())
+
+
+def test_prompts_in_row_blocks_give_what_one_pass_gives(prompt, tiny_llama, monkeypatch):
+    """``forward_batch`` (the paper preset's few prompts per pass for a 7B model) changes
+    how many rows a pass holds, not the result: a trace, the token ablation, δ optimization
+    (gradients summed over blocks before each step) and the fine-tuning baseline (the mean
+    over all rows, block by block) each match the single pass. A block that lost its rows'
+    offset, a decay added per block or a per-block mean would not."""
+    from replbook import config
+
+    model, embeds, positions, answers = prompt
+    three = lambda t: torch.cat([t, t[:1]])  # noqa: E731 - three prompts: blocks of 2 and 1
+    embeds, positions, answers = three(embeds), three(positions), torch.tensor([65, 66, 67])
+    corrupted = mllmtrace.noise_corrupt(embeds, positions, 3.0, 0)
+    whole = mllmtrace.causal_trace(model, embeds, corrupted, positions, answers, "mlp", 2)
+    blocks = mllmtrace.causal_trace(model, embeds, corrupted, positions, answers, "mlp", 2, batch=2)
+    for field in ("clean", "corrupted", "restored"):
+        assert np.allclose(getattr(whole, field), getattr(blocks, field), atol=1e-6), field
+    prompts = mllmtrace.Prompts([(embeds, positions, answers, np.arange(3))])
+    mean = embeds[positions].mean(0)
+    one, two = (mllmtrace.token_ablation(model, prompts, mean, 1, [1, 2], 2, seed=0, batch=b) for b in (None, 1))
+    assert np.allclose(one["clean"], two["clean"], atol=1e-6)
+    for k in (1, 2):
+        assert np.allclose(one["top"][k], two["top"][k], atol=1e-6) and np.allclose(one["random"][k], two["random"][k], atol=1e-6)
+    last = positions.float().cumsum(1).argmax(1)
+    groups, targets = torch.tensor([0, 1, 1]), torch.tensor([70, 71, 71])
+    together = mllmtrace.optimize_value(model, 0, embeds, last, targets, steps=5, groups=groups, weight_decay=0.5)
+    in_blocks = mllmtrace.optimize_value(model, 0, embeds, last, targets, steps=5, groups=groups, weight_decay=0.5,
+                                         batch=2)
+    assert torch.allclose(together, in_blocks, atol=1e-5)
+    wrapper = mllmtrace.MiniLlava(model, tiny_llama.tokenizer, 8)
+    vlm = mllmtrace.VisionLanguageModel(wrapper, None, True, "")
+    features = torch.randn(3, 2, 8, generator=torch.Generator().manual_seed(0))
+    cases = [mllmtrace.EditCase(0, 90, features[:2], features[:2]), mllmtrace.EditCase(1, 91, features[2:], features[2:])]
+    # plain gradient steps for the baseline: Adam's first steps move a weight by ±lr
+    # whatever its gradient's size, so a rounding-level difference in a ~0 gradient flips it
+    monkeypatch.setattr(torch.optim, "Adam", lambda params, lr: torch.optim.SGD(params, lr=lr))
+    weights = []
+    for batch in (64, 1):
+        cfg = config.resolve(mllmtrace.PRESETS, "smoke", finetune_steps=3, finetune_lr=0.1, forward_batch=batch)
+        original = mllmtrace.finetune_edit(vlm, cases, 1, cfg)
+        weights.append(mllmtrace.output_projection(mllmtrace.layers(model)[1]).weight.detach().clone())
+        mllmtrace.undo_edit(model, 1, original)
+    assert not torch.allclose(weights[0], original, atol=1e-4), "the baseline moved the weight"
+    assert torch.allclose(weights[0], weights[1], atol=1e-5)

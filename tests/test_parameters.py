@@ -56,7 +56,8 @@ BAD = {
                         "n_trace": 0, "n_names": 1, "window": 0, "noise": 0.0, "noise_draws": 1, "attention_layers": 0, "ablate_k": [0, 1],
                         "ablation_draws": 0, "n_edits": 0, "edit_layers": [5, 0], "edit_views": 0, "value_steps": 0,
                         "value_lr": 0.0, "finetune_steps": 0, "finetune_lr": 0.0, "specificity_flags": 0,
-                        "covariance_text": "wiki", "covariance_tokens": 0, "bootstrap": 1, "seed": -1, "threads": 0},
+                        "covariance_text": "wiki", "covariance_tokens": 0, "bootstrap": 1, "seed": -1, "threads": 0,
+                        "device": "gpu", "forward_batch": 0},
     "07_drew": {"images": "imagenet", "n_reference": 1, "n_queries": 4096, "image_size": 16, "ecc": "hamming-7-4",
                 "watermarks": ["stegastamp"], "embedders": ["smollm2-135m"], "edits": ["rotate", "sepia"],
                 "max_false_accept": 1.5, "paper_threshold": 0.0, "bootstrap_samples": 10, "seed": -1, "threads": 0},
@@ -81,7 +82,6 @@ BAD_TOGETHER = [
     ("01_restor", {"countries": 10}, "corrupted + tuning + untouched"),
     ("01_restor", {"methods": ["ga", "ga_ft", "kl_ft", "npo"]}, "must include 'ga_ft', 'kl_ft', 'npo' and 'npo_localized'"),
     ("01_restor", {"fact_retain_methods": ["ga_kl"]}, "every fact_retain_methods entry must be in methods"),
-    *([("01_restor", {"device": "cuda"}, "this machine has no CUDA GPU")] if not torch.cuda.is_available() else []),
     ("02_skill_slices", {"min_tasks": 9}, "min_tasks must be at most the number of tasks"),
     ("03_intcoop", {"shots": 2000}, "shots must be ≤ pool_size"),
     ("03_intcoop", {"n_align": 10}, "learns its image side: n_align ≥ 20"),
@@ -202,3 +202,26 @@ def test_replbook_run_refuses_a_bad_value_before_any_kernel_starts(monkeypatch, 
     assert "photos=['dog']" in capsys.readouterr().err
     assert cli.main(["run", "08", "-p", "seed", "'3'"]) == 2  # a wrong type is one line too, not a traceback
     assert capsys.readouterr().err.count("\n") == 1
+
+
+
+# chapters 04 and 08 keep the device rules they were published with (04: cpu or cuda, the
+# paper preset on cuda; 08: its own auto); every other chapter with a device uses config.device()
+DEVICE_CHAPTERS = [slug for slug, name in MODULES.items() if slug not in ("04_endor", "08_loki")
+                   and "device" in importlib.import_module(f"replbook.{name}").PRESETS["book"]]
+
+
+@pytest.mark.parametrize("slug", DEVICE_CHAPTERS)
+def test_cuda_is_refused_without_a_gpu_and_auto_is_the_gpu_when_there_is_one(slug, monkeypatch):
+    """``cuda`` fails before any model loads on a machine without one (the run would die at
+    its first tensor), and ``auto``, the paper preset's device, is the GPU exactly when
+    there is one; the book preset stays on the CPU its numbers were measured on."""
+    module = _module(slug)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(config.ParameterError, match="device='cuda'.*machine with a CUDA GPU"):
+        config.resolve(module.PRESETS, "book", device="cuda")
+    assert config.run_device("auto") == "cpu" and config.run_device("cuda") == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert config.resolve(module.PRESETS, "book", device="cuda").device == "cuda"
+    assert config.run_device("auto") == "cuda" and config.run_device("cpu") == "cpu"
+    assert module.PRESETS["paper"]["device"] == "auto" and module.PRESETS["book"]["device"] == "cpu"

@@ -359,13 +359,6 @@ def test_a_band_copy_owns_the_band_shares_the_rest_and_leaves_the_model_alone(ti
     assert [n for n, p in twin.named_parameters() if p.requires_grad] == sorted(band, key=list(own).index)
 
 
-def test_auto_is_the_gpu_when_there_is_one_and_an_explicit_device_is_kept(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert restor.run_device("auto") == "cuda" and restor.run_device("cpu") == "cpu"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert restor.run_device("auto") == "cpu" and restor.run_device("cuda") == "cuda"
-
-
 def test_batches_go_to_the_model_s_device(tiny):
     forget, _ = _batches(tiny.tokenizer)
 

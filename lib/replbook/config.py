@@ -213,6 +213,33 @@ def model(*kinds: str) -> Rule:
                 f"`replbook.models.REGISTRY`) or a saved model folder", check)
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def device() -> Rule:
+    """Where a run computes: ``auto`` (the GPU when there is one, else the CPU:
+    :func:`run_device`), ``cpu``, or ``cuda`` on a machine that has a CUDA GPU."""
+    def check(v, _):
+        if v == "cuda":
+            import torch
+
+            return torch.cuda.is_available()
+        return v in DEVICES
+
+    return Rule("'auto' (the GPU when there is one), 'cpu', or 'cuda' on a machine with a CUDA GPU", check)
+
+
+def run_device(device: str) -> str:
+    """The device a run uses for ``device`` (a value :func:`device` accepts): ``auto`` is
+    ``cuda`` when a CUDA GPU is present, else ``cpu``; the others are kept. One device, not
+    Accelerate's ``device_map``: what a chapter trains must sit where its optimizer runs."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def relation(names: str, allowed: str, check: Callable[[Mapping[str, Any]], bool]) -> Relation:
     return Relation(tuple(n.strip() for n in names.split(",")), allowed, check)
 

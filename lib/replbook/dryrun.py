@@ -58,8 +58,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "05_t2i_composition": {"held_out": 3, "samples_per_prompt": 1, "sampling_steps": 2, "sample_batch": 2,
                            "untrained_towers": 1, "optimize_steps": 1, "optimize_views": 1, "projection_steps": 1,
                            "projection_batch": 2, "switch_at": 1},
-    # the fake hub's byte-level tokenizer makes no country name one token
-    "06_mllm_tracing": {"n_countries": 6, "require_known": False, "single_token_names": False, "train_views": 1,
+    # the fake hub's byte-level tokenizer makes no country name one token; one prompt per
+    # forward pass walks the row-block path the paper preset's 7B model takes
+    "06_mllm_tracing": {"forward_batch": 1, "n_countries": 6, "require_known": False, "single_token_names": False, "train_views": 1,
                         "test_views": 1, "n_trace": 2, "n_names": 2, "noise_draws": 2, "attention_layers": 1, "ablate_k": [1, 2],
                         "ablation_draws": 1, "n_edits": 2, "edit_layers": [0], "edit_views": 1, "value_steps": 1,
                         "finetune_steps": 1, "specificity_flags": 2, "covariance_text": "synthetic",

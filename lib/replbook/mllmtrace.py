@@ -107,9 +107,9 @@ def record(model, inputs_embeds: torch.Tensor, kind: str) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def answer_probability(model, inputs_embeds: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
-    """Probability of each row's answer token at the last position (B,)."""
+    """Probability of each row's answer token at the last position (B,), on the host."""
     logits = model(inputs_embeds=inputs_embeds).logits[:, -1].float()
-    return logits.softmax(-1).gather(1, answer_ids[:, None])[:, 0]
+    return logits.softmax(-1).gather(1, answer_ids.to(logits.device)[:, None])[:, 0].cpu()
 
 
 @torch.no_grad()
@@ -154,11 +154,34 @@ def window(start: int, size: int, n_layers: int) -> list[int]:
     return list(range(start, min(start + size, n_layers)))
 
 
+def by_rows(function, batch: int | None, *tensors: torch.Tensor) -> torch.Tensor:
+    """``function(*tensors)`` on consecutive blocks of at most ``batch`` rows (all rows at
+    once when ``batch`` is None or not smaller), the results concatenated: a 7B model
+    holds every layer's states of a few ~600-token prompts, not of a hundred."""
+    n = len(tensors[0])
+    if not batch or n <= batch:
+        return function(*tensors)
+    return torch.cat([function(*(t[i:i + batch] for t in tensors)) for i in range(0, n, batch)])
+
+
+def row_blocks(n: int, batch: int | None) -> list[slice]:
+    """The row slices :func:`by_rows` uses (one slice of every row when ``batch`` is None)."""
+    step = batch if batch and batch < n else n
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
 def causal_trace(model, clean_embeds: torch.Tensor, corrupted_embeds: torch.Tensor, positions: torch.Tensor,
-                 answer_ids: torch.Tensor, kind: str = "mlp", size: int = 1, progress: str | None = None) -> Trace:
-    """Restore each window of ``size`` layers in turn; see :class:`Trace`."""
+                 answer_ids: torch.Tensor, kind: str = "mlp", size: int = 1, progress: str | None = None,
+                 batch: int | None = None) -> Trace:
+    """Restore each window of ``size`` layers in turn; see :class:`Trace`. ``batch``: prompts
+    per forward pass (None: all), as each pass keeps every layer's clean states."""
     from tqdm.auto import tqdm
 
+    if batch and len(clean_embeds) > batch:
+        parts = [causal_trace(model, clean_embeds[rows], corrupted_embeds[rows], positions[rows], answer_ids[rows],
+                              kind, size, progress) for rows in row_blocks(len(clean_embeds), batch)]
+        return Trace(kind, size, *(np.concatenate([getattr(t, f) for t in parts], -1)
+                                   for f in ("clean", "corrupted", "restored")))
     n = len(layers(model))
     clean_outputs = record(model, clean_embeds, kind)
     clean = answer_probability(model, clean_embeds, answer_ids).numpy()
@@ -172,8 +195,8 @@ def causal_trace(model, clean_embeds: torch.Tensor, corrupted_embeds: torch.Tens
 def noise_corrupt(embeds: torch.Tensor, positions: torch.Tensor, scale: float, seed: int) -> torch.Tensor:
     """Gaussian noise of standard deviation ``scale`` added at ``positions`` (ROME's
     corruption uses 3 × the embeddings' standard deviation)."""
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(embeds.shape, generator=generator, dtype=embeds.dtype) * scale
+    generator = torch.Generator().manual_seed(seed)  # drawn on the host: the same noise on any device
+    noise = (torch.randn(embeds.shape, generator=generator, dtype=embeds.dtype) * scale).to(embeds.device)
     return embeds + noise * positions[..., None].to(embeds.dtype)
 
 
@@ -217,7 +240,7 @@ def key_covariance(keys: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
 
 def _with_ridge(second_moment: torch.Tensor, ridge: float) -> torch.Tensor:
     c = second_moment.double()
-    return (c + ridge * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype)).float()
+    return (c + ridge * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype, device=c.device)).float()
 
 
 def batched_update(weight: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, covariance: torch.Tensor
@@ -241,27 +264,36 @@ def batched_update(weight: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 
 def optimize_value(model, layer_index: int, inputs_embeds: torch.Tensor, position: torch.Tensor,
                    target_ids: torch.Tensor, steps: int = 40, lr: float = 0.5, weight_decay: float = 1e-3,
-                   seed: int = 0, groups: torch.Tensor | None = None) -> torch.Tensor:
+                   seed: int = 0, groups: torch.Tensor | None = None, n_groups: int | None = None,
+                   batch: int | None = None) -> torch.Tensor:
     """v*: the MLP output at ``position`` (B,) of layer ``layer_index`` that makes the model
     give ``target_ids`` (B,) at the last position — a δ added to the original outputs,
     optimized with Adam (ROME's second step, without its KL term); the mean over rows of
     original + δ. ``groups`` (B,) gives independent edits one δ each, optimized in one
     batch (each group's loss is its own mean, so this equals separate runs); the result is
-    then (groups, d)."""
+    then (groups, d). ``batch``: rows per forward and backward pass, their gradients summed
+    before each step (None: all rows at once)."""
     torch.manual_seed(seed)
     mlp = layers(model)[layer_index].mlp
-    rows = torch.arange(len(position))
+    device = inputs_embeds.device
+    position, target_ids = position.to(device), target_ids.to(device)
+    rows = torch.arange(len(position), device=device)
     grouped = groups is not None
-    groups = groups if grouped else torch.zeros(len(position), dtype=torch.long)
-    n_groups = int(groups.max()) + 1
-    row_weight = 1.0 / torch.bincount(groups, minlength=n_groups)[groups].float()
-    original = record(model, inputs_embeds, "mlp")[layer_index][rows, position]
-    delta = torch.zeros(n_groups, original.shape[-1], requires_grad=True)
+    groups = groups.to(device) if grouped else torch.zeros(len(position), dtype=torch.long, device=device)
+    n_groups = n_groups or int(groups.max()) + 1
+    counts = group_sizes(groups, n_groups)
+    row_weight = 1.0 / counts[groups]
+    original = by_rows(lambda e, at: record(model, e, "mlp")[layer_index][torch.arange(len(at), device=device), at],
+                       batch, inputs_embeds, position)
+    delta = torch.zeros(n_groups, original.shape[-1], requires_grad=True, device=device)
     optimizer = torch.optim.Adam([delta], lr=lr)
+    blocks = row_blocks(len(position), batch)
+    block = [blocks[0]]  # the rows of the forward pass in flight
 
     def add_delta(_module, _inputs, output):
         out = output.clone()
-        out[rows, position] = out[rows, position] + delta[groups]
+        at = rows[block[0]]
+        out[at - at[0], position[at]] = out[at - at[0], position[at]] + delta[groups[at]]
         return out
 
     params = [p for p in model.parameters()]
@@ -271,19 +303,29 @@ def optimize_value(model, layer_index: int, inputs_embeds: torch.Tensor, positio
     handle = mlp.register_forward_hook(add_delta)
     try:
         for _ in range(steps):
-            logits = model(inputs_embeds=inputs_embeds).logits[:, -1]
-            losses = nn.functional.cross_entropy(logits.float(), target_ids, reduction="none")
-            loss = (losses * row_weight).sum() + weight_decay * delta.pow(2).sum()
             optimizer.zero_grad()
-            loss.backward()
+            for first, rows_now in enumerate(blocks):
+                block[0] = rows_now
+                logits = model(inputs_embeds=inputs_embeds[block[0]]).logits[:, -1]
+                losses = nn.functional.cross_entropy(logits.float(), target_ids[block[0]], reduction="none")
+                loss = (losses * row_weight[block[0]]).sum()
+                if first == 0:  # the decay once per step
+                    loss = loss + weight_decay * delta.pow(2).sum()
+                loss.backward()
             optimizer.step()
     finally:
         handle.remove()
         for p, f in zip(params, flags):
             p.requires_grad_(f)
-    values = torch.zeros(n_groups, original.shape[-1]).index_add_(0, groups, original + delta.detach()[groups])
-    values = values / torch.bincount(groups, minlength=n_groups)[:, None]
+    values = torch.zeros(n_groups, original.shape[-1], device=device).index_add_(0, groups, original + delta.detach()[groups])
+    values = values / counts[:, None]
     return values if grouped else values[0]
+
+
+def group_sizes(groups: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """How many rows each group has (n_groups,), float32, on the groups' device: a bincount
+    that needs no look at the values (none on a GPU, where that waits; none on ``meta``)."""
+    return torch.zeros(n_groups, device=groups.device).index_add_(0, groups, torch.ones(len(groups), device=groups.device))
 
 
 @torch.no_grad()
@@ -322,18 +364,23 @@ class MiniLlava(nn.Module):
         for p in self.lm.parameters():
             p.requires_grad_(False)
 
+    @property
+    def device(self) -> torch.device:
+        return self.lm.get_input_embeddings().weight.device
+
     def text_embeds(self, text: str) -> torch.Tensor:
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
-        return self.lm.get_input_embeddings()(ids)
+        return self.lm.get_input_embeddings()(ids.to(self.device))
 
     def embed(self, visual: torch.Tensor, before: str, after: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Input embeddings [before, visual tokens, after] (B, T, d) and the (B, T) mask of
-        the visual positions."""
+        the visual positions, on the language model's device (``visual`` may stay on the
+        host) and in its precision."""
         b, n, _ = visual.shape
         head, tail = self.text_embeds(before), self.text_embeds(after)
-        projected = self.projector(visual)
+        projected = self.projector(visual.to(self.device)).to(head.dtype)
         embeds = torch.cat([head.expand(b, -1, -1), projected, tail.expand(b, -1, -1)], 1)
-        positions = torch.zeros(embeds.shape[:2], dtype=torch.bool)
+        positions = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
         positions[:, len(head):len(head) + n] = True
         return embeds, positions
 
@@ -361,7 +408,10 @@ _BOOK = {
     "n_trace": 6, "n_names": 12, "window": 3, "noise": 3.0, "noise_draws": 4, "attention_layers": 8, "ablate_k": [1, 2, 4, 8], "ablation_draws": 4,
     "n_edits": 12, "edit_layers": [0, 5, 15, 29], "edit_views": 2, "value_steps": 20, "value_lr": 0.5,
     "finetune_steps": 10, "finetune_lr": 1e-3, "specificity_flags": 20, "covariance_text": "moby-dick", "covariance_tokens": 8192,
-    "bootstrap": 1000, "seed": 0, "threads": 2,
+    "bootstrap": 1000, "seed": 0, "threads": 2, "device": "cpu",
+    # prompts per forward pass in traces, ablations and edits: the book's groups are smaller,
+    # so each runs whole; a 7B model keeps every layer's states of only a few ~600-token prompts
+    "forward_batch": 64,
 }
 PRESETS = {
     "smoke": {**_BOOK, "language_model": "tiny-llama", "n_countries": 8, "require_known": False,
@@ -370,19 +420,21 @@ PRESETS = {
               "edit_layers": [0, 1], "edit_views": 1, "value_steps": 3, "finetune_steps": 3, "specificity_flags": 4,
               "covariance_text": "synthetic", "covariance_tokens": 512, "bootstrap": 50},
     "book": _BOOK,
-    # LLaVA-1.5 with its own vision tower and projector (nothing trained); 32 layers
+    # LLaVA-1.5 with its own vision tower and projector (nothing trained); 32 layers; in
+    # bfloat16 on the GPU when there is one
     "paper": {**_BOOK, "language_model": "llava-hf/llava-1.5-7b-hf", "vision": "own", "n_countries": 120,
               "image_size": 336, "projector_steps": 0, "n_trace": 120, "n_names": 120, "window": 5, "noise_draws": 10, "n_edits": 30,
               "edit_layers": [0, 2, 4, 6, 8, 12, 16, 20, 24, 28, 31], "specificity_flags": 119,
               "covariance_text": "wikitext-2-train",
-              "covariance_tokens": 100000, "threads": 16},
+              "covariance_tokens": 100000, "threads": 16, "device": "auto", "forward_batch": 8},
 }
 
 # what each parameter may be: checked before any model loads (config.resolve); not part
 # of the chapter's code version, since a rule never changes a run it accepts
 def parameter_rules():
     from . import models
-    from .config import at_paper, flag, folder, hub_id, integer, items, model, number, one_of, relation, text_name
+    from .config import (at_paper, device, flag, folder, hub_id, integer, items, model, number, one_of, relation,
+                         text_name)
 
     return {
         "language_model": model("causal-lm") | at_paper(hub_id()) | folder(),
@@ -417,6 +469,8 @@ def parameter_rules():
         "bootstrap": integer(10),
         "seed": integer(0),
         "threads": integer(1),
+        "device": device(),
+        "forward_batch": integer(1),
         "own_vision_is_a_checkpoint": relation(
             "vision, language_model", "vision='own' needs a LLaVA checkpoint (a hub id at the paper preset or a "
             "folder); the book's vision encoder needs a registered language model",
@@ -492,7 +546,7 @@ def known_in_text(model, tokenizer, countries: list[Country], batch: int = 32) -
     for i in range(0, len(countries), batch):
         chunk = countries[i:i + batch]
         enc = tokenizer([text_prompt(c.name) for c in chunk], return_tensors="pt", padding=True, padding_side="left")
-        predicted = model(**enc).logits[:, -1].argmax(-1)
+        predicted = model(**enc.to(model.device)).logits[:, -1].argmax(-1)
         known += [int(p) == c.answer_id for p, c in zip(predicted, chunk)]
     return np.array(known, dtype=bool)
 
@@ -540,15 +594,17 @@ def load_model(cfg) -> VisionLanguageModel:
     last feature map, one visual token per cell) and a new projector; or a local/hub LLaVA
     checkpoint with ``vision`` = own (its vision tower and projector, nothing trained)."""
     from . import models
+    from .config import run_device
 
     if cfg.vision not in VISIONS:
         raise ValueError(f"vision={cfg.vision!r}: choose from {VISIONS}")
+    device = run_device(cfg.device)
     if cfg.vision == "own":
         from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-        try:
-            model = LlavaForConditionalGeneration.from_pretrained(cfg.language_model, dtype=torch.bfloat16
-                                                                  if torch.cuda.is_available() else torch.float32)
+        try:  # bfloat16 on a GPU, as LLaVA-1.5 runs; float32 on the CPU, whose bfloat16 matmuls are slow
+            model = LlavaForConditionalGeneration.from_pretrained(
+                cfg.language_model, dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device)
         except OSError as error:
             raise OSError(f"language_model={cfg.language_model!r} is not available offline: download it where "
                           f"the hub can be reached (huggingface-cli download {cfg.language_model}) and set "
@@ -559,24 +615,26 @@ def load_model(cfg) -> VisionLanguageModel:
 
         @torch.no_grad()
         def features(views: np.ndarray) -> torch.Tensor:
-            pixels = processor(images=list(views), return_tensors="pt").pixel_values.to(model.dtype)
-            return torch.stack(list(model.get_image_features(pixel_values=pixels).pooler_output)).float()
+            pixels = processor(images=list(views), return_tensors="pt").pixel_values.to(model.device, model.dtype)
+            return torch.stack(list(model.get_image_features(pixel_values=pixels).pooler_output)).float().cpu()
 
         wrapper = MiniLlava(model, tokenizer, model.get_input_embeddings().weight.shape[1], projector=nn.Identity())
         return VisionLanguageModel(wrapper, features, False, f"{cfg.language_model} with its own vision tower")
     if cfg.language_model not in models.REGISTRY:
         raise ValueError(f"language_model={cfg.language_model!r}: with vision={cfg.vision!r} choose a registry "
                          f"language model ({', '.join(n for n, s in models.REGISTRY.items() if s.kind == 'causal-lm')})")
-    lm = models.load(cfg.language_model)
-    encoder = models.load(cfg.vision).model.eval()
+    lm = models.load(cfg.language_model, device=device)
+    encoder = models.load(cfg.vision, device=device).model.eval()
 
     @torch.no_grad()
     def features(views: np.ndarray) -> torch.Tensor:
         from .models import efficientnet_input
 
-        return encoder.extract_features(efficientnet_input(views)).flatten(2).transpose(1, 2)  # (B, cells, 1280)
+        cells = encoder.extract_features(efficientnet_input(views).to(device))
+        return cells.flatten(2).transpose(1, 2).cpu()  # (B, cells, 1280), kept on the host
 
     wrapper = MiniLlava(lm.model.eval(), lm.tokenizer, encoder._conv_head.out_channels)
+    wrapper.projector.to(device)
     return VisionLanguageModel(wrapper, features, True, f"{cfg.language_model} + {cfg.vision} + trained projector")
 
 
@@ -655,8 +713,8 @@ def train_projector(vlm: VisionLanguageModel, flags: FlagData, cfg, progress: bo
             if hasattr(layer, "reset_parameters"):
                 layer.reset_parameters()
         rng = np.random.default_rng(cfg.seed)
-        names = torch.tensor([c.name_id for c in flags.countries])
-        capitals = torch.tensor([c.answer_id for c in flags.countries])
+        names = torch.tensor([c.name_id for c in flags.countries], device=vlm.wrapper.device)
+        capitals = torch.tensor([c.answer_id for c in flags.countries], device=vlm.wrapper.device)
         tasks = [(RECOGNITION, names), (QUESTION, capitals)]
         optimizer = torch.optim.AdamW(projector.parameters(), lr=cfg.projector_lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_cosine, steps=cfg.projector_steps))
@@ -673,7 +731,7 @@ def train_projector(vlm: VisionLanguageModel, flags: FlagData, cfg, progress: bo
             optimizer.step()
             schedule.step()
             losses.append(round(float(loss.detach()), 4))
-        return {"state": projector.state_dict(), "seconds": round(time.perf_counter() - start, 1), "losses": losses}
+        return {"state": {k: v.cpu() for k, v in projector.state_dict().items()}, "seconds": round(time.perf_counter() - start, 1), "losses": losses}
 
     saved, cached = cached_torch("mllmtrace", key, build)
     projector.load_state_dict(saved["state"])
@@ -684,11 +742,11 @@ def train_projector(vlm: VisionLanguageModel, flags: FlagData, cfg, progress: bo
 @torch.no_grad()
 def predictions(vlm: VisionLanguageModel, features: torch.Tensor, template: tuple[str, str], batch: int = 64
                 ) -> torch.Tensor:
-    """Greedy next token after [before, visual tokens, after] for every row."""
+    """Greedy next token after [before, visual tokens, after] for every row, on the host."""
     out = []
     for i in range(0, len(features), batch):
         embeds, _ = vlm.wrapper.embed(features[i:i + batch], *template)
-        out.append(vlm.lm(inputs_embeds=embeds).logits[:, -1].argmax(-1))
+        out.append(vlm.lm(inputs_embeds=embeds).logits[:, -1].argmax(-1).cpu())
     return torch.cat(out)
 
 
@@ -718,7 +776,7 @@ class Prompts:
 def visual_prompts(vlm: VisionLanguageModel, features: torch.Tensor, labels: np.ndarray, countries: list[Country],
                    template: tuple[str, str] = QUESTION) -> Prompts:
     embeds, positions = vlm.wrapper.embed(features, *template)
-    answers = torch.tensor([countries[y].answer_id for y in labels])
+    answers = torch.tensor([countries[y].answer_id for y in labels], device=embeds.device)
     return Prompts([(embeds, positions, answers, labels)])
 
 
@@ -735,12 +793,13 @@ def name_prompts(vlm: VisionLanguageModel, labels: np.ndarray, countries: list[C
         by_length.setdefault(len(name), []).append((head + name + tail, len(head), len(name), y))
     groups = []
     for rows in by_length.values():
-        ids = torch.tensor([r[0] for r in rows])
-        positions = torch.zeros(ids.shape, dtype=torch.bool)
+        ids = torch.tensor([r[0] for r in rows], device=table.weight.device)
+        positions = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
         for i, (_, start, n, _) in enumerate(rows):
             positions[i, start:start + n] = True
         labels_ = np.array([r[3] for r in rows])
-        groups.append((table(ids), positions, torch.tensor([countries[y].answer_id for y in labels_]), labels_))
+        groups.append((table(ids), positions, torch.tensor([countries[y].answer_id for y in labels_], device=ids.device),
+                       labels_))
     return Prompts(groups)
 
 
@@ -759,12 +818,12 @@ def restore_positions(positions: torch.Tensor, site: str) -> torch.Tensor:
     if site == "joint":
         return positions
     last = torch.zeros_like(positions)
-    last[torch.arange(len(positions)), _last_visual_index(positions)] = True
+    last[torch.arange(len(positions), device=positions.device), _last_visual_index(positions)] = True
     return last & positions
 
 
 def trace_setting(model, prompts: Prompts, kind: str, size: int, noise: float, seed: int, draws: int = 1,
-                  progress: str | None = None, site: str = "joint") -> Trace:
+                  progress: str | None = None, site: str = "joint", batch: int | None = None) -> Trace:
     """:func:`causal_trace` of every group, the constraint corrupted by Gaussian noise of
     ``noise`` × the standard deviation of the constraint's embeddings (ROME's 3σ), averaged
     over ``draws`` independent noise draws per prompt (ROME averages ten), the clean state
@@ -772,13 +831,14 @@ def trace_setting(model, prompts: Prompts, kind: str, size: int, noise: float, s
     depend on the site, so two sites' traces share their corrupted runs). The trace's
     **noise floor** is the largest difference, at any layer, between the prompt-mean effect
     curves of two disjoint halves of the draws (the even and the odd ones): how far a layer's
-    effect moves when only the noise is drawn again. Without a second draw it is 0."""
+    effect moves when only the noise is drawn again. Without a second draw it is 0. ``batch``:
+    prompts per forward pass (:func:`causal_trace`); the noise is drawn per group, whatever it is."""
     sigma = float(torch.cat([e[p] for e, p, _, _ in prompts.groups]).std())
     per_draw = []
     for draw in range(draws):
         label = f"{progress} ({draw + 1}/{draws})" if progress and draws > 1 else progress
         traces = [causal_trace(model, e, noise_corrupt(e, p, noise * sigma, seed + i + 1000 * draw),
-                               restore_positions(p, site), a, kind, size, label)
+                               restore_positions(p, site), a, kind, size, label, batch)
                   for i, (e, p, a, _) in enumerate(prompts.groups)]
         per_draw.append(Trace(kind, size, *(np.concatenate([getattr(t, f) for t in traces], -1)
                                              for f in ("clean", "corrupted", "restored"))))
@@ -836,29 +896,37 @@ def ablated_probability(model, embeds: torch.Tensor, positions: torch.Tensor, dr
     ``replacement`` (the mean visual token: mean-ablation)."""
     mask = torch.zeros_like(positions)
     mask[positions] = drop.reshape(-1)
-    return answer_probability(model, torch.where(mask[..., None], replacement.to(embeds.dtype), embeds), answer_ids)
+    return answer_probability(model, torch.where(mask[..., None], replacement.to(embeds.device, embeds.dtype), embeds),
+                              answer_ids)
 
 
 def token_ablation(model, prompts: Prompts, replacement: torch.Tensor, n_layers: int, ks: list[int], draws: int,
-                   seed: int) -> dict:
+                   seed: int, batch: int | None = None) -> dict:
     """For each k: the answer's probability with the top-k visual tokens by early-layer
     attention removed, and with k random ones (mean over ``draws``), per prompt; and how
-    often each visual position is among the top k."""
+    often each visual position is among the top k. ``batch``: prompts per forward pass
+    (every layer's attention maps are held at once)."""
     (embeds, positions, answers, _), = prompts.groups
-    scores = visual_attention(model, embeds, positions, n_layers)
+    scores = by_rows(lambda e, p: visual_attention(model, e, p, n_layers), batch, embeds, positions)
+
+    def without(drop):  # the answer's probability with ``drop``'s visual tokens mean-ablated
+        return by_rows(lambda e, p, d, a: ablated_probability(model, e, p, d, replacement, a),
+                       batch, embeds, positions, drop, answers).numpy()
+
     order = scores.argsort(1, descending=True)
     rng = np.random.default_rng(seed)
     n_tokens = scores.shape[1]
-    out = {"clean": answer_probability(model, embeds, answers).numpy(), "top": {}, "random": {}, "top_counts": {}}
+    out = {"clean": by_rows(lambda e, a: answer_probability(model, e, a), batch, embeds, answers).numpy(),
+           "top": {}, "random": {}, "top_counts": {}}
     for k in ks:
         drop = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order[:, :k], True)
-        out["top"][k] = ablated_probability(model, embeds, positions, drop, replacement, answers).numpy()
-        out["top_counts"][k] = drop.sum(0).numpy()
+        out["top"][k] = without(drop)
+        out["top_counts"][k] = drop.sum(0).cpu().numpy()
         random_runs = []
         for _ in range(draws):
-            picks = torch.as_tensor(np.argsort(rng.random((len(embeds), n_tokens)), 1)[:, :k])
+            picks = torch.as_tensor(np.argsort(rng.random((len(embeds), n_tokens)), 1)[:, :k], device=scores.device)
             drop = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, picks, True)
-            random_runs.append(ablated_probability(model, embeds, positions, drop, replacement, answers).numpy())
+            random_runs.append(without(drop))
         out["random"][k] = np.mean(random_runs, 0)
     return out
 
@@ -886,7 +954,7 @@ def text_key_covariances(model, tokenizer, text: str, n_tokens: int, layer_indic
     handles = [output_projection(all_layers[i]).register_forward_pre_hook(accumulate(i)) for i in layer_indices]
     try:
         for row in ids.split(8):
-            model(input_ids=row)
+            model(input_ids=row.to(model.device))
             count[0] += row.numel()
     finally:
         for h in handles:
@@ -922,7 +990,7 @@ def edit_positions(positions: torch.Tensor, site: str) -> torch.Tensor:
         raise ValueError(f"site={site!r}: choose from {EDIT_SITES}")
     if site == "constraint":
         return _last_visual_index(positions)
-    return torch.full((len(positions),), positions.shape[1] - 1)
+    return torch.full((len(positions),), positions.shape[1] - 1, device=positions.device)
 
 
 def edit_metrics(vlm: VisionLanguageModel, case: EditCase, specificity: float) -> dict:
@@ -944,14 +1012,16 @@ def edit_keys_and_values(vlm: VisionLanguageModel, cases: list[EditCase], layer:
     the new capital (:func:`optimize_value`, all cases in one batch, one δ each)."""
     with torch.no_grad():
         embeds, positions = vlm.wrapper.embed(torch.cat([c.edit_features for c in cases]), *template)
-    groups = torch.cat([torch.full((len(c.edit_features),), i) for i, c in enumerate(cases)])
+    device = embeds.device
+    groups = torch.cat([torch.full((len(c.edit_features),), i) for i, c in enumerate(cases)]).to(device)
+    targets = torch.cat([torch.full((len(c.edit_features),), c.target) for c in cases]).to(device)
     at = edit_positions(positions, site)
-    inputs = projection_inputs(vlm.lm, layer, embeds)[torch.arange(len(embeds)), at]
-    keys = torch.zeros(len(cases), inputs.shape[-1]).index_add_(0, groups, inputs)
-    keys = keys / torch.bincount(groups)[:, None]
-    targets = torch.tensor([cases[g].target for g in groups])
+    inputs = by_rows(lambda e, a: projection_inputs(vlm.lm, layer, e)[torch.arange(len(e), device=device), a],
+                     cfg.forward_batch, embeds, at)
+    keys = torch.zeros(len(cases), inputs.shape[-1], device=device).index_add_(0, groups, inputs.float())
+    keys = keys / group_sizes(groups, len(cases))[:, None]
     values = optimize_value(vlm.lm, layer, embeds, at, targets, steps=cfg.value_steps, lr=cfg.value_lr,
-                            seed=cfg.seed, groups=groups)
+                            seed=cfg.seed, groups=groups, n_groups=len(cases), batch=cfg.forward_batch)
     return keys, values
 
 
@@ -971,14 +1041,16 @@ def finetune_edit(vlm: VisionLanguageModel, cases: list[EditCase], layer: int, c
     original = proj.weight.detach().clone()
     with torch.no_grad():
         embeds, _ = vlm.wrapper.embed(torch.cat([c.edit_features for c in cases]), *QUESTION)
-    targets = torch.cat([torch.full((len(c.edit_features),), c.target) for c in cases])
+    targets = torch.cat([torch.full((len(c.edit_features),), c.target) for c in cases]).to(embeds.device)
     proj.weight.requires_grad_(True)
     optimizer = torch.optim.Adam([proj.weight], lr=cfg.finetune_lr)
     try:
         for _ in range(cfg.finetune_steps):
-            loss = nn.functional.cross_entropy(vlm.lm(inputs_embeds=embeds).logits[:, -1].float(), targets)
             optimizer.zero_grad()
-            loss.backward()
+            for rows in row_blocks(len(embeds), cfg.forward_batch):  # the mean over all rows, block by block
+                logits = vlm.lm(inputs_embeds=embeds[rows]).logits[:, -1].float()
+                loss = nn.functional.cross_entropy(logits, targets[rows]) * ((rows.stop - rows.start) / len(embeds))
+                loss.backward()
             optimizer.step()
     finally:
         proj.weight.requires_grad_(False)

@@ -235,13 +235,34 @@ def _t2icomp(p) -> Card:
 
 
 def _mllmtrace(p) -> Card:
-    c = Card("06_mllm_tracing", "CPU (loads in bfloat16, never moved to a GPU)")
+    on_gpu = p["device"] == "auto"
+    c = Card("06_mllm_tracing", "GPU when present (device auto), one device; bfloat16 there, float32 on the CPU"
+             if on_gpu else p["device"])
     name = p["language_model"]
-    c.gpu = [weights(name, "bfloat16"), kv_cache(name, 600, 1, "bfloat16")]
+    dtype = "bfloat16" if on_gpu else "float32"
+    config = architectures.architecture(name).config
+    text, vision = _text(config), config["vision_config"]
+    layers, width, heads = text["num_hidden_layers"], text["hidden_size"], text["num_attention_heads"]
+    patches = (vision["image_size"] // vision["patch_size"]) ** 2  # one visual token per patch
+    batch, length = p["forward_batch"], patches + 24  # the flag and a short question
+    # the phases do not overlap: the peak is the weights plus the largest of them, an edit's
+    # backward pass from the last layer down to the first edited one (at most every layer)
+    c.gpu = [weights(name, dtype),
+             activations(f"an edit's backward pass, {batch} prompts of ~{length} tokens", layers, width, heads, length,
+                         batch, dtype),
+             kv_cache(name, length, batch, dtype)]
+    traced = layers * batch * length * width * BYTES[dtype] / GB
+    attention = layers * batch * heads * length * length * BYTES[dtype] / GB
+    # the vision side's features of every view wait on the host in float32 (mllmtrace.load_flags),
+    # each visual token already in the language model's width (LLaVA's projector)
+    views = (p["train_views"] + p["test_views"]) * p["n_countries"]
+    c.host = [Row("visual tokens of every flag view (float32)", f"{views:,} views × {patches} × {width} × 4 B",
+                  views * patches * width * 4 / GB)]
     c.disk = [checkpoint(name)]
-    c.notes.append("KV cache at ~600 tokens: 576 image patches at 336 px plus a short question")
+    c.notes.append(f"~{length} tokens a prompt: {patches} image patches at {vision['image_size']} px and the question; "
+                   f"smaller phases: a trace's clean states {traced:.1f} GB, an ablation's attention maps "
+                   f"{attention:.1f} GB ({batch} prompts a pass: forward_batch)")
     return c
-
 
 def _drew(p) -> Card:
     c = Card("07_drew", "CPU (its ViTs load without a device)")

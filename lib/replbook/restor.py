@@ -77,7 +77,7 @@ PRESETS = {
 # what each parameter may be: checked before any model loads (config.resolve); not part
 # of the chapter's code version, since a rule never changes a run it accepts
 def parameter_rules():
-    from .config import at_paper, flag, hub_id, integer, items, model, number, one_of, relation, text_name
+    from .config import at_paper, device, flag, hub_id, integer, items, model, number, one_of, relation, text_name
 
     return {
         "model_name": model("causal-lm") | at_paper(hub_id()),
@@ -103,9 +103,7 @@ def parameter_rules():
         "retain_documents": integer(1),
         "seed": integer(0),
         "threads": integer(1),
-        "device": one_of("auto", "cpu", "cuda"),  # auto: the GPU when there is one
-        "gpu_present": relation("device", "device='cuda' but this machine has no CUDA GPU: use 'auto' or 'cpu'",
-                                lambda v: v["device"] != "cuda" or torch.cuda.is_available()),
+        "device": device(),
         "claims": relation("methods", "the claims compare GA, KL, NPO and localized NPO, so methods must include "
                            "'ga_ft', 'kl_ft', 'npo' and 'npo_localized' (the paper's GA and KL are the official GA_FT and KL_FT)",
                            lambda v: {"ga_ft", "kl_ft", "npo", "npo_localized"} <= set(v["methods"])),
@@ -447,15 +445,6 @@ def unlearning_loss(method: str, model, reference, forget_batch, retain_batch, g
 
 
 # ----------------------------------------------------------------------------- training
-
-def run_device(device: str) -> str:
-    """The device a run trains on: ``auto`` is the GPU when there is one, else the CPU. One
-    device, not Accelerate's device_map: a band copy (:func:`band_copy`) shares the frozen
-    weights where they lie, and the trained band needs float32 on the device its optimizer runs."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
 
 def in_band(name: str, layers: tuple[int, int]) -> bool:
     """Is parameter ``name`` in the band that learns: an MLP weight of decoder layers [lo, hi)?"""
