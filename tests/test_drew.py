@@ -108,9 +108,9 @@ def test_trustmark_glue_writes_and_reads_bit_strings(monkeypatch):
     """The paper preset's TrustMark adapter, against a stand-in with TrustMark's interface
     (its real weights download on first use, which the tests cannot do)."""
     class FakeTrustMark:
-        def __init__(self, use_ECC, verbose, model_type):
+        def __init__(self, use_ECC, verbose, model_type, device):
             assert use_ECC is False and model_type == "Q"
-            self.stored = {}
+            self.stored, self.device = {}, device
 
         def encode(self, image, secret, MODE):
             assert MODE == "binary" and set(secret) <= {"0", "1"} and len(secret) == 100
@@ -123,6 +123,8 @@ def test_trustmark_glue_writes_and_reads_bit_strings(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "trustmark", types.SimpleNamespace(TrustMark=FakeTrustMark))
     mark = drew.watermark("trustmark")
+    # always an explicit device: left empty, the package would take a GPU the run was told not to use
+    assert mark.tm.device == "cpu" and drew.watermark("trustmark", "cuda").tm.device == "cuda"
     code63 = drew.ClusterCode("bch-63-10")
     images = drew.synthetic_images(3, 32, 0)
     bits = drew.payload(code63, np.array([5, 900, 1023]), mark.payload_bits)
@@ -307,6 +309,31 @@ def test_hub_style_image_encoders_embed_from_a_saved_folder(name):
     out = embed(drew.synthetic_images(5, 64, 0))
     assert embed.kind == "image-encoder" and out.shape[0] == 5
     assert np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-efficientnet", "tiny-dinov2"])
+def test_embedders_compute_on_their_device_and_hand_embeddings_to_the_host(name, monkeypatch):
+    """The paper preset's device: the model and each batch of images on it (``meta``: shapes
+    only, no GPU needed), the embeddings copied back to the host for FAISS (a copy that
+    meta refuses: it has no data). An input left on the host, or a model left there, fails
+    before that copy; embeddings left on the device would never reach the copy."""
+    source = name if name == "tiny-efficientnet" else str(models._tiny_dir(name))
+    embed = drew.Embedder(source, "smoke" if name == "tiny-efficientnet" else "paper", device="meta")
+    model = embed.loaded.model
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    seen = []
+    forward = model.extract_features if embed.kind == "image-classifier" else model.forward
+
+    def spy(*args, **kwargs):
+        seen.extend(t.device.type for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "extract_features" if embed.kind == "image-classifier" else "forward", spy)
+    with pytest.raises(NotImplementedError, match="meta tensor"):
+        embed(drew.synthetic_images(3, 64, 0))
+    assert seen == ["meta"]
+    cpu = drew.Embedder(source, "smoke" if name == "tiny-efficientnet" else "paper")
+    assert cpu(drew.synthetic_images(3, 64, 0)).shape[0] == 3
 
 
 def test_the_paper_preset_code_path_runs_on_tiny_local_models(tmp_path, results_tmp):

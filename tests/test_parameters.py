@@ -18,7 +18,8 @@ MODULES = {"00_model_zoo": "zoo", "01_restor": "restor", "02_skill_slices": "ski
 # one bad value per parameter (checked at the book preset), chosen as a reader might type it
 BAD = {
     "00_model_zoo": {"language_models": [], "image_model": "minilm-l6", "sentence_model": "smollm2-135m",
-                     "photos": ["dog"], "max_new_tokens": 0, "seed": -1, "threads": 0},
+                     "photos": ["dog"], "max_new_tokens": 0, "seed": -1, "threads": 0,
+                     "device": "gpu"},
     "01_restor": {"model_name": "llama3-8b", "known_only": 1, "countries": 0, "relations": ["capital", "anthem"],
                   "corrupted_per_relation": 0, "tuning_per_relation": -1, "untouched_per_relation": 0,
                   "mix_k": [2, 0], "corruption_steps": 0, "corruption_lr": 0.0, "unlearning_steps": -5,
@@ -60,7 +61,8 @@ BAD = {
                         "device": "gpu", "forward_batch": 0},
     "07_drew": {"images": "imagenet", "n_reference": 1, "n_queries": 4096, "image_size": 16, "ecc": "hamming-7-4",
                 "watermarks": ["stegastamp"], "embedders": ["smollm2-135m"], "edits": ["rotate", "sepia"],
-                "max_false_accept": 1.5, "paper_threshold": 0.0, "bootstrap_samples": 10, "seed": -1, "threads": 0},
+                "max_false_accept": 1.5, "paper_threshold": 0.0, "bootstrap_samples": 10, "seed": -1, "threads": 0,
+                "device": "gpu"},
     "08_loki": {"model_names": [], "calibration_text": "shakespear", "evaluation_text": "", "window": -32,
                 "calibration_windows": 0, "evaluation_windows": 0, "k_fractions": [0, 2], "d_fractions": [0.5, 0.25],
                 "contexts": [0, 1024], "timing_repeats": 0, "random_init_control": "no", "device": "gpu", "seed": -1,

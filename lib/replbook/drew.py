@@ -35,13 +35,14 @@ PRESETS = {
         "images": "synthetic", "n_reference": 128, "n_queries": 8, "image_size": 64, "ecc": "bch-31-6",
         "watermarks": ["rivagan", "dwtdctsvd"], "embedders": ["tiny-efficientnet"],
         "edits": ["none", "rotate", "flip"], "max_false_accept": 0.01, "paper_threshold": 0.5,
-        "bootstrap_samples": 200, "seed": 0, "threads": 2,
+        "bootstrap_samples": 200, "seed": 0, "threads": 2, "device": "cpu",
     },
     "book": {
         "images": "cifar10", "n_reference": 2048, "n_queries": 160, "image_size": 128, "ecc": "bch-31-6",
         "watermarks": ["rivagan", "dwtdctsvd"], "embedders": ["efficientnet-lite0"],
         "edits": ["none", "rotate", "crop", "flip", "stretch", "blur", "jitter", "jpeg", "combo"],
         "max_false_accept": 0.01, "paper_threshold": 0.5, "bootstrap_samples": 2000, "seed": 0, "threads": 2,
+        "device": "cpu",
     },
     "paper": {
         # the paper's embedders and watermark (TrustMark, 100 bits, so a longer code and
@@ -51,6 +52,9 @@ PRESETS = {
         "watermarks": ["trustmark"], "embedders": ["dinov2-base", "clip-vit-l-14"],
         "edits": ["none", "rotate", "crop", "flip", "stretch", "blur", "jitter", "jpeg", "combo"],
         "max_false_accept": 0.01, "paper_threshold": 0.5, "bootstrap_samples": 2000, "seed": 0, "threads": 16,
+        # the embedders' ViTs and TrustMark's networks on the GPU when there is one; the
+        # edits, the codes and the FAISS search stay on the host
+        "device": "auto",
     },
 }
 
@@ -59,7 +63,7 @@ PRESETS = {
 def parameter_rules():
     import os
 
-    from .config import Rule, integer, items, model, number, one_of, relation
+    from .config import Rule, device, integer, items, model, number, one_of, relation
 
     image_folder = Rule("'folder:<path>' naming an existing folder",
                         lambda v, _: isinstance(v, str) and v.startswith("folder:") and os.path.isdir(v[len("folder:"):]))
@@ -77,6 +81,7 @@ def parameter_rules():
         "bootstrap_samples": integer(100),
         "seed": integer(0),
         "threads": integer(1),
+        "device": device(),
         "queries_among_references": relation("n_queries, n_reference", "n_queries must be ≤ n_reference "
                                              "(queries are drawn from the references without replacement)",
                                              lambda v: v["n_queries"] <= v["n_reference"]),
@@ -183,7 +188,9 @@ class ClusterCode:
 
 
 class Watermark:
-    """Embed a bit string into uint8 RGB images (N, H, W, 3) and read it back."""
+    """Embed a bit string into uint8 RGB images (N, H, W, 3) and read it back. Every
+    watermark takes a ``device``; only the torch ones (TrustMark) use it: RivaGAN runs in
+    ONNX Runtime's CPU build and the DWT watermarks in OpenCV."""
 
     name = ""
     payload_bits = 32
@@ -201,7 +208,7 @@ class RivaGAN(Watermark):
 
     name = "rivagan"
 
-    def __init__(self, batch_size: int = 16):
+    def __init__(self, device: str = "cpu", batch_size: int = 16):
         from imwatermark.rivaGan import RivaWatermark
 
         RivaWatermark.loadModel()
@@ -234,6 +241,9 @@ class _InvisibleWatermarkDWT(Watermark):
     256x256, although the transforms work at any size that is a multiple of 8."""
 
     embedder: str = ""
+
+    def __init__(self, device: str = "cpu"):
+        pass  # OpenCV on the host: nothing to place on a device
 
     def _codec(self, bits):
         from imwatermark import dwtDctSvd, maxDct
@@ -276,13 +286,14 @@ class TrustMark(Watermark):
     name = "trustmark"
     payload_bits = 100
 
-    def __init__(self, model_type: str = "Q"):
+    def __init__(self, device: str = "cpu", model_type: str = "Q"):
         try:
             from trustmark import TrustMark as _TrustMark
         except ImportError:
             raise ImportError("the trustmark watermark needs its package (weights download on first "
                               "use): pip install trustmark==0.9.2") from None
-        self.tm = _TrustMark(use_ECC=False, verbose=False, model_type=model_type)
+        # an explicit device: left empty, the package takes the GPU whenever there is one
+        self.tm = _TrustMark(use_ECC=False, verbose=False, model_type=model_type, device=device)
 
     def embed(self, images, bits):
         from PIL import Image
@@ -301,15 +312,16 @@ class TrustMark(Watermark):
         return np.asarray(out, dtype=np.uint8)
 
 
-WATERMARKS: dict[str, Callable[[], Watermark]] = {
+WATERMARKS: dict[str, Callable[..., Watermark]] = {  # each called with device=...
     "rivagan": RivaGAN, "dwtdctsvd": DwtDctSvd, "dwtdct": DwtDct, "trustmark": TrustMark}
 
 
-def watermark(name: str) -> Watermark:
+def watermark(name: str, device: str = "cpu") -> Watermark:
+    """The watermark ``name``, its networks (where it has torch ones) on ``device``."""
     if name not in WATERMARKS:
         raise ValueError(f"watermark {name!r}; choose one of: {', '.join(WATERMARKS)}")
     try:
-        return WATERMARKS[name]()
+        return WATERMARKS[name](device=device)
     except ImportError as err:
         if "imwatermark" in str(err) or "onnxruntime" in str(err):
             raise ImportError(f"watermark {name!r} needs invisible-watermark and onnxruntime: "
@@ -529,14 +541,19 @@ class Embedder:
       normalisation, at the images' own size;
     - hub image encoders (paper): DINOv2 mean-pooled last hidden state (as the official
       code), CLIP's projected image embedding; their own image processor prepares input.
+
+    The model sits on ``device`` (one device: a ViT fits any GPU); images go there a batch
+    at a time and the embeddings come back to the host in float32, where FAISS searches.
     """
 
-    def __init__(self, name: str, preset: str, batch_size: int = 64):
+    def __init__(self, name: str, preset: str, device: str = "cpu", batch_size: int = 64):
         from . import models
 
-        self.loaded = models.load(name, preset=preset)
-        self.name, self.batch_size = name, batch_size
+        self.loaded = models.load(name, preset=preset, device=device)
+        self.name, self.batch_size, self.device = name, batch_size, torch.device(device)
         self.kind = self.loaded.spec.kind
+        if self.kind == "image-classifier":  # the registry builds its tiny EfficientNet on the CPU
+            self.loaded.model.to(self.device)
 
     @torch.inference_mode()
     def _batch(self, images: np.ndarray) -> torch.Tensor:
@@ -544,7 +561,7 @@ class Embedder:
         if self.kind == "image-classifier":  # EfficientNet-Lite
             from .models import efficientnet_input
 
-            return model.extract_features(efficientnet_input(images)).mean((2, 3))
+            return model.extract_features(efficientnet_input(images).to(self.device)).mean((2, 3)).float().cpu()
         inputs = self.loaded.tokenizer(images=list(images), return_tensors="pt")  # the image processor
         out = model(pixel_values=inputs["pixel_values"].to(model.device))
         if hasattr(out, "image_embeds"):  # CLIP

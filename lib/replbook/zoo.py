@@ -18,6 +18,7 @@ PRESETS = {
         "max_new_tokens": 4,
         "seed": 0,
         "threads": 2,
+        "device": "cpu",
     },
     "book": {
         "language_models": ["smollm2-135m", "gemma3-270m"],
@@ -27,6 +28,7 @@ PRESETS = {
         "max_new_tokens": 6,
         "seed": 0,
         "threads": 2,
+        "device": "cpu",
     },
     "paper": {
         "language_models": ["smollm2-135m-hub", "gemma3-270m-hub"],
@@ -36,13 +38,14 @@ PRESETS = {
         "max_new_tokens": 6,
         "seed": 0,
         "threads": 2,
+        "device": "auto",  # the GPU when there is one (each model whole on it, float32)
     },
 }
 
 # what each parameter may be: checked before any model loads (config.resolve); not part
 # of the chapter's code version, since a rule never changes a run it accepts
 def parameter_rules():
-    from .config import data_name, integer, items, model
+    from .config import data_name, device, integer, items, model
 
     return {
         "language_models": items(model("causal-lm")),
@@ -52,6 +55,7 @@ def parameter_rules():
         "max_new_tokens": integer(1, 256),
         "seed": integer(0),
         "threads": integer(1),
+        "device": device(),
     }
 
 PROMPT = "The capital of France is"
@@ -99,16 +103,17 @@ def complete(lm: models.LoadedModel, prompt: str = PROMPT, max_new_tokens: int =
     return lm.tokenizer.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
 
 
-def load_times(name: str, preset: str) -> dict[str, float | str]:
-    """Load a model twice through the registry: the first load may convert (cold);
-    the second always reads the cache. The cold time of a cache made earlier is read
-    from the cache's manifest, where the conversion recorded it."""
-    first = models.load(name, preset=preset)
-    cached = models.load(name, preset=preset)
-    cold = first.info.get("convert_seconds", first.load_seconds) + (
-        cached.load_seconds if first.loaded_from == "cache" else 0.0)
+def load_times(name: str, preset: str, device: str = "cpu") -> dict[str, float | str]:
+    """Load a model twice through the registry onto ``device``: the first load may convert
+    (cold); the second always reads the cache. The cold time of a cache made earlier is
+    read from the cache's manifest, where the conversion recorded it."""
+    first = models.load(name, preset=preset, device=device)
+    first_seconds, first_load = first.info.get("convert_seconds", first.load_seconds), first.loaded_from
+    del first  # the device holds one copy of a model, not two
+    cached = models.load(name, preset=preset, device=device)
+    cold = first_seconds + (cached.load_seconds if first_load == "cache" else 0.0)
     return {"model": name, "cold_s": round(float(cold), 1), "cached_s": round(cached.load_seconds, 2),
-            "first_load": first.loaded_from, "params_M": round(cached.num_parameters / 1e6, 1)}, cached
+            "first_load": first_load, "params_M": round(cached.num_parameters / 1e6, 1)}, cached
 
 
 # ----------------------------------------------------------------------------- image classifier
@@ -128,7 +133,8 @@ def preprocess(image: np.ndarray, size: int = 224) -> torch.Tensor:
 
 @torch.no_grad()
 def classify(net: torch.nn.Module, image: np.ndarray, k: int = 5) -> list[tuple[str, float]]:
-    probs = net(preprocess(image)).softmax(-1)[0]
+    """The ``k`` likeliest ImageNet classes of ``image``, computed on ``net``'s device."""
+    probs = net(preprocess(image).to(next(net.parameters()).device)).softmax(-1)[0].cpu()
     top = probs.topk(k)
     names = imagenet_classes()
     return [(names[int(i)], float(p)) for p, i in zip(top.values, top.indices)]
