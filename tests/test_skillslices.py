@@ -1,6 +1,8 @@
 """Chapter 02's method (replbook.skillslices): the corpus, answering by log-likelihood,
 the rationale parser, skill clusters and slices, relevance, leave-one-out accuracy and
 routing on hand-made examples with known answers."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -68,6 +70,79 @@ def test_choice_logprobs_equal_a_plain_forward_pass(tiny):
             assert s[j, 1] == len(choice) + 1
     assert sk.pick(np.array([[-4.0, 2.0], [-5.0, 10.0]])) == 1, "per character, the long choice wins"
     assert sk.pick(np.array([[-4.0, 2.0], [-5.0, 10.0]]), normalise=False) == 0
+
+
+def test_choice_logprobs_compute_on_the_models_device(monkeypatch):
+    """The paper preset's device: every batch of token ids goes where the model is
+    (``meta``: shapes only, no GPU needed), and the log-probabilities are read back as host
+    floats, which meta refuses (it has no data). Ids left on the host, or positions and
+    targets built there, fail before that read."""
+    on_meta = models.load("tiny-llama", preset="smoke", device="meta")
+    assert {p.device.type for p in on_meta.model.parameters()} == {"meta"}
+    body = on_meta.model.get_decoder()
+    seen = []
+
+    def spy(input_ids, attention_mask):
+        # the decoder itself reads a mask value (.item()), which meta cannot: its hidden
+        # states are stood in for, on the device its inputs came on
+        seen.extend(t.device.type for t in (input_ids, attention_mask))
+        return SimpleNamespace(last_hidden_state=torch.zeros(*input_ids.shape, on_meta.model.config.hidden_size,
+                                                             device=input_ids.device))
+
+    monkeypatch.setattr(body, "forward", spy)
+    corpus = [Instance("a-0", "addition", "Calculate 2 + 2.", ["4", "22"], 0)]
+    with pytest.raises(RuntimeError, match="meta tensor"):  # float(logprob): meta has no value to read
+        sk.choice_logprobs(on_meta.model, on_meta.tokenizer, corpus)
+    assert seen and set(seen) == {"meta"}
+
+
+def test_answers_rationales_and_embeddings_load_their_models_on_the_runs_device(monkeypatch, tmp_path):
+    """``auto`` is resolved (config.run_device) before any model loads, and scores made on
+    one device are cached apart from another's: a GPU's sums are not the CPU's."""
+    from replbook import config, paths
+
+    loads, keys = [], []
+
+    class Loaded:
+        model = tokenizer = None
+        spec = models.ModelSpec("fake", "causal-lm", "tiny", "a stand-in")
+
+    monkeypatch.setattr(models, "load", lambda name, **kw: loads.append(kw["device"]) or Loaded())
+    monkeypatch.setattr(paths, "cached_torch", lambda kind, key, build: (keys.append(key), build())[1:] + (False,))
+    monkeypatch.setattr(sk, "choice_logprobs", lambda *a, **kw: [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    corpus = sk.build_corpus(["addition"], 2, 2, seed=0)
+    sk.answer_scores("tiny-llama", corpus, "smoke", device="auto", progress=False)
+    sk.answer_scores("tiny-llama", corpus, "smoke", device="cpu", progress=False)
+    sk.sentence_embedder("tiny-bert-encoder", "smoke", device="auto")
+    assert loads == ["cuda", "cpu", "cuda"]
+    assert keys[0] != keys[1] and keys[0].endswith("cuda") and keys[1].endswith("cpu")
+
+    written = []
+    monkeypatch.setattr(sk, "write_rationales", lambda model, *a, **kw: written.append(model) or [])
+    monkeypatch.setattr(sk, "annotation_file", lambda cfg: tmp_path / "notes.json")
+    cfg = config.resolve(sk.PRESETS, "smoke", task_mix="all", device="auto")
+    sk.annotate(cfg, progress=False)
+    assert loads[-1] == "cuda" and written
+
+
+def test_rationales_are_generated_on_the_models_device(tiny, monkeypatch):
+    """The prompts' token ids go to the writer's device before generating (a meta
+    device stands in for a GPU: the spy sees where the ids are)."""
+    seen = []
+
+    class Elsewhere(torch.nn.Module):
+        device = torch.device("meta")
+        config = tiny.model.config
+
+        def generate(self, **kwargs):
+            seen.extend(t.device.type for t in kwargs.values() if isinstance(t, torch.Tensor))
+            raise RuntimeError("stop after the first batch")
+
+    corpus = [Instance("t-0", "addition", "Calculate 1 + 1.", ["2", "0"], 0)]
+    with pytest.raises(RuntimeError, match="stop after"):
+        sk.write_rationales(Elsewhere(), tiny.tokenizer, corpus, max_new_tokens=2, progress=False)
+    assert seen and set(seen) == {"meta"}
 
 
 # ----------------------------------------------------------------------------- rationales
@@ -261,10 +336,11 @@ def test_choose_tasks_decides_on_a_design_corpus_of_another_seed(monkeypatch):
     corpus drawn with the design seed, and the chosen tasks are then drawn with the run's."""
     from replbook import config
 
-    cfg = config.resolve(sk.PRESETS, "smoke", seed=3, models=["tiny-llama", "gemma3-270m"])
+    cfg = config.resolve(sk.PRESETS, "smoke", seed=3, models=["tiny-llama", "gemma3-270m"], device="auto")
     asked = []
 
-    def fake_scores(model_name, corpus, preset, **_):
+    def fake_scores(model_name, corpus, preset, device="cpu", **_):
+        assert device == cfg.device, "the design corpus is answered on the run's device"
         asked.append([x.question for x in corpus])
         # model 0 right on everything, model 1 only on capitals: the balanced mix must leave
         # out the tasks where they differ … unless min_tasks forces them in

@@ -181,7 +181,7 @@ def _restor(p) -> Card:
 
 
 def _skillslices(p) -> Card:
-    c = Card("02_skill_slices", "CPU (no device parameter)")
+    c = Card("02_skill_slices", "CUDA when present (device='auto')")
     biggest = max(p["models"], key=params)
     c.gpu = [weights(biggest, "float32"), weights(p["sentence_model"], "float32")]
     c.disk = [checkpoint(m) for m in dict.fromkeys([*p["models"], p["rationale_model"], p["sentence_model"]])]

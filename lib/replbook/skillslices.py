@@ -73,6 +73,8 @@ _BOOK = {
     "sentence_model": "minilm-l6", "cluster_threshold": 0.95, "name_threshold": 0.975,
     "min_slice": 8, "route_min_cluster": 20,
     "seed": 0, "threads": 2,
+    # where the models compute (config.device): the book's numbers were measured on the CPU
+    "device": "cpu",
 }
 PRESETS = {
     "smoke": {**_BOOK, "tasks": ["addition", "capitals", "syllogisms"], "min_tasks": 2, "per_task": 4,
@@ -84,13 +86,13 @@ PRESETS = {
     # multimodal benchmarks with GPT-4o / Claude / Gemini outputs) is not public in usable form
     "paper": {**_BOOK, "per_task": 400, "models": ["smollm2-135m-hub", "gemma3-270m-hub"],
               "rationale_model": "smollm2-135m-hub", "rationales": "regenerate", "sentence_model": "minilm-l6-hub",
-              "route_min_cluster": 100},
+              "route_min_cluster": 100, "device": "auto"},
 }
 
 # what each parameter may be: checked before any model loads (config.resolve); not part
 # of the chapter's code version, since a rule never changes a run it accepts
 def parameter_rules():
-    from .config import flag, integer, items, model, number, one_of, relation
+    from .config import device, flag, integer, items, model, number, one_of, relation
 
     return {
         "tasks": items(one_of(lambda: TASKS)),
@@ -112,6 +114,7 @@ def parameter_rules():
         "route_min_cluster": integer(1),
         "seed": integer(0),
         "threads": integer(1),
+        "device": device(),
         "mix_needs_enough_tasks": relation("min_tasks, tasks", "min_tasks must be at most the number of tasks",
                                            lambda v: v["min_tasks"] <= len(v["tasks"])),
     }
@@ -241,6 +244,7 @@ def choice_logprobs(model, tokenizer, instances: list[Instance], batch: int = 32
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     head = model.get_output_embeddings()
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    where = head.weight.device  # the batches go to the model; the log-probabilities come back as floats
     for start in tqdm(range(0, len(order), batch), desc=progress or "scoring", disable=progress is None, leave=False):
         chunk = [rows[r] for r in order[start:start + batch]]
         width = max(len(ids) for _, _, ids, _ in chunk)
@@ -249,15 +253,15 @@ def choice_logprobs(model, tokenizer, instances: list[Instance], batch: int = 32
         for b, (_, _, full, _) in enumerate(chunk):
             ids[b, :len(full)] = torch.tensor(full)
             mask[b, :len(full)] = 1
-        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = body(input_ids=ids.to(where), attention_mask=mask.to(where)).last_hidden_state
         for b, (i, j, full, common) in enumerate(chunk):
-            positions = torch.arange(max(common, 1) - 1, len(full) - 1)
+            positions = torch.arange(max(common, 1) - 1, len(full) - 1, device=where)
             logits = head(hidden[b, positions]).float()
             if getattr(model.config, "final_logit_softcapping", None):
                 cap = model.config.final_logit_softcapping
                 logits = torch.tanh(logits / cap) * cap
-            targets = torch.tensor(full[max(common, 1):])
-            logprob = torch.log_softmax(logits, -1)[torch.arange(len(targets)), targets].sum()
+            targets = torch.tensor(full[max(common, 1):], device=where)
+            logprob = torch.log_softmax(logits, -1)[torch.arange(len(targets), device=where), targets].sum()
             out[i][j] = (float(logprob), len(instances[i].choices[j]) + 1)
     return out
 
@@ -342,7 +346,7 @@ def choose_tasks(cfg, progress: bool = True) -> TaskMix:
     seed = design_seed(cfg.seed)
     design = build_corpus(cfg.tasks, cfg.per_task, cfg.n_choices, seed)
     correct = np.array([[pick(s, cfg.normalise) == x.answer
-                         for s, x in zip(answer_scores(m, design, cfg.preset, progress=progress)[0], design)]
+                         for s, x in zip(answer_scores(m, design, cfg.preset, device=cfg.device, progress=progress)[0], design)]
                         for m in cfg.models[:2]], dtype=int)
     task_of = np.array([x.task for x in design])
     chosen = balanced_mix(correct, task_of, cfg.mix_tolerance, cfg.min_tasks)
@@ -427,10 +431,11 @@ def write_rationales(model, tokenizer, instances: list[Instance], max_new_tokens
     try:
         for start in tqdm(range(0, len(instances), batch), desc="rationales", disable=not progress):
             chunk = instances[start:start + batch]
-            enc = tokenizer([rationale_prompt(x.question) for x in chunk], return_tensors="pt", padding=True)
+            enc = tokenizer([rationale_prompt(x.question) for x in chunk], return_tensors="pt",
+                            padding=True).to(model.device)
             generated = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=tokenizer.pad_token_id)
-            for x, ids in zip(chunk, generated[:, enc.input_ids.shape[1]:]):
+            for x, ids in zip(chunk, generated[:, enc.input_ids.shape[1]:].cpu()):
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 out.append(Annotation(x.uid, text, parse_skills(text)))
     finally:
@@ -671,7 +676,9 @@ def annotate(cfg, progress: bool = True) -> Path:
 
     mix = choose_tasks(cfg, progress)
     corpus = chapter_corpus(cfg, mix)
-    writer = models.load(cfg.rationale_model, preset=cfg.preset, progress=progress)
+    from .config import run_device
+
+    writer = models.load(cfg.rationale_model, preset=cfg.preset, device=run_device(cfg.device), progress=progress)
     start = time.perf_counter()
     notes = write_rationales(writer.model, writer.tokenizer, corpus, cfg.rationale_tokens, progress=progress)
     payload = {
@@ -714,29 +721,35 @@ def load_annotations(cfg, corpus: list[Instance]) -> tuple[list[Annotation], dic
 # ----------------------------------------------------------------------------- running the chapter's models
 
 
-def answer_scores(model_name: str, corpus: list[Instance], preset: str, batch: int = 32,
+def answer_scores(model_name: str, corpus: list[Instance], preset: str, device: str = "cpu", batch: int = 32,
                   progress: bool = True) -> tuple[list[np.ndarray], bool]:
-    """Every choice's log-likelihood under a model (:func:`choice_logprobs`), cached
-    outside the repo under a hash of the corpus, the model's name, the prompt and the
-    scoring code. Returns (scores, whether they came from the cache)."""
+    """Every choice's log-likelihood under a model (:func:`choice_logprobs`) on ``device``
+    (a value :func:`config.device` accepts), cached outside the repo under a hash of the
+    corpus, the model's name, the prompt, the scoring code and the device it ran on (a GPU
+    sums in another order: its scores are not the CPU's). Returns (scores, whether they came
+    from the cache)."""
     from . import models
+    from .config import run_device
     from .paths import cached_torch, code_hash
 
+    device = run_device(device)
     key = (json.dumps([asdict(x) for x in corpus]) + model_name + ANSWER_PROMPT
-           + code_hash(choice_logprobs))
+           + code_hash(choice_logprobs) + device)
 
     def build():
-        loaded = models.load(model_name, preset=preset, progress=progress)
+        loaded = models.load(model_name, preset=preset, device=device, progress=progress)
         return choice_logprobs(loaded.model, loaded.tokenizer, corpus, batch, progress=model_name if progress else None)
 
     return cached_torch("skillslices", key, build)
 
 
-def sentence_embedder(model_name: str, preset: str):
-    """``embed(list[str]) -> (n, d)`` L2-normalized sentence embeddings."""
+def sentence_embedder(model_name: str, preset: str, device: str = "cpu"):
+    """``embed(list[str]) -> (n, d)`` L2-normalized sentence embeddings, computed on
+    ``device`` (:func:`config.device`) and handed back on the host as numpy."""
     from . import models
+    from .config import run_device
 
-    encoder = models.load(model_name, preset=preset, progress=False).model
+    encoder = models.load(model_name, preset=preset, device=run_device(device), progress=False).model
 
     def embed(texts: list[str]) -> np.ndarray:
         return encoder.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
