@@ -71,7 +71,7 @@ run: env
 # The five chapters whose cold re-execution is longest (01, 02, 06, 07, 10) are re-executed by hand
 # (make nbval-by-hand) and their record checked: a cold make test re-executing all eleven was
 # on course for 94 min on a 2-core Intel Xeon, and with 02 it took 77 min on a 2-core AMD EPYC;
-# 10 trains 15 encoders to a plateau (~25 min cold on an Intel Xeon)
+# 10 trains 15 encoders to a plateau (~25 min cold on an Intel Xeon, 47–55 min on an AMD EPYC)
 # (tests/test_regression.py, BY_HAND, says more).
 BY_HAND_NOTEBOOKS := notebooks/01_restor.ipynb notebooks/02_skill_slices.ipynb notebooks/06_mllm_tracing.ipynb notebooks/07_drew.ipynb notebooks/10_semantic_tokens.ipynb
 CI_NOTEBOOKS := $(filter-out $(BY_HAND_NOTEBOOKS),$(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb)))
@@ -84,10 +84,10 @@ test: env browser
 	  $(CI_NOTEBOOKS) $(NBVAL) --durations=30
 
 # by hand, like the stability records: re-executes 01, 02, 06, 07 and 10 under nbval and the
-# regression guard (~75 min cold on 2 cores) and records in results/guard/ that every cell and the
+# regression guard (~75 min cold on a 2-core Intel Xeon, ~100 on a 2-core AMD EPYC) and records in results/guard/ that every cell and the
 # guard passed
 # Chapter 10's training cell (15 encoders) runs past the 20-minute cell timeout cold on a 2-core
-# AMD EPYC (2026-12-03), so 10 runs in a pytest of its own that gives its cells an hour.
+# AMD EPYC (47–55 min, 2026-12-03), so 10 runs in a pytest of its own that gives its cells an hour.
 LONG_CELL_NOTEBOOKS := notebooks/10_semantic_tokens.ipynb
 BY_HAND_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 REPLBOOK_RESULTS_DIR=$(CURDIR)/runs/nbval-results REPLBOOK_RECORD_BY_HAND=1
 nbval-by-hand: env
