@@ -453,7 +453,10 @@ class StructureBias(nn.Module):
         self.table = nn.Parameter(torch.zeros(len(PAIR_TYPES), heads), requires_grad=learned)
 
     def forward(self, types: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        bias = self.table[types].permute(0, 3, 1, 2)  # (N, heads, L, L)
+        # F.embedding is the lookup self.table[types] with a deterministic backward: indexing's
+        # backward adds each pair's gradient into the table in a thread-dependent order, and
+        # two trainings from one seed drifted apart (Deviations, chapter 10)
+        bias = nn.functional.embedding(types, self.table).permute(0, 3, 1, 2)  # (N, heads, L, L)
         return bias.masked_fill(~valid[:, None, None, :], -1e4)
 
 
