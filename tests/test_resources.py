@@ -109,3 +109,105 @@ def test_a_70b_model_is_spread_over_fake_gpus_within_their_budgets():
     assert list(one) == ["cuda:0", "cpu", "disk"] and one["cpu"] <= 40 and sum(one.values()) == pytest.approx(total)
     with pytest.raises(ValueError, match="gpu_gb"):
         resources.device_plan("llama2-70b", gpus=1, gpu_gb=1)
+
+
+# Chapters whose card does not yet come within CARD_TOLERANCE of their recorded CPU dry run,
+# each with what is known of the gap (the test prints the numbers). The test below fails
+# when one of them comes within (take it off) and when any other falls outside: this list
+# only shrinks. The likely causes are read from the code, not yet measured apart.
+CARD_OFF = {
+    "00_model_zoo": "the card counts the loaded weights only; likely the next-token tables' logits over "
+                    "Gemma-3's 262k-token vocabulary and the checkpoint mapped while it loads",
+    "02_skill_slices": "the card counts the weights only; likely the multiple-choice scores' logits and their "
+                       "log-softmax over Gemma-3's 262k-token vocabulary, a batch at a time",
+    "07_drew": "the card counts the two embedders only; the watermarking and the marked image sets are not rows",
+    "08_loki": "the card counts both models and the KV cache; likely the captured keys and queries of the "
+               "calibration windows and the logits over the vocabulary",
+    "09_vit_decompose": "the card counts the weights only; likely the decompositions it keeps for every ViT "
+                        "(images × components × width, for the training and the test images)",
+    "10_semantic_tokens": "Mask R-CNN and the images have no row (the card says so)",
+}
+
+
+@pytest.fixture(scope="module")
+def baseline_bytes():
+    return resources.library_baseline_bytes()
+
+
+def _dry_runs():
+    import json
+
+    path = ROOT / "kernels" / "measurements" / "paper_dryrun_cpu.json"
+    return json.loads(path.read_text())
+
+
+# dry runs recorded before the kernel's own peak was measured (their peak_rss_bytes is
+# getrusage's, which counts the launching process's memory): each waits for `replbook dryrun
+# NN` to be run again. The test below fails once one is re-recorded: this set only shrinks.
+AWAITING_RERECORD = {"01_restor|layers-1", "04_endor|layers-1", "05_t2i_composition|layers-1",
+                     "06_mllm_tracing|layers-1"}
+
+
+@pytest.mark.parametrize("key", sorted(_dry_runs()))
+def test_a_card_comes_within_a_quarter_of_its_dry_runs_measured_peak(key, baseline_bytes):
+    """Issue #29: the card of a recorded dry run's workload (its parameters, its depth:
+    full width, one layer) against that run's peak resident memory less the libraries'
+    own. A card that forgot a model the chapter holds, or a precision, fails here."""
+    entry = _dry_runs()[key]
+    if key in AWAITING_RERECORD:
+        assert "kernel_peak_bytes" not in entry, f"{key} is re-recorded: take it off AWAITING_RERECORD"
+        with pytest.raises(ValueError, match="rerun `replbook dryrun`"):
+            resources.against_dry_run(entry, baseline_bytes)
+        pytest.skip(f"{key}: recorded before the kernel's own peak was measured; rerun `replbook dryrun`")
+    got = resources.against_dry_run(entry, baseline_bytes)
+    summary = (f"{got.chapter}: card {got.card_gb:.2f} GB{' (partial)' if got.partial else ''} vs "
+               f"{got.measured_gb:.2f} GB measured beyond the libraries (ratio {got.ratio:.2f})")
+    if got.chapter in CARD_OFF:
+        assert not got.within, f"{summary}: within {resources.CARD_TOLERANCE:.0%} now, take it off CARD_OFF"
+        pytest.xfail(f"{summary}: {CARD_OFF[got.chapter]}")
+    assert got.within, summary
+
+
+def test_the_lists_of_cards_off_and_records_awaiting_name_real_entries():
+    records = _dry_runs()
+    assert AWAITING_RERECORD <= set(records)
+    assert set(CARD_OFF) <= {entry["chapter"] for entry in records.values()}
+    assert not set(CARD_OFF) & {key.split("|")[0] for key in AWAITING_RERECORD}, "a record awaiting is not judged yet"
+
+
+def test_a_card_at_a_dry_runs_depth_sizes_its_models_at_that_depth():
+    """The comparison is only as good as the card of what ran: at one layer deep the
+    weights shrink to one layer plus the embeddings, an open_clip model stays whole (it
+    is served at full depth), and the KV cache holds one layer."""
+    from replbook import architectures
+
+    full = resources.card("08_loki")
+    shallow = resources.card("08_loki", {"contexts": [256]}, layers=1)
+    assert shallow.gpu[0].gigabytes == pytest.approx(
+        architectures.parameter_count("meta-llama/Llama-2-7b-hf", 1) * 2 / 1e9)
+    assert shallow.gpu[0].gigabytes < full.gpu[0].gigabytes / 10
+    assert shallow.gpu[-1].gigabytes == pytest.approx(2 * 1 * 40 * 128 * 256 * 2 / 1e9)
+    clip = resources.card("09_vit_decompose", layers=1).gpu[-1]
+    assert clip.gigabytes == resources.card("09_vit_decompose").gpu[-1].gigabytes
+    assert resources.card("08_loki").gpu[0].gigabytes == full.gpu[0].gigabytes  # the depth does not stick
+
+
+def test_a_card_counts_every_model_its_chapter_holds_at_once():
+    """Chapters 08 and 09 load all their models before measuring any (the card said "one
+    model at a time" and counted the largest)."""
+    loki = resources.card("08_loki")
+    assert [r.what for r in loki.gpu[:2]] == ["meta-llama/Llama-2-7b-hf weights (bfloat16)",
+                                              "meta-llama/Llama-2-13b-hf weights (bfloat16)"]
+    vit = resources.card("09_vit_decompose")
+    assert len([r for r in vit.gpu if "weights" in r.what]) == 4  # three ViTs and CLIP
+
+
+def test_the_cpu_dry_run_of_a_device_chapter_is_carded_at_the_cpus_precision():
+    """Chapter 06 loads bfloat16 on a GPU and float32 on the CPU: its dry run on the CPU is
+    set beside the float32 card (the bfloat16 one would be half)."""
+    entry = {**_dry_runs()["06_mllm_tracing|layers-1"], "kernel_peak_bytes": 1}
+    cpu = resources.against_dry_run(entry, 0)
+    gpu = resources.card("06_mllm_tracing", {k: v for k, v in entry["overrides"].items()
+                                              if k not in ("preset", "threads")}, layers=1)
+    assert "float32" in resources.card("06_mllm_tracing", {"device": "cpu"}).gpu[0].what
+    assert cpu.card_gb > sum(r.gigabytes for r in gpu.gpu + gpu.host if r.gigabytes)

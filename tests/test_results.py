@@ -147,6 +147,11 @@ def test_at_a_glance_and_run_facts():
                                                "C2": {"counts": {"not reproduced": 2, "partly reproduced": 1}}}}
     box = results.at_a_glance([results.judge("C1", "a", decisive={"x": True})], record)
     assert "| **✓ reproduced** | 3/3 |" in box
+    # a published verdict that only one seed in three gave (chapter 10's C3 at stop 51):
+    # the box counts the seeds that gave *it*, never the commonest verdict's
+    minority = {"seeds": [0, 1, 2], "claims": {"C3": {"counts": {"reproduced": 1, "not reproduced": 2}}}}
+    box = results.at_a_glance([results.judge("C3", "a", decisive={"x": True})], minority)
+    assert "| C3 | **✓ reproduced** | 1/3 |" in box
     facts = results.run_facts({"preset": "book", "runtime_seconds": 17.4, "machine": "m", "date": "d"}, 82.0)
     assert facts == "Preset `book` · 17 s with models cached (82 s from a cold cache) · m · d"
 
@@ -159,6 +164,10 @@ def test_stability_note_is_computed_from_the_record():
     assert "C1 ✓ reproduced · 3/3 seeds agree" in note
     assert "C2 ✗ not reproduced · 2/3 seeds agree (2 ✗ not reproduced, 1 ◐ partly reproduced)" in note
     assert "Seeds disagree on C2" in note
+    minority = {"seeds": [0, 1, 2], "claims": {"C1": {"counts": {"reproduced": 1, "not reproduced": 2}},
+                                                 "C2": {"counts": {"not reproduced": 3}}}}
+    assert "C1 ✓ reproduced · 1/3 seeds agree (2 ✗ not reproduced, 1 ✓ reproduced)" in \
+        results.stability_note(verdicts, minority)
     agreeing = {"seeds": [0, 1], "claims": {"C1": {"counts": {"reproduced": 2}}, "C2": {"counts": {"not reproduced": 2}}}}
     assert "Every verdict came out the same on every seed" in results.stability_note(verdicts, agreeing)
     assert "no record yet" in results.stability_note(verdicts, None)

@@ -16,6 +16,17 @@ def test_markdown_has_one_row_per_claim_and_links_the_chapter_once():
     assert "1.5 min" in lines[2]
 
 
+def test_seeds_agree_counts_the_seeds_that_gave_the_published_verdict(monkeypatch):
+    """C1 published as reproduced, which one seed in three gave: "1/3", not the 2/3 of the
+    commonest verdict (the README showed chapter 10's C3 that way at stop 51)."""
+    record = {"seeds": [0, 1, 2], "claims": {"C1": {"counts": {"reproduced": 1, "not reproduced": 2}},
+                                             "C2": {"counts": {"not reproduced": 3}}}}
+    monkeypatch.setattr(scoreboard, "load_stability", lambda slug, root=None: record)
+    monkeypatch.setattr(scoreboard, "stability_current", lambda record, slug, root=None: True)
+    assert [r["seeds"] for r in scoreboard.rows(_fake())] == ["1/3", "3/3"]
+    assert "| ✓ reproduced | 1/3 |" in scoreboard.markdown(_fake(), brief=True)
+
+
 def test_empty_scoreboard_says_how_to_fill_it():
     assert "make run" in scoreboard.markdown([])
 

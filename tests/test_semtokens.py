@@ -141,6 +141,17 @@ def test_additive_weights_are_the_tables_lookup_with_a_deterministic_backward():
     assert torch.equal(bias[keys], expected[keys]) and (bias[~keys] == -1e4).all()
     ops = _backward_ops(bias)
     assert "EmbeddingBackward0" in ops and not any(op.startswith("Index") for op in ops), ops
+    # and the backward is the lookup's gradient: each table entry receives the sum of the
+    # upstream gradient over the pairs of its type with a valid key. An F.embedding with a
+    # padding_idx (one row never learns), scale_grad_by_freq or sparse gradients passes the
+    # checks above and fails here
+    upstream = torch.randn(bias.shape, generator=torch.Generator().manual_seed(1))
+    bias.backward(upstream)
+    per_pair = (upstream * keys).permute(0, 2, 3, 1).reshape(-1, 3).double()
+    expected_grad = torch.zeros(len(semtokens.PAIR_TYPES), 3, dtype=torch.float64).index_add_(0, types.reshape(-1), per_pair)
+    assert layer.table.grad.layout == torch.strided
+    assert torch.allclose(layer.table.grad.double(), expected_grad, atol=1e-5)
+    assert (expected_grad != 0).all(), "every pair type must occur, or a row's gradient goes unchecked"
 
 
 def test_two_trainings_from_one_seed_are_bit_identical():

@@ -34,7 +34,11 @@ def test_stability_claims_count_verdicts_and_spread_numbers():
     assert claims["C1"]["counts"] == {"reproduced": 2, "not reproduced": 1} and claims["C1"]["committed"] == "reproduced"
     assert claims["C1"]["numbers"]["gain"]["min"] == -0.1 and claims["C1"]["numbers"]["gain"]["max"] == 0.3
     assert claims["C2"]["counts"] == {"partly reproduced": 1, "not reproduced": 2}
-    assert results.agreement({"claims": claims}, "C2") == "2/3"
+    # the seeds that gave the verdict asked about, not those of the commonest verdict
+    assert results.agreement({"claims": claims}, "C2", "partly reproduced") == "1/3"
+    assert results.agreement({"claims": claims}, "C2", "not reproduced") == "2/3"
+    assert results.agreement({"claims": claims}, "C2", "reproduced") == "0/3"
+    assert results.agreement(None, "C2", "reproduced") == "—"
 
 
 def test_the_executing_run_stands_for_the_committed_seed():

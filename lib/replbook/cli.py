@@ -9,6 +9,7 @@
     replbook annotate --preset book  # write chapter 02's rationales (committed data)
     replbook dryrun 08 [--layers 1]  # the paper preset on its models built from their configs (random weights)
     replbook resources [08]        # what a paper preset needs: memory, disk, time (computed from the configs)
+    replbook resources --against-dry-runs  # each card beside its recorded dry run's measured memory
 """
 from __future__ import annotations
 
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                                              "computed from the paper models' configs")
     p_res.add_argument("chapters", nargs="*", help="chapter numbers (default: the table of all)")
     p_res.add_argument("--write-page", action="store_true", help="rewrite the table in book/how-to-run.md")
+    p_res.add_argument("--against-dry-runs", action="store_true",
+                       help="set each card beside the memory its recorded CPU dry run measured")
     p_res.add_argument("--spread", metavar="MODEL", help="plan device_map='auto' for a model over --gpus GPUs")
     p_res.add_argument("--gpus", type=int, default=1, help="GPUs for --spread (default 1)")
     p_res.add_argument("--gpu-gb", type=float, default=80.0, help="memory per GPU for --spread (default 80)")
@@ -137,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.spread:
                 plan = resources.device_plan(args.spread, args.gpus, args.gpu_gb, cpu_gb=args.cpu_gb)
                 print("\n".join(f"{device:>8}  {gb:8.1f} GB" for device, gb in plan.items()))
+            elif args.against_dry_runs:
+                print(resources.against_dry_runs_table())
             elif args.write_page:
                 changed = resources.update_page(repo_root() / "book" / "how-to-run.md")
                 print("book/how-to-run.md " + ("updated" if changed else "already current"))

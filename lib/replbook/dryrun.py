@@ -313,11 +313,66 @@ def paper_models(slug: str, overrides: dict[str, Any] | None = None) -> list[str
     return named
 
 
-def peak_rss_bytes() -> int:
-    """The largest resident memory of this process's children so far (Linux: ru_maxrss in KiB)."""
-    import resource
+def high_water_bytes(pid: int) -> int | None:
+    """The peak resident memory of process ``pid`` so far (Linux: ``VmHWM`` of
+    ``/proc/<pid>/status``), or None once it is gone. Not ``getrusage``'s ``ru_maxrss``: a
+    child's ``ru_maxrss`` keeps the resident memory of the parent it was forked from (kept
+    across ``exec``), so a kernel launched by a process holding 10 GB reported 10 GB."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return None
 
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (Linux: the parent ids in ``/proc/<pid>/stat``)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class DescendantPeak:
+    """While open, samples every ``interval`` seconds the high-water resident memory of
+    each process this one has started (the notebook's kernel): ``peak_bytes`` is the
+    largest one process reached. The high-water mark only rises, so sampling misses at
+    most what a process adds in its last ``interval`` seconds."""
+
+    def __init__(self, interval: float = 0.5):
+        import threading
+
+        self.interval, self.peak_bytes = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _sample(self) -> None:
+        for pid in descendants(os.getpid()):
+            self.peak_bytes = max(self.peak_bytes, high_water_bytes(pid) or 0)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> "DescendantPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def dry_run_parameters(slug: str, overrides: dict[str, Any] | None = None, build: bool = True) -> dict[str, Any]:
@@ -372,8 +427,9 @@ def run(chapter: str, layers: int = 1, overrides: dict[str, Any] | None = None, 
     busy = busy_share()  # other work on the CPU inflates the seconds recorded below
     start = time.perf_counter()
     try:
-        papermill.execute_notebook(str(notebook), str(out_dir / notebook.name), kernel_name="python3",
-                                   cwd=str(notebook.parent), parameters=parameters, progress_bar=False)
+        with DescendantPeak() as kernel:
+            papermill.execute_notebook(str(notebook), str(out_dir / notebook.name), kernel_name="python3",
+                                       cwd=str(notebook.parent), parameters=parameters, progress_bar=False)
     finally:
         for key, value in saved_env.items():
             if value is None:
@@ -387,7 +443,7 @@ def run(chapter: str, layers: int = 1, overrides: dict[str, Any] | None = None, 
               **({"image_size": {n: served_image_size(n) for n in names if architectures.architecture(n).parts}}
                  if any(architectures.architecture(n).parts for n in names) else {}),
               "overrides": dry_run_parameters(slug, overrides, build=False), "build_seconds": round(built, 1),
-              "run_seconds": round(time.perf_counter() - start, 1), "peak_rss_bytes": peak_rss_bytes(),
+              "run_seconds": round(time.perf_counter() - start, 1), "kernel_peak_bytes": kernel.peak_bytes,
               # the share of the CPU other work used in the second before the run (the load
               # average is no guide here: torch's idle threads lift it to 6–11 on an idle 2-core machine)
               "cpu_busy_before_run": round(busy, 2)}

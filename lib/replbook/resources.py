@@ -27,7 +27,10 @@ markers, and a test fails when it differs from what this module computes.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import architectures
 
@@ -79,8 +82,40 @@ class Card:
         return None if self.flops is None else self.flops / H100_BF16_FLOPS / 3600
 
 
+# the depth the hub models are sized at: None (their published depth) for the cards, a dry
+# run's depth when a card is set beside that run's measured memory (:func:`card`'s ``layers``)
+_DEPTH: ContextVar[int | None] = ContextVar("resources_depth", default=None)
+
+
+@contextmanager
+def _at_depth(layers: int | None):
+    token = _DEPTH.set(layers)
+    try:
+        yield
+    finally:
+        _DEPTH.reset(token)
+
+
+def _served_layers(name: str) -> int | None:
+    """How deep ``name`` is sized: as published, or as a dry run at ``_DEPTH`` serves it
+    (open_clip models are served at full depth: :func:`replbook.dryrun.served_depth`)."""
+    layers = _DEPTH.get()
+    if layers is None:
+        return None
+    from .dryrun import served_depth
+
+    return served_depth(name, layers)
+
+
 def params(name: str) -> int:
-    return architectures.parameter_count(name)
+    return architectures.parameter_count(name, _served_layers(name))
+
+
+def num_layers(name: str) -> int:
+    """The transformer layers of ``name`` (its language side's, for a composite) as sized."""
+    published = _text(architectures.architecture(name).config)["num_hidden_layers"]
+    served = _served_layers(name)
+    return published if served is None else min(published, served)
 
 
 def weights(name: str, dtype: str, copies: int = 1) -> Row:
@@ -110,7 +145,7 @@ def _text(config: dict) -> dict:
 
 def kv_cache(name: str, tokens: int, batch: int, dtype: str) -> Row:
     c = _text(architectures.architecture(name).config)
-    layers, heads = c["num_hidden_layers"], c["num_attention_heads"]
+    layers, heads = num_layers(name), c["num_attention_heads"]
     kv_heads = c.get("num_key_value_heads", heads)
     head_dim = c.get("head_dim", c["hidden_size"] // heads)
     values = 2 * layers * kv_heads * head_dim * tokens * batch
@@ -142,11 +177,15 @@ def _mlp_params(name: str, layers: tuple[int, int]) -> int:
 # ----------------------------------------------------------------------------- the cards
 
 
-def card(slug: str) -> Card:
+def card(slug: str, overrides: dict | None = None, layers: int | None = None) -> Card:
+    """``slug``'s card for its paper preset; with ``overrides`` (parameters changed, as a run
+    would pass them) and ``layers`` (the hub models sized that many layers deep, as a dry
+    run serves them), the card of that run: what :func:`against_dry_run` compares."""
     build = CARDS.get(slug)
     if build is None:
         raise ValueError(f"chapter={slug!r}: no resource card; cards exist for {', '.join(sorted(CARDS))}")
-    return build(_preset(slug))
+    with _at_depth(layers):
+        return build({**_preset(slug), **(overrides or {})})
 
 
 def _zoo(p) -> Card:
@@ -243,7 +282,7 @@ def _mllmtrace(p) -> Card:
     dtype = "bfloat16" if on_gpu else "float32"
     config = architectures.architecture(name).config
     text, vision = _text(config), config["vision_config"]
-    layers, width, heads = text["num_hidden_layers"], text["hidden_size"], text["num_attention_heads"]
+    layers, width, heads = num_layers(name), text["hidden_size"], text["num_attention_heads"]
     patches = (vision["image_size"] // vision["patch_size"]) ** 2  # one visual token per patch
     batch, length = p["forward_batch"], patches + 24  # the flag and a short question
     # the phases do not overlap: the peak is the weights plus the largest of them, an edit's
@@ -280,12 +319,14 @@ def _loki(p) -> Card:
     names = p["model_names"]
     biggest = max(names, key=params)
     longest = max(p["contexts"])
-    c.gpu = [weights(biggest, "bfloat16"), kv_cache(biggest, longest, 1, "bfloat16")]
+    # the chapter loads every model before it measures any (language_models, its setup
+    # section), so they are all held at once
+    c.gpu = [*(weights(n, "bfloat16") for n in names), kv_cache(biggest, longest, 1, "bfloat16")]
     c.disk = [checkpoint(n) for n in names]
     tokens = p["window"] * (p["calibration_windows"] + p["evaluation_windows"])
     c.flops = sum(2 * params(n) * tokens for n in names)
-    c.notes.append(f"one model at a time; the KV row is the timing sweep's longest context ({longest} tokens); the "
-                   "time counts the perplexity windows only, not the timing sweep's repeats")
+    c.notes.append(f"every model loaded at once; the KV row is the timing sweep's longest context ({longest} tokens) "
+                   "on the largest; the time counts the perplexity windows only, not the timing sweep's repeats")
     return c
 
 
@@ -293,9 +334,11 @@ def _vitdecomp(p) -> Card:
     c = Card("09_vit_decompose", "CPU (no device parameter)")
     names = [n for n in p["architectures"] if n in architectures.ARCHITECTURES]
     clip = "timm/vit_base_patch16_clip_224.openai"
-    c.gpu = [weights(max(names, key=params), "float32"), weights(clip, "float32")]
+    # every ViT stays loaded with its decompositions (models, the chapter's decomposition
+    # section) until the ablations at the end
+    c.gpu = [*(weights(n, "float32") for n in names), weights(clip, "float32")]
     c.disk = [checkpoint(n) for n in [*names, clip]]
-    c.notes.append("one ViT at a time; the probes and the CLIP alignment train a few linear maps")
+    c.notes.append("every ViT held at once; the probes and the CLIP alignment train a few linear maps")
     return c
 
 
@@ -363,6 +406,89 @@ def describe(slug: str) -> str:
         out.append(f"  {'time':13} ≥ {_duration(c.hours_at_peak * 3600)} at {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s")
     out += [f"  note: {n}" for n in c.notes]
     return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- cards against dry runs
+
+# issue #29: a card's memory must come within this share of what a dry run of the same
+# workload measured (its peak beyond the libraries' own memory, see library_baseline_bytes)
+CARD_TOLERANCE = 0.25
+# what every chapter's kernel has imported before its first model loads
+BASELINE_IMPORTS = ("ipykernel", "torch", "transformers", "matplotlib.pyplot", "numpy", "replbook.models")
+
+
+def library_baseline_bytes() -> int:
+    """Peak resident memory of a fresh interpreter that has imported :data:`BASELINE_IMPORTS`
+    and loaded nothing: the part of a dry run's peak that no card row describes. Libraries a
+    chapter imports beyond these (diffusers, open_clip, scikit-learn: about 0.3 GB together)
+    stay in what its card must explain, which can only make a card look too small."""
+    import subprocess
+    import sys
+
+    # VmHWM, as the dry run measures its kernel (dryrun.high_water_bytes): ru_maxrss would
+    # count the memory of the process this one is started from
+    code = (f"import os, {', '.join(BASELINE_IMPORTS)}; from replbook.dryrun import high_water_bytes; "
+            "print(high_water_bytes(os.getpid()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[-1])
+
+
+@dataclass
+class AgainstDryRun:
+    chapter: str
+    layers: int
+    card_gb: float  # device + host rows the card estimates, for the dry run's workload
+    partial: bool  # the card leaves a row it cannot estimate out of card_gb
+    measured_gb: float  # the dry run's peak resident memory less the libraries' baseline
+
+    @property
+    def ratio(self) -> float:
+        return self.card_gb / self.measured_gb
+
+    @property
+    def within(self) -> bool:
+        return abs(self.card_gb - self.measured_gb) <= CARD_TOLERANCE * self.measured_gb
+
+
+def against_dry_run(entry: dict, baseline_bytes: int) -> AgainstDryRun:
+    """The card of the workload a recorded CPU dry run ran (``entry`` of
+    ``kernels/measurements/paper_dryrun_cpu.json``: its parameters, its depth) set beside
+    the memory that run measured. On the CPU the host holds what a GPU would, so both parts
+    of the card count, and a preset's ``device`` is the CPU (chapter 06 loads float32
+    there, bfloat16 on a GPU)."""
+    if "kernel_peak_bytes" not in entry:
+        raise ValueError(f"{entry['chapter']}|layers-{entry['layers']}: its peak_rss_bytes counts the launching "
+                         "process's memory too (recorded before kernel_peak_bytes): rerun `replbook dryrun`")
+    slug, layers = entry["chapter"], entry["layers"]
+    ran = {k: v for k, v in entry["overrides"].items() if k not in ("preset", "threads")}
+    if "device" in _preset(slug):
+        ran.setdefault("device", "cpu")
+    c = card(slug, ran, layers)
+    rows = [r.gigabytes for r in c.gpu + c.host if r.gigabytes is not None]
+    return AgainstDryRun(slug, layers, sum(rows), any(r.gigabytes is None for r in c.gpu + c.host),
+                         (entry["kernel_peak_bytes"] - baseline_bytes) / GB)
+
+
+def against_dry_runs_table(path=None) -> str:
+    """Every recorded CPU dry run's card beside its measured memory (the libraries' baseline
+    measured here, now), or why a record cannot be compared."""
+    import json
+
+    from .paths import repo_root
+
+    path = path or repo_root() / "kernels" / "measurements" / "paper_dryrun_cpu.json"
+    baseline = library_baseline_bytes()
+    lines = [f"libraries' baseline (a fresh interpreter with {', '.join(BASELINE_IMPORTS)}): {baseline / GB:.2f} GB",
+             f"{'dry run':28} {'card, GB':>9} {'measured, GB':>13} {'ratio':>6}  within {CARD_TOLERANCE:.0%}"]
+    for key, entry in json.loads(Path(path).read_text()).items():
+        try:
+            got = against_dry_run(entry, baseline)
+        except ValueError as err:
+            lines.append(f"{key:28} {str(err).split(': ', 1)[1]}")
+            continue
+        card_gb = f"{'≥ ' if got.partial else ''}{got.card_gb:.2f}"
+        lines.append(f"{key:28} {card_gb:>9} {got.measured_gb:13.2f} {got.ratio:6.2f}  {'yes' if got.within else 'no'}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- spreading a model

@@ -463,21 +463,23 @@ def stability_current(record: Mapping[str, Any] | None, slug: str, root: Path | 
     return bool(record) and record.get("code_version") == code_version(slug, root)
 
 
-def agreement(record: Mapping[str, Any] | None, claim: str) -> str:
-    """"3/3 seeds agree" (how many seeds give the commonest verdict), or "—" without a record."""
+def agreement(record: Mapping[str, Any] | None, claim: str, verdict: str) -> str:
+    """"1/3": how many seeds of the record gave ``verdict`` (the published one), out of all
+    its seeds; "—" without a record. Never the count of the commonest verdict: a verdict
+    that one seed in three gave must not be printed beside "2/3"."""
     if not record or claim not in record.get("claims", {}):
         return "—"
     counts = record["claims"][claim]["counts"]
-    return f"{max(counts.values())}/{sum(counts.values())}"
+    return f"{counts.get(verdict, 0)}/{sum(counts.values())}"
 
 
 def at_a_glance(verdicts: list[Verdict], stability: Mapping[str, Any] | None = None) -> str:
     """The chapter's at-a-glance box: one markdown row per claim, with how many seeds of the
-    stability record agree on the commonest verdict (— where no current record exists)."""
+    stability record gave the verdict shown (— where no current record exists)."""
     lines = ["| Claim | Verdict | Seeds agree | Statement |", "|---|---|---|---|"]
     for v in verdicts:
         statement = v.statement.replace("|", "\\|")
-        lines.append(f"| {v.claim} | **{BADGE[v.verdict]}** | {agreement(stability, v.claim)} | {statement} |")
+        lines.append(f"| {v.claim} | **{BADGE[v.verdict]}** | {agreement(stability, v.claim, v.verdict)} | {statement} |")
     return "\n".join(lines)
 
 
@@ -500,7 +502,7 @@ def stability_note(verdicts: list[Verdict], stability: Mapping[str, Any] | None,
         counts = entry["counts"]
         total = sum(counts.values())
         spread = ", ".join(f"{n} {BADGE[verdict]}" for verdict, n in sorted(counts.items(), key=lambda x: -x[1]))
-        parts.append(f"{v.claim} {BADGE[v.verdict]} · {max(counts.values())}/{total} seeds agree"
+        parts.append(f"{v.claim} {BADGE[v.verdict]} · {counts.get(v.verdict, 0)}/{total} seeds agree"
                      + ("" if len(counts) == 1 else f" ({spread})"))
         if len(counts) > 1:
             unsettled.append(v.claim)

@@ -19,7 +19,7 @@ def rows(results: list[dict[str, Any]], root: Path | None = None) -> list[dict[s
             out.append({
                 "slug": r["slug"], "chapter": f"{r['slug'][:2]} {r['title']}", "claim": v["claim"],
                 "statement": v["statement"], "verdict": v["verdict"], "preset": r["preset"],
-                "seeds": agreement(record, v["claim"]),
+                "seeds": agreement(record, v["claim"], v["verdict"]),
                 "runtime": f"{r['runtime_seconds'] / 60:.1f} min", "date": r["date"],
             })
     return out
