@@ -40,9 +40,20 @@ help:
 
 env: $(ENV_STAMP)
 
+# the interpreter the environment is made from: 3.11.4 or later, whose tarfile has the
+# extraction filters the data archives are unpacked with (Debian 12's python3 is 3.11.2:
+# `make test` failed there at its first archive with "unexpected keyword argument 'filter'")
+define PYTHON_CHECK
+import sys
+if sys.version_info < (3, 11, 4):
+    sys.exit(f"PYTHON={sys.executable} is Python {sys.version.split()[0]}: the book needs 3.11.4 or later "
+             "(tarfile's extraction filters); run make with PYTHON=/path/to/python3.11")
+endef
+export PYTHON_CHECK
+
 $(ENV_STAMP):
 	@echo "creating the environment in $(VENV) (a few minutes, once)"
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) || { $(PYTHON) -c "$$PYTHON_CHECK" && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet -r requirements.txt 2>&1 | $(QUIET_PIP)
 	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt 2>&1 | $(QUIET_PIP)
 	$(PY) -m pip install --quiet --no-deps -e . 2>&1 | $(QUIET_PIP)
