@@ -211,3 +211,13 @@ def test_the_cpu_dry_run_of_a_device_chapter_is_carded_at_the_cpus_precision():
                                               if k not in ("preset", "threads")}, layers=1)
     assert "float32" in resources.card("06_mllm_tracing", {"device": "cpu"}).gpu[0].what
     assert cpu.card_gb > sum(r.gigabytes for r in gpu.gpu + gpu.host if r.gigabytes)
+
+
+def test_the_measured_side_is_the_kernels_peak_less_the_baseline():
+    """Without the baseline subtracted, 03 would still pass (its card is 0.77 of the raw
+    peak): this pins the arithmetic on a record of known numbers."""
+    entry = {**_dry_runs()["03_intcoop|layers-1"], "kernel_peak_bytes": 5_000_000_000}
+    got = resources.against_dry_run(entry, 1_000_000_000)
+    assert got.measured_gb == pytest.approx(4.0)
+    assert got.ratio == pytest.approx(got.card_gb / 4.0)
+    assert got.within == (abs(got.card_gb - 4.0) <= 1.0)
