@@ -92,6 +92,23 @@ print(json.dumps({"embedding": list(loaded.model(pixel_values=inputs["pixel_valu
     assert seen == {"embedding": [1, 768], "width": 1024}
 
 
+def test_dinov2_is_served_with_its_hubs_processor_not_its_position_size(tmp_path):
+    """DINOv2's config says 518 px (its learned positions); its hub processor resizes to
+    256 and crops 224, which is what chapter 07 embeds at. The dry run served 518 px, 5.3
+    times the tokens, and its memory record with them."""
+    root = dryrun.fake_hub(["dinov2-base"], layers=1, root=tmp_path / "hub")
+    seen = _in_a_fresh_process(root, """
+import json
+import numpy as np
+from replbook import models
+loaded = models.load("dinov2-base", preset="paper", progress=False)
+inputs = loaded.tokenizer(images=[np.zeros((300, 400, 3), np.uint8)], return_tensors="pt")
+print(json.dumps({"pixels": list(inputs["pixel_values"].shape),
+                  "tokens": loaded.model(pixel_values=inputs["pixel_values"]).last_hidden_state.shape[1]}))
+""")
+    assert seen == {"pixels": [1, 3, 224, 224], "tokens": 1 + (224 // 14) ** 2}
+
+
 def test_an_open_clip_model_is_served_where_open_clip_looks_for_its_weights(tmp_path):
     """Chapters 03 and 09 load OpenAI's CLIP ViT-B/16 through open_clip by architecture and
     tag; open_clip fetches the weights from the model's hub repository. The dry run serves
@@ -225,6 +242,28 @@ def test_the_committed_dry_run_records_name_what_ran():
             assert "random weights" in entry["dry_run"] and entry["code_version"], key
 
 
+def test_a_records_largest_rise_names_a_cell_of_its_notebook():
+    """Records since 2026-12-04 name the cell that raised the high-water mark most; for a
+    record of the chapter's current code, that index must hold that cell (an index counted
+    among code cells only, or off by one, names another)."""
+    import nbformat
+
+    from replbook.paths import repo_root
+    from replbook.results import code_version
+
+    root = repo_root()
+    checked = 0
+    for key, entry in json.loads((root / "kernels" / "measurements" / "paper_dryrun_cpu.json").read_text()).items():
+        rise = entry.get("largest_rise")
+        if not rise or entry["code_version"] != code_version(entry["chapter"], root):
+            continue
+        cells = nbformat.read(root / "notebooks" / f"{entry['chapter']}.ipynb", as_version=4).cells
+        assert cells[rise["cell"]].cell_type == "code", key
+        assert cells[rise["cell"]].source.strip().splitlines()[0][:100] == rise["first_line"], key
+        checked += 1
+    assert checked, "no record of current code names its largest rise"
+
+
 def test_the_how_to_run_page_names_exactly_the_chapters_with_a_committed_dry_run():
     import re
 
@@ -271,3 +310,47 @@ def test_descendants_are_found_below_this_process_only():
         assert os.getpid() not in found and 1 not in found
     finally:
         sleeper.kill()
+
+
+def test_each_cell_is_credited_with_the_memory_it_added_while_it_ran():
+    """peak_by_cell says which cell a card's rows must explain. The samples see a rise up to
+    one interval late, so a rise seen just after a cell ended is that cell's; a rise seen
+    later belongs to the cell running then, and a cell that freed memory is credited with
+    nothing (the high-water mark only rises)."""
+    from datetime import datetime, timezone
+
+    def stamp(second):
+        return datetime.fromtimestamp(1_000_000 + second, timezone.utc).isoformat()
+
+    def cell(kind, source, start, end):
+        return {"cell_type": kind, "source": source,
+                "metadata": {"papermill": {"start_time": stamp(start), "end_time": stamp(end)}}}
+
+    notebook = {"cells": [cell("markdown", "# title", 0, 0),
+                          cell("code", "import torch\n", 0, 10),
+                          cell("code", "model = load()\nmore", 10, 20),
+                          cell("code", "del model", 20, 30),
+                          cell("code", "logits = model(x)", 30, 40)]}
+    samples = [(1_000_000 + t, int(gb * 1e9)) for t, gb in ((5, 0.5), (10.3, 0.6), (15, 2.5), (35, 3.0))]
+    rows = dryrun.peak_by_cell(notebook, samples, interval=0.5)
+    assert [r["cell"] for r in rows] == [1, 2, 3, 4]  # code cells only, by their index in the notebook
+    assert [r["rose_gb"] for r in rows] == [0.6, 1.9, 0.0, 0.5]  # 10.3 s is within the first cell's interval
+    assert [r["peak_gb"] for r in rows] == [0.6, 2.5, 2.5, 3.0]
+    assert rows[1]["first_line"] == "model = load()"
+
+
+def test_the_kernels_peak_is_sampled_with_the_time_it_rose():
+    import subprocess
+    import sys
+    import time
+
+    child = ("import time; time.sleep(0.6); b = bytearray(400_000_000); b[::4096] = b'x' * len(b[::4096]); "
+             "time.sleep(0.8)")
+    begun = time.time()
+    with dryrun.DescendantPeak(interval=0.1) as peak:
+        subprocess.run([sys.executable, "-c", child], check=True)
+    times = [when for when, _ in peak.samples]
+    rises = [b for _, b in peak.samples]
+    assert times == sorted(times) and all(a < b for a, b in zip(rises, rises[1:]))  # a sample is kept when it rose
+    assert peak.samples[-1][1] == peak.peak_bytes >= 0.4e9
+    assert peak.samples[-1][0] - begun >= 0.5  # the 400 MB rose after the child's first sleep, not at its start

@@ -96,6 +96,7 @@ def revision(name: str, layers: int) -> str:
     arch = architectures.architecture(name)
     built_from = {"hub_id": arch.hub_id, "family": arch.family, "config": arch.config, "dtype": arch.dtype,
                   "layers": layers, "code": [inspect.getsource(f) for f in (_save, _save_tokenizer, served_depth)],
+                  "processor": HUB_PROCESSOR_SIZES.get(arch.hub_id),
                   "schedule": SD_SCHEDULES.get(arch.hub_id), "sd_shrink": SD_SHRINK if arch.parts else None,
                   "parts": {p: architectures.architecture(p).config for p in arch.parts or ()}}
     return hashlib.sha1(json.dumps(built_from, sort_keys=True, default=str).encode()).hexdigest()
@@ -172,6 +173,11 @@ SD_SHRINK = 2
 # found missing online (``.no_exist/<revision>/<path>``), so an offline load knows it is
 # absent instead of failing to reach the hub
 ABSENT = {"pipeline": ("tokenizer/config.json",)}
+# an image processor that does not feed its model at the configuration's ``image_size``
+# (shortest edge, then centre crop, as the repository's preprocessor_config.json says):
+# DINOv2's positions are learned at 518 px, but its processor crops 224 px. Serving 518
+# made chapter 07's dry run embed 1,370 tokens an image instead of 257 (3.5 GB more)
+HUB_PROCESSOR_SIZES = {"facebook/dinov2-base": (256, 224)}
 # where a pipeline part lives in its repository, by the part's family
 SD_SUBFOLDERS = {"sd-unet": "unet", "sd-vae": "vae", "clip-text": "text_encoder"}
 
@@ -244,8 +250,9 @@ def _save(name: str, folder: Path, layers: int) -> None:
     elif arch.family in ("clip", "dinov2", "vit"):
         model.save_pretrained(folder)
         size = arch.config.get("vision_config", arch.config)["image_size"]
+        resize, crop = HUB_PROCESSOR_SIZES.get(arch.hub_id, (size, size))
         processor = transformers.CLIPImageProcessor if arch.family == "clip" else transformers.BitImageProcessor
-        processor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(folder)
+        processor(size={"shortest_edge": resize}, crop_size={"height": crop, "width": crop}).save_pretrained(folder)
         if arch.family == "clip":
             _save_tokenizer(folder, 77)
     elif arch.family == "bert":  # a sentence-transformers repository: the encoder + mean pooling
@@ -349,18 +356,23 @@ class DescendantPeak:
     """While open, samples every ``interval`` seconds the high-water resident memory of
     each process this one has started (the notebook's kernel): ``peak_bytes`` is the
     largest one process reached. The high-water mark only rises, so sampling misses at
-    most what a process adds in its last ``interval`` seconds."""
+    most what a process adds in its last ``interval`` seconds. ``samples`` keeps each
+    (wall-clock second, peak so far) at which the peak rose: :func:`peak_by_cell` reads
+    from them which cell of the notebook set it."""
 
     def __init__(self, interval: float = 0.5):
         import threading
 
         self.interval, self.peak_bytes = interval, 0
+        self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
     def _sample(self) -> None:
-        for pid in descendants(os.getpid()):
-            self.peak_bytes = max(self.peak_bytes, high_water_bytes(pid) or 0)
+        highest = max((high_water_bytes(pid) or 0 for pid in descendants(os.getpid())), default=0)
+        if highest > self.peak_bytes:
+            self.peak_bytes = highest
+            self.samples.append((time.time(), highest))
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
@@ -373,6 +385,33 @@ class DescendantPeak:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def peak_by_cell(notebook: dict, samples: list[tuple[float, int]], interval: float) -> list[dict]:
+    """Each code cell of an executed ``notebook`` (papermill's start and end times) with the
+    kernel's high-water memory when it ended and how much it rose while it ran, from a
+    :class:`DescendantPeak`'s ``samples``: where a card's rows must come from. A rise is
+    seen up to ``interval`` seconds after it happened, so a cell is credited with what the
+    samples show until ``interval`` past its end."""
+    from datetime import datetime
+
+    def seconds(stamp: str) -> float:
+        return datetime.fromisoformat(stamp).timestamp()
+
+    def peak_at(moment: float) -> int:
+        return max((peak for when, peak in samples if when <= moment), default=0)
+
+    rows, before = [], 0
+    for index, cell in enumerate(notebook["cells"]):
+        timing = cell.get("metadata", {}).get("papermill", {})
+        if cell["cell_type"] != "code" or not timing.get("end_time"):
+            continue
+        after = peak_at(seconds(timing["end_time"]) + interval)
+        source = "".join(cell["source"]).strip().splitlines()
+        rows.append({"cell": index, "first_line": source[0][:100] if source else "", "peak_gb": round(after / 1e9, 3),
+                     "rose_gb": round((after - before) / 1e9, 3)})
+        before = max(before, after)
+    return rows
 
 
 def dry_run_parameters(slug: str, overrides: dict[str, Any] | None = None, build: bool = True) -> dict[str, Any]:
@@ -436,6 +475,10 @@ def run(chapter: str, layers: int = 1, overrides: dict[str, Any] | None = None, 
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+    executed = json.loads((out_dir / notebook.name).read_text())
+    by_cell = peak_by_cell(executed, kernel.samples, kernel.interval)
+    # the cell that raised the high-water mark most: what the chapter's card must explain
+    peak_cell = max(by_cell, key=lambda row: row["rose_gb"], default=None)
     record = {"chapter": slug, "dry_run": "random weights from the public configs: no number here is the paper's",
               "layers": layers, "machinery": machinery,
               "models": {n: architectures.architecture(n).hub_id for n in names},
@@ -444,10 +487,12 @@ def run(chapter: str, layers: int = 1, overrides: dict[str, Any] | None = None, 
                  if any(architectures.architecture(n).parts for n in names) else {}),
               "overrides": dry_run_parameters(slug, overrides, build=False), "build_seconds": round(built, 1),
               "run_seconds": round(time.perf_counter() - start, 1), "kernel_peak_bytes": kernel.peak_bytes,
+              "largest_rise": peak_cell and {k: peak_cell[k] for k in ("cell", "first_line", "rose_gb")},
               # the share of the CPU other work used in the second before the run (the load
               # average is no guide here: torch's idle threads lift it to 6–11 on an idle 2-core machine)
               "cpu_busy_before_run": round(busy, 2)}
-    (out_dir / f"{slug}.dryrun.json").write_text(json.dumps(record, indent=1))
+    # the whole profile beside the executed notebook (not in the committed record: it is long)
+    (out_dir / f"{slug}.dryrun.json").write_text(json.dumps({**record, "high_water_by_cell": by_cell}, indent=1))
     return record
 
 

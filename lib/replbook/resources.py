@@ -44,6 +44,22 @@ class Row:
     what: str
     formula: str
     gigabytes: float | None  # None: not estimated
+    # None: held throughout the run; a name: held only during that phase of it (phases do
+    # not overlap, so a card's peak adds the largest phase to what is held throughout)
+    phase: str | None = None
+
+
+def peak_of(rows: list[Row]) -> float | None:
+    """What ``rows`` hold at once at their peak: every row held throughout, plus the
+    largest phase (its rows summed); None when no row is estimated."""
+    known = [r for r in rows if r.gigabytes is not None]
+    if not known:
+        return None
+    phases: dict[str, float] = {}
+    for r in known:
+        if r.phase is not None:
+            phases[r.phase] = phases.get(r.phase, 0.0) + r.gigabytes
+    return sum(r.gigabytes for r in known if r.phase is None) + max(phases.values(), default=0.0)
 
 
 @dataclass
@@ -56,22 +72,17 @@ class Card:
     flops: float | None = None
     notes: list[str] = field(default_factory=list)
 
-    @staticmethod
-    def _total(rows: list[Row]) -> float | None:
-        known = [r.gigabytes for r in rows if r.gigabytes is not None]
-        return sum(known) if known else None
-
     @property
     def peak_gb(self) -> float | None:
-        return self._total(self.gpu)
+        return peak_of(self.gpu)
 
     @property
     def host_gb(self) -> float | None:
-        return self._total(self.host)
+        return peak_of(self.host)
 
     @property
     def disk_gb(self) -> float | None:
-        return self._total(self.disk)
+        return peak_of(self.disk)
 
     @property
     def partial(self) -> bool:
@@ -126,11 +137,25 @@ def weights(name: str, dtype: str, copies: int = 1) -> Row:
                copies * n * BYTES[dtype] / GB)
 
 
-def checkpoint(name: str) -> Row:
+def checkpoint(name: str, stored: str | None = None) -> Row:
+    """``name``'s files on the hub, at ``stored`` precision (default the registry's, the
+    paper's: what the hub holds for every model but Stable Diffusion's)."""
     arch = architectures.architecture(name)
-    n = params(name)
-    return Row(f"{arch.hub_id} checkpoint", f"{n / 1e9:.3f} B params × {BYTES[arch.dtype]} B ({arch.dtype})",
-               n * BYTES[arch.dtype] / GB)
+    n, stored = params(name), stored or arch.dtype
+    return Row(f"{arch.hub_id} checkpoint", f"{n / 1e9:.3f} B params × {BYTES[stored]} B ({stored})",
+               n * BYTES[stored] / GB)
+
+
+def mapped_while_loading(names, stored: str | None = None) -> Row:
+    """The largest of ``names``' checkpoints, resident beside its model while it loads:
+    safetensors memory-maps the file and ``from_pretrained`` (or open_clip) copies each
+    weight out of it (converting its precision, or moving it to a GPU), so the mapped pages
+    count in the process's memory until the load ends. Measured on the dry run's models:
+    the high-water mark of a load is the model plus its checkpoint's size, in any precision
+    (``tests/test_resources.py``). Host memory, and only for the load (``phase``)."""
+    largest = max(dict.fromkeys(names), key=lambda n: params(n) * BYTES[stored or architectures.architecture(n).dtype])
+    row = checkpoint(largest, stored)
+    return Row(f"{row.what}, mapped while it loads", row.formula, row.gigabytes, phase="loading")
 
 
 def adamw_state(what: str, trained: int, dtype: str) -> Row:
@@ -163,6 +188,12 @@ def activations(what: str, layers: int, hidden: int, heads: int, tokens: int, ba
                layers * per_layer * scale / GB)
 
 
+def _during(row: Row, phase: str) -> Row:
+    """``row``, held only during ``phase`` of the run (see :func:`peak_of`)."""
+    row.phase = phase
+    return row
+
+
 def _preset(slug: str) -> dict:
     from .paths import chapter_module, repo_root
 
@@ -192,6 +223,7 @@ def _zoo(p) -> Card:
     c = Card("00_model_zoo", "CUDA when present (device='auto')")
     # every language model stays loaded (the completions and next-token tables read them all)
     c.gpu = [*(weights(m, "float32") for m in p["language_models"]), weights(p["sentence_model"], "float32")]
+    c.host = [mapped_while_loading([*p["language_models"], p["sentence_model"]])]
     c.disk = [checkpoint(m) for m in [*p["language_models"], p["sentence_model"]]]
     c.notes.append("the language models stay loaded together; a few tokens each: seconds on any machine; "
                    "EfficientNet-Lite0 (a few million parameters) is not counted")
@@ -208,11 +240,13 @@ def _restor(p) -> Card:
     # them all), the copy being unlearned, the best of the learning rates tried so far, and
     # the best checkpoint inside the run (the task vector's fine-tuned band instead)
     copies = len(p["mix_k"]) + 3
+    # the copies, the optimiser and the activations come after the load (phase "training")
     c.gpu = [weights(name, "float32"),
              Row(f"band copies: MLPs of layers {lo}–{hi} (float32)", f"{copies} × {band / 1e9:.3f} B params × 4 B",
-                 copies * band * 4 / GB),
-             adamw_state(f"MLPs of layers {lo}–{hi}", band, "float32"),
-             Row("activations", "sequence length set by the retain documents", None)]
+                 copies * band * 4 / GB, phase="training"),
+             _during(adamw_state(f"MLPs of layers {lo}–{hi}", band, "float32"), "training"),
+             Row("activations", "sequence length set by the retain documents", None, phase="training")]
+    c.host = [mapped_while_loading([name])]
     c.disk = [checkpoint(name)]
     c.notes.append(f"float32 on one device; the copies share the frozen weights and own only the {hi - lo}-layer "
                    "band that learns (the paper trains LoRA on all modules instead)")
@@ -223,6 +257,7 @@ def _skillslices(p) -> Card:
     c = Card("02_skill_slices", "CUDA when present (device='auto')")
     biggest = max(p["models"], key=params)
     c.gpu = [weights(biggest, "float32"), weights(p["sentence_model"], "float32")]
+    c.host = [mapped_while_loading([*p["models"], p["rationale_model"], p["sentence_model"]])]
     c.disk = [checkpoint(m) for m in dict.fromkeys([*p["models"], p["rationale_model"], p["sentence_model"]])]
     c.notes.append("multiple-choice scoring and short rationales: inference only")
     return c
@@ -239,8 +274,10 @@ def _intcoop(p) -> Card:
     classes = {"cifar10": len(CIFAR10_CLASSES), "fashion-tinted": len(FASHION_MNIST_CLASSES)}
     prompts = len(COLOURS) * max(classes[d] // 2 for d in p["datasets"])
     c.gpu = [weights(name, "float32"),
-             activations(f"text tower over {prompts} prompts", text["num_hidden_layers"], text["hidden_size"],
-                         text["num_attention_heads"], text["max_position_embeddings"], prompts, "float32")]
+             _during(activations(f"text tower over {prompts} prompts", text["num_hidden_layers"], text["hidden_size"],
+                                 text["num_attention_heads"], text["max_position_embeddings"], prompts, "float32"),
+                     "training")]
+    c.host = [mapped_while_loading([name])]
     c.disk = [checkpoint(name)]
     c.notes.append("only the context vectors and the attribute head learn (a few thousand parameters)")
     return c
@@ -253,7 +290,7 @@ def _endor(p) -> Card:
     value_bits = 8 * BYTES[p["storage_dtype"]]
     c.gpu = [Row("one decoder layer at a time, streamed from host or disk", "largest layer of the two models", None),
              kv_cache(max(names, key=params), p["window"], 1, p["load_dtype"])]
-    c.host = [weights(n, p["load_dtype"], copies=2) for n in names]
+    c.host = [*(weights(n, p["load_dtype"], copies=2) for n in names), mapped_while_loading(names)]
     c.disk = [checkpoint(n) for n in names] + [
         Row(f"{architectures.architecture(n).hub_id} offloaded bitmaps at sparsity {sparsity}",
             f"{params(n) / 1e9:.3f} B × (1 + {value_bits}·{1 - sparsity:g}) bits / 8",
@@ -267,10 +304,15 @@ def _t2icomp(p) -> Card:
     c = Card("05_t2i_composition", "CUDA when present")
     backbone = {"stable-diffusion-v1-4": "CompVis/stable-diffusion-v1-4",
                 "stable-diffusion-2-1": "stabilityai/stable-diffusion-2-1"}.get(p["backbone"], p["backbone"])
-    c.gpu = [weights(backbone, "float16"),
+    # models.diffusion_parts loads every part in float32 (no dtype asked), from the
+    # repository's main revision, which holds float32 (float16 is its "fp16" variant; the
+    # dry run serves it so)
+    c.gpu = [weights(backbone, "float32"),
              Row(f"UNet activations, batch {p['sample_batch']} (sampling) and the optimised prompts' backward",
                  "no transformer formula covers a UNet", None)]
-    c.disk = [checkpoint(backbone)]
+    # each part loads from its own subfolder: the largest part's file is mapped at once
+    c.host = [mapped_while_loading(architectures.architecture(backbone).parts, stored="float32")]
+    c.disk = [checkpoint(backbone, stored="float32")]
     return c
 
 
@@ -285,29 +327,45 @@ def _mllmtrace(p) -> Card:
     layers, width, heads = num_layers(name), text["hidden_size"], text["num_attention_heads"]
     patches = (vision["image_size"] // vision["patch_size"]) ** 2  # one visual token per patch
     batch, length = p["forward_batch"], patches + 24  # the flag and a short question
-    # the phases do not overlap: the peak is the weights plus the largest of them, an edit's
-    # backward pass from the last layer down to the first edited one (at most every layer)
+    # the phases do not overlap: the peak is what is held throughout plus the largest of them
     c.gpu = [weights(name, dtype),
-             activations(f"an edit's backward pass, {batch} prompts of ~{length} tokens", layers, width, heads, length,
-                         batch, dtype),
-             kv_cache(name, length, batch, dtype)]
-    traced = layers * batch * length * width * BYTES[dtype] / GB
-    attention = layers * batch * heads * length * length * BYTES[dtype] / GB
+             _during(activations(f"an edit's backward pass, {batch} prompts of ~{length} tokens", layers, width, heads,
+                                 length, batch, dtype), "editing"),
+             _during(kv_cache(name, length, batch, dtype), "tracing"),
+             Row(f"a trace's clean states, {batch} prompts", f"{layers} layers × {batch} × {length} × {width} × "
+                 f"{BYTES[dtype]} B", layers * batch * length * width * BYTES[dtype] / GB, phase="tracing"),
+             Row(f"an ablation's attention maps, {batch} prompts", f"{layers} layers × {batch} × {heads} × {length}² × "
+                 f"{BYTES[dtype]} B", layers * batch * heads * length * length * BYTES[dtype] / GB, phase="ablating")]
+    # ROME's key covariance C of each edited layer's MLP output projection (d_ff × d_ff),
+    # kept in float32 from its estimate to the end; while they are estimated
+    # (mllmtrace.text_key_covariances) every edited layer's sum is held in float64 and the
+    # last one's ridge is added through three more float64 matrices
+    # (s / count, ridge·mean·I, their sum) and its float32 copy
+    c.gpu += key_covariances(text["intermediate_size"], len(set(p["edit_layers"])))
     # the vision side's features of every view wait on the host in float32 (mllmtrace.load_flags),
     # each visual token already in the language model's width (LLaVA's projector)
     views = (p["train_views"] + p["test_views"]) * p["n_countries"]
     c.host = [Row("visual tokens of every flag view (float32)", f"{views:,} views × {patches} × {width} × 4 B",
-                  views * patches * width * 4 / GB)]
+                  views * patches * width * 4 / GB), mapped_while_loading([name])]
     c.disk = [checkpoint(name)]
     c.notes.append(f"~{length} tokens a prompt: {patches} image patches at {vision['image_size']} px and the question; "
-                   f"smaller phases: a trace's clean states {traced:.1f} GB, an ablation's attention maps "
-                   f"{attention:.1f} GB ({batch} prompts a pass: forward_batch)")
+                   f"{batch} prompts a pass (forward_batch)")
     return c
+
+
+def key_covariances(d_ff: int, edited: int) -> list[Row]:
+    """Chapter 06's ROME covariances (see :func:`_mllmtrace`): kept, and while estimated."""
+    return [Row(f"key covariances of the {edited} edited layers (float32)", f"{edited} × {d_ff}² × 4 B",
+                edited * d_ff * d_ff * 4 / GB),
+            Row("estimating them: float64 sums and the ridge", f"({edited} × 8 + 3 × 8) × {d_ff}² B",
+                (edited * 8 + 24) * d_ff * d_ff / GB, phase="covariance")]
+
 
 def _drew(p) -> Card:
     c = Card("07_drew", "CUDA when present (device='auto')")
     names = {"dinov2-base": "facebook/dinov2-base", "clip-vit-l-14": "openai/clip-vit-large-patch14"}
     c.gpu = [weights(names[e], "float32") for e in p["embedders"] if e in names]
+    c.host = [mapped_while_loading([names[e] for e in p["embedders"] if e in names])]
     c.disk = [checkpoint(names[e]) for e in p["embedders"] if e in names]
     c.notes.append(f"{p['n_reference']} reference and {p['n_queries']} × {len(p['edits'])} query images embedded once; "
                    "CLIP's whole checkpoint is counted, though the chapter keeps its image tower")
@@ -321,7 +379,8 @@ def _loki(p) -> Card:
     longest = max(p["contexts"])
     # the chapter loads every model before it measures any (language_models, its setup
     # section), so they are all held at once
-    c.gpu = [*(weights(n, "bfloat16") for n in names), kv_cache(biggest, longest, 1, "bfloat16")]
+    c.gpu = [*(weights(n, "bfloat16") for n in names), _during(kv_cache(biggest, longest, 1, "bfloat16"), "timing")]
+    c.host = [mapped_while_loading(names)]
     c.disk = [checkpoint(n) for n in names]
     tokens = p["window"] * (p["calibration_windows"] + p["evaluation_windows"])
     c.flops = sum(2 * params(n) * tokens for n in names)
@@ -336,27 +395,113 @@ def _vitdecomp(p) -> Card:
     clip = "timm/vit_base_patch16_clip_224.openai"
     # every ViT stays loaded with its decompositions (models, the chapter's decomposition
     # section) until the ablations at the end
+    images = p["n_train"] + 2 * p["n_test"]  # every test photo is shown on both backgrounds
     c.gpu = [*(weights(n, "float32") for n in names), weights(clip, "float32")]
+    # each ViT's decompositions are kept to the end: (images, components, what it reads)
+    kept = {n: images * _vit_shape(n)["components"] * _vit_shape(n)["reads"] for n in names}
+    c.gpu.append(Row("decompositions kept, every ViT (float32)",
+                     " + ".join(f"{images} × {_vit_shape(n)['components']} × {_vit_shape(n)['reads']}" for n in names)
+                     + " × 4 B", sum(kept.values()) * 4 / GB))
+    if names:  # the largest ViT's decomposition, while it runs (phase "decomposing")
+        inputs = {n: images * 3 * _vit_shape(n)["image_size"] ** 2 for n in names}
+        widest = max(names, key=lambda n: inputs[n] + _repdecompose_bytes(n, p["n_train"]))
+        c.gpu += [Row(f"{widest}: pixels of the training and test images (float32)",
+                      f"{images} × 3 × {_vit_shape(widest)['image_size']}² × 4 B", inputs[widest] * 4 / GB,
+                      phase="decomposing"),
+                  Row(f"{widest}: RepDecompose of one batch (float32)", _repdecompose_formula(widest, p["n_train"]),
+                      _repdecompose_bytes(widest, p["n_train"]) / GB, phase="decomposing")]
+    c.host = [mapped_while_loading([*names, clip])]
     c.disk = [checkpoint(n) for n in [*names, clip]]
-    c.notes.append("every ViT held at once; the probes and the CLIP alignment train a few linear maps")
+    c.notes.append("every ViT held at once with its decompositions; RepDecompose (vitdecomp.decompose, 256 images a "
+                   "batch) holds every head's output over every token of a batch; the probes and the CLIP alignment "
+                   "train a few linear maps")
     return c
+
+
+DECOMPOSE_BATCH = 256  # vitdecomp.decompose's images per batch, as the chapter calls it
+
+
+def _vit_shape(name: str) -> dict:
+    """What sizes a ViT's RepDecompose: tokens at the size the chapter feeds it (its
+    config's ``image_size``: vitdecomp.model_inputs), layers as served, heads, width."""
+    arch = architectures.architecture(name)
+    c = arch.config
+    layers, heads, width = num_layers(name), c["num_attention_heads"], c["hidden_size"]
+    return {"image_size": c["image_size"], "tokens": (c["image_size"] // c["patch_size"]) ** 2 + 1, "layers": layers,
+            "heads": heads, "width": width, "components": 1 + layers * (heads + 1),
+            # DINOv2 reads the class token and the patches' mean; the others the class token
+            "reads": 2 * width if arch.family == "dinov2" else width,
+            "layer_scale": 1 if arch.family == "dinov2" else 0}
+
+
+def _repdecompose_tensors(name: str) -> int:
+    """Tensors of (batch, tokens, width) alive at once in one batch of RepDecompose
+    (vitdecomp._decompose_batch), counted from its code: per layer, the captured context and
+    MLP output and every head's output (one more with LayerScale, whose product is a new
+    tensor); then the copy the last layer's head outputs make when their bias is added,
+    the captured embeddings and final stream. Measured on dry-run ViTs at 1, 2 and 4 layers
+    (DeiT and DINOv2, 197 and 1,370 tokens): within 3% (``tests/test_resources.py``)."""
+    v = _vit_shape(name)
+    return v["layers"] * (v["heads"] + 2 + v["layer_scale"]) + v["heads"] + 2
+
+
+def _repdecompose_bytes(name: str, images: int) -> float:
+    v = _vit_shape(name)
+    return _repdecompose_tensors(name) * min(DECOMPOSE_BATCH, images) * v["tokens"] * v["width"] * 4
+
+
+def _repdecompose_formula(name: str, images: int) -> str:
+    v = _vit_shape(name)
+    return (f"({v['layers']}·({v['heads']} + 2 + {v['layer_scale']}) + {v['heads']} + 2) × "
+            f"{min(DECOMPOSE_BATCH, images)} × {v['tokens']} × {v['width']} × 4 B")
 
 
 def _semtokens(p) -> Card:
     c = Card("10_semantic_tokens", "CPU (no device parameter)")
-    width, depth, heads = p["width"], p["depth"], p["heads"]
-    tokens = (p["image_size"] // p["patch"]) ** 2 + 1
+    width, depth, heads, size = p["width"], p["depth"], p["heads"], p["image_size"]
+    tokens = (size // p["patch"]) ** 2 + 1
     encoder = 12 * width * width * depth  # attention (4 h²) + MLP (8 h²) per layer
-    c.gpu = [Row(f"image ViT ({depth} × {width}), float32", f"12 × {width}² × {depth} × 4 B", encoder * 4 / GB),
-             adamw_state("image ViT", encoder, "float32"),
-             activations(f"image ViT, batch {p['batch']}", depth, width, heads, tokens, p["batch"], "float32"),
-             weights(p["text_model"], "float32"),
-             Row("Mask R-CNN segmenter", "torchvision's COCO model, not in the architecture registry", None)]
+    images = p["n_train"] + p["n_val"] + p["n_test"]
+    from .semtokens import CROP, GEOMETRY, RELATION_FEATURES
+    # what semtokens.prepare keeps for the whole run, for every image of every split: the
+    # images, the segmenter's instance maps (int64), every variant's inputs (the patch
+    # ViT's pixels; the semantic variants each build their own tokens: at most 4 instances,
+    # their 4-channel crops and geometry, and 6 relations) and the captions' MiniLM states
+    # (float16, 24 tokens) with one swapped caption per kind of negative
+    semantic_variants = 3  # on COCO: segmenter masks, no intangible tokens, no additive weights
+    per_tokens = 4 * (4 * CROP * CROP + GEOMETRY) * 4 + 6 * RELATION_FEATURES * 4
+    text = architectures.architecture(p["text_model"]).config["hidden_size"]
+    captions = 1 + len(p["negatives"])
+    c.gpu = [Row(f"images, {images:,} at {size} px (uint8)", f"{images:,} × {size}² × 3 B", images * size * size * 3 / GB),
+             Row("instance maps of the segmenter (int64)", f"{images:,} × {size}² × 8 B", images * size * size * 8 / GB),
+             Row("patch ViT's pixels (float32)", f"{images:,} × 3 × {size}² × 4 B", images * 3 * size * size * 4 / GB),
+             Row(f"semantic tokens, {semantic_variants} variants (float32)",
+                 f"{semantic_variants} × {images:,} × (4 × (4·{CROP}² + {GEOMETRY}) + 6 × {RELATION_FEATURES}) × 4 B",
+                 semantic_variants * images * per_tokens / GB),
+             Row("captions' MiniLM states (float16)", f"{images:,} × {captions} × 24 × {text} × 2 B",
+                 images * captions * 24 * text * 2 / GB),
+             # segmenting and encoding the captions come first (phase "preparing"), training after
+             _during(weights(p["text_model"], "float32"), "preparing")]
+    if p["segmenter"] != "threshold":
+        from torchvision.models.detection import MaskRCNN_ResNet50_FPN_V2_Weights
+
+        maskrcnn = MaskRCNN_ResNet50_FPN_V2_Weights.DEFAULT.meta["num_params"]
+        c.gpu += [Row("Mask R-CNN segmenter (float32)", f"{maskrcnn / 1e9:.3f} B params × 4 B (torchvision's count)",
+                      maskrcnn * 4 / GB, phase="preparing"),
+                  Row("Mask R-CNN's pass over one image (its proposals, box and mask heads)",
+                      "no transformer formula covers a detector", None, phase="preparing")]
+    c.gpu += [_during(Row(f"image ViT ({depth} × {width}), float32", f"12 × {width}² × {depth} × 4 B", encoder * 4 / GB),
+                      "training"),
+              _during(adamw_state("image ViT", encoder, "float32"), "training"),
+              _during(activations(f"image ViT, batch {p['batch']}", depth, width, heads, tokens, p["batch"], "float32"),
+                      "training")]
+    c.host = [mapped_while_loading([p["text_model"]])]
     c.disk = [checkpoint(p["text_model"]), Row("COCO 2017 train + val images and annotations", "the dataset's size",
                                                None)]
     c.flops = 6 * encoder * tokens * p["n_train"] * p["max_epochs"]
     c.notes.append("trains a ViT-B from scratch at batch 512 in float32: the activations alone exceed one H200; "
-                   "mixed precision or gradient checkpointing would be needed (issue #29)")
+                   "mixed precision or gradient checkpointing would be needed (issue #29); every split's images, "
+                   "masks and inputs stay in memory (semtokens.prepare)")
     return c
 
 
@@ -414,14 +559,18 @@ def describe(slug: str) -> str:
 # workload measured (its peak beyond the libraries' own memory, see library_baseline_bytes)
 CARD_TOLERANCE = 0.25
 # what every chapter's kernel has imported before its first model loads
-BASELINE_IMPORTS = ("ipykernel", "torch", "transformers", "matplotlib.pyplot", "numpy", "replbook.models")
+# (transformers.modeling_utils is imported by the first model a chapter loads through
+# transformers or sentence-transformers; open_clip, which chapter 03 loads through instead,
+# costs about as much: ``tests/test_resources.py``)
+BASELINE_IMPORTS = ("ipykernel", "torch", "transformers", "transformers.modeling_utils", "matplotlib.pyplot", "numpy",
+                    "replbook.models")
 
 
 def library_baseline_bytes() -> int:
     """Peak resident memory of a fresh interpreter that has imported :data:`BASELINE_IMPORTS`
     and loaded nothing: the part of a dry run's peak that no card row describes. Libraries a
-    chapter imports beyond these (diffusers, open_clip, scikit-learn: about 0.3 GB together)
-    stay in what its card must explain, which can only make a card look too small."""
+    chapter imports beyond these (diffusers, open_clip, scikit-learn, faiss) stay in what its
+    card must explain, which can only make a card look too small."""
     import subprocess
     import sys
 
@@ -464,8 +613,7 @@ def against_dry_run(entry: dict, baseline_bytes: int) -> AgainstDryRun:
     if "device" in _preset(slug):
         ran.setdefault("device", "cpu")
     c = card(slug, ran, layers)
-    rows = [r.gigabytes for r in c.gpu + c.host if r.gigabytes is not None]
-    return AgainstDryRun(slug, layers, sum(rows), any(r.gigabytes is None for r in c.gpu + c.host),
+    return AgainstDryRun(slug, layers, peak_of(c.gpu + c.host) or 0.0, any(r.gigabytes is None for r in c.gpu + c.host),
                          (entry["kernel_peak_bytes"] - baseline_bytes) / GB)
 
 
