@@ -375,3 +375,18 @@ def test_chapter_06s_covariance_rows_are_what_estimating_them_holds(edited):
                           capture_output=True, text=True, check=True)
     rows = resources.key_covariances(d_ff, edited)
     assert int(done.stdout.split()[-1]) / 1e9 == pytest.approx(resources.peak_of(rows), rel=0.10)
+
+
+def test_cards_read_the_chapters_own_sizes_from_their_code(monkeypatch):
+    """09's batch of RepDecompose and 10's semantic variants come from the chapter modules
+    (a typed 256 or 3 would not follow a change there)."""
+    from replbook import semtokens, vitdecomp
+
+    real = vitdecomp.decompose
+    monkeypatch.setattr(vitdecomp, "decompose", lambda model, pixel_values, batch=64, progress=None: real(
+        model, pixel_values, batch, progress))
+    row = next(r for r in resources.card("09_vit_decompose").gpu if "RepDecompose" in r.what)
+    assert "× 64 × 1370 ×" in row.formula
+    monkeypatch.setattr(semtokens, "variants_for", lambda cfg: ["patch ViT", "semantic (segmenter masks)"])
+    row = next(r for r in resources.card("10_semantic_tokens").gpu if r.what.startswith("semantic tokens"))
+    assert row.what.startswith("semantic tokens, 1 variants")

@@ -412,13 +412,19 @@ def _vitdecomp(p) -> Card:
                       _repdecompose_bytes(widest, p["n_train"]) / GB, phase="decomposing")]
     c.host = [mapped_while_loading([*names, clip])]
     c.disk = [checkpoint(n) for n in [*names, clip]]
-    c.notes.append("every ViT held at once with its decompositions; RepDecompose (vitdecomp.decompose, 256 images a "
-                   "batch) holds every head's output over every token of a batch; the probes and the CLIP alignment "
+    c.notes.append("every ViT held at once with its decompositions; RepDecompose (vitdecomp.decompose, "
+                   f"{_decompose_batch()} images a batch) holds every head's output over every token of a batch; the probes and the CLIP alignment "
                    "train a few linear maps")
     return c
 
 
-DECOMPOSE_BATCH = 256  # vitdecomp.decompose's images per batch, as the chapter calls it
+def _decompose_batch() -> int:
+    """vitdecomp.decompose's images per batch (its default: the chapter passes none)."""
+    import inspect
+
+    from . import vitdecomp
+
+    return inspect.signature(vitdecomp.decompose).parameters["batch"].default
 
 
 def _vit_shape(name: str) -> dict:
@@ -447,13 +453,13 @@ def _repdecompose_tensors(name: str) -> int:
 
 def _repdecompose_bytes(name: str, images: int) -> float:
     v = _vit_shape(name)
-    return _repdecompose_tensors(name) * min(DECOMPOSE_BATCH, images) * v["tokens"] * v["width"] * 4
+    return _repdecompose_tensors(name) * min(_decompose_batch(), images) * v["tokens"] * v["width"] * 4
 
 
 def _repdecompose_formula(name: str, images: int) -> str:
     v = _vit_shape(name)
     return (f"({v['layers']}·({v['heads']} + 2 + {v['layer_scale']}) + {v['heads']} + 2) × "
-            f"{min(DECOMPOSE_BATCH, images)} × {v['tokens']} × {v['width']} × 4 B")
+            f"{min(_decompose_batch(), images)} × {v['tokens']} × {v['width']} × 4 B")
 
 
 def _semtokens(p) -> Card:
@@ -462,24 +468,32 @@ def _semtokens(p) -> Card:
     tokens = (size // p["patch"]) ** 2 + 1
     encoder = 12 * width * width * depth  # attention (4 h²) + MLP (8 h²) per layer
     images = p["n_train"] + p["n_val"] + p["n_test"]
+    import inspect
+    from types import SimpleNamespace
+
+    from . import semtokens
     from .semtokens import CROP, GEOMETRY, RELATION_FEATURES
     # what semtokens.prepare keeps for the whole run, for every image of every split: the
     # images, the segmenter's instance maps (int64), every variant's inputs (the patch
     # ViT's pixels; the semantic variants each build their own tokens: at most 4 instances,
     # their 4-channel crops and geometry, and 6 relations) and the captions' MiniLM states
     # (float16, 24 tokens) with one swapped caption per kind of negative
-    semantic_variants = 3  # on COCO: segmenter masks, no intangible tokens, no additive weights
-    per_tokens = 4 * (4 * CROP * CROP + GEOMETRY) * 4 + 6 * RELATION_FEATURES * 4
+    semantic_variants = len([v for v in semtokens.variants_for(SimpleNamespace(data=p["data"])) if v != "patch ViT"])
+    instances = inspect.signature(semtokens.build_tokens).parameters["max_instances"].default
+    relations = instances * (instances - 1) // 2
+    per_tokens = instances * (4 * CROP * CROP + GEOMETRY) * 4 + relations * RELATION_FEATURES * 4
     text = architectures.architecture(p["text_model"]).config["hidden_size"]
+    length = inspect.signature(semtokens.text_states).parameters["length"].default
     captions = 1 + len(p["negatives"])
     c.gpu = [Row(f"images, {images:,} at {size} px (uint8)", f"{images:,} × {size}² × 3 B", images * size * size * 3 / GB),
              Row("instance maps of the segmenter (int64)", f"{images:,} × {size}² × 8 B", images * size * size * 8 / GB),
              Row("patch ViT's pixels (float32)", f"{images:,} × 3 × {size}² × 4 B", images * 3 * size * size * 4 / GB),
              Row(f"semantic tokens, {semantic_variants} variants (float32)",
-                 f"{semantic_variants} × {images:,} × (4 × (4·{CROP}² + {GEOMETRY}) + 6 × {RELATION_FEATURES}) × 4 B",
+                 f"{semantic_variants} × {images:,} × ({instances} × (4·{CROP}² + {GEOMETRY}) + {relations} × "
+                 f"{RELATION_FEATURES}) × 4 B",
                  semantic_variants * images * per_tokens / GB),
-             Row("captions' MiniLM states (float16)", f"{images:,} × {captions} × 24 × {text} × 2 B",
-                 images * captions * 24 * text * 2 / GB),
+             Row("captions' MiniLM states (float16)", f"{images:,} × {captions} × {length} × {text} × 2 B",
+                 images * captions * length * text * 2 / GB),
              # segmenting and encoding the captions come first (phase "preparing"), training after
              _during(weights(p["text_model"], "float32"), "preparing")]
     if p["segmenter"] != "threshold":
