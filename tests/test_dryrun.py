@@ -219,6 +219,58 @@ def test_a_dry_run_record_names_its_chapter_depth_and_code(tmp_path):
     assert oct(path.stat().st_mode & 0o777) == "0o644"
 
 
+def test_a_dry_runs_chapter_cache_is_its_own_and_cold(tmp_path, monkeypatch):
+    """A random-weight model answers to the paper's hub id in a dry run, and the chapters key
+    their computed caches by that id: a dry run sharing the reader's cache would hand a later
+    real paper run its numbers (or skip, from an earlier dry run, the work it measures). Only
+    the book's own hub-independent artefacts are shared."""
+    user = tmp_path / "user-cache"
+    monkeypatch.setenv("REPLBOOK_CACHE", str(user))
+    for part, name in (("skillslices", "scores.pt"), ("data", "cifar.npz"), ("models", "tiny.safetensors")):
+        (user / part).mkdir(parents=True)
+        (user / part / name).write_text(part)
+    folder = dryrun.dry_run_cache(tmp_path / "run" / "cache" / "02_skill_slices")
+    (folder / "skillslices").mkdir()
+    (folder / "skillslices" / "left-by-an-earlier-dry-run.pt").write_text("stale")
+    folder = dryrun.dry_run_cache(folder)  # the next run starts cold again
+    assert sorted(p.name for p in folder.iterdir()) == sorted(dryrun.SHARED_WITH_DRY_RUNS)
+    assert (folder / "data" / "cifar.npz").read_text() == "data" and (folder / "models" / "tiny.safetensors").exists()
+    assert not (folder / "skillslices").exists()
+    assert (user / "skillslices" / "scores.pt").exists() and (user / "data" / "cifar.npz").exists()  # links removed, not followed
+    assert set(dryrun.SHARED_WITH_DRY_RUNS) <= {"data", "models", "gguf"}, "a shared part must not be keyed by hub ids"
+
+
+def test_a_dry_run_kernel_writes_its_caches_outside_the_readers(tmp_path, monkeypatch):
+    """``dryrun.run`` points the chapter's kernel at its own cache and gives the reader's back."""
+    import os
+    from pathlib import Path
+
+    import papermill
+
+    from replbook.paths import cache_dir
+
+    user = tmp_path / "user-cache"
+    (user / "skillslices").mkdir(parents=True)
+    (user / "skillslices" / "real-scores.pt").write_text("real")
+    monkeypatch.setenv("REPLBOOK_CACHE", str(user))
+    monkeypatch.setattr(dryrun, "paper_models", lambda slug, parameters: [])
+    monkeypatch.setattr(dryrun, "fake_hub", lambda names, layers: tmp_path / "hub")
+    seen = {}
+
+    def execute(source, output, **kwargs):
+        seen["cache"] = os.environ["REPLBOOK_CACHE"]
+        seen["saw_real_scores"] = (cache_dir("skillslices") / "real-scores.pt").exists()
+        (cache_dir("skillslices") / "random-weight-scores.pt").write_text("dry")  # what a chapter caches
+        Path(output).write_text(json.dumps({"cells": []}))
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    entry = dryrun.run("02", layers=1, root=tmp_path / "runs")
+    assert seen["cache"] == str(tmp_path / "runs" / "layers-1" / "cache" / "02_skill_slices")
+    assert not seen["saw_real_scores"]
+    assert sorted(p.name for p in (user / "skillslices").iterdir()) == ["real-scores.pt"]
+    assert os.environ["REPLBOOK_CACHE"] == str(user) and entry["chapter_cache"].startswith("cold")
+
+
 def test_the_cli_refuses_a_depth_below_one(capsys):
     assert cli.main(["dryrun", "08", "--layers", "0"]) == 2
     assert "--layers=0: at least 1" in capsys.readouterr().err
@@ -260,6 +312,10 @@ def test_a_records_largest_rise_names_a_cell_of_its_notebook():
         cells = nbformat.read(root / "notebooks" / f"{entry['chapter']}.ipynb", as_version=4).cells
         assert cells[rise["cell"]].cell_type == "code", key
         assert cells[rise["cell"]].source.strip().splitlines()[0][:100] == rise["first_line"], key
+        at_peak = entry.get("peak_cell")  # since 2026-12-04 (afternoon): the first cell that ended at the peak
+        if at_peak:
+            assert cells[at_peak["cell"]].source.strip().splitlines()[0][:100] == at_peak["first_line"], key
+            assert at_peak["peak_gb"] <= entry["kernel_peak_bytes"] / 1e9 + 1e-3, key
         checked += 1
     assert checked, "no record of current code names its largest rise"
 

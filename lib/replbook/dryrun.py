@@ -414,6 +414,30 @@ def peak_by_cell(notebook: dict, samples: list[tuple[float, int]], interval: flo
     return rows
 
 
+# The book's own artefacts, built from its packaged sources and never from a hub id: the
+# same bytes whatever a hub serves, so a dry run may read them. Everything else a chapter
+# caches (scores, features, trained heads, corrupted models) is keyed by a hub id, and a
+# random-weight model answers to that id in a dry run: sharing it would hand a real paper
+# run the dry run's numbers, and let a dry run skip the work it is there to measure.
+SHARED_WITH_DRY_RUNS = ("data", "models", "gguf")
+
+
+def dry_run_cache(folder: Path) -> Path:
+    """The chapter cache a dry run writes to (``$REPLBOOK_CACHE``): ``folder``, emptied
+    first so that every record comes from a cold cache, holding links to the reader's
+    :data:`SHARED_WITH_DRY_RUNS` and nothing else of theirs."""
+    import shutil
+
+    if folder.is_symlink() or folder.is_file():
+        folder.unlink()
+    elif folder.exists():
+        shutil.rmtree(folder)  # links inside are removed, never followed
+    folder.mkdir(parents=True)
+    for name in SHARED_WITH_DRY_RUNS:
+        (folder / name).symlink_to(cache_dir(name), target_is_directory=True)
+    return folder
+
+
 def dry_run_parameters(slug: str, overrides: dict[str, Any] | None = None, build: bool = True) -> dict[str, Any]:
     """The papermill parameters of ``slug``'s dry run: the paper preset with
     :data:`OVERRIDES` and ``overrides``; with ``build``, a :data:`FAKE_COCO` value becomes
@@ -457,10 +481,11 @@ def run(chapter: str, layers: int = 1, overrides: dict[str, Any] | None = None, 
     built = time.perf_counter() - start
     out_dir = (root or repo / "runs" / "dryrun") / f"layers-{layers}"
     out_dir.mkdir(parents=True, exist_ok=True)
+    chapter_cache = dry_run_cache(out_dir / "cache" / slug)  # after fake_hub: the hub stays the reader's
     saved_env = {k: os.environ.get(k) for k in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                                                "REPLBOOK_RESULTS_DIR")}
+                                                "REPLBOOK_RESULTS_DIR", "REPLBOOK_CACHE")}
     os.environ.update({"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                       "REPLBOOK_RESULTS_DIR": str(out_dir / "results")})
+                       "REPLBOOK_RESULTS_DIR": str(out_dir / "results"), "REPLBOOK_CACHE": str(chapter_cache)})
     from .runner import busy_share
 
     busy = busy_share()  # other work on the CPU inflates the seconds recorded below
@@ -477,8 +502,11 @@ def run(chapter: str, layers: int = 1, overrides: dict[str, Any] | None = None, 
                 os.environ[key] = value
     executed = json.loads((out_dir / notebook.name).read_text())
     by_cell = peak_by_cell(executed, kernel.samples, kernel.interval)
-    # the cell that raised the high-water mark most: what the chapter's card must explain
-    peak_cell = max(by_cell, key=lambda row: row["rose_gb"], default=None)
+    # the cell that raised the high-water mark most (what the chapter's card must explain),
+    # and the first cell that ended at the peak: not always the same cell (06's model load
+    # rises most, its covariance cell sets the peak on top of it)
+    largest_rise = max(by_cell, key=lambda row: row["rose_gb"], default=None)
+    at_peak = max(by_cell, key=lambda row: row["peak_gb"], default=None)
     record = {"chapter": slug, "dry_run": "random weights from the public configs: no number here is the paper's",
               "layers": layers, "machinery": machinery,
               "models": {n: architectures.architecture(n).hub_id for n in names},
@@ -487,7 +515,9 @@ def run(chapter: str, layers: int = 1, overrides: dict[str, Any] | None = None, 
                  if any(architectures.architecture(n).parts for n in names) else {}),
               "overrides": dry_run_parameters(slug, overrides, build=False), "build_seconds": round(built, 1),
               "run_seconds": round(time.perf_counter() - start, 1), "kernel_peak_bytes": kernel.peak_bytes,
-              "largest_rise": peak_cell and {k: peak_cell[k] for k in ("cell", "first_line", "rose_gb")},
+              "largest_rise": largest_rise and {k: largest_rise[k] for k in ("cell", "first_line", "rose_gb")},
+              "peak_cell": at_peak and {k: at_peak[k] for k in ("cell", "first_line", "peak_gb")},
+              "chapter_cache": "cold: its own, emptied before the run (dryrun.dry_run_cache)",
               # the share of the CPU other work used in the second before the run (the load
               # average is no guide here: torch's idle threads lift it to 6–11 on an idle 2-core machine)
               "cpu_busy_before_run": round(busy, 2)}

@@ -18,6 +18,12 @@ Memory (decimal GB, 1e9 bytes):
 - **disk**: the hub checkpoint (its parameters at the precision it is stored in) plus any
   files the chapter writes (chapter 04's offloaded bitmaps).
 
+Where no formula covers a step — what chapter 04's pruning and bitmap decoding take per
+element of a weight, chapter 07's compiled BCH code and ONNX watermarker, one image through
+chapter 10's detector — a row carries a number
+measured on the CPU with the chapter's own functions, says "measured", and a test in
+``tests/test_resources.py`` measures it again.
+
 Time is a **lower bound**: ``2 · N · tokens`` FLOPs (``6 · N · tokens`` when training) at
 an H100's dense bf16 peak, 989 TFLOP/s; real runs are several times slower. Rows that no
 formula here covers say so ("not estimated"): a card never guesses.
@@ -30,6 +36,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from . import architectures
@@ -283,20 +290,105 @@ def _intcoop(p) -> Card:
     return c
 
 
+# Chapter 04's sweep cell prunes, swaps, writes and round-trips one weight at a time; what
+# one weight costs beyond the pruned set, per element of the largest weight (the largest
+# holds most), measured with endor's own functions (tests/test_resources.py):
+ENDOR_PRUNE_BYTES = 12  # float32 scores, top-k's values and int64 indices, the clone (endor.prune)
+ENDOR_ROUND_TRIP_BYTES = 24  # bitmap encode → file bytes → parse → decode (endor.round_trip_exact)
+ENDOR_DECODE_BYTES = 24  # decoding one bitmap back to dense (endor.decode): most of the round trip
+
+
+@lru_cache(maxsize=None)
+def _prunable(name: str, layers: int | None) -> tuple[int, int]:
+    """(elements in all, elements in the largest) of ``name``'s decoder-block linears at
+    ``layers`` deep: what chapter 04 prunes (:func:`replbook.endor.prunable_linears`, on the
+    model built on the meta device)."""
+    from .endor import prunable_linears
+
+    sizes = [linear.weight.numel() for linear in
+             prunable_linears(architectures.build(name, layers=layers, device="meta")).values()]
+    return sum(sizes), max(sizes)
+
+
+def _endor_sweep(p) -> list[Row]:
+    """Host memory of chapter 04's prune-and-measure sweep beyond the models and their
+    prunable originals, as phases (its cell: for each model, for each (pruner, sparsity)):
+    the next pruned set is built while the last is still held (the name is rebound only
+    when the new set is done; the last may be the previous model's); the model's own weights
+    are cloned while a pruned set is swapped in (``endor.weights_swapped``); the set is
+    written in every format and round-tripped one weight at a time."""
+    names, load, stored = p["model_names"], p["load_dtype"], p["storage_dtype"]
+    size = {n: _prunable(n, _served_layers(n)) for n in names}
+    runs = [n for n in names for _ in range(len(p["pruners"]) * len(p["sparsities"]))]
+    hub = {n: architectures.architecture(n).hub_id for n in names}
+    last, built = max(zip(runs, runs[1:]), key=lambda pair: size[pair[0]][0] + size[pair[1]][0],
+                      default=(None, runs[0]))
+    pruning = [Row(f"{hub[built]} pruned set ({stored}), being built", f"{size[built][0] / 1e9:.3f} B × {BYTES[stored]} B",
+                   size[built][0] * BYTES[stored] / GB, phase="pruning")]
+    if last is not None:
+        pruning.append(Row(f"{hub[last]} last pruned set, still held", f"{size[last][0] / 1e9:.3f} B × {BYTES[stored]} B",
+                           size[last][0] * BYTES[stored] / GB, phase="pruning"))
+    pruning.append(Row(f"{hub[built]} pruning its largest weight", f"{size[built][1] / 1e6:.0f} M × {ENDOR_PRUNE_BYTES} B "
+                       "(measured)", size[built][1] * ENDOR_PRUNE_BYTES / GB, phase="pruning"))
+    swapped = max(names, key=lambda n: size[n][0])
+    round_trip = max(names, key=lambda n: size[n][0] * BYTES[stored] + size[n][1] * ENDOR_ROUND_TRIP_BYTES)
+    # after the sweep (the notebook's later cells): its last pruned set is still bound, and
+    # every offloaded model gets its pruned set at the operating point, held to the end
+    offloaded = list(dict.fromkeys(p["offload_model_names"]))
+    size.update({n: _prunable(n, _served_layers(n)) for n in offloaded})
+    hub.update({n: architectures.architecture(n).hub_id for n in offloaded})
+    after = [Row(f"{hub[runs[-1]]} the sweep's last pruned set, still bound", f"{size[runs[-1]][0] / 1e9:.3f} B × "
+                 f"{BYTES[stored]} B", size[runs[-1]][0] * BYTES[stored] / GB),
+             *(Row(f"{hub[n]} pruned set at the operating sparsity", f"{size[n][0] / 1e9:.3f} B × {BYTES[stored]} B",
+                   size[n][0] * BYTES[stored] / GB) for n in offloaded)]
+    value_bits, kept = 8 * BYTES[stored], 1 - p["operating_sparsity"]
+    timed = max(offloaded, key=lambda n: size[n][0] * (1 + value_bits * kept) / 8 + size[n][1] * ENDOR_DECODE_BYTES)
+    generating = max(offloaded, key=lambda n: size[n][0])
+    return pruning + [
+        Row(f"{hub[swapped]} pruned set ({stored}) swapped in", f"{size[swapped][0] / 1e9:.3f} B × {BYTES[stored]} B",
+            size[swapped][0] * BYTES[stored] / GB, phase="swapped"),
+        Row(f"{hub[swapped]} own weights saved while swapped ({load})", f"{size[swapped][0] / 1e9:.3f} B × {BYTES[load]} B",
+            size[swapped][0] * BYTES[load] / GB, phase="swapped"),
+        Row(f"{hub[round_trip]} pruned set ({stored}), written and read back", f"{size[round_trip][0] / 1e9:.3f} B × "
+            f"{BYTES[stored]} B", size[round_trip][0] * BYTES[stored] / GB, phase="round trip"),
+        Row(f"{hub[round_trip]} round trip of its largest weight", f"{size[round_trip][1] / 1e6:.0f} M × "
+            f"{ENDOR_ROUND_TRIP_BYTES} B (measured)", size[round_trip][1] * ENDOR_ROUND_TRIP_BYTES / GB, phase="round trip"),
+        *(_during(Row(r.what, r.formula, r.gigabytes), "timing decode") for r in after),
+        _during(Row(f"{hub[timed]} its operating set encoded, to time decoding", f"{size[timed][0] / 1e9:.3f} B × (1 + "
+                    f"{value_bits}·{kept:g}) bits / 8", size[timed][0] * (1 + value_bits * kept) / 8 / GB), "timing decode"),
+        _during(Row(f"{hub[timed]} decoding its largest weight", f"{size[timed][1] / 1e6:.0f} M × {ENDOR_DECODE_BYTES} B "
+                    "(measured)", size[timed][1] * ENDOR_DECODE_BYTES / GB), "timing decode"),
+        *(_during(Row(r.what, r.formula, r.gigabytes), "offloaded generation") for r in after),
+        _during(Row(f"{hub[generating]} own weights saved while its operating set is swapped in ({load})",
+                    f"{size[generating][0] / 1e9:.3f} B × {BYTES[load]} B", size[generating][0] * BYTES[load] / GB),
+                "offloaded generation"),
+        _during(Row("an offloaded model's layer and its decoding, while it generates", "not estimated", None),
+                "offloaded generation")]
+
+
 def _endor(p) -> Card:
     c = Card("04_endor", p["device"])
     names = p["model_names"]
     sparsity = p["operating_sparsity"]
     value_bits = 8 * BYTES[p["storage_dtype"]]
+    load = p["load_dtype"]
     c.gpu = [Row("one decoder layer at a time, streamed from host or disk", "largest layer of the two models", None),
-             kv_cache(max(names, key=params), p["window"], 1, p["load_dtype"])]
-    c.host = [*(weights(n, p["load_dtype"], copies=2) for n in names), mapped_while_loading(names)]
+             kv_cache(max(names, key=params), p["window"], 1, load)]
+    # every model is loaded before the sweep, and each keeps a clone of its prunable linears
+    # (the originals every pruning starts from)
+    originals = [Row(f"{architectures.architecture(n).hub_id} prunable linears' originals ({load})",
+                     f"{_prunable(n, _served_layers(n))[0] / 1e9:.3f} B × {BYTES[load]} B",
+                     _prunable(n, _served_layers(n))[0] * BYTES[load] / GB) for n in names]
+    c.host = [*(weights(n, load) for n in dict.fromkeys(names + p["offload_model_names"])), *originals,
+              mapped_while_loading(names), *_endor_sweep(p)]
     c.disk = [checkpoint(n) for n in names] + [
         Row(f"{architectures.architecture(n).hub_id} offloaded bitmaps at sparsity {sparsity}",
             f"{params(n) / 1e9:.3f} B × (1 + {value_bits}·{1 - sparsity:g}) bits / 8",
             params(n) * (1 + value_bits * (1 - sparsity)) / 8 / GB) for n in p["offload_model_names"]]
-    c.notes.append("as shipped both models and a pruned clone of each sit in host memory at once; one model at a "
-                   "time would halve it (issue #29)")
+    c.notes.append("as shipped both models, and a clone of each one's prunable linears, sit in host memory at "
+                   "once, the sweep holds two pruned sets while it builds the next, and every offloaded model keeps "
+                   "its operating set to the end; loading one model at a time and dropping each set once measured "
+                   "is what issue #29 still asks")
     return c
 
 
@@ -361,11 +453,60 @@ def key_covariances(d_ff: int, edited: int) -> list[Row]:
                 (edited * 8 + 24) * d_ff * d_ff / GB, phase="covariance")]
 
 
+# Chapter 07's library parts, which no formula covers: measured on the CPU with the
+# chapter's own objects (tests/test_resources.py). galois compiles the BCH code's field
+# arithmetic with numba once; ONNX Runtime keeps the memory arena of RivaGAN's encoder
+# session after marking a batch (watermark_all's, at 256 px), so both stay held.
+DREW_GALOIS_GB = 0.23
+DREW_RIVAGAN_BATCH_GB, DREW_RIVAGAN_SIZE = 1.02, 256
+# a ViT's forward pass holds, beside the hidden states, the MLP's first projection and its
+# activation's temporaries: one more for a fused GELU, two for CLIP's quick_gelu
+# (x·sigmoid(1.702·x)); attention is sdpa's, which keeps no token × token matrix
+_MLP_TEMPORARIES = {"gelu": 2, "quick_gelu": 3}
+
+
+def _embedding_pass(name: str, batch: int) -> Row:
+    """One batch through ``name``'s image tower, inference: the batch's token states (the
+    input, the residual stream, the attention's output, the normalised copy: 4 × width) and
+    the MLP's intermediates (:data:`_MLP_TEMPORARIES` × its width), in float32. The tokens
+    are the processor's crop (:data:`replbook.dryrun.HUB_PROCESSOR_SIZES`) in patches, + CLS."""
+    from .dryrun import HUB_PROCESSOR_SIZES
+
+    arch = architectures.architecture(name)
+    config = architectures.config_of(name, 1)  # transformers' config: the defaults the registry leaves out
+    vision = getattr(config, "vision_config", config)
+    crop = HUB_PROCESSOR_SIZES.get(arch.hub_id, (None, vision.image_size))[1]
+    tokens = (crop // vision.patch_size) ** 2 + 1
+    width = vision.hidden_size
+    mlp = getattr(vision, "intermediate_size", None) or vision.mlp_ratio * width  # DINOv2 gives a ratio
+    kept = _MLP_TEMPORARIES[vision.hidden_act]
+    return Row(f"{arch.hub_id} forward pass, batch {batch}", f"{batch} × {tokens} tokens × ({kept} × {mlp} + 4 × "
+               f"{width}) × 4 B", batch * tokens * (kept * mlp + 4 * width) * 4 / GB,
+               phase=f"embedding with {arch.hub_id}")  # one embedder after the other
+
+
 def _drew(p) -> Card:
+    import inspect
+
+    from . import drew
+
     c = Card("07_drew", "CUDA when present (device='auto')")
     names = {"dinov2-base": "facebook/dinov2-base", "clip-vit-l-14": "openai/clip-vit-large-patch14"}
-    c.gpu = [weights(names[e], "float32") for e in p["embedders"] if e in names]
-    c.host = [mapped_while_loading([names[e] for e in p["embedders"] if e in names])]
+    embedders = [names[e] for e in p["embedders"] if e in names]
+    batch = inspect.signature(drew.Embedder).parameters["batch_size"].default
+    c.gpu = [weights(n, "float32") for n in embedders] + [_embedding_pass(n, batch) for n in embedders]
+    n, size = p["n_reference"], p["image_size"]
+    c.host = [mapped_while_loading(embedders),
+              Row(f"reference images and a marked copy per watermark (uint8, {size} px)",
+                  f"(1 + {len(p['watermarks'])}) × {n:,} × {size}² × 3 B", (1 + len(p["watermarks"])) * n * size**2 * 3 / GB),
+              Row(f"galois's compiled BCH code ({p['ecc']})", f"{DREW_GALOIS_GB} GB, measured (numba's compiled field "
+                  "arithmetic)", DREW_GALOIS_GB)]
+    for mark in p["watermarks"]:
+        if mark == "rivagan":
+            c.host.append(Row("RivaGAN's encoder (ONNX Runtime), its arena after a batch",
+                              f"{DREW_RIVAGAN_BATCH_GB} GB, measured at {DREW_RIVAGAN_SIZE} px", DREW_RIVAGAN_BATCH_GB))
+        elif mark == "trustmark":
+            c.gpu.append(Row("TrustMark's encoder and decoder over a batch", "not estimated", None))
     c.disk = [checkpoint(names[e]) for e in p["embedders"] if e in names]
     c.notes.append(f"{p['n_reference']} reference and {p['n_queries']} × {len(p['edits'])} query images embedded once; "
                    "CLIP's whole checkpoint is counted, though the chapter keeps its image tower")
@@ -462,6 +603,13 @@ def _repdecompose_formula(name: str, images: int) -> str:
             f"{min(_decompose_batch(), images)} × {v['tokens']} × {v['width']} × 4 B")
 
 
+# No formula covers a detector's pass: measured (tests/test_resources.py), torchvision's
+# Mask R-CNN v2, untrained, one image as chapter 10 segments them, on the CPU. It hardly
+# depends on the proposals kept (0.36 GB at 250, 0.38 at 1000) or the size (0.43 at 448 px):
+# most of it is the convolutions' working memory, not the detections.
+MASKRCNN_PASS_GB, MASKRCNN_PASS_SIZE = 0.38, 224
+
+
 def _semtokens(p) -> Card:
     c = Card("10_semantic_tokens", "CPU (no device parameter)")
     width, depth, heads, size = p["width"], p["depth"], p["heads"], p["image_size"]
@@ -503,7 +651,8 @@ def _semtokens(p) -> Card:
         c.gpu += [Row("Mask R-CNN segmenter (float32)", f"{maskrcnn / 1e9:.3f} B params × 4 B (torchvision's count)",
                       maskrcnn * 4 / GB, phase="preparing"),
                   Row("Mask R-CNN's pass over one image (its proposals, box and mask heads)",
-                      "no transformer formula covers a detector", None, phase="preparing")]
+                      f"{MASKRCNN_PASS_GB} GB, measured at {MASKRCNN_PASS_SIZE} px on the CPU (no formula covers a "
+                      "detector)", MASKRCNN_PASS_GB, phase="preparing")]
     c.gpu += [_during(Row(f"image ViT ({depth} × {width}), float32", f"12 × {width}² × {depth} × 4 B", encoder * 4 / GB),
                       "training"),
               _during(adamw_state("image ViT", encoder, "float32"), "training"),
