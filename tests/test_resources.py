@@ -147,11 +147,13 @@ def test_a_70b_model_is_spread_over_fake_gpus_within_their_budgets():
 # when one of them comes within (take it off) and when any other falls outside: this list
 # only shrinks. The dry runs record the cell that raised the high-water mark most
 # (largest_rise; the whole profile in runs/dryrun/): the causes below are read from it.
+CARD_OFF_MARGIN = 0.05  # how far inside the tolerance a listed card must come before the list must shrink
 CARD_OFF = {
     "05_t2i_composition": "the peak is the projections' training (cell 22 rises 9.2 GB to 14.2): back-propagating "
                           "through the UNet and the VAE at 256 px, batch 2, which the card marks not estimated (no "
                           "transformer formula covers a UNet); the weights and the load are within its rows",
-    "10_semantic_tokens": "ratio 0.74 on its cold record: the preparing cell (segmenting, encoding captions, "
+    "10_semantic_tokens": "ratio 0.74–0.75 on its cold record (with this or the CI machine's baseline): the "
+                          "preparing cell (segmenting, encoding captions, "
                           "building tokens) rises to 0.83 GB beyond the libraries where the card has 0.68; its Mask "
                           "R-CNN rows match chapter 10's own segment_images (0.55 GB, cold or warm), so the other "
                           "0.15 GB is not yet accounted for; the peak is set in training, 0.09 GB above",
@@ -184,7 +186,11 @@ def test_a_card_comes_within_a_quarter_of_its_dry_runs_measured_peak(key, baseli
     summary = (f"{got.chapter}: card {got.card_gb:.2f} GB{' (partial)' if got.partial else ''} vs "
                f"{got.measured_gb:.2f} GB measured beyond the libraries (ratio {got.ratio:.2f})")
     if got.chapter in CARD_OFF:
-        assert not got.within, f"{summary}: within {resources.CARD_TOLERANCE:.0%} now, take it off CARD_OFF"
+        # the libraries' baseline is measured on the machine running the test (0.81 GB here,
+        # 0.83 in a cold CI run), so a card at the tolerance's edge (10: 0.74 or 0.75) falls
+        # either side: only a card clearly within tells us to take it off the list
+        clearly = abs(got.ratio - 1) <= resources.CARD_TOLERANCE - CARD_OFF_MARGIN
+        assert not clearly, f"{summary}: clearly within {resources.CARD_TOLERANCE:.0%} now, take it off CARD_OFF"
         pytest.xfail(f"{summary}: {CARD_OFF[got.chapter]}")
     assert got.within, summary
 
