@@ -3,7 +3,11 @@ import pytest
 import torch
 
 from replbook import endor
-from replbook_kernels import bitmap_decode, bitmap_decode_reference
+from replbook_kernels import bitmap_decode, bitmap_decode_blocks, bitmap_decode_reference
+
+# the two kernels: one program a row, and one program a block of columns (blocks of 64
+# here, so the odd shapes span several, end mid-block and meet empty blocks)
+KERNELS = {"row": bitmap_decode, "blocks": bitmap_decode_blocks}
 
 
 def sparse(rows, cols, sparsity, dtype=torch.float16, seed=0):
@@ -40,12 +44,13 @@ def test_round_trip_is_bit_exact_in_memory_and_through_a_file(name, tmp_path):
     assert same_bits(endor.decode(endor.load(tmp_path / "w.endor")), dense)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("name", [n for n in CASES if n != "no rows"])
-def test_kernel_decodes_like_the_reference(name):
+def test_kernel_decodes_like_the_reference(name, kernel):
     packed = endor.encode(CASES[name])
     args = (packed.bitmap, packed.values, packed.row_offsets, packed.shape[1])
-    assert same_bits(bitmap_decode(*args, block=64), bitmap_decode_reference(*args))
-    assert same_bits(bitmap_decode(*args, block=64), CASES[name])
+    assert same_bits(KERNELS[kernel](*args, block=64), bitmap_decode_reference(*args))
+    assert same_bits(KERNELS[kernel](*args, block=64), CASES[name])
 
 
 def test_the_file_is_byte_for_byte_the_written_format():
@@ -69,7 +74,7 @@ def test_the_file_is_byte_for_byte_the_written_format():
     assert same_bits(endor.decode(endor.from_bytes(header + body)), dense)
 
 
-@pytest.mark.parametrize("decoder", ["reference", "kernel"])
+@pytest.mark.parametrize("decoder", ["reference", *KERNELS])
 def test_rows_decode_from_their_stored_offsets(decoder):
     """Each row's values start where ``row_offsets`` says, as the format's spec and the
     kernel have it: with a junk value before every row's values and the offsets moved to
@@ -85,7 +90,7 @@ def test_rows_decode_from_their_stored_offsets(decoder):
         pieces += [junk, row]
     offsets = torch.tensor(starts + [sum(len(p) for p in pieces)], dtype=torch.int64)
     args = (packed.bitmap, torch.cat(pieces), offsets, packed.shape[1])
-    decoded = bitmap_decode_reference(*args) if decoder == "reference" else bitmap_decode(*args, block=64)
+    decoded = bitmap_decode_reference(*args) if decoder == "reference" else KERNELS[decoder](*args, block=64)
     assert same_bits(decoded, dense)
 
 
@@ -302,3 +307,48 @@ def test_the_paper_preset_code_path_runs_on_a_tiny_locally_saved_llama(run_paper
     assert saved["preset"] == "paper" and saved["config"]["load_dtype"] == "float16"
     assert {v["claim"] for v in saved["verdicts"]} == {"C1", "C2", "C3"}
     assert (tmp_path / "ssd").is_dir() and not list((tmp_path / "ssd").iterdir()), "offload files are removed"
+
+
+# ----------------------------------------------------------------------------- C3 on a GPU (the recorded run)
+
+def test_offload_speed_run_times_both_layouts_of_a_model_built_from_its_config(tmp_path, monkeypatch):
+    """The GPU run's pipeline on the CPU, with a tiny config in place of the paper model's:
+    both layouts written and timed, the pruned layers compressed about 1.78-fold, the same
+    tokens from both, and the speedup and the ceiling computed from the record's own parts."""
+    import transformers
+
+    from replbook import architectures
+
+    tiny = transformers.LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=1000, max_position_embeddings=64)
+    monkeypatch.setattr(architectures, "config_of", lambda name, layers=None: transformers.LlamaConfig(
+        **{**tiny.to_dict(), "num_hidden_layers": layers}))
+    record = endor.offload_speed_on_gpu("meta-llama/Llama-2-70b-hf", 2, tmp_path, new_tokens=3, device="cpu")
+    assert record["layers"] == 2 and record["vocab_cut_to"] == endor.OFFLOAD_VOCAB
+    assert record["tokens_identical"] and record["first_logits_identical"]
+    per_token = record["per_token"]
+    assert record["speedup"] == pytest.approx(per_token["accelerate"]["seconds"] / per_token["endor"]["seconds"])
+    assert record["seconds_per_token_per_layer"]["endor"] == pytest.approx(per_token["endor"]["seconds"] / 2)
+    assert 1.6 < record["ratio_r"] < 1.8  # 64-wide rows: the offsets cost more than at paper width
+    assert record["ceiling"] == pytest.approx(1 / endor.wire_fraction(record["share_compressible_f"], record["ratio_r"]))
+    # the Endor layout reads fewer bytes per token than Accelerate's
+    assert per_token["endor"]["bytes"] < 0.7 * per_token["accelerate"]["bytes"]
+
+
+def test_c3_gpu_rule_is_eighty_percent_of_the_ceiling():
+    record = {"device": "GPU", "models": [{"model": "a", "layers": 2, "ceiling": 1.75, "speedup": 1.41},
+                                          {"model": "b", "layers": 2, "ceiling": 1.75, "speedup": 1.39}]}
+    assert list(endor.c3_gpu_checks(record).values()) == [True, False]
+
+
+def test_the_recorded_gpu_offload_run_is_complete_and_its_checks_follow_the_rule(repo_root):
+    import json
+
+    records = sorted((repo_root / "kernels" / "measurements").glob("endor_offload_*.json"))
+    for path in records:
+        record = json.loads(path.read_text())
+        assert {m["model"] for m in record["models"]} == set(endor.PAPER_MODELS), path.name
+        for m in record["models"]:
+            assert m["tokens_identical"] and m["first_logits_identical"], (path.name, m["model"])
+            assert m["speedup"] == pytest.approx(m["per_token"]["accelerate"]["seconds"] / m["per_token"]["endor"]["seconds"])
+        assert record["checks"] == endor.c3_gpu_checks(record), path.name  # not edited by hand

@@ -10,6 +10,20 @@ the PCA basis (``keys_pca = K P``), as Loki stores them.
         out[h] = softmax_j(scale · q_pca[h] · keys_pca[g, idx[h, j]]) · values[g, idx[h, j]]
     computed in one pass with an online softmax (no gathered copy is written).
 The top-k between them is ``torch.topk``.
+
+A second path selects without sorting (on the H200 record, faster than the first from
+16k tokens on, slower below: it has more launches):
+
+(c) ``kth_largest``: each head's k-th largest approximate score, by a radix select over
+    the scores' bit patterns (four histogram passes of 8 bits, many programs a row);
+(d) ``threshold_attention``: exact attention over the keys whose approximate score is
+    at least that threshold: each chunk of positions compacts its selected positions,
+    then attends to them densely with an online softmax, and ``combine_partials``
+    merges the chunks in one more launch.
+Keys whose approximate score *ties* the k-th largest are all kept, so (d) may attend
+to more than k keys where ``torch.topk`` would pick among the tied ones arbitrarily.
+(a) also reads keys stored with their first d PCA dimensions apart and contiguous
+(``keys_lead = keys_pca[..., :d].contiguous()``), as a cache laid out for Loki would.
 """
 from __future__ import annotations
 
@@ -45,31 +59,36 @@ def approx_scores_reference(q_pca: torch.Tensor, keys_pca: torch.Tensor, d: int)
 if triton is not None:
 
     @triton.jit
-    def approx_scores_kernel(q_ptr, keys_ptr, out_ptr, seq_len, group,
-                             HEAD_DIM: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    def approx_scores_kernel(q_ptr, keys_ptr, out_ptr, seq_len, group, q_stride, key_stride,
+                             D: tl.constexpr, BLOCK_S: tl.constexpr):
         head = tl.program_id(0)
         block = tl.program_id(1)
         kv = head // group
         offs_s = block * BLOCK_S + tl.arange(0, BLOCK_S)
-        offs_d = tl.arange(0, D)  # only the first D of HEAD_DIM columns are read
+        offs_d = tl.arange(0, D)  # only the first D columns of each row are read
         mask_s = offs_s < seq_len
-        q = tl.load(q_ptr + head * HEAD_DIM + offs_d).to(tl.float32)
-        k = tl.load(keys_ptr + (kv * seq_len + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
+        q = tl.load(q_ptr + head * q_stride + offs_d).to(tl.float32)
+        k = tl.load(keys_ptr + (kv * seq_len + offs_s[:, None]).to(tl.int64) * key_stride + offs_d[None, :],
                     mask=mask_s[:, None], other=0.0).to(tl.float32)
-        tl.store(out_ptr + head * seq_len + offs_s, tl.sum(k * q[None, :], axis=1), mask=mask_s)
+        tl.store(out_ptr + head.to(tl.int64) * seq_len + offs_s, tl.sum(k * q[None, :], axis=1), mask=mask_s)
 
 
 def approx_scores(q_pca: torch.Tensor, keys_pca: torch.Tensor, d: int, block_s: int = 128) -> torch.Tensor:
-    """(a) on the triton kernel where it can run (d and D powers of two), else the reference."""
+    """(a) on the triton kernel where it can run (d a power of two), else the reference.
+    ``keys_pca`` may hold every dimension [Hkv, S, D] or only the first d, stored apart
+    ([Hkv, S, d], contiguous: a quarter of the bytes per row at d = D/4)."""
+    if keys_pca.dim() == 3 and keys_pca.shape[-1] == d < q_pca.shape[-1]:  # the lead dimensions, stored apart
+        return approx_scores(q_pca[:, :d], keys_pca, d, block_s)
     group = _check(q_pca, keys_pca)
-    head_dim = q_pca.shape[1]
-    if not (triton_available(q_pca.device) and _pow2(d) and _pow2(head_dim) and d <= head_dim):
+    if not (triton_available(q_pca.device) and _pow2(d) and d <= q_pca.shape[1]):
         return approx_scores_reference(q_pca, keys_pca, d)
-    q_pca, keys_pca = q_pca.contiguous(), keys_pca.contiguous()
+    keys_pca = keys_pca.contiguous()
+    if q_pca.stride(1) != 1:
+        q_pca = q_pca.contiguous()
     n_heads, seq_len = q_pca.shape[0], keys_pca.shape[1]
     out = torch.empty(n_heads, seq_len, device=q_pca.device, dtype=torch.float32)
     approx_scores_kernel[(n_heads, triton.cdiv(seq_len, block_s))](
-        q_pca, keys_pca, out, seq_len, group, HEAD_DIM=head_dim, D=d, BLOCK_S=block_s)
+        q_pca, keys_pca, out, seq_len, group, q_pca.stride(0), keys_pca.shape[2], D=d, BLOCK_S=block_s)
     return out
 
 
@@ -89,6 +108,27 @@ def topk_attention_reference(q_pca: torch.Tensor, keys_pca: torch.Tensor, values
 if triton is not None:
 
     @triton.jit
+    def _attend_rows(q, keys_ptr, values_ptr, rows, used, kv, seq_len, scale, running_max, running_sum, acc,
+                     HEAD_DIM: tl.constexpr):
+        # one block of rows into a running (online) softmax: exact scores, then the max,
+        # the sum of weights and the weighted values, each rescaled to the new max
+        offs_d = tl.arange(0, HEAD_DIM)
+        base = (kv * seq_len + rows[:, None]).to(tl.int64) * HEAD_DIM + offs_d[None, :]
+        k = tl.load(keys_ptr + base, mask=used[:, None], other=0.0).to(tl.float32)
+        v = tl.load(values_ptr + base, mask=used[:, None], other=0.0).to(tl.float32)
+        s = tl.where(used, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(s, axis=0))
+        correction = tl.where(new_max == float("-inf"), 0.0, tl.exp(running_max - new_max))
+        p = tl.where(used, tl.exp(s - new_max), 0.0)
+        return new_max, running_sum * correction + tl.sum(p, axis=0), acc * correction + tl.sum(p[:, None] * v, axis=0)
+
+    @triton.jit
+    def _store_partial(max_ptr, sum_ptr, acc_ptr, slot, running_max, running_sum, acc, HEAD_DIM: tl.constexpr):
+        tl.store(max_ptr + slot + tl.arange(0, 1), running_max)
+        tl.store(sum_ptr + slot + tl.arange(0, 1), running_sum)
+        tl.store(acc_ptr + slot * HEAD_DIM + tl.arange(0, HEAD_DIM), acc)
+
+    @triton.jit
     def topk_attention_kernel(q_ptr, keys_ptr, values_ptr, index_ptr, max_ptr, sum_ptr, acc_ptr,
                               seq_len, n_selected, group, scale, n_chunks,
                               HEAD_DIM: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
@@ -106,21 +146,9 @@ if triton is not None:
             offs_k = start + tl.arange(0, BLOCK_K)
             mask_k = offs_k < n_selected
             rows = tl.load(index_ptr + head * n_selected + offs_k, mask=mask_k, other=0)
-            base = (kv * seq_len + rows[:, None]) * HEAD_DIM + offs_d[None, :]
-            k = tl.load(keys_ptr + base, mask=mask_k[:, None], other=0.0).to(tl.float32)
-            v = tl.load(values_ptr + base, mask=mask_k[:, None], other=0.0).to(tl.float32)
-            s = tl.sum(k * q[None, :], axis=1) * scale
-            s = tl.where(mask_k, s, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(s, axis=0))
-            correction = tl.where(new_max == float("-inf"), 0.0, tl.exp(running_max - new_max))
-            p = tl.where(mask_k, tl.exp(s - new_max), 0.0)
-            running_sum = running_sum * correction + tl.sum(p, axis=0)
-            acc = acc * correction + tl.sum(p[:, None] * v, axis=0)
-            running_max = new_max
-        slot = head * n_chunks + chunk
-        tl.store(max_ptr + slot + tl.arange(0, 1), running_max)
-        tl.store(sum_ptr + slot + tl.arange(0, 1), running_sum)
-        tl.store(acc_ptr + slot * HEAD_DIM + offs_d, acc)
+            running_max, running_sum, acc = _attend_rows(q, keys_ptr, values_ptr, rows, mask_k, kv, seq_len, scale,
+                                                         running_max, running_sum, acc, HEAD_DIM)
+        _store_partial(max_ptr, sum_ptr, acc_ptr, head * n_chunks + chunk, running_max, running_sum, acc, HEAD_DIM)
 
 
 def combine_chunks(maxima: torch.Tensor, sums: torch.Tensor, accs: torch.Tensor) -> torch.Tensor:
@@ -162,3 +190,237 @@ def loki_decode(q_pca: torch.Tensor, keys_pca: torch.Tensor, values: torch.Tenso
     scores = approx_scores(q_pca, keys_pca, d)
     index = scores.topk(k, dim=-1, sorted=False).indices
     return topk_attention(q_pca, keys_pca, values, index, scale)
+
+
+# ----------------------------------------------------------------------------- (c) the k-th largest score
+
+def kth_largest_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[H]: each row's k-th largest value (fp32)."""
+    return scores.float().topk(k, dim=-1).values[:, -1]
+
+
+# Radix select. An fp32 x maps to an unsigned 32-bit key in the same order: flip the 31 low
+# bits of negatives (so more negative is smaller), then add 2^31. Four passes fix the key's
+# bytes from the top. Pass p counts, in a 256-bin histogram per head, the next byte of the
+# keys that agree with the bytes fixed so far; many programs share a head's row and add
+# their counts atomically. The byte kept is where the count from the top reaches the rank
+# still wanted. Every kernel that needs the bytes fixed so far re-derives them from the
+# histograms of the passes before (256 numbers a pass): no launch of its own.
+RADIX_PASSES = 4
+
+if triton is not None:
+
+    @triton.jit
+    def _radix_prefix(hist_ptr, head, n_heads, k, PASSES: tl.constexpr):
+        bins = tl.arange(0, 256)
+        prefix = tl.zeros((1,), tl.int64)
+        remaining = tl.zeros((1,), tl.int32) + k
+        for step in tl.static_range(PASSES):
+            hist = tl.load(hist_ptr + (step * n_heads + head) * 256 + bins)
+            at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # keys with byte >= b
+            chosen = tl.max(tl.where(at_or_above >= remaining, bins, -1), axis=0)
+            remaining -= tl.sum(tl.where(bins > chosen, hist, 0), axis=0)
+            prefix = prefix | (chosen.to(tl.int64) << (24 - 8 * step))
+        return prefix
+
+    @triton.jit
+    def _radix_threshold(hist_ptr, head, n_heads, k):
+        key = (_radix_prefix(hist_ptr, head, n_heads, k, 4) - 2147483648).to(tl.int32)
+        bits = key ^ ((key >> 31) & 0x7FFFFFFF)  # the same flip undoes itself
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def radix_histogram_kernel(scores_ptr, hist_ptr, seq_len, n_heads, k, split,
+                               PASS: tl.constexpr, BLOCK: tl.constexpr):
+        head = tl.program_id(0)
+        part = tl.program_id(1)  # this program counts scores [part·split, (part+1)·split)
+        shift = 24 - 8 * PASS
+        prefix = _radix_prefix(hist_ptr, head, n_heads, k, PASS)
+        row = scores_ptr + head.to(tl.int64) * seq_len
+        hist = tl.zeros((512,), tl.int32)  # bytes in 0..255; keys that are not candidates in 256
+        for start in range(part * split, part * split + split, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            inside = offs < seq_len
+            bits = tl.load(row + offs, mask=inside, other=0.0).to(tl.int32, bitcast=True)
+            key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
+            candidate = inside & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+            hist += tl.histogram(tl.where(candidate, ((key >> shift) & 255).to(tl.int32), 256), 512)
+        bins = tl.arange(0, 512)
+        tl.atomic_add(hist_ptr + (PASS * n_heads + head) * 256 + bins, hist, mask=bins < 256)
+
+    @triton.jit
+    def radix_threshold_kernel(hist_ptr, out_ptr, n_heads, k):
+        head = tl.program_id(0)
+        tl.store(out_ptr + head + tl.arange(0, 1), _radix_threshold(hist_ptr, head, n_heads, k))
+
+
+def radix_histograms(scores: torch.Tensor, k: int, split: int = 4096, block: int = 1024,
+                     num_warps: int = 4) -> torch.Tensor:
+    """[passes, H, 256] int32: the four passes' histograms of a radix select of each row's
+    k-th largest (one launch a pass, ``split`` scores a program)."""
+    if split % block:
+        raise ValueError(f"split ({split}) must be a multiple of block ({block})")
+    n_heads, seq_len = scores.shape
+    hist = torch.zeros(RADIX_PASSES, n_heads, 256, device=scores.device, dtype=torch.int32)
+    for step in range(RADIX_PASSES):
+        radix_histogram_kernel[(n_heads, triton.cdiv(seq_len, split))](
+            scores, hist, seq_len, n_heads, k, split, PASS=step, BLOCK=block, num_warps=num_warps)
+    return hist
+
+
+def _check_k(scores: torch.Tensor, k: int) -> None:
+    if scores.dim() != 2 or not 1 <= k <= scores.shape[1]:
+        raise ValueError(f"expected scores [H, S] and 1 <= k <= S; got {tuple(scores.shape)}, k={k}")
+
+
+def kth_largest(scores: torch.Tensor, k: int, split: int = 4096, block: int = 1024,
+                num_warps: int = 4) -> torch.Tensor:
+    """(c) each row's k-th largest score, on the kernels where they can run, else ``torch.topk``."""
+    _check_k(scores, k)
+    if not triton_available(scores.device):
+        return kth_largest_reference(scores, k)
+    scores = scores.float().contiguous()
+    hist = radix_histograms(scores, k, split, block, num_warps)
+    out = torch.empty(scores.shape[0], device=scores.device, dtype=torch.float32)
+    radix_threshold_kernel[(scores.shape[0],)](hist, out, scores.shape[0], k)
+    return out
+
+
+# ----------------------------------------------------------------------------- (d) attention above a threshold
+
+def threshold_attention_reference(q_pca: torch.Tensor, keys_pca: torch.Tensor, values: torch.Tensor,
+                                  scores: torch.Tensor, threshold: torch.Tensor, scale: float) -> torch.Tensor:
+    """[H, D]: exact softmax attention of each head over the keys whose approximate score
+    is at least its threshold (fp32)."""
+    group = _check(q_pca, keys_pca)
+    keys = keys_pca.repeat_interleave(group, 0).float()
+    exact = torch.einsum("hsd,hd->hs", keys, q_pca.float()) * scale
+    exact = exact.masked_fill(scores < threshold[:, None], float("-inf"))
+    return torch.einsum("hs,hsd->hd", exact.softmax(-1), values.repeat_interleave(group, 0).float())
+
+
+if triton is not None:
+
+    @triton.jit
+    def compact_above_kernel(scores_ptr, threshold_ptr, hist_ptr, index_ptr, count_ptr, seq_len, n_heads, k,
+                             n_chunks, FROM_HISTOGRAMS: tl.constexpr, CHUNK: tl.constexpr):
+        # one program = one head x one chunk of CHUNK positions: the positions at or above
+        # the threshold, in order, to the start of the chunk's own stretch of the index
+        # buffer, and their number. The threshold is given, or derived from the histograms.
+        head = tl.program_id(0)
+        chunk = tl.program_id(1)
+        if FROM_HISTOGRAMS:
+            threshold = _radix_threshold(hist_ptr, head, n_heads, k)
+        else:
+            threshold = tl.load(threshold_ptr + head + tl.arange(0, 1))
+        offs = chunk * CHUNK + tl.arange(0, CHUNK)
+        inside = offs < seq_len
+        approx = tl.load(scores_ptr + head.to(tl.int64) * seq_len + offs, mask=inside, other=float("-inf"))
+        take = inside & (approx >= threshold)
+        slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
+        tl.store(index_ptr + head.to(tl.int64) * seq_len + chunk * CHUNK + slot, offs, mask=take)
+        taken = tl.zeros((1,), tl.int32) + tl.sum(take.to(tl.int32), axis=0)
+        tl.store(count_ptr + head * n_chunks + chunk + tl.arange(0, 1), taken)
+
+    @triton.jit
+    def compacted_attention_kernel(q_ptr, keys_ptr, values_ptr, index_ptr, count_ptr, max_ptr, sum_ptr, acc_ptr,
+                                   seq_len, group, scale, n_chunks,
+                                   HEAD_DIM: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
+        # one program = one head x one chunk: exact attention over the chunk's selected
+        # rows, read densely from the compacted index; its partial softmax out
+        head = tl.program_id(0)
+        chunk = tl.program_id(1)
+        kv = head // group
+        offs_d = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + head * HEAD_DIM + offs_d).to(tl.float32)
+        count = tl.load(count_ptr + head * n_chunks + chunk)
+        selected = index_ptr + head.to(tl.int64) * seq_len + chunk * CHUNK
+        running_max = tl.full((1,), float("-inf"), tl.float32)
+        running_sum = tl.zeros((1,), tl.float32)
+        acc = tl.zeros((HEAD_DIM,), tl.float32)
+        for start in range(0, count, BLOCK_K):
+            offs_k = start + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < count
+            rows = tl.load(selected + offs_k, mask=mask_k, other=0)
+            running_max, running_sum, acc = _attend_rows(q, keys_ptr, values_ptr, rows, mask_k, kv, seq_len, scale,
+                                                         running_max, running_sum, acc, HEAD_DIM)
+        _store_partial(max_ptr, sum_ptr, acc_ptr, head * n_chunks + chunk, running_max, running_sum, acc, HEAD_DIM)
+
+    @triton.jit
+    def combine_partials_kernel(max_ptr, sum_ptr, acc_ptr, out_ptr, n_chunks,
+                                HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr):
+        # the merge of combine_chunks in one launch: one program a head
+        head = tl.program_id(0)
+        offs_c = tl.arange(0, BLOCK_C)
+        offs_d = tl.arange(0, HEAD_DIM)
+        used = offs_c < n_chunks
+        maxima = tl.load(max_ptr + head * n_chunks + offs_c, mask=used, other=float("-inf"))
+        top = tl.max(maxima, axis=0)
+        weight = tl.where(maxima == float("-inf"), 0.0, tl.exp(maxima - top))  # empty chunks weigh 0
+        total = tl.sum(weight * tl.load(sum_ptr + head * n_chunks + offs_c, mask=used, other=0.0), axis=0)
+        accs = tl.load(acc_ptr + (head * n_chunks + offs_c[:, None]) * HEAD_DIM + offs_d[None, :],
+                       mask=used[:, None], other=0.0)
+        tl.store(out_ptr + head * HEAD_DIM + offs_d, tl.sum(accs * weight[:, None], axis=0) / total)
+
+
+def combine_partials(maxima: torch.Tensor, sums: torch.Tensor, accs: torch.Tensor) -> torch.Tensor:
+    """``combine_chunks`` on one kernel launch where it can run."""
+    if not triton_available(maxima.device) or not _pow2(accs.shape[-1]):
+        return combine_chunks(maxima, sums, accs)
+    n_heads, n_chunks, head_dim = accs.shape
+    out = torch.empty(n_heads, head_dim, device=accs.device, dtype=torch.float32)
+    combine_partials_kernel[(n_heads,)](maxima.contiguous(), sums.contiguous(), accs.contiguous(), out, n_chunks,
+                                        HEAD_DIM=head_dim, BLOCK_C=max(2, triton.next_power_of_2(n_chunks)))
+    return out
+
+
+def _attend_above(q_pca, keys_pca, values, scores, threshold, hist, k, scale, block_k, chunk):
+    """Compact each chunk's selected positions, attend over them, merge the chunks."""
+    q_pca, keys_pca, values = (t.contiguous() for t in (q_pca, keys_pca, values))
+    n_heads, seq_len = scores.shape
+    head_dim = q_pca.shape[1]
+    n_chunks = triton.cdiv(seq_len, chunk)
+    index = torch.empty(n_heads, seq_len, device=scores.device, dtype=torch.int32)
+    counts = torch.empty(n_heads, n_chunks, device=scores.device, dtype=torch.int32)
+    from_histograms = threshold is None
+    compact_above_kernel[(n_heads, n_chunks)](
+        scores, scores if from_histograms else threshold, hist if from_histograms else scores, index, counts,
+        seq_len, n_heads, k, n_chunks, FROM_HISTOGRAMS=from_histograms, CHUNK=chunk)
+    maxima = torch.empty(n_heads, n_chunks, device=scores.device, dtype=torch.float32)
+    sums = torch.empty_like(maxima)
+    accs = torch.empty(n_heads, n_chunks, head_dim, device=scores.device, dtype=torch.float32)
+    compacted_attention_kernel[(n_heads, n_chunks)](
+        q_pca, keys_pca, values, index, counts, maxima, sums, accs, seq_len, n_heads // keys_pca.shape[0], scale,
+        n_chunks, HEAD_DIM=head_dim, BLOCK_K=block_k, CHUNK=chunk)
+    return combine_partials(maxima, sums, accs)
+
+
+def threshold_attention(q_pca: torch.Tensor, keys_pca: torch.Tensor, values: torch.Tensor, scores: torch.Tensor,
+                        threshold: torch.Tensor, scale: float, block_k: int = 64, chunk: int = 1024) -> torch.Tensor:
+    """(d) on the triton kernels where they can run (D a power of two), else the reference."""
+    _check(q_pca, keys_pca)
+    if values.shape != keys_pca.shape or scores.shape != (q_pca.shape[0], keys_pca.shape[1]) \
+            or threshold.shape != (q_pca.shape[0],):
+        raise ValueError(f"values must match keys {tuple(keys_pca.shape)}, scores be [H, S] and threshold [H]; got "
+                         f"{tuple(values.shape)}, {tuple(scores.shape)}, {tuple(threshold.shape)}")
+    if not (triton_available(q_pca.device) and _pow2(q_pca.shape[1]) and _pow2(chunk)):
+        return threshold_attention_reference(q_pca, keys_pca, values, scores, threshold, scale)
+    return _attend_above(q_pca, keys_pca, values, scores.float().contiguous(), threshold.float().contiguous(),
+                         None, 0, scale, block_k, chunk)
+
+
+def loki_decode_select(q_pca: torch.Tensor, keys_pca: torch.Tensor, values: torch.Tensor, k: int, d: int,
+                       scale: float, keys_lead: torch.Tensor | None = None, split: int = 4096,
+                       select_block: int = 1024, select_warps: int = 4, block_k: int = 64,
+                       chunk: int = 1024) -> torch.Tensor:
+    """(a) → (c) → (d): one Loki decoding step with no sort: the approximate scores, four
+    histogram passes, then compaction (which reads the threshold off the histograms),
+    attention and the merge: eight launches. ``keys_lead``: the first d PCA dimensions of
+    the keys stored apart (read by (a)); the rest are launch sizes of (c) and (d)."""
+    _check(q_pca, keys_pca)
+    scores = approx_scores(q_pca, keys_pca if keys_lead is None else keys_lead, d)
+    _check_k(scores, k)
+    if not (triton_available(q_pca.device) and _pow2(q_pca.shape[1]) and _pow2(chunk)):
+        return threshold_attention_reference(q_pca, keys_pca, values, scores, kth_largest_reference(scores, k), scale)
+    hist = radix_histograms(scores, k, split, select_block, select_warps)
+    return _attend_above(q_pca, keys_pca, values, scores, None, hist, k, scale, block_k, chunk)
