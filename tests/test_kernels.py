@@ -74,6 +74,17 @@ def test_recorded_gpu_measurements_are_correct_and_complete(repo_root):
             assert report["speed"] and all(c["ok"] for c in report["correctness"]), path.name
 
 
+def test_kept_gpu_checks_passed(repo_root):
+    """A check kept in kernels/measurements/checks (a re-run of the compiled correctness
+    check after a refactor) must say which GPU ran it and that every shape passed."""
+    import json
+
+    for path in sorted((repo_root / "kernels" / "measurements" / "checks").glob("*.json")):
+        report = json.loads(path.read_text())
+        assert report["gpu"] and report["correctness"], path.name
+        assert all(row["ok"] and row["kth_largest_exact"] for row in report["correctness"]), path.name
+
+
 def test_loki_gpu_record_is_judged_against_the_targets_from_its_own_numbers(repo_root):
     """The targets' verdicts in the record follow from its speed rows (graph against graph
     at 16k and 64k, MHA, batch 1; the fixed cost is the line's intercept)."""
@@ -211,6 +222,28 @@ def test_select_step_attends_to_the_k_best_approximate_keys(device, heads, kv_he
     got = loki_decode_select(q.to(device), keys.to(device), values.to(device), k, d, dim ** -0.5, keys_lead=lead,
                              split=64, select_block=32, block_k=8, chunk=32).cpu()
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (3, 1), (8, 2)])  # groups of 1, 3 and 4 query heads
+def test_one_selection_per_kv_head_attends_to_the_k_best_keys_of_the_summed_query(device, heads, kv_heads):
+    """per_kv_head=True against a float64 reference: every query head of a group attends to
+    the same k keys, those whose first-d score against the group's summed query is largest
+    (the module docstring's per_kv_head)."""
+    seq, dim, d, k = 200, 32, 8, 50
+    q, keys, values, _ = _loki_inputs("cpu", heads, kv_heads, seq, dim)
+    group = heads // kv_heads
+    summed = q.double().view(kv_heads, group, dim).sum(1)
+    shared = torch.einsum("gsd,gd->gs", keys[..., :d].double(), summed[:, :d]).topk(k, dim=-1).indices
+    top = shared.repeat_interleave(group, 0)
+    expected = _float64_step(q, keys, values, top, dim ** -0.5, group)
+    for launch in ({}, {"keys_lead": keys[..., :d].contiguous().to(device), "split": 64, "select_block": 32,
+                        "block_k": 8, "chunk": 32}):
+        got = loki_decode_select(q.to(device), keys.to(device), values.to(device), k, d, dim ** -0.5,
+                                 per_kv_head=True, **launch).cpu()
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+    own = loki_decode_select(q.to(device), keys.to(device), values.to(device), k, d, dim ** -0.5).cpu()
+    assert torch.allclose(own, got, rtol=1e-4, atol=1e-5) == (group == 1)  # a shared choice differs from each head's own
 
 
 def test_select_step_keeps_the_planted_best_keys_not_the_worst():

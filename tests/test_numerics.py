@@ -58,7 +58,7 @@ def test_each_reference_is_another_familys_rerun_of_the_committed_code(path):
         f"{path.relative_to(ROOT)} is stale: rerun `replbook reference {slug[:2]}` on a {family} machine")
     assert reference["results"]["tolerances"] == committed["tolerances"]
     assert reference["results"]["preset"] == committed["preset"] == "book"
-    expected = numerics.Expected(slug, family, ROOT)
+    expected = numerics.Expected(slug, family, ROOT, variant="")  # this record, whatever this machine's CPU model
     outputs = expected.cell_outputs(nbformat.read(ROOT / "notebooks" / f"{slug}.ipynb", as_version=4))
     assert outputs is not None and expected.results == reference["results"]
     assert not any(o.get("data", {}).keys() & set(numerics.IMAGE_TYPES) for cell in outputs for o in cell)
@@ -436,3 +436,97 @@ def test_nbval_runs_the_cells_of_a_pending_family_without_comparing_them(tmp_pat
     expect_this_familys_outputs(home, "x86_64-amd")
     assert [i.options for i in home] == [i.options for i in items()]  # the published family: as nbval made them
     assert any(i.options["check"] for i in home)
+
+
+# ----------------------------------------------------------------------------- CPU models of a family
+
+ZEN3 = "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n"
+
+
+def _summed_otherwise(run: dict, index: int, by: float) -> dict:
+    """A copy of chapter 09's ``run`` as another CPU's sums give it: one score moved by ``by``."""
+    other = json.loads(json.dumps(run))
+    other["metrics"]["scores"]["vit|object"][index] += by
+    return other
+
+
+def test_a_cpu_model_is_tagged_by_its_family_and_model_numbers():
+    assert numerics.cpu_variant(AMD) == "f23m49" and numerics.cpu_variant(ZEN3) == "f25m1"
+    assert numerics.cpu_variant(INTEL) == "f6m207"
+    assert numerics.recorded_variant({"cpu": numerics.cpu_model(ZEN3)}) == "f25m1"
+    assert numerics.recorded_variant({"cpu": "the machine that published it before"}) is None
+    assert numerics.variant_name("x86_64-amd", "f25m17") == "x86_64-amd@f25m17"
+
+
+def test_a_cpu_model_with_its_own_numbers_is_held_to_them_and_the_family_to_its_own(tmp_path):
+    """Chapter 03 on AMD: a Zen 4 gives other numbers than a Zen 3 (numerics' docstring). Each
+    model is held to its own record; a model without one to the family's; the model's record
+    applies on the published family too; a stale one is refused with the command that renews it."""
+    root, slug, committed, notebook = _chapter_09(tmp_path)
+    numerics.mark_family_dependent(slug, root)
+    zen3 = _summed_otherwise(committed, 14, 0.5)
+    zen4 = _summed_otherwise(committed, 14, 0.9)
+    numerics.write_reference(slug, "x86_64-intel", zen3, _with_output(notebook, "zen 3's table"), root,
+                             cpu=numerics.cpu_model(ZEN3))
+    numerics.write_reference(slug, "x86_64-intel@f25m17", zen4, _with_output(notebook, "zen 4's table"), root)
+
+    on_zen4 = numerics.Expected(slug, "x86_64-intel", root, variant="f25m17")
+    assert on_zen4.where == "x86_64-intel@f25m17" and on_zen4.results == zen4 and not on_zen4.compare(zen4)
+    assert on_zen4.compare(zen3) and "zen 4's table" in json.dumps(on_zen4.cell_outputs(notebook))
+    assert "CPU model" in on_zen4.source
+    on_zen3 = numerics.Expected(slug, "x86_64-intel", root, variant="f25m1")
+    assert on_zen3.where == "x86_64-intel" and on_zen3.results == zen3 and on_zen3.compare(zen4)
+    assert numerics.Expected(slug, "x86_64-intel", root, variant="").results == zen3  # the family's alone
+    # the published family: its models are held to the published numbers unless one has its own
+    numerics.write_reference(slug, "x86_64-amd@f25m17", zen4, notebook, root)
+    assert numerics.Expected(slug, "x86_64-amd", root, variant="f23m49").results == committed
+    assert numerics.Expected(slug, "x86_64-amd", root, variant="f25m17").results == zen4
+    stale = json.loads(numerics.reference_path(slug, "x86_64-intel@f25m17", root).read_text())
+    stale["code_version"] = "0" * 16
+    numerics.reference_path(slug, "x86_64-intel@f25m17", root).write_text(json.dumps(stale))
+    with pytest.raises(ValueError, match="replbook reference 09 --cpu-model"):
+        numerics.Expected(slug, "x86_64-intel", root, variant="f25m17")
+    numerics.Expected(slug, "x86_64-intel", root, variant="f25m1")  # the other model is not affected
+
+
+def test_publishing_under_changed_code_makes_a_cpu_models_record_pending_with_its_own_move(tmp_path):
+    root, slug, old, notebook = _chapter_09(tmp_path)
+    numerics.mark_family_dependent(slug, root)
+    intel = _summed_otherwise(old, 14, 0.01)
+    zen4 = _summed_otherwise(old, 13, 0.02)
+    numerics.write_reference(slug, "x86_64-intel", intel, notebook, root)
+    numerics.write_reference(slug, "x86_64-amd@f25m17", zen4, notebook, root)
+    new = dict(old, code_version="f" * 16)
+    (root / "results" / f"{slug}.json").write_text(json.dumps(new))
+    waiting = numerics.record_publication(slug, "x86_64-amd", new, old, notebook, root, variant="f23m49")
+    model = numerics.reference_path(slug, "x86_64-amd@f25m17", root)
+    assert model in waiting and numerics.reference_path(slug, "x86_64-intel", root) in waiting
+    record = json.loads(model.read_text())
+    assert record["pending"] and record["code_version"] == "f" * 16 and "--cpu-model" in record["why"]
+    assert record["moves"]["numbers"]["scores.vit|object[13]"] == pytest.approx(0.02)  # its own distance
+    assert record["moves"]["numbers"]["scores.vit|object[14]"] == 0
+    assert list(numerics.pending_families(slug, root)) == ["x86_64-amd@f25m17", "x86_64-intel"]
+    assert numerics.Expected(slug, "x86_64-amd", root, variant="f25m17").pending
+    assert not numerics.Expected(slug, "x86_64-amd", root, variant="f23m49").pending
+
+
+def test_a_model_that_publishes_drops_its_record_and_files_the_familys_under_the_model_it_came_from(tmp_path):
+    """Zen 4 republishes chapter 03 on AMD, where the family's reference came from a Zen 3:
+    Zen 4's own record is now the published numbers; the Zen 3 numbers move to Zen 3's
+    record (pending under new code, measured against Zen 4's old run), so Zen 3 keeps its guard."""
+    root, slug, old, notebook = _chapter_09(tmp_path)
+    (root / "results" / "reference" / "published.json").write_text(json.dumps({slug: "x86_64-intel"}))
+    numerics.mark_family_dependent(slug, root)
+    zen3 = _summed_otherwise(old, 14, 0.01)
+    zen4 = _summed_otherwise(old, 14, 0.04)
+    numerics.write_reference(slug, "x86_64-amd", zen3, notebook, root, cpu=numerics.cpu_model(ZEN3))
+    numerics.write_reference(slug, "x86_64-amd@f25m17", zen4, notebook, root)
+    new = dict(zen4, code_version="f" * 16)
+    (root / "results" / f"{slug}.json").write_text(json.dumps(new))
+    numerics.record_publication(slug, "x86_64-amd", new, old, notebook, root, variant="f25m17")
+    assert not numerics.reference_path(slug, "x86_64-amd", root).exists()
+    assert not numerics.reference_path(slug, "x86_64-amd@f25m17", root).exists()
+    moved = json.loads(numerics.reference_path(slug, "x86_64-amd@f25m1", root).read_text())
+    assert moved["pending"] and moved["moves"]["numbers"]["scores.vit|object[14]"] == pytest.approx(0.03)
+    intel = json.loads(numerics.reference_path(slug, "x86_64-intel", root).read_text())
+    assert intel["pending"] and intel["moves"]["numbers"]["scores.vit|object[14]"] == pytest.approx(0.04)

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from .endor import bitmap_decode, bitmap_decode_blocks, bitmap_decode_reference
 from .gathered_scores import benchmark, gathered_scores, gathered_scores_reference
 from .loki import (approx_scores, approx_scores_reference, kth_largest, kth_largest_reference, loki_decode,
-                   loki_decode_select, radix_histograms, threshold_attention, topk_attention,
-                   topk_attention_reference)
+                   loki_decode_select, radix_histograms, threshold_attention, threshold_attention_reference,
+                   topk_attention, topk_attention_reference)
 
 # peak HBM bandwidth in GB/s, from the vendors' data sheets
 PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
@@ -111,11 +111,20 @@ def loki_correctness(g) -> list[dict]:
         err_select = (loki_decode_select(q, keys, values, k, d, scale)
                       - topk_attention_reference(q, keys, values, top, scale)).abs().max().item()
         err_select_full = (loki_decode_select(q, keys, values, seq, dim, scale) - dense).abs().max().item()
+        group = heads // kv_heads  # one selection per kv head, by the group's summed query
+        shared = approx_scores_reference(q.float().view(kv_heads, group, dim).sum(1), keys, d)
+        shared_reference = threshold_attention_reference(
+            q, keys, values, shared.repeat_interleave(group, 0),
+            kth_largest_reference(shared, k).repeat_interleave(group, 0), scale)
+        err_shared = (loki_decode_select(q, keys, values, k, d, scale, per_kv_head=True)
+                      - shared_reference).abs().max().item()
         rows.append({"shape": [heads, kv_heads, seq, dim, d, k], "approx_scores_err": err_a,
                      "approx_scores_lead_err": err_lead, "topk_attention_err": err_b,
                      "k_equals_S_vs_dense_err": err_full, "kth_largest_exact": kth_exact,
                      "select_vs_topk_reference_err": err_select, "select_k_equals_S_vs_dense_err": err_select_full,
-                     "ok": kth_exact and max(err_a, err_lead, err_b, err_full, err_select, err_select_full) < 2e-2})
+                     "select_per_kv_head_vs_reference_err": err_shared,
+                     "ok": kth_exact and max(err_a, err_lead, err_b, err_full, err_select, err_select_full,
+                                             err_shared) < 2e-2})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -169,6 +178,15 @@ def loki_speed_row(batch: int, heads: int, kv_heads: int, seq: int, k_f: float, 
     row["speedup_graph_vs_dense_graph"] = row["dense_graph_ms"] / row["loki_select_graph_ms"]
     row["speedup_topk_eager_vs_dense"] = row["dense_ms"] / row["loki_topk_ms"]
     row["speedup_topk_graph_vs_dense_graph"] = row["dense_graph_ms"] / row["loki_topk_graph_ms"]
+    if kv_heads < heads:  # one selection per kv head (batch folded in: the groups stay whole)
+        def shared_step():
+            return loki_decode_select(q_flat, keys_flat, values_flat, k, d, scale, keys_lead=keys_lead,
+                                      split=best_select["split"], select_block=best_select["block"],
+                                      select_warps=best_select["num_warps"], block_k=best_attend["block_k"],
+                                      chunk=best_attend["chunk"], per_kv_head=True)
+
+        row["loki_select_per_kv_head_graph_ms"] = cuda_ms(graphed(shared_step))
+        row["speedup_per_kv_head_graph_vs_dense_graph"] = row["dense_graph_ms"] / row["loki_select_per_kv_head_graph_ms"]
     print(json.dumps(row), flush=True)
     return row
 

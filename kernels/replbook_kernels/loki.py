@@ -22,6 +22,11 @@ A second path selects without sorting (on the H200 record, faster than the first
     merges the chunks in one more launch.
 Keys whose approximate score *ties* the k-th largest are all kept, so (d) may attend
 to more than k keys where ``torch.topk`` would pick among the tied ones arbitrarily.
+``per_kv_head=True`` makes one selection per key/value head under grouped-query attention:
+the group's query heads share the k keys ranked highest by their summed query,
+(Σ_h q_h)·k in the first d dimensions, so (c) runs on Hkv rows and each selected key is
+read for one group, not once per query head (what it does to perplexity is not yet
+measured in chapter 08, nor its speed on a GPU).
 (a) also reads keys stored with their first d PCA dimensions apart and contiguous
 (``keys_lead = keys_pca[..., :d].contiguous()``), as a cache laid out for Loki would.
 """
@@ -324,17 +329,19 @@ if triton is not None:
 
     @triton.jit
     def compacted_attention_kernel(q_ptr, keys_ptr, values_ptr, index_ptr, count_ptr, max_ptr, sum_ptr, acc_ptr,
-                                   seq_len, group, scale, n_chunks,
+                                   seq_len, group, select_group, scale, n_chunks,
                                    HEAD_DIM: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
         # one program = one head x one chunk: exact attention over the chunk's selected
-        # rows, read densely from the compacted index; its partial softmax out
+        # rows, read densely from the compacted index; its partial softmax out. Query head
+        # h reads selection h // select_group (1: its own; group: its kv head's)
         head = tl.program_id(0)
         chunk = tl.program_id(1)
         kv = head // group
+        selection = head // select_group
         offs_d = tl.arange(0, HEAD_DIM)
         q = tl.load(q_ptr + head * HEAD_DIM + offs_d).to(tl.float32)
-        count = tl.load(count_ptr + head * n_chunks + chunk)
-        selected = index_ptr + head.to(tl.int64) * seq_len + chunk * CHUNK
+        count = tl.load(count_ptr + selection * n_chunks + chunk)
+        selected = index_ptr + selection.to(tl.int64) * seq_len + chunk * CHUNK
         running_max = tl.full((1,), float("-inf"), tl.float32)
         running_sum = tl.zeros((1,), tl.float32)
         acc = tl.zeros((HEAD_DIM,), tl.float32)
@@ -375,23 +382,24 @@ def combine_partials(maxima: torch.Tensor, sums: torch.Tensor, accs: torch.Tenso
 
 
 def _attend_above(q_pca, keys_pca, values, scores, threshold, hist, k, scale, block_k, chunk):
-    """Compact each chunk's selected positions, attend over them, merge the chunks."""
+    """Compact each chunk's selected positions, attend over them, merge the chunks.
+    ``scores`` holds one row per selection: per query head [H, S], or per kv head [Hkv, S]."""
     q_pca, keys_pca, values = (t.contiguous() for t in (q_pca, keys_pca, values))
-    n_heads, seq_len = scores.shape
-    head_dim = q_pca.shape[1]
+    n_selections, seq_len = scores.shape
+    n_heads, head_dim = q_pca.shape
     n_chunks = triton.cdiv(seq_len, chunk)
-    index = torch.empty(n_heads, seq_len, device=scores.device, dtype=torch.int32)
-    counts = torch.empty(n_heads, n_chunks, device=scores.device, dtype=torch.int32)
+    index = torch.empty(n_selections, seq_len, device=scores.device, dtype=torch.int32)
+    counts = torch.empty(n_selections, n_chunks, device=scores.device, dtype=torch.int32)
     from_histograms = threshold is None
-    compact_above_kernel[(n_heads, n_chunks)](
+    compact_above_kernel[(n_selections, n_chunks)](
         scores, scores if from_histograms else threshold, hist if from_histograms else scores, index, counts,
-        seq_len, n_heads, k, n_chunks, FROM_HISTOGRAMS=from_histograms, CHUNK=chunk)
+        seq_len, n_selections, k, n_chunks, FROM_HISTOGRAMS=from_histograms, CHUNK=chunk)
     maxima = torch.empty(n_heads, n_chunks, device=scores.device, dtype=torch.float32)
     sums = torch.empty_like(maxima)
     accs = torch.empty(n_heads, n_chunks, head_dim, device=scores.device, dtype=torch.float32)
     compacted_attention_kernel[(n_heads, n_chunks)](
-        q_pca, keys_pca, values, index, counts, maxima, sums, accs, seq_len, n_heads // keys_pca.shape[0], scale,
-        n_chunks, HEAD_DIM=head_dim, BLOCK_K=block_k, CHUNK=chunk)
+        q_pca, keys_pca, values, index, counts, maxima, sums, accs, seq_len, n_heads // keys_pca.shape[0],
+        n_heads // n_selections, scale, n_chunks, HEAD_DIM=head_dim, BLOCK_K=block_k, CHUNK=chunk)
     return combine_partials(maxima, sums, accs)
 
 
@@ -412,15 +420,23 @@ def threshold_attention(q_pca: torch.Tensor, keys_pca: torch.Tensor, values: tor
 def loki_decode_select(q_pca: torch.Tensor, keys_pca: torch.Tensor, values: torch.Tensor, k: int, d: int,
                        scale: float, keys_lead: torch.Tensor | None = None, split: int = 4096,
                        select_block: int = 1024, select_warps: int = 4, block_k: int = 64,
-                       chunk: int = 1024) -> torch.Tensor:
+                       chunk: int = 1024, per_kv_head: bool = False) -> torch.Tensor:
     """(a) → (c) → (d): one Loki decoding step with no sort: the approximate scores, four
     histogram passes, then compaction (which reads the threshold off the histograms),
     attention and the merge: eight launches. ``keys_lead``: the first d PCA dimensions of
-    the keys stored apart (read by (a)); the rest are launch sizes of (c) and (d)."""
-    _check(q_pca, keys_pca)
-    scores = approx_scores(q_pca, keys_pca if keys_lead is None else keys_lead, d)
+    the keys stored apart (read by (a)); ``per_kv_head``: one selection per key/value head,
+    by the group's summed query (module docstring); the rest are launch sizes of (c) and (d)."""
+    group = _check(q_pca, keys_pca)
+    if per_kv_head:  # (Σ_h q_h)·k = Σ_h (q_h·k): one row of scores per kv head
+        selecting = q_pca.float().view(keys_pca.shape[0], group, q_pca.shape[1]).sum(1)
+    else:
+        selecting = q_pca
+    scores = approx_scores(selecting, keys_pca if keys_lead is None else keys_lead, d)
     _check_k(scores, k)
     if not (triton_available(q_pca.device) and _pow2(q_pca.shape[1]) and _pow2(chunk)):
-        return threshold_attention_reference(q_pca, keys_pca, values, scores, kth_largest_reference(scores, k), scale)
+        threshold = kth_largest_reference(scores, k)
+        if per_kv_head:
+            scores, threshold = scores.repeat_interleave(group, 0), threshold.repeat_interleave(group, 0)
+        return threshold_attention_reference(q_pca, keys_pca, values, scores, threshold, scale)
     hist = radix_histograms(scores, k, split, select_block, select_warps)
     return _attend_above(q_pca, keys_pca, values, scores, None, hist, k, scale, block_k, chunk)

@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
                                                  "family than its published results and record that family's numbers "
                                                  "(results/reference/<family>/), which the guard then holds such machines to")
     p_ref.add_argument("chapter", help="chapter number, e.g. 05")
+    p_ref.add_argument("--cpu-model", action="store_true",
+                       help="record the numbers of this machine's CPU model, which differ from its family's "
+                            "(results/reference/<family>@f<family>m<model>/); allowed on the published family too")
     p_build = sub.add_parser("build", help="regenerate the scoreboard and build the site")
     p_build.add_argument("--no-execute", action="store_true", help="do not execute chapters lacking results")
     sub.add_parser("scoreboard", help="regenerate the scoreboard files only")
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "reference":
             from .runner import record_reference
 
-            print(record_reference(args.chapter))
+            print(record_reference(args.chapter, cpu_model=args.cpu_model))
         elif args.command == "build":
             build(execute_missing=not args.no_execute)
         elif args.command == "dryrun":

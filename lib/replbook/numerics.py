@@ -27,6 +27,18 @@ families' last runs of the same code showed about how far they lie apart. On a p
 the guard holds a rerun to the published **verdicts** exactly and to each number within its
 tolerance widened by twice the measured cross-family move (what the new code added or changed
 is not compared there: :func:`pending_view`); nbval runs every cell but compares no outputs. ``replbook reference NN`` on that family ends the wait.
+
+One vendor's CPUs do not always sum alike either. Chapter 03's CoOp runs on CIFAR-10 gave
+eight numbers 0.013–0.027 apart on an AMD EPYC Zen 4 (family 25, model 17) and on a Zen 3
+(family 25, model 1), both pinned, each run deterministic (2026-12-04: the cold CI run of
+8bc2543 failed there). MKL ignores ``MKL_ENABLE_INSTRUCTIONS`` on AMD (the same sums under
+AVX2, AVX512 and SSE4_2 caps, measured) and oneDNN reports AVX2 under the pin, so the
+likely cause is what neither pin fixes: blocking chosen from the cache sizes (Zen 4 has
+twice Zen 3's L2); not proven. Such a chapter gets a reference for one **CPU model** of a
+family, ``results/reference/<family>@f<cpu family>m<model>/<slug>.json``
+(``replbook reference NN --cpu-model``), which a machine of that model is held to in
+place of its family's numbers; every other model of the family keeps the family's.
+Under changed code such a record turns pending like a family's (:func:`record_publication`).
 """
 from __future__ import annotations
 
@@ -67,18 +79,55 @@ def cpu_vendor(cpuinfo: str | None = None) -> str:
     return "unknown"
 
 
-def cpu_model(cpuinfo: str | None = None) -> str:
-    """The CPU's model name and family/model numbers, for the record (not part of the family)."""
+def _cpu_fields(cpuinfo: str | None) -> dict[str, str] | None:
+    """The first CPU's fields in /proc/cpuinfo (or ``cpuinfo``), None where it cannot be read."""
     try:
         cpuinfo = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor() or "unknown"
-    fields = {}
+        return None
+    fields: dict[str, str] = {}
     for line in cpuinfo.splitlines():
         if ":" in line:
             key, value = (part.strip() for part in line.split(":", 1))
             fields.setdefault(key, value)
+    return fields
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name and family/model numbers, for the record (not part of the family)."""
+    fields = _cpu_fields(cpuinfo)
+    if fields is None:
+        return platform.processor() or "unknown"
     return f"{fields.get('model name', 'unknown')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+
+
+def cpu_variant(cpuinfo: str | None = None) -> str:
+    """This CPU's family and model numbers as a tag, e.g. ``f25m17`` (AMD Zen 4): what a
+    reference for one CPU model of a numerics family is filed under."""
+    fields = _cpu_fields(cpuinfo) or {}
+    return f"f{fields.get('cpu family', '?')}m{fields.get('model', '?')}"
+
+
+def variant_name(family_name: str, variant: str) -> str:
+    """Where one CPU model's numbers of a family are filed: ``x86_64-amd@f25m17``."""
+    return f"{family_name}@{variant}"
+
+
+def recorded_variant(record: dict) -> str | None:
+    """The CPU model a reference was made on (its ``cpu`` field), as a :func:`cpu_variant` tag."""
+    found = re.search(r"\(family (\d+), model (\d+)\)", record.get("cpu", ""))
+    return f"f{found[1]}m{found[2]}" if found else None
+
+
+def reference_name(slug: str, family_name: str, root: Path | None = None, variant: str | None = None) -> str:
+    """The record a machine of ``family_name`` and CPU model ``variant`` (this machine's when
+    None) is held to: its model's own (``family@variant``) where one exists, else its family's.
+    A ``family_name`` that names a model already is taken as it is; ``variant=""`` asks for the
+    family's record alone."""
+    if "@" in family_name or variant == "":
+        return family_name
+    own = variant_name(family_name, variant or cpu_variant())
+    return own if reference_path(slug, own, root).exists() else family_name
 
 
 def family(environ: dict[str, str] | None = None, machine: str | None = None, cpuinfo: str | None = None) -> str:
@@ -327,11 +376,15 @@ def uncompared(committed: dict, moves: dict) -> list[str]:
 
 def write_pending(slug: str, family_name: str, published: dict, published_on: str, moves: dict,
                   measured: str | None, root: Path | None = None) -> Path:
-    """Record that ``family_name`` waits for its own numbers of ``published``'s code."""
+    """Record that ``family_name`` (or one CPU model of a family, ``family@model``) waits for its
+    own numbers of ``published``'s code."""
+    name, _, model = family_name.partition("@")
+    command = f"`replbook reference {slug[:2]}{' --cpu-model' if model else ''}`"
+    machine = f"{name} machine with CPU model {model}" if model else f"{name} machine"
     payload = {"slug": slug, "family": family_name, "pending": True, "code_version": published.get("code_version"),
                "since": time.strftime("%Y-%m-%d"), "published_on": published_on,
                "why": f"{slug} was published on {published_on} under code this family has not run: until "
-                      f"`replbook reference {slug[:2]}` runs on a {family_name} machine, a rerun here is held to the "
+                      f"{command} runs on a {machine}, a rerun here is held to the "
                       f"published verdicts and to each number within its tolerance plus {PENDING_MARGIN:g} x the "
                       "cross-family move below; nbval runs the cells without comparing their outputs",
                "measured": measured, "moves": moves}
@@ -341,27 +394,42 @@ def write_pending(slug: str, family_name: str, published: dict, published_on: st
 
 
 class Expected:
-    """What a rerun of ``slug`` on a machine of ``family_name`` must reproduce."""
+    """What a rerun of ``slug`` on a machine of ``family_name`` (and CPU model ``variant``:
+    this machine's when None) must reproduce."""
 
-    def __init__(self, slug: str, family_name: str | None = None, root: Path | None = None):
+    def __init__(self, slug: str, family_name: str | None = None, root: Path | None = None,
+                 variant: str | None = None):
         root = root or repo_root()
-        self.slug, self.family = slug, family_name or family()
+        self.slug, self.family = slug, (family_name or family()).split("@")[0]
+        # the record this machine is held to: its CPU model's, else its family's
+        self.where = reference_name(slug, family_name or self.family, root, variant)
         self.committed = json.loads((root / "results" / f"{slug}.json").read_text())
         self.published_family = published_family(slug, root)
         self.dependent = slug in family_dependent(root)
         self.reference = self.pending = None
-        path = reference_path(slug, self.family, root)
-        if self.family != self.published_family and path.exists():
+        path = reference_path(slug, self.where, root)
+        # a CPU model's record applies on the published family too (the published run is another model's)
+        if self.where != self.published_family and path.exists():
             record = json.loads(path.read_text())
             if record.get("code_version") != self.committed.get("code_version"):
                 raise ValueError(
-                    f"results/reference/{self.family}/{slug}.json was made with code {record.get('code_version')}, "
+                    f"results/reference/{self.where}/{slug}.json was made with code {record.get('code_version')}, "
                     f"results/{slug}.json with {self.committed.get('code_version')}: rerun `replbook reference "
-                    f"{slug[:2]}` on a {self.family} machine (or delete it if the chapter no longer differs there)")
+                    f"{slug[:2]}{self._model_flag}` on a {self._machine} machine (or delete it if the chapter no "
+                    "longer differs there)")
             if record.get("pending"):
                 self.pending = record
             else:
                 self.reference = record
+
+    @property
+    def _model_flag(self) -> str:
+        return " --cpu-model" if "@" in self.where else ""
+
+    @property
+    def _machine(self) -> str:
+        name, _, variant = self.where.partition("@")
+        return f"{name} ({variant})" if variant else name
 
     @property
     def results(self) -> dict:
@@ -375,15 +443,16 @@ class Expected:
     @property
     def source(self) -> str:
         if self.reference:
-            return (f"results/reference/{self.family}/{self.slug}.json (this machine's family; "
+            return (f"results/reference/{self.where}/{self.slug}.json (this machine's "
+                    f"{'CPU model' if '@' in self.where else 'family'}; "
                     f"results/{self.slug}.json was made on {self.published_family})")
         if self.pending:
-            return (f"results/{self.slug}.json, made on {self.published_family}, with {self.family} pending since "
+            return (f"results/{self.slug}.json, made on {self.published_family}, with {self.where} pending since "
                     f"{self.pending.get('since')}: verdicts exactly, numbers within their tolerance plus "
                     f"{PENDING_MARGIN:g} x the measured cross-family move ("
                     f"{len(uncompared(self.committed, self.pending['moves']))} values and checks the families' last "
                     f"runs did not both compute are not compared), cell outputs not compared, until "
-                    f"`replbook reference {self.slug[:2]}` runs on a {self.family} machine")
+                    f"`replbook reference {self.slug[:2]}{self._model_flag}` runs on a {self._machine} machine")
         if self.family == self.published_family:
             return f"results/{self.slug}.json (made on this machine's family, {self.family})"
         if not self.dependent:
@@ -402,8 +471,9 @@ class Expected:
         code = [c for c in notebook.cells if c.cell_type == "code"]
         cells = self.reference["cells"]
         if len(cells) != len(code) or any(source_digest(c.source) != r["source_sha"] for c, r in zip(code, cells)):
-            raise ValueError(f"results/reference/{self.family}/{self.slug}.json was recorded from other cells than "
-                             f"notebooks/{self.slug}.ipynb has: rerun `replbook reference {self.slug[:2]}`")
+            raise ValueError(f"results/reference/{self.where}/{self.slug}.json was recorded from other cells than "
+                             f"notebooks/{self.slug}.ipynb has: rerun `replbook reference {self.slug[:2]}"
+                             f"{self._model_flag}`")
         return [r["outputs"] for r in cells]
 
     def compare(self, rerun: dict) -> list[str]:
@@ -413,7 +483,7 @@ class Expected:
 
 
 def record_publication(slug: str, family_name: str, published: dict, previous: dict | None = None,
-                       previous_notebook=None, root: Path | None = None) -> list[Path]:
+                       previous_notebook=None, root: Path | None = None, variant: str | None = None) -> list[Path]:
     """``published`` (results) just replaced ``previous`` (and its notebook): record which family
     made it, and drop that family's reference for the chapter (its published results are now the
     family's own). If the chapter is family-dependent, the previous results came from another
@@ -423,18 +493,35 @@ def record_publication(slug: str, family_name: str, published: dict, previous: d
     family-dependent chapter becomes pending (:func:`write_pending`), with the moves measured
     between the families' runs of the code just replaced (or carried from its earlier pending
     record). Returns the records written pending and any other family's record the new code
-    made stale (each waits for ``replbook reference`` on such a machine)."""
+    made stale (each waits for ``replbook reference`` on such a machine).
+
+    CPU models (``variant``: the publishing machine's, this one's when None): a chapter with a
+    record for one model of a family treats each such record as a family of its own here.
+    The publishing model's record is dropped (its numbers are now the published ones), and
+    measured against as the publisher's old run; the publishing family's reference, made on
+    another of its models, is filed under that model first, so that model keeps its numbers."""
     root = root or repo_root()
+    variant = variant or cpu_variant()
     families = published_families(root)
     before = families.get(slug)
     dependent = slug in family_dependent(root)
     version = published.get("code_version")
+    own, mine = reference_path(slug, family_name, root), reference_path(slug, variant_name(family_name, variant), root)
+    if own.exists() and any(reference_dir(root).glob(f"{family_name}@*/{slug}.json")):
+        record = json.loads(own.read_text())
+        made_on = recorded_variant(record)
+        moved_to = reference_path(slug, variant_name(family_name, made_on or "?"), root)
+        if not record.get("pending") and made_on and made_on != variant and not moved_to.exists():
+            moved_to.parent.mkdir(parents=True, exist_ok=True)
+            results.write_atomic(moved_to, {**record, "family": moved_to.parent.name})
     # each family's run of the code being replaced: what the distance between families is measured on
     old_runs = {before: previous} if previous is not None and before else {}
     for path in sorted(reference_dir(root).glob(f"*/{slug}.json")):
         record = json.loads(path.read_text())
         if previous is not None and not record.get("pending") and record.get("code_version") == previous.get("code_version"):
             old_runs.setdefault(path.parent.name, record["results"])
+    if mine.parent.name in old_runs:  # the publishing model's own run of the old code
+        old_runs[family_name] = old_runs[mine.parent.name]
     if (previous is not None and previous_notebook is not None and before and before != family_name
             and previous.get("code_version") == version and dependent):
         write_reference(slug, before, previous, previous_notebook, root, cpu="the machine that published it before")
@@ -442,14 +529,16 @@ def record_publication(slug: str, family_name: str, published: dict, previous: d
     path = reference_dir(root) / "published.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     results.write_atomic(path, dict(sorted(families.items())))
-    own = reference_path(slug, family_name, root)
     carried = None  # a pending record of the publishing family keeps the last measured distance
     if own.exists():
         record = json.loads(own.read_text())
         carried = record if record.get("pending") else None
         own.unlink()
+    if mine.exists():
+        mine.unlink()
+    models = sorted({path.parent.name for path in reference_dir(root).glob(f"*@*/{slug}.json")})
     waiting = []
-    for name in KNOWN_FAMILIES if dependent else ():
+    for name in (*KNOWN_FAMILIES, *models) if dependent else ():
         path = reference_path(slug, name, root)
         record = json.loads(path.read_text()) if path.exists() else None
         if name == family_name or (record and record.get("code_version") == version):

@@ -220,12 +220,17 @@ def run(chapter: str, preset: str = "book", parameters: dict | None = None, root
     return final_notebook
 
 
-def record_reference(chapter: str, root: Path | None = None, progress: bool = True) -> Path:
+def record_reference(chapter: str, root: Path | None = None, progress: bool = True, cpu_model: bool = False) -> Path | None:
     """Rerun a chapter at the book preset here, on a machine of another numerics family than
     the one its published results come from, and record the rerun as this family's reference
     (:mod:`numerics`): the numbers the regression guard and nbval then expect on this family.
     Refused on the published family itself, and when the published results are not the
-    chapter's current code (republish first: a reference is the same code on other sums)."""
+    chapter's current code (republish first: a reference is the same code on other sums).
+
+    ``cpu_model``: record it for this machine's CPU model only (``family@f<family>m<model>``),
+    for a chapter whose numbers differ between models of one family; allowed on the published
+    family. Written only where the rerun differs from the numbers this model is otherwise held
+    to (its family's), returning None when it does not."""
     from . import results
 
     root = root or repo_root()
@@ -233,14 +238,17 @@ def record_reference(chapter: str, root: Path | None = None, progress: bool = Tr
     slug = source.stem
     here = numerics.family({**os.environ, **reproducible_cpu_environment()})  # what the kernel will have
     published = numerics.published_family(slug, root)
-    if here == published:
+    if here == published and not cpu_model:
         raise ValueError(f"this machine is {here}, the family results/{slug}.json was made on: a rerun here is held to "
-                         f"it directly; `replbook run {slug[:2]}` republishes")
+                         f"it directly; `replbook run {slug[:2]}` republishes (or, if this CPU model sums otherwise, "
+                         f"`replbook reference {slug[:2]} --cpu-model`)")
     committed = json.loads((root / "results" / f"{slug}.json").read_text())
     version = results.code_version(slug, root)
     if committed.get("code_version") != version:
         raise ValueError(f"results/{slug}.json was made with code {committed.get('code_version')}, the chapter is now "
                          f"{version}: republish it (`replbook run {slug[:2]}`) before recording another family's numbers")
+    name = numerics.variant_name(here, numerics.cpu_variant()) if cpu_model else here
+    family_numbers = numerics.Expected(slug, here, root, variant="")  # what this model is held to without it
     (root / "runs").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".reference-{slug}.", dir=root / "runs") as folder:
         executed = run(chapter, "book", root=root, publish=False, out_dir=Path(folder), progress=progress)
@@ -249,12 +257,17 @@ def record_reference(chapter: str, root: Path | None = None, progress: bool = Tr
             raise RuntimeError(f"{slug}'s code changed while it ran: nothing recorded")
         import nbformat
 
-        path = numerics.write_reference(slug, here, rerun, nbformat.read(executed, as_version=4), root)
-    differences = results.compare(rerun, committed)
-    if differences:
+        differences = family_numbers.compare(rerun) if cpu_model else results.compare(rerun, committed)
+        if cpu_model and not differences:
+            print(f"{slug} on {here} ({numerics.cpu_model()}) gives the numbers of {family_numbers.source}: "
+                  "no CPU-model reference needed, nothing recorded")
+            return None
+        path = numerics.write_reference(slug, name, rerun, nbformat.read(executed, as_version=4), root)
+    if differences or results.compare(rerun, committed):
         numerics.mark_family_dependent(slug, root)
-    print(f"{slug} on {here} ({numerics.cpu_model()}): {len(differences)} numbers beyond their tolerance of "
-          f"results/{slug}.json (made on {published})" + "".join(f"\n  {d}" for d in differences[:12]))
+    print(f"{slug} on {name} ({numerics.cpu_model()}): {len(differences)} numbers beyond their tolerance of "
+          + (family_numbers.source if cpu_model else f"results/{slug}.json (made on {published})")
+          + "".join(f"\n  {d}" for d in differences[:12]))
     return path
 
 

@@ -172,12 +172,14 @@ def carry_forward(chapter: str, root: Path | None = None, progress: bool = True)
         return path
     here = numerics.family({**os.environ, **runner.reproducible_cpu_environment()})
     made_on = numerics.published_families(root).get(slug)
-    if made_on and here != made_on and numerics.reference_path(slug, here, root).exists():
-        # the rerun would replace numbers of one family by another's, and under new code the old
-        # family's could not stay as its reference: its machines would lose their guard
-        raise ValueError(f"{slug}'s numbers depend on the CPU family (results/reference/{here}/ holds this "
-                         f"machine's) and results/{slug}.json was made on {made_on}: carry it forward on a "
-                         f"{made_on} machine, then `replbook reference {slug[:2]}` on this one")
+    where = numerics.reference_name(slug, here, root)  # this CPU model's own record, else its family's
+    if made_on and where != made_on and numerics.reference_path(slug, where, root).exists():
+        # the rerun would replace numbers of one family (or CPU model) by another's, and under new
+        # code the old ones could not stay as its reference: its machines would lose their guard
+        raise ValueError(f"{slug}'s numbers depend on the CPU (results/reference/{where}/ holds this "
+                         f"machine's) and results/{slug}.json was made on another: carry it forward on a "
+                         f"{made_on} machine whose numbers are the published ones, then `replbook reference "
+                         f"{slug[:2]}{' --cpu-model' if '@' in where else ''}` on this one")
     # what a refused or stopped run must leave as it was: the published run, its family and the
     # other families' records (publishing under new code turns them pending)
     notebook = notebook_for(chapter, root)
