@@ -409,3 +409,18 @@ def test_a_reference_run_records_this_familys_numbers_and_publishes_nothing(book
     assert fake_papermill[-1]["preset"] == "book" and set(fake_papermill[-1]) == {"preset", "environment", "cpu"}
     assert _published(book) == before and numerics.published_families(book) == families
     assert not [p for p in (book / "runs").iterdir() if p.name.startswith(".reference")]
+
+
+def test_a_cpu_model_reference_is_filed_under_the_model_and_allowed_on_the_published_family(book, fake_papermill,
+                                                                                             monkeypatch):
+    from replbook import numerics
+
+    home = numerics.published_family("00_model_zoo", book)
+    monkeypatch.setattr(numerics, "family", lambda environ=None, *a: home)
+    monkeypatch.setattr(numerics, "cpu_variant", lambda cpuinfo=None: "f9m9")
+    before = _published(book)
+    path = runner.record_reference("00", root=book, progress=False, cpu_model=True)
+    assert path == book / "results" / "reference" / f"{home}@f9m9" / "00_model_zoo.json"
+    assert json.loads(path.read_text())["family"] == f"{home}@f9m9"
+    assert not (book / "results" / "reference" / home / "00_model_zoo.json").exists()
+    assert _published(book) == before and numerics.published_families(book)["00_model_zoo"] == home
