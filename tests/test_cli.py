@@ -424,3 +424,35 @@ def test_a_cpu_model_reference_is_filed_under_the_model_and_allowed_on_the_publi
     assert json.loads(path.read_text())["family"] == f"{home}@f9m9"
     assert not (book / "results" / "reference" / home / "00_model_zoo.json").exists()
     assert _published(book) == before and numerics.published_families(book)["00_model_zoo"] == home
+
+
+def test_a_cpu_model_that_sums_like_its_family_gets_no_record(book, fake_papermill, monkeypatch, capsys):
+    """`replbook reference NN --cpu-model` on a model whose rerun gives its family's numbers
+    writes nothing: a record equal to the family's would only go stale with the next code change."""
+    import os
+    from pathlib import Path
+
+    import papermill
+
+    from replbook import numerics
+
+    home = numerics.published_family("00_model_zoo", book)
+    monkeypatch.setattr(numerics, "family", lambda environ=None, *a: home)
+    monkeypatch.setattr(numerics, "cpu_variant", lambda cpuinfo=None: "f9m9")
+    committed = (book / "results" / "00_model_zoo.json").read_text()
+
+    def rerun_with_the_family_numbers(source, out, parameters, **kwargs):
+        Path(out).write_text(json.dumps({"cells": [], "metadata": {"papermill": {"duration": 1}}}))
+        folder = Path(os.environ["REPLBOOK_RESULTS_DIR"])
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "00_model_zoo.json").write_text(committed)
+        return {}
+
+    monkeypatch.setattr(papermill, "execute_notebook", rerun_with_the_family_numbers)
+    before = _published(book)
+    assert runner.record_reference("00", root=book, progress=False, cpu_model=True) is None
+    assert "nothing recorded" in capsys.readouterr().out
+    assert not list((book / "results" / "reference").glob("*@*/00_model_zoo.json"))
+    assert not (book / "results" / "reference" / home / "00_model_zoo.json").exists()
+    assert _published(book) == before and numerics.published_families(book)["00_model_zoo"] == home
+    assert "00_model_zoo" not in numerics.family_dependent(book)

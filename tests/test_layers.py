@@ -19,7 +19,7 @@ README = PACKAGE / "README.md"
 
 # lowest first; the name of each layer is the one the README uses
 LAYERS: dict[str, frozenset[str]] = {
-    "core": frozenset({"config", "paths", "results", "numerics", "plotting", "scoreboard"}),
+    "core": frozenset({"config", "paths", "results", "numerics", "plotting", "scoreboard", "gpu_records"}),
     "organisms": frozenset({"models", "lm", "cliplike", "captionclip", "data", "countries", "architectures"}),
     "papers": frozenset({"zoo", "restor", "skillslices", "intcoop", "endor", "t2icomp", "mllmtrace", "drew",
                          "loki", "vitdecomp", "semtokens"}),

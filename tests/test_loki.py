@@ -66,6 +66,36 @@ def test_the_official_window_rule_keeps_int_kf_s_keys_for_every_query_that_sees_
         loki.select_topk(q, k, allowed, 0.35, None, 1.0, rule="greedy")
 
 
+def test_one_selection_per_kv_head_is_the_top_k_of_its_query_heads_summed_scores():
+    """scope="kv_head": every query head of a group keeps the same keys, the top int(k_f·S) of
+    (Σ_g q_g P_d)(K P_d)ᵀ (float64 reference, group sizes 1, 3 and 4); per query head they differ."""
+    g = torch.Generator().manual_seed(5)
+    for n_q, n_kv in [(2, 2), (6, 2), (4, 1)]:
+        dim, d, seq = 8, 3, 12
+        q, k = torch.randn(1, n_q, seq, dim, generator=g), torch.randn(1, n_kv, seq, dim, generator=g)
+        allowed = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None]
+        basis = torch.stack([loki.random_orthogonal(dim, g) for _ in range(n_kv)])
+        shared = loki.select_topk(q, k, allowed, 0.25, basis, d / dim, scope="kv_head")
+        group = n_q // n_kv
+        for h in range(n_q):
+            kv = h // group
+            members = range(kv * group, (kv + 1) * group)
+            p = basis[kv, :, :d].double()
+            summed = sum(q[0, m].double() @ p for m in members) @ (k[0, kv].double() @ p).T  # [seq, seq]
+            summed = summed.masked_fill(~allowed[0, 0], float("-inf"))
+            for i in range(seq):
+                keep = min(i + 1, int(0.25 * seq))
+                expected = set(summed[i].topk(keep).indices.tolist())
+                assert set(shared[0, h, i].nonzero().flatten().tolist()) == expected, (n_q, n_kv, h, i)
+        own = loki.select_topk(q, k, allowed, 0.25, basis, d / dim)
+        if group == 1:
+            assert torch.equal(shared, own)
+        else:
+            assert not torch.equal(shared, own)
+    with pytest.raises(ValueError, match="scope='layer'; choose one of: query_head, kv_head"):
+        loki.select_topk(q, k, allowed, 0.25, basis, d / dim, scope="layer")
+
+
 def test_full_basis_ranks_like_the_exact_scores():
     g = torch.Generator().manual_seed(2)
     q, k = torch.randn(1, 2, 12, 8, generator=g), torch.randn(1, 2, 12, 8, generator=g)

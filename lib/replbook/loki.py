@@ -98,6 +98,12 @@ K_F, D_F = 0.25, 0.25
 # window); "position" is what decoding token by token would do, a harsher test
 RULES = ("window", "position")
 PAPER_RULE = "window"
+# which heads share one selection under grouped-query attention: each query head its own
+# (the chapter's protocol; the paper's Llama-2 models have one query head per key/value head,
+# where the two coincide), or one per key/value head, chosen by the sum of its query heads'
+# approximate scores, (Σ_g q_g P_d)(K P_d)ᵀ, so a kernel reads each selected key once (a finding)
+SCOPES = ("query_head", "kv_head")
+PAPER_SCOPE = "query_head"
 
 ATTENTION_NAME = "loki"
 SELECTORS = ("dense", "pca", "random", "oracle")
@@ -233,6 +239,7 @@ class LokiSettings:
     selector: str = "dense"  # dense | pca | random | oracle | capture
     k_f: float = 1.0
     rule: str = PAPER_RULE  # how many keys a query keeps: RULES
+    scope: str = PAPER_SCOPE  # which heads share a selection: SCOPES
     d_f: float = 1.0
     bases: torch.Tensor | None = None  # [layers, kv_heads, D, D]
     statistics: Statistics | None = None
@@ -246,12 +253,14 @@ def _kv_index(n_q: int, n_kv: int) -> torch.Tensor:
 
 
 def select_topk(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, k_f: float,
-                basis: torch.Tensor | None, d_f: float, rule: str = PAPER_RULE) -> torch.Tensor:
+                basis: torch.Tensor | None, d_f: float, rule: str = PAPER_RULE,
+                scope: str = PAPER_SCOPE) -> torch.Tensor:
     """The keys each query attends to, ranked by scores in the first ``d_f·D`` dimensions
     of ``basis`` (per kv head), or by the exact scores when ``basis`` is None: with
     ``rule="window"`` the top ``int(k_f · S)`` of the S keys (all it may see if fewer),
     with ``rule="position"`` the top ``ceil(k_f · n)`` of the ``n`` keys it may see
-    (``allowed``). At least one key either way.
+    (``allowed``). At least one key either way. ``scope="kv_head"``: the query heads of one
+    key/value head share the keys their summed approximate scores rank highest.
 
     query [B, Hq, Sq, D], key [B, Hkv, Sk, D], allowed [B, 1 or Hq, Sq, Sk] (bool).
     Returns a bool mask [B, Hq, Sq, Sk].
@@ -264,6 +273,12 @@ def select_topk(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, k
         d = max(1, round(d_f * dim))
         proj = basis[_kv_index(n_q, n_kv)][..., :d].to(query.dtype)  # [Hq, D, d]
         approx = (query @ proj) @ (key @ proj).transpose(-1, -2)  # s̃ = (q P_d)(K P_d)ᵀ
+    if scope == "kv_head":  # one ranking per key/value head: the sum over its query heads
+        b, _, sq, sk = approx.shape
+        approx = approx.view(b, n_kv, n_q // n_kv, sq, sk).sum(2, keepdim=True).expand(
+            b, n_kv, n_q // n_kv, sq, sk).reshape(b, n_q, sq, sk)
+    elif scope != "query_head":
+        raise ValueError(f"scope={scope!r}; choose one of: {', '.join(SCOPES)}")
     approx = approx.masked_fill(~allowed, float("-inf"))
     n_allowed = allowed.sum(-1, keepdim=True).expand(approx.shape[:-1] + (1,))
     if rule == "window":
@@ -295,7 +310,7 @@ def loki_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     else:
         allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
     basis = None if s.selector == "oracle" else s.bases[layer].to(query.device)
-    selected = select_topk(query, key, allowed, s.k_f, basis, s.d_f, s.rule)
+    selected = select_topk(query, key, allowed, s.k_f, basis, s.d_f, s.rule, s.scope)
     n_rep = query.shape[1] // key.shape[1]
     scores = (query @ repeat_kv(key, n_rep).transpose(-1, -2)) * scaling
     if softcap is not None:
@@ -312,17 +327,19 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
 
 @contextlib.contextmanager
 def using(model, selector: str = "dense", k_f: float = 1.0, d_f: float = 1.0, bases: torch.Tensor | None = None,
-          statistics: Statistics | None = None, rule: str = PAPER_RULE) -> Iterator[None]:
+          statistics: Statistics | None = None, rule: str = PAPER_RULE, scope: str = PAPER_SCOPE) -> Iterator[None]:
     """Run ``model`` with Loki attention (or capture) inside the ``with`` block."""
     if selector not in (*SELECTORS, "capture"):
         raise ValueError(f"selector={selector!r}; choose one of: {', '.join(SELECTORS)}, capture")
     if rule not in RULES:
         raise ValueError(f"rule={rule!r}; choose one of: {', '.join(RULES)}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope={scope!r}; choose one of: {', '.join(SCOPES)}")
     if selector in ("pca", "random") and bases is None:
         raise ValueError(f"selector={selector!r} needs bases")
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
-    SETTINGS.__init__(selector=selector, k_f=k_f, rule=rule, d_f=d_f, bases=bases, statistics=statistics)
+    SETTINGS.__init__(selector=selector, k_f=k_f, rule=rule, scope=scope, d_f=d_f, bases=bases, statistics=statistics)
     try:
         yield
     finally:
