@@ -274,6 +274,105 @@ def test_a_dry_run_kernel_writes_its_caches_outside_the_readers(tmp_path, monkey
 def test_the_cli_refuses_a_depth_below_one(capsys):
     assert cli.main(["dryrun", "08", "--layers", "0"]) == 2
     assert "--layers=0: at least 1" in capsys.readouterr().err
+    assert cli.main(["dryrun", "08", "--layers", "deep"]) == 2
+    assert "--layers=deep: at least 1, or full" in capsys.readouterr().err
+
+
+def test_full_depth_is_named_full_and_reaches_the_run_as_none(monkeypatch, tmp_path):
+    """``--layers full``: every model at its own depth (a GPU that fits it), filed as ``full``
+    beside the ``layers-N`` records, never as layers-None or as one layer."""
+    assert dryrun.depth_label(None) == "full" and dryrun.depth_label(2) == "layers-2"
+    for wrong in (0, -1, True, "2", 1.0):
+        with pytest.raises(ValueError, match="at least 1, or None"):
+            dryrun.depth_label(wrong)
+    ran = []
+    monkeypatch.setattr(dryrun, "run", lambda chapter, layers: ran.append((chapter, layers)) or
+                        {"chapter": "08_loki", "layers": layers, "run_seconds": 1.0})
+    monkeypatch.setattr(dryrun, "record", lambda entry: tmp_path / "recorded.json")
+    assert cli.main(["dryrun", "08", "--layers", "full"]) == 0
+    assert cli.main(["dryrun", "08", "--layers", "2"]) == 0
+    assert ran == [("08", None), ("08", 2)]
+
+
+def test_a_full_depth_record_is_keyed_full(tmp_path):
+    saved = json.loads(dryrun.record({"chapter": "08_loki", "layers": None, "run_seconds": 2.0}, tmp_path / "d.json").read_text())
+    assert list(saved) == ["08_loki|full"] and saved["08_loki|full"]["layers"] is None
+
+
+class _FakeGpu:
+    """A GPU whose memory in use is set by hand: 1 GB held by others before the run."""
+    name = "Fake H200"
+
+    def __init__(self):
+        self.in_use = 10**9
+
+    def used(self):
+        return self.in_use
+
+
+def test_on_a_gpu_the_record_holds_the_gpu_peak_above_what_was_in_use_and_its_cell(tmp_path, monkeypatch):
+    """A dry run on a GPU records the GPU memory its kernel took (the peak above what was in
+    use when it began: the baseline is not the chapter's) and the cell that reached it; on a
+    CPU machine the record has no GPU fields at all."""
+    import time
+    from datetime import datetime
+    from pathlib import Path
+
+    import papermill
+
+    gpu = _FakeGpu()
+    monkeypatch.setenv("REPLBOOK_CACHE", str(tmp_path / "user-cache"))
+    monkeypatch.setattr(dryrun, "paper_models", lambda slug, parameters: [])
+    monkeypatch.setattr(dryrun, "fake_hub", lambda names, layers: tmp_path / "hub")
+    monkeypatch.setattr(dryrun.GpuMemory, "open", classmethod(lambda cls: gpu))
+
+    def execute(source, output, **kwargs):
+        cells = []
+        for index, held in enumerate((3 * 10**9, 7 * 10**9, 2 * 10**9)):  # the kernel's GPU memory, cell by cell
+            start = datetime.now().isoformat()
+            gpu.in_use = 10**9 + held
+            time.sleep(0.7)  # longer than the sampling interval
+            cells.append({"cell_type": "code", "source": f"cell_{index}()", "metadata": {
+                "papermill": {"start_time": start, "end_time": datetime.now().isoformat()}}})
+            time.sleep(0.6)  # a cell is credited with the samples up to an interval past its end
+        gpu.in_use = 10**9
+        Path(output).write_text(json.dumps({"cells": cells}))
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    entry = dryrun.run("02", layers=1, root=tmp_path / "runs")
+    assert entry["gpu"] == "Fake H200" and entry["gpu_peak_bytes"] == 7 * 10**9
+    assert entry["gpu_peak_cell"] == {"cell": 1, "first_line": "cell_1()", "peak_gb": 7.0}
+    profile = json.loads((tmp_path / "runs" / "layers-1" / "02_skill_slices.dryrun.json").read_text())
+    assert [row["peak_gb"] for row in profile["gpu_by_cell"]] == [3.0, 7.0, 7.0]
+
+    monkeypatch.setattr(dryrun.GpuMemory, "open", classmethod(lambda cls: None))  # a CPU machine
+    entry = dryrun.run("02", layers=1, root=tmp_path / "runs")
+    assert not {"gpu", "gpu_peak_bytes", "gpu_peak_cell"} & set(entry)
+
+
+def test_gpu_memory_sums_every_gpu_nvml_sees():
+    """Through NVML's calls as nvidia-ml-py names them; two GPUs are summed and named."""
+    from types import SimpleNamespace
+
+    class Nvml:
+        @staticmethod
+        def nvmlDeviceGetCount():
+            return 2
+
+        @staticmethod
+        def nvmlDeviceGetHandleByIndex(i):
+            return i
+
+        @staticmethod
+        def nvmlDeviceGetName(handle):
+            return b"NVIDIA H200"
+
+        @staticmethod
+        def nvmlDeviceGetMemoryInfo(handle):
+            return SimpleNamespace(used=(handle + 1) * 10**9, total=141 * 10**9)
+
+    gpus = dryrun.GpuMemory(Nvml)
+    assert gpus.name == "NVIDIA H200 (× 2)" and gpus.used() == 3 * 10**9
 
 
 def test_a_family_the_dry_run_cannot_serve_is_named():
@@ -286,7 +385,7 @@ def test_the_committed_dry_run_records_name_what_ran():
 
     for path in (repo_root() / "kernels" / "measurements").glob("paper_dryrun_*.json"):
         for key, entry in json.loads(path.read_text()).items():
-            assert key == f"{entry['chapter']}|layers-{entry['layers']}", path.name
+            assert key == f"{entry['chapter']}|{dryrun.depth_label(entry['layers'])}", path.name
             # a record before stop 52 holds peak_rss_bytes (the launcher's memory counted in, see
             # test_the_kernels_peak_is_its_own_not_its_launchers); since then kernel_peak_bytes
             peak = entry.get("kernel_peak_bytes", entry.get("peak_rss_bytes"))
@@ -410,3 +509,34 @@ def test_the_kernels_peak_is_sampled_with_the_time_it_rose():
     assert times == sorted(times) and all(a < b for a, b in zip(rises, rises[1:]))  # a sample is kept when it rose
     assert peak.samples[-1][1] == peak.peak_bytes >= 0.4e9
     assert peak.samples[-1][0] - begun >= 0.5  # the 400 MB rose after the child's first sleep, not at its start
+
+
+def _gpu_wheels():
+    import importlib.util
+
+    from replbook.paths import repo_root
+
+    spec = importlib.util.spec_from_file_location("gpu_wheels", repo_root() / "kernels" / "gpu_wheels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_wheels_are_the_books_versions_for_every_chapter():
+    """What a GPU dry run installs there is what the book runs here: requirements.txt's pins
+    (diffusers, transformers, papermill), each package once, for every chapter there is."""
+    from replbook.paths import repo_root
+
+    wheels = _gpu_wheels()
+    chapters = sorted(p.name[:2] for p in (repo_root() / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert sorted(wheels.CHAPTER_EXTRAS) == chapters, "a chapter without its entry in gpu_wheels.CHAPTER_EXTRAS"
+    every = wheels.wanted(chapters)  # raises if a package has no version
+    names = [w.split("==")[0] for w in every]
+    assert len(names) == len(set(names))
+    required = wheels.pins()
+    for name in ("transformers", "papermill", "diffusers", "ipykernel", "open-clip-torch"):
+        assert f"{name}=={required[name]}" in every
+    assert "diffusers==" + required["diffusers"] in wheels.wanted(["05"])
+    assert not [w for w in wheels.wanted(["08"]) if w.startswith("diffusers")]
+    with pytest.raises(ValueError, match=r"chapters=\['11'\]: choose from 00, 01"):
+        wheels.wanted(["08", "11"])

@@ -7,7 +7,7 @@
     replbook build                 # scoreboard + site (executes chapters with no results)
     replbook scoreboard            # only regenerate the scoreboard files
     replbook annotate --preset book  # write chapter 02's rationales (committed data)
-    replbook dryrun 08 [--layers 1]  # the paper preset on its models built from their configs (random weights)
+    replbook dryrun 08 [--layers 1|full]  # the paper preset on its models built from their configs (random weights)
     replbook resources [08]        # what a paper preset needs: memory, disk, time (computed from the configs)
     replbook resources --against-dry-runs  # each card beside its recorded dry run's measured memory
 """
@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                                                "configs (random weights, full width, --layers deep), served from a "
                                                "local hub cache; outputs under runs/dryrun/, never results/")
     p_dry.add_argument("chapter", help="chapter number, e.g. 08")
-    p_dry.add_argument("--layers", type=int, default=1, help="transformer layers of every model (default 1)")
+    p_dry.add_argument("--layers", default="1",
+                       help="transformer layers of every model (default 1), or full: each model at its own depth")
     p_res = sub.add_parser("resources", help="print what each chapter's paper preset needs (memory, disk, time), "
                                              "computed from the paper models' configs")
     p_res.add_argument("chapters", nargs="*", help="chapter numbers (default: the table of all)")
@@ -133,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "dryrun":
             from . import dryrun
 
-            if args.layers < 1:
-                raise ValueError(f"--layers={args.layers}: at least 1")
-            print(dryrun.record(dryrun.run(args.chapter, args.layers)))
+            layers = None if args.layers == "full" else int(args.layers) if args.layers.isdigit() else 0
+            if layers is not None and layers < 1:
+                raise ValueError(f"--layers={args.layers}: at least 1, or full (each model at its own depth)")
+            print(dryrun.record(dryrun.run(args.chapter, layers)))
         elif args.command == "resources":
             from . import resources
             from .paths import notebook_for

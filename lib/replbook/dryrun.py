@@ -85,7 +85,17 @@ OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
-def revision(name: str, layers: int) -> str:
+def depth_label(layers: int | None) -> str:
+    """How folders and records name a dry run's depth: ``layers-2``, or ``full`` (``layers``
+    None: every model at its own depth, the whole model; on a GPU that fits it)."""
+    if layers is None:
+        return "full"
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+        raise ValueError(f"layers={layers!r}: a whole number of layers, at least 1, or None (full depth)")
+    return f"layers-{layers}"
+
+
+def revision(name: str, layers: int | None) -> str:
     """The fake commit ``name``'s dry-run snapshot at ``layers`` deep is filed under: a hash
     of what the snapshot is built from (its public config and dtype, the depth, and the
     code that writes it), so a corrected config is built afresh instead of the cache
@@ -134,7 +144,7 @@ def fake_coco(n_train: int, n_val: int, root: Path | None = None) -> Path:
     return root
 
 
-def snapshot(root: Path, name: str, layers: int) -> Path:
+def snapshot(root: Path, name: str, layers: int | None) -> Path:
     """Where the hub cache keeps ``name``'s files at ``layers`` deep (the layout
     huggingface_hub reads offline: ``models--org--name/snapshots/<revision>/``)."""
     repo = root / f"models--{architectures.architecture(name).hub_id.replace('/', '--')}"
@@ -192,7 +202,7 @@ def open_clip_architecture(name: str) -> str | None:
                  if models.REGISTRY[registry_name].hub_id == hub_id), None)
 
 
-def served_depth(name: str, layers: int) -> int | None:
+def served_depth(name: str, layers: int | None) -> int | None:
     """How deep the dry run serves ``name``: ``layers``, or None (full depth) for an open_clip
     model, which open_clip builds from its own named configuration before loading the hub's
     weights into it (a shallower checkpoint would not load)."""
@@ -208,7 +218,7 @@ def served_image_size(name: str) -> str:
     return f"{unet['sample_size'] // SD_SHRINK * factor} px (its own: {unet['sample_size'] * factor} px)"
 
 
-def _save(name: str, folder: Path, layers: int) -> None:
+def _save(name: str, folder: Path, layers: int | None) -> None:
     """``name`` at ``layers`` deep, random weights in the paper's dtype, saved as on the hub."""
     import transformers
 
@@ -272,12 +282,12 @@ def _save(name: str, folder: Path, layers: int) -> None:
         raise ValueError(f"{name!r}: a dry run cannot serve family {arch.family!r} yet")
 
 
-def fake_hub(names: list[str], layers: int = 1, root: Path | None = None) -> Path:
+def fake_hub(names: list[str], layers: int | None = 1, root: Path | None = None) -> Path:
     """The hub cache serving each of ``names`` (registry names or hub ids) at ``layers`` deep;
     built once per model and depth, under a lock, and reused."""
     from .paths import cached_dir
 
-    root = root or cache_dir("dryrun-hub", f"layers-{layers}")
+    root = root or cache_dir("dryrun-hub", depth_label(layers))
     for name in names:
         hub_id = architectures.architecture(name).hub_id
         folder = snapshot(root, name, layers)
@@ -352,19 +362,59 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+class GpuMemory:
+    """The memory in use on every NVIDIA GPU NVML sees (``nvidia-ml-py``), summed: what a
+    dry run on a GPU reads its peak from. Device-wide, not per process: NVML names processes
+    by the host's process ids, which a container's are not, so a dry run counts what rose
+    above the memory in use when it began (a lent GPU runs nothing else). It counts what the
+    CUDA context and torch's caching allocator hold, which is what must fit."""
+
+    def __init__(self, nvml):
+        self._nvml = nvml
+        self._handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+        name = nvml.nvmlDeviceGetName(self._handles[0])
+        self.name = name.decode() if isinstance(name, bytes) else name
+        if len(self._handles) > 1:
+            self.name += f" (× {len(self._handles)})"
+
+    def used(self) -> int:
+        return sum(int(self._nvml.nvmlDeviceGetMemoryInfo(h).used) for h in self._handles)
+
+    @classmethod
+    def open(cls) -> "GpuMemory | None":
+        """The GPUs' memory, or None where there is no NVML or no GPU (a CPU machine)."""
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            return cls(pynvml) if pynvml.nvmlDeviceGetCount() else None
+        except Exception:  # no package, no driver, no device: nothing to sample
+            return None
+
+
 class DescendantPeak:
     """While open, samples every ``interval`` seconds the high-water resident memory of
     each process this one has started (the notebook's kernel): ``peak_bytes`` is the
     largest one process reached. The high-water mark only rises, so sampling misses at
     most what a process adds in its last ``interval`` seconds. ``samples`` keeps each
     (wall-clock second, peak so far) at which the peak rose: :func:`peak_by_cell` reads
-    from them which cell of the notebook set it."""
+    from them which cell of the notebook set it.
 
-    def __init__(self, interval: float = 0.5):
+    With a GPU (``gpu``: a :class:`GpuMemory`, found by default), the same for the GPU
+    memory in use above what was in use when sampling began: ``gpu_peak_bytes`` (None
+    without a GPU) and ``gpu_samples``. GPU memory has no high-water mark to read, so a
+    peak shorter than ``interval`` can be missed: it is a lower bound."""
+
+    def __init__(self, interval: float = 0.5, gpu: "GpuMemory | None | str" = "find"):
         import threading
 
         self.interval, self.peak_bytes = interval, 0
         self.samples: list[tuple[float, int]] = []
+        self._gpu = GpuMemory.open() if gpu == "find" else gpu
+        self.gpu_name = self._gpu.name if self._gpu else None
+        self.gpu_peak_bytes: int | None = 0 if self._gpu else None
+        self.gpu_samples: list[tuple[float, int]] = []
+        self._gpu_baseline = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
@@ -373,12 +423,19 @@ class DescendantPeak:
         if highest > self.peak_bytes:
             self.peak_bytes = highest
             self.samples.append((time.time(), highest))
+        if self._gpu:
+            above = self._gpu.used() - self._gpu_baseline
+            if above > self.gpu_peak_bytes:
+                self.gpu_peak_bytes = above
+                self.gpu_samples.append((time.time(), above))
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
             self._sample()
 
     def __enter__(self) -> "DescendantPeak":
+        if self._gpu:
+            self._gpu_baseline = self._gpu.used()
         self._thread.start()
         return self
 
@@ -412,6 +469,12 @@ def peak_by_cell(notebook: dict, samples: list[tuple[float, int]], interval: flo
                      "rose_gb": round((after - before) / 1e9, 3)})
         before = max(before, after)
     return rows
+
+
+def _first_at_peak(rows: list[dict]) -> dict | None:
+    """The first cell of :func:`peak_by_cell`'s ``rows`` that ended at the peak."""
+    row = max(rows, key=lambda r: r["peak_gb"], default=None)
+    return row and {k: row[k] for k in ("cell", "first_line", "peak_gb")}
 
 
 # The book's own artefacts, built from its packaged sources and never from a hub id: the
@@ -463,9 +526,11 @@ def machinery_version() -> str:
     return digest.hexdigest()[:16]
 
 
-def run(chapter: str, layers: int = 1, overrides: dict[str, Any] | None = None, root: Path | None = None) -> dict:
-    """Execute ``chapter`` at the paper preset on its dry-run models; returns (and writes
-    beside the executed notebook) what ran: models, depth, seconds, peak memory."""
+def run(chapter: str, layers: int | None = 1, overrides: dict[str, Any] | None = None,
+        root: Path | None = None) -> dict:
+    """Execute ``chapter`` at the paper preset on its dry-run models, ``layers`` deep (None:
+    full depth); returns (and writes beside the executed notebook) what ran: models, depth,
+    seconds, the kernel's peak host memory and, where a GPU is visible, the peak GPU memory."""
     import papermill
 
     from .paths import notebook_for
@@ -473,13 +538,14 @@ def run(chapter: str, layers: int = 1, overrides: dict[str, Any] | None = None, 
     repo = repo_root()
     notebook = notebook_for(chapter, repo)
     slug = notebook.stem
+    label = depth_label(layers)  # refuses a depth below one before anything is built
     machinery = machinery_version()  # before the run: the code that serves its models
     parameters = dry_run_parameters(slug, overrides)
     names = paper_models(slug, parameters)
     start = time.perf_counter()
     hub = fake_hub(names, layers)
     built = time.perf_counter() - start
-    out_dir = (root or repo / "runs" / "dryrun") / f"layers-{layers}"
+    out_dir = (root or repo / "runs" / "dryrun") / label
     out_dir.mkdir(parents=True, exist_ok=True)
     chapter_cache = dry_run_cache(out_dir / "cache" / slug)  # after fake_hub: the hub stays the reader's
     saved_env = {k: os.environ.get(k) for k in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
@@ -502,11 +568,12 @@ def run(chapter: str, layers: int = 1, overrides: dict[str, Any] | None = None, 
                 os.environ[key] = value
     executed = json.loads((out_dir / notebook.name).read_text())
     by_cell = peak_by_cell(executed, kernel.samples, kernel.interval)
+    gpu_by_cell = peak_by_cell(executed, kernel.gpu_samples, kernel.interval) if kernel.gpu_peak_bytes is not None else []
     # the cell that raised the high-water mark most (what the chapter's card must explain),
     # and the first cell that ended at the peak: not always the same cell (06's model load
     # rises most, its covariance cell sets the peak on top of it)
     largest_rise = max(by_cell, key=lambda row: row["rose_gb"], default=None)
-    at_peak = max(by_cell, key=lambda row: row["peak_gb"], default=None)
+    at_peak = _first_at_peak(by_cell)
     record = {"chapter": slug, "dry_run": "random weights from the public configs: no number here is the paper's",
               "layers": layers, "machinery": machinery,
               "models": {n: architectures.architecture(n).hub_id for n in names},
@@ -516,13 +583,16 @@ def run(chapter: str, layers: int = 1, overrides: dict[str, Any] | None = None, 
               "overrides": dry_run_parameters(slug, overrides, build=False), "build_seconds": round(built, 1),
               "run_seconds": round(time.perf_counter() - start, 1), "kernel_peak_bytes": kernel.peak_bytes,
               "largest_rise": largest_rise and {k: largest_rise[k] for k in ("cell", "first_line", "rose_gb")},
-              "peak_cell": at_peak and {k: at_peak[k] for k in ("cell", "first_line", "peak_gb")},
+              "peak_cell": at_peak,
+              **({"gpu": kernel.gpu_name, "gpu_peak_bytes": kernel.gpu_peak_bytes,
+                  "gpu_peak_cell": _first_at_peak(gpu_by_cell)} if kernel.gpu_peak_bytes is not None else {}),
               "chapter_cache": "cold: its own, emptied before the run (dryrun.dry_run_cache)",
               # the share of the CPU other work used in the second before the run (the load
               # average is no guide here: torch's idle threads lift it to 6–11 on an idle 2-core machine)
               "cpu_busy_before_run": round(busy, 2)}
     # the whole profile beside the executed notebook (not in the committed record: it is long)
-    (out_dir / f"{slug}.dryrun.json").write_text(json.dumps({**record, "high_water_by_cell": by_cell}, indent=1))
+    (out_dir / f"{slug}.dryrun.json").write_text(json.dumps(
+        {**record, "high_water_by_cell": by_cell, **({"gpu_by_cell": gpu_by_cell} if gpu_by_cell else {})}, indent=1))
     return record
 
 
@@ -539,7 +609,7 @@ def record(entry: dict, path: Path | None = None) -> Path:
     device = torch.cuda.get_device_name(0).split()[-1].lower() if torch.cuda.is_available() else "cpu"
     path = path or repo_root() / "kernels" / "measurements" / f"paper_dryrun_{device}.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
-    saved[f"{entry['chapter']}|layers-{entry['layers']}"] = {
+    saved[f"{entry['chapter']}|{depth_label(entry['layers'])}"] = {
         **entry, "code_version": code_version(entry["chapter"], repo_root()), "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores" + (f", {device}" if device != "cpu" else "")}
     write_atomic(path, dict(sorted(saved.items())))
