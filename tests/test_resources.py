@@ -492,9 +492,17 @@ def test_chapter_07s_embedding_rows_are_what_one_batch_holds(name):
     import sys
 
     batch = 32
-    done = subprocess.run([sys.executable, "-c", _VIT_PASS_PEAK, name, str(batch), "224"],
-                          capture_output=True, text=True, check=True)
-    assert int(done.stdout.split()[-1]) / 1e9 == pytest.approx(resources._embedding_pass(name, batch).gigabytes, rel=0.10)
+
+    def measured() -> int:
+        done = subprocess.run([sys.executable, "-c", _VIT_PASS_PEAK, name, str(batch), "224"],
+                              capture_output=True, text=True, check=True)
+        return int(done.stdout.split()[-1])
+
+    # the lower of two fresh processes: a cold CI run once measured DINOv2's pass 25% above the
+    # card (0.378 GB against 0.303) where every rerun, cold or warm, is within 10%; a card that
+    # is wrong is wrong in both processes
+    peak = min(measured(), measured())
+    assert peak / 1e9 == pytest.approx(resources._embedding_pass(name, batch).gigabytes, rel=0.10)
 
 
 _DREW_LIBRARIES_PEAK = """
