@@ -164,10 +164,6 @@ def main(argv: list[str]) -> int:
     except ValueError as err:
         print(f"gpu_wheels: {err}", file=sys.stderr)
         return 2
-    if WHEELS.exists():  # one version of each package: two stop the whole install there
-        for old in WHEELS.glob("*.whl"):
-            old.unlink()
-    WHEELS.mkdir(exist_ok=True)
     from_source = [r for r in requirements if r.split("==")[0] in FROM_SOURCE]
     binary = [r for r in requirements if r not in from_source]
     builder = device_python() if from_source else None
@@ -175,6 +171,10 @@ def main(argv: list[str]) -> int:
         print(f"gpu_wheels: {', '.join(from_source)} exist only as source and must be built with Python "
               f"{DEVICE_PYTHON} (the device's): put a python{DEVICE_PYTHON} on PATH", file=sys.stderr)
         return 2
+    if WHEELS.exists():  # one version of each package: two stop the whole install there
+        for old in WHEELS.glob("*.whl"):
+            old.unlink()
+    WHEELS.mkdir(exist_ok=True)
     platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
                     "--python-version", DEVICE_PYTHON, "--implementation", "cp", *platforms, "-d", str(WHEELS),
