@@ -35,6 +35,11 @@ if [ -n "${DRYRUN_CACHE:-}" ]; then
     [ -d "$DRYRUN_CACHE/$part" ] && ln -sfn "$PWD/$DRYRUN_CACHE/$part" "$REPLBOOK_CACHE/$part"
   done
 fi
+# chapters 03, 07 and 09 read the CIFAR-10 test set: written into the cache from the book's own
+# copy (data/cifar10-test.zip, checked; its registry source is gone), as `replbook prepare` does
+case " $CHAPTERS " in
+  *" 03"*|*" 07"*|*" 09"*) python3 -c "from replbook import prepare; prepare.cifar10()" ;;
+esac
 TAG=$(python3 -c "import torch; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'; print('h200' if 'H200' in n else 'h100' if 'H100' in n else n.split()[-1].lower())")
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
   df -h . /tmp; free -g; nproc
