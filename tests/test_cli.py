@@ -3,6 +3,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -79,6 +80,9 @@ def fake_papermill(monkeypatch):
     monkeypatch.setattr(runner, "notebook_parameters", lambda path: ["seed", "fail"])
     monkeypatch.setattr(runner, "check_parameters", lambda *a: None)  # "fail" is this stand-in's own parameter
     monkeypatch.setattr(runner, "busy_share", lambda: 0.0)  # no second of sampling per published run
+    from replbook import prepare
+
+    monkeypatch.setattr(prepare, "prepare", lambda *a, **k: [])  # `replbook run` prepares nothing real here
     return calls
 
 
@@ -98,6 +102,25 @@ def test_only_a_finished_book_run_without_overrides_is_published(book, fake_pape
     assert "duration" not in (book / "notebooks" / "00_model_zoo.ipynb").read_text()  # cleaned of timings
     assert runner.run("00", "book", {"seed": 3}, root=book, publish=True) == book / "notebooks" / "00_model_zoo.ipynb"
     assert not [p for p in (book / "runs").iterdir() if p.name.startswith(".staging")], "staging folder left behind"
+
+
+def test_replbook_run_prepares_its_chapter_after_the_parameters_pass_and_before_the_notebook(book, fake_papermill,
+                                                                                             monkeypatch):
+    """A first `replbook run 09` on an empty cache found no CIFAR-10 (only `replbook prepare`
+    writes it): the run prepares its own chapter, but never for a parameter it refuses."""
+    from replbook import prepare
+
+    prepared = []
+    monkeypatch.setattr(prepare, "prepare", lambda chapters, preset, root=None, progress=True: prepared.append(
+        (chapters, preset, Path(root), len(fake_papermill))))
+    monkeypatch.chdir(book)
+    monkeypatch.setenv("REPLBOOK_ROOT", str(book))
+    assert cli.main(["run", "00", "--preset", "smoke", "-p", "epochs=3"]) == 2 and prepared == [] == fake_papermill
+    assert cli.main(["run", "0", "--preset", "smoke"]) == 0
+    assert prepared == [(["00"], "smoke", book, 0)], "prepared after papermill started, or not for this chapter"
+    assert len(fake_papermill) == 1
+    runner.run("00", "smoke", root=book)  # the library call (stability runs, tests) leaves it to the caller
+    assert len(prepared) == 1
 
 
 def test_busy_share_is_the_machines_busy_ticks_over_its_ticks():
@@ -389,7 +412,7 @@ def test_publishing_commands_regenerate_the_readme_scoreboard(monkeypatch, tmp_p
 
     written = []
     monkeypatch.setattr(cli, "write_scoreboard", lambda root: written.append(root))
-    monkeypatch.setattr(cli, "run", lambda chapter, preset, parameters, publish=None: (
+    monkeypatch.setattr(cli, "run", lambda chapter, preset, parameters, publish=None, prepare_first=False: (
         paths.repo_root() / ("notebooks" if preset == "book" else "runs/smoke") / "00_model_zoo.ipynb"))
     monkeypatch.setattr(stability, "carry_forward", lambda chapter: tmp_path / "record.json")
     assert cli.main(["run", "00", "--preset", "smoke"]) == 0 and written == []

@@ -1,7 +1,7 @@
 """``replbook`` — run a chapter at a preset, build the site.
 
     replbook run 00 --preset book [-p max_new_tokens=4 ...]   # -p overrides write runs/, not results/
-    replbook prepare [01 02 ...]   # convert models, fetch data once (make test and make book do)
+    replbook prepare [01 02 ...]   # convert models, fetch data once (make test, make book and run do)
     replbook stability 06 --seeds 3   # verdicts over seeds -> results/stability/06_*.json
     replbook reference 05          # on a CPU of another family: its numbers -> results/reference/
     replbook build                 # scoreboard + site (executes chapters with no results)
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.publish and args.preset == "smoke":
                 raise ValueError("--publish: smoke runs are never published; use --preset book or paper")
             executed = run(args.chapter, args.preset, parse_parameters(args.parameter),
-                           publish=True if args.publish else None)
+                           publish=True if args.publish else None, prepare_first=True)
             print(executed)
             if executed.parent == repo_root() / "notebooks":  # published: the README's scoreboard follows
                 write_scoreboard(repo_root())

@@ -132,7 +132,8 @@ def warn_if_busy(slug: str, share: float | None = None) -> bool:
 
 
 def run(chapter: str, preset: str = "book", parameters: dict | None = None, root: Path | None = None,
-        publish: bool | None = None, out_dir: Path | None = None, progress: bool = True) -> Path:
+        publish: bool | None = None, out_dir: Path | None = None, progress: bool = True,
+        prepare_first: bool = False) -> Path:
     """Execute one chapter with papermill; returns the executed notebook's path.
 
     Only a **finished** run at the ``book`` or ``paper`` preset **without overrides**
@@ -142,6 +143,10 @@ def run(chapter: str, preset: str = "book", parameters: dict | None = None, root
     ``publish=True``. Either way the run executes into a staging folder and its files are
     renamed into place only after every cell succeeded; a failed run keeps its partly
     executed notebook at ``runs/failed/<slug>.ipynb`` and raises :class:`RunFailed`.
+    ``prepare_first`` (``replbook run`` sets it) builds what the chapter's preset reads once
+    (``replbook prepare NN``: converted models, fetched or kept data) after the parameters
+    passed their checks and before the notebook starts, so a first run on an empty cache
+    needs no separate step; on a warm cache it only looks the entries up.
     """
     import shutil
 
@@ -163,6 +168,10 @@ def run(chapter: str, preset: str = "book", parameters: dict | None = None, root
     if publish and preset == "smoke":
         raise ValueError("preset='smoke' runs are never published to results/; drop publish")
     slug = source.stem
+    if prepare_first:
+        from . import prepare
+
+        prepare.prepare([slug[:2]], preset, root, progress)
     if publish:
         final_notebook, final_results = source, root / "results" / f"{slug}.json"
     else:
