@@ -419,3 +419,42 @@ def test_run_queries_searches_the_decoded_cluster_never_the_true_one():
     intact = ~destroyed
     assert (rows.loc[intact, "decoded_cluster"] == rows.loc[intact, "true_cluster"]).all()
     assert (rows.loc[intact, "DREW"] == rows.loc[intact, "oracle cluster"]).all()
+
+
+def test_the_watermarked_references_are_verified_on_every_load(tmp_path, monkeypatch, capsys, code):
+    """The watermarked reference set is cached (RivaGAN: ~55 ms an image); a flipped byte in
+    it must be found on load and the set watermarked again, never served altered."""
+    class CountingMark(drew.Watermark):
+        name = "counting"
+        calls = 0
+
+        def embed(self, images, bits):
+            type(self).calls += 1
+            out = images.copy()
+            out[:, 0, 0, 0] = bits[:, 0]
+            return out
+
+    monkeypatch.setenv("REPLBOOK_CACHE", str(tmp_path))
+    images, clusters = drew.synthetic_images(4, 16, 0), np.array([0, 1, 2, 3])
+    first = drew.watermark_all(images, clusters, code, CountingMark(), progress=False)
+    again = drew.watermark_all(images, clusters, code, CountingMark(), progress=False)
+    assert CountingMark.calls == 1 and np.array_equal(first, again), "an intact entry was watermarked again"
+    [stored] = tmp_path.glob("drew/counting-*/marked.npy")
+    blob = bytearray(stored.read_bytes())
+    blob[-1] ^= 0x01  # one pixel of the last image: still a loadable array
+    stored.write_bytes(bytes(blob))
+    rebuilt = drew.watermark_all(images, clusters, code, CountingMark(), progress=False)
+    assert "fails its sha256 (damaged); building it again" in capsys.readouterr().out
+    assert CountingMark.calls == 2 and np.array_equal(rebuilt, first)
+    # another set of the same bytes in another shape is another entry, not this one
+    drew.watermark_all(images.reshape(4, 32, 8, 3), clusters, code, CountingMark(), progress=False)
+    assert CountingMark.calls == 3
+
+
+def test_rivagan_reads_and_writes_frames_exactly_as_before_the_shared_scaling():
+    """RivaGAN's frames come from replbook.images now; they and the written-back images must be
+    the bits its own numpy scaling gave (chapter 07's watermarked set did not change)."""
+    images = drew.synthetic_images(3, 32, 1)
+    frames = drew.RivaGAN._frames(images)
+    assert frames.dtype == np.float32 and frames.shape == (3, 3, 1, 32, 32)
+    assert np.array_equal(frames, (images.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)[:, :, None])

@@ -20,7 +20,7 @@ README = PACKAGE / "README.md"
 # lowest first; the name of each layer is the one the README uses
 LAYERS: dict[str, frozenset[str]] = {
     "core": frozenset({"config", "paths", "results", "numerics", "plotting", "scoreboard", "gpu_records"}),
-    "organisms": frozenset({"models", "lm", "cliplike", "captionclip", "data", "countries", "architectures"}),
+    "organisms": frozenset({"models", "lm", "images", "cliplike", "captionclip", "data", "countries", "architectures"}),
     "papers": frozenset({"zoo", "restor", "skillslices", "intcoop", "endor", "t2icomp", "mllmtrace", "drew",
                          "loki", "vitdecomp", "semtokens"}),
     "commands": frozenset({"cli", "runner", "prepare", "stability", "dryrun", "resources"}),

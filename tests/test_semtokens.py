@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from replbook import config, semtokens
+from replbook.images import to_tensor
 
 
 def _instance_colour(image, instances, k):
@@ -202,7 +203,7 @@ def test_encoders_are_the_same_transformer_and_eval_matches_training_mode():
         trained_mode = semantic.train()(tokens)
         # torch's fused inference path must not be taken (it returned NaN with this mask)
         assert torch.allclose(semantic.eval()(tokens), trained_mode, atol=1e-5)
-    assert patch(semtokens.pixels(images)).shape == (16, 16)
+    assert patch(to_tensor(images)).shape == (16, 16)
     with pytest.raises(ValueError, match="patch=7 must divide image_size=64"):
         semtokens.PatchEncoder(32, 2, 2, 16, patch=7)
 
@@ -344,7 +345,7 @@ def test_the_patch_vit_knows_where_each_patch_is():
     torch.manual_seed(0)
     _, images, _ = _small_tokens(2)
     encoder = semtokens.PatchEncoder(32, 2, 2, 16).eval()
-    x = semtokens.pixels(images)
+    x = to_tensor(images)
     grid = x.unfold(2, 8, 8).unfold(3, 8, 8)  # (N, 3, 8, 8, 8, 8): patch rows, patch columns
     shuffled = grid.flip(2).flip(3).permute(0, 1, 2, 4, 3, 5).reshape(x.shape)  # patches in reverse order
     with torch.no_grad():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from replbook import t2icomp as t
+from replbook.images import to_tensor
 
 
 TINY = SimpleNamespace(seed=0, image_size=16, text_width=16, text_layers=1, clip_lr=1e-3, clip_steps=2,
@@ -115,13 +116,13 @@ def test_diffusion_training_runs(tiny_pipeline):
     assert len(losses) == TINY.unet_steps and all(np.isfinite(losses))
     # 16-px images, 2×2 unshuffled: the UNet works on 8×8×12
     assert backbone.latent_shape == (12, 8, 8) and backbone.unet.config.cross_attention_dim == 16
-    pixels = t.to_pixels(t.render(t.all_scenes()[0], 16)[None])
+    pixels = to_tensor(t.render(t.all_scenes()[0], 16)[None])
     assert torch.equal(backbone.decode(backbone.encode(pixels)), pixels)
 
 
 def test_denoising_loss_targets_follow_the_prediction_type(tiny_pipeline):
     backbone, _ = tiny_pipeline
-    latents = backbone.encode(t.to_pixels(t.render(t.all_scenes()[0], 16)[None].repeat(2, 0)))
+    latents = backbone.encode(to_tensor(t.render(t.all_scenes()[0], 16)[None].repeat(2, 0)))
     states = backbone.states(["a red circle and a blue square"] * 2)
     assert backbone.train_scheduler().config.prediction_type == "sample"
     generator = torch.Generator().manual_seed(0)
@@ -163,7 +164,7 @@ def test_zero_initialized_projection_leaves_the_pipeline_unchanged(tiny_pipeline
     assert torch.equal(projected, states)
     assert np.array_equal(t.generate(backbone, projected, steps=3), t.generate(backbone, states, steps=3))
     # and it is trainable: one gradient step moves it off the identity
-    latents = backbone.encode(t.to_pixels(t.render(t.all_scenes()[0], 16)[None].repeat(2, 0)))
+    latents = backbone.encode(to_tensor(t.render(t.all_scenes()[0], 16)[None].repeat(2, 0)))
     loss = t.denoising_loss(backbone, latents, projection(states), generator=torch.Generator().manual_seed(0))
     loss.backward()
     assert projection.map.weight.grad.abs().sum() > 0
@@ -224,7 +225,7 @@ def test_optimized_states_and_projection_training_lower_the_denoising_loss(tiny_
     scenes = t.all_scenes()[:2]
     images, captions = t.denoising_targets(scenes, size=16)
     assert captions == [t.caption(s) for s in scenes]
-    latents = backbone.encode(t.to_pixels(images))
+    latents = backbone.encode(to_tensor(images))
     states = backbone.states(captions)
     optimized = t.optimize_states(backbone, states, latents[:, None].expand(-1, 3, -1, -1, -1), steps=3, lr=0.05)
     assert optimized.shape == states.shape and not torch.equal(optimized, states)
@@ -285,7 +286,7 @@ def test_paper_backbone_runs_every_method_on_a_tiny_stable_diffusion():
     assert backbone.vae is not None and backbone.image_size == 32 and backbone.latent_shape == (4, 16, 16)
     scenes = t.all_scenes()[:2]
     images, captions = t.denoising_targets(scenes, backbone.image_size)
-    latents = backbone.encode(t.to_pixels(images))
+    latents = backbone.encode(to_tensor(images))
     states = backbone.states(captions)
     assert states.shape[1] == backbone.max_length == 77
     # SD's pipeline feeds its encoder no attention mask (use_attention_mask is off), so the

@@ -182,3 +182,26 @@ def test_offline_presets_refuse_hub_backbones():
     cfg = config.resolve(vitdecomp.PRESETS, "smoke")
     with pytest.raises(ValueError, match="runs offline. Use preset='paper', a saved folder, or one of: vit, dinov2"):
         vitdecomp.load_classifier("facebook/dinov2-base", cfg, None)
+
+
+def test_a_damaged_trained_vit_in_the_cache_is_trained_again_not_served(tmp_path, monkeypatch, capsys):
+    """Chapter 09's ViTs trained here are cached; a flipped byte in the weights must be found
+    (sha256 on load) and the model trained again to the same weights, never loaded altered."""
+    from replbook import config
+
+    cfg = config.resolve(vitdecomp.PRESETS, "smoke")
+    pretrain, _, _ = vitdecomp.waterbirds_like(n_train=64, n_test=8, agreement=0.95, size=cfg.image_size, seed=0)
+    monkeypatch.setenv("REPLBOOK_CACHE", str(tmp_path / "cache"))  # after the photos: they come from the real cache
+    model, _ = vitdecomp.load_classifier("vit", cfg, pretrain, progress=False)
+    first = [t.clone() for t in model.state_dict().values()]  # a loaded model may map the file itself
+    [weights] = (tmp_path / "cache" / "vitdecomp").glob("vit-*/model.safetensors")
+    model, _ = vitdecomp.load_classifier("vit", cfg, pretrain, progress=False)
+    again = [t.clone() for t in model.state_dict().values()]
+    assert "building it again" not in capsys.readouterr().out, "an intact entry was trained again"
+    blob = bytearray(weights.read_bytes())
+    blob[-5] ^= 0x01  # inside the last tensor's values: still a loadable file, one weight altered
+    weights.write_bytes(bytes(blob))
+    rebuilt, _ = vitdecomp.load_classifier("vit", cfg, pretrain, progress=False)
+    assert "fails its sha256 (damaged); building it again" in capsys.readouterr().out
+    for a, b, c in zip(first, again, rebuilt.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, c)

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .images import to_tensor
+
 # ----------------------------------------------------------------------------- scenes
 
 COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (230, 200, 30),
@@ -706,10 +708,6 @@ def embed_images(model: DualEncoder, inputs, batch: int = 512) -> torch.Tensor:
                       for i in range(0, len(inputs), batch)])
 
 
-def pixels(images: np.ndarray) -> torch.Tensor:
-    return torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -963,7 +961,7 @@ def inputs_for(variant: str, split: Split, found: np.ndarray | None):
     """What a variant's encoder reads for a split: pixels, or semantic tokens from the
     oracle (scene graph) or the segmenter's masks (relation rule)."""
     if variant == "patch ViT":
-        return pixels(split.images)
+        return to_tensor(split.images)
     if variant == "semantic (oracle masks)" and split.oracle is not None:
         return build_tokens(split.images, split.oracle, split.graphs)
     return build_tokens(split.images, found)  # the headline model and its two ablations

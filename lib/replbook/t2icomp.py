@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .images import to_tensor, to_uint8
+
 # ----------------------------------------------------------------------------- scenes
 #
 # A scene is two objects, one in each half of the image; its caption names both, the
@@ -235,18 +237,6 @@ def clip_config(width: int = 64, layers: int = 3, image_size: int = 32):
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=width)
 
 
-def to_pixels(images: np.ndarray):
-    """uint8 (B, H, W, 3) → float (B, 3, H, W) in [-1, 1]."""
-    import torch
-
-    return torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def to_images(pixels) -> np.ndarray:
-    """float (B, 3, H, W) in [-1, 1] → uint8 (B, H, W, 3)."""
-    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-
 def scene_batch(scenes: list[Scene], size: int, batch: int, rng: np.random.Generator
                 ) -> tuple[np.ndarray, list[str], list[Scene]]:
     """``batch`` random scenes from ``scenes``, rendered with jitter, and their captions."""
@@ -272,7 +262,7 @@ def pretrain_clip(scenes: list[Scene], cfg, progress: bool = True):
     for _ in tqdm(range(cfg.clip_steps), desc="CLIP pretraining", disable=not progress, leave=False):
         images, captions, _ = scene_batch(scenes, cfg.image_size, cfg.clip_batch, rng)
         ids, mask = encode_captions(tok, captions)
-        loss = model(input_ids=ids, attention_mask=mask, pixel_values=to_pixels(images), return_loss=True).loss
+        loss = model(input_ids=ids, attention_mask=mask, pixel_values=to_tensor(images), return_loss=True).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -440,7 +430,7 @@ def train_diffusion(text_model, scenes: list[Scene], cfg, progress: bool = True)
     for _ in tqdm(range(cfg.unet_steps), desc="UNet training", disable=not progress, leave=False):
         picked = [scenes[i] for i in rng.integers(0, len(scenes), cfg.unet_batch)]
         captions = ["" if rng.random() < cfg.caption_dropout else caption(s) for s in picked]
-        latents = backbone.encode(to_pixels(np.stack([renders[s] for s in picked])))
+        latents = backbone.encode(to_tensor(np.stack([renders[s] for s in picked])))
         loss = denoising_loss(backbone, latents, backbone.states(captions))
         optimizer.zero_grad()
         loss.backward()
@@ -475,7 +465,7 @@ def generate(backbone: Backbone, states, steps: int = 25, guidance: float = 3.0,
                 both = backbone.predict(torch.cat([x, x]), t, torch.cat([uncond_states, cond]))
                 uncond, text = both.chunk(2)
                 x = sampler.step(uncond + guidance * (text - uncond), t, x).prev_sample
-            images.append(to_images(backbone.decode(x)))
+            images.append(to_uint8(backbone.decode(x)))
     return np.concatenate(images)
 
 
@@ -796,7 +786,7 @@ def book_backbone_cached(cfg, unet_scenes: list[Scene] | None = None, progress: 
     unet_scenes = all_scenes() if unet_scenes is None else list(unet_scenes)
     settings["unet_scenes"] = [caption(s) for s in unet_scenes]
     code = code_hash(all_scenes, caption, render, _shape_mask, scene_batch, tokenizer, encode_captions, clip_config,
-                     to_pixels, pretrain_clip, book_unet, book_scheduler_config, book_backbone, Backbone,
+                     to_tensor, pretrain_clip, book_unet, book_scheduler_config, book_backbone, Backbone,
                      denoising_loss, train_diffusion)
     run = type("Settings", (), settings)
 
@@ -830,7 +820,7 @@ def clip_binding_preference(clip, scenes: list[Scene], size: int) -> float:
     ids, mask = encode_captions(tok, [caption(s) for s in scenes])
     images = np.stack([render(s, size) for s in scenes + swapped])
     with torch.no_grad():
-        logits = clip(input_ids=ids, attention_mask=mask, pixel_values=to_pixels(images)).logits_per_text
+        logits = clip(input_ids=ids, attention_mask=mask, pixel_values=to_tensor(images)).logits_per_text
     rows = torch.arange(len(scenes))
     return float((logits[rows, rows] > logits[rows, rows + len(scenes)]).float().mean())
 
@@ -908,7 +898,7 @@ def cross_fitted_projection(kind: str, backbone: Backbone, base: list[Scene], ro
     import torch
 
     images, captions = denoising_targets(base + rotating, backbone.image_size)
-    latents, states = backbone.encode(to_pixels(images)), backbone.states(captions)
+    latents, states = backbone.encode(to_tensor(images)), backbone.states(captions)
     parts = np.array_split(np.arange(len(rotating)), folds)
     mapped = torch.empty(len(rotating), *states.shape[1:], device=states.device)
     projections, losses = [], []

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .images import IMAGENET_MEAN, IMAGENET_STD, to_tensor
+
 # ----------------------------------------------------------------------------- RepDecompose
 
 
@@ -419,14 +421,6 @@ def build_model(architecture: str, image_size: int, width: int, depth: int, head
     raise ValueError(f"architecture {architecture!r}; choose one of: {', '.join(ARCHITECTURES)}")
 
 
-def pixels(images: np.ndarray, size: int | None = None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> normalised float (N, 3, size, size)."""
-    x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255
-    if size is not None and size != x.shape[-1]:
-        x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-
-
 def train_classifier(model, inputs: torch.Tensor, labels: np.ndarray, epochs: int, lr: float, batch: int, seed: int,
                      only_head: bool = False, progress: str | None = None) -> list[float]:
     """AdamW with a cosine schedule and horizontal flips; ``only_head`` trains the linear
@@ -559,7 +553,6 @@ FEATURE_TEXTS = {
     "object": [f"a photo of a {c}" for c in
                ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")],
 }
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def feature_labels(dataset: SpuriousSet) -> dict[str, np.ndarray]:
@@ -569,8 +562,8 @@ def feature_labels(dataset: SpuriousSet) -> dict[str, np.ndarray]:
 
 def model_inputs(model, images: np.ndarray, scratch: bool) -> torch.Tensor:
     if scratch:
-        return pixels(images)
-    return pixels(images, model.config.image_size, IMAGENET_MEAN, IMAGENET_STD)
+        return to_tensor(images)  # [-1, 1], as the from-scratch ViTs were trained
+    return to_tensor(images, model.config.image_size, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def load_classifier(name: str, cfg, pretrain: SpuriousSet, progress: bool = True):
@@ -585,24 +578,25 @@ def load_classifier(name: str, cfg, pretrain: SpuriousSet, progress: bool = True
 
     from transformers import AutoConfig, Dinov2ForImageClassification, ViTForImageClassification
 
-    from .paths import atomic_dir, cache_dir, code_hash
+    from .paths import cache_dir, cached_dir, code_hash
 
     if name in ARCHITECTURES:
         settings = {k: cfg[k] for k in ("width", "depth", "heads", "epochs", "lr", "image_size", "seed")}
         digest = hashlib.sha256(pretrain.images.tobytes() + pretrain.classes.tobytes() + json.dumps(settings).encode()
                                 + code_hash(build_model, train_classifier).encode()).hexdigest()[:20]
+
+        def build(tmp: Path) -> dict:
+            model = build_model(name, cfg.image_size, cfg.width, cfg.depth, cfg.heads, cfg.seed)
+            start = time.perf_counter()
+            losses = train_classifier(model, to_tensor(pretrain.images), pretrain.classes, cfg.epochs, cfg.lr, 128,
+                                      cfg.seed, progress=f"pre-train {name}" if progress else None)
+            model.save_pretrained(tmp)
+            return {"architecture": name, **settings, "train_seconds": round(time.perf_counter() - start, 1),
+                    "final_loss": losses[-1], "images": len(pretrain.images)}
+
+        # verified on every load (sha256 of each file): a damaged entry is trained again, never served
         folder = cache_dir("vitdecomp") / f"{name}-{digest}"
-        if not (folder / "manifest.json").exists():
-            def build(tmp: Path) -> dict:
-                model = build_model(name, cfg.image_size, cfg.width, cfg.depth, cfg.heads, cfg.seed)
-                start = time.perf_counter()
-                losses = train_classifier(model, pixels(pretrain.images), pretrain.classes, cfg.epochs, cfg.lr, 128,
-                                          cfg.seed, progress=f"pre-train {name}" if progress else None)
-                model.save_pretrained(tmp)
-                return {"architecture": name, **settings, "train_seconds": round(time.perf_counter() - start, 1),
-                        "final_loss": losses[-1], "images": len(pretrain.images)}
-            atomic_dir(folder, build)
-        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest, _ = cached_dir(folder, build)
         cls = ViTForImageClassification if name == "vit" else Dinov2ForImageClassification
         return cls.from_pretrained(folder).eval(), manifest
     if cfg.preset != "paper" and not Path(name).is_dir():
