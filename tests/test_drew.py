@@ -452,9 +452,16 @@ def test_the_watermarked_references_are_verified_on_every_load(tmp_path, monkeyp
 
 
 def test_rivagan_reads_and_writes_frames_exactly_as_before_the_shared_scaling():
-    """RivaGAN's frames come from replbook.images now; they and the written-back images must be
-    the bits its own numpy scaling gave (chapter 07's watermarked set did not change)."""
+    """RivaGAN's frames come from replbook.images now, and its marked frames go back to images
+    through images.to_uint8: both must be the bits its own numpy code gave (chapter 07's
+    watermarked set did not change)."""
     images = drew.synthetic_images(3, 32, 1)
     frames = drew.RivaGAN._frames(images)
     assert frames.dtype == np.float32 and frames.shape == (3, 3, 1, 32, 32)
     assert np.array_equal(frames, (images.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)[:, :, None])
+    # the way back: RivaGAN's marked frames (float32, a little outside [-1, 1] too) to uint8
+    # images, as its numpy code wrote them: clip, scale, round half to even
+    marked = np.random.default_rng(0).normal(0, 0.7, (3, 3, 1, 32, 32)).astype(np.float32)
+    marked[0, 0, 0, 0, :4] = [-1.0, 1.0, 1 / 255 - 1, 3 / 255 - 1]  # the ends, and values near a half
+    former = ((np.clip(marked[:, :, 0], -1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
+    assert np.array_equal(drew.to_uint8(torch.from_numpy(marked[:, :, 0])), former)

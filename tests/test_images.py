@@ -41,6 +41,18 @@ def test_resize_is_bilinear_on_the_unit_range_values():
     assert torch.equal(to_tensor(images, 6), to_tensor(images))
 
 
+def test_a_non_square_image_is_resized_even_when_one_side_already_has_the_asked_size():
+    """Only an image that is size x size already is left alone: checking one side only
+    would hand a (6, 9) image to a model that reads 9 x 9."""
+    for height, width in ((6, 9), (9, 6)):
+        images = _images(height=height, width=width, seed=2)
+        unit = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255
+        expected = torch.nn.functional.interpolate(unit, size=(9, 9), mode="bilinear", align_corners=False) / 0.5 - 1
+        out = to_tensor(images, 9)
+        assert out.shape == (2, 3, 9, 9)
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
 def test_to_uint8_inverts_the_default_scaling_and_clips():
     every_value = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)
     assert np.array_equal(to_uint8(to_tensor(every_value)), every_value)

@@ -426,3 +426,22 @@ def test_the_paper_preset_code_path_runs_on_a_tiny_locally_saved_llama(run_paper
     assert {v["claim"] for v in saved["verdicts"]} == {"C1", "C2", "C3", "C4"}
     assert {c["method"] for c in saved["metrics"]["choices"]} >= {"ga_localized", "npo_localized", "ga_kl",
                                                                    "ga_ft (fact retain)", "npo (fact retain)"}
+
+
+def test_the_published_book_run_judges_every_k_on_at_least_40_facts_and_three_seeds():
+    """#25: verdicts on 12 facts per k moved by a share of 8 points per fact. The committed
+    book run must report 40+ corrupted facts, every model state evaluated on all of them,
+    and a stability record of three seeds made with the same code."""
+    import json
+
+    from replbook import results
+    from replbook.paths import repo_root
+
+    saved = json.loads((repo_root() / "results" / "01_restor.json").read_text())
+    corrupted = saved["metrics"]["splits"]["corrupted"]
+    assert len(corrupted) >= 40
+    assert len({(f["entity"], f["relation"]) for f in corrupted}) == len(corrupted)
+    for state, rows in saved["metrics"]["per_fact"].items():
+        assert len(rows) == len(corrupted), state
+    record = results.load_stability("01_restor")
+    assert record["code_version"] == saved["code_version"] and len(record["seeds"]) >= 3

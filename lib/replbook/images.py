@@ -35,7 +35,7 @@ def to_tensor(images: np.ndarray, size: int | None = None, mean=HALF, std=HALF) 
     import torch  # here, not at the top: the modules that import this one load torch only when they compute
 
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255
-    if size is not None and size != x.shape[-1]:
+    if size is not None and tuple(x.shape[-2:]) != (size, size):  # a non-square image of the right width too
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
