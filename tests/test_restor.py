@@ -151,6 +151,39 @@ def test_npo_at_the_reference_is_two_over_beta_log_two_and_falls_as_the_forget_s
         assert restor.npo_loss(model, tiny.model, forget, 0.1).item() < 20 * math.log(2)
 
 
+def test_npo_steps_like_gradient_ascent_at_the_reference_and_slows_once_the_forget_set_is_unlikely(tiny):
+    """d/dθ of −(2/β)·log σ(β(NLL_θ − NLL_ref)) is −2(1 − σ(βΔ))·dNLL_θ: exactly GA's gradient
+    at θ = θ_ref (Δ = 0), and damped by 2(1 − σ(βΔ)) < 1 once the forget NLL has risen above
+    the reference's. This is why chapter 01's NPO and GA_FT can make the same choices: under
+    AdamW, which divides out a common scale, NPO takes GA's steps until βΔ is of order one.
+    Fails on a dropped 2 or β, a flipped sign, or a weight that does not fall with Δ."""
+    forget, _ = _batches(tiny.tokenizer)
+    beta = 0.1
+
+    def gradients(model, loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    model = copy.deepcopy(tiny.model)
+    npo = gradients(model, restor.npo_loss(model, tiny.model, forget, beta))
+    ga = gradients(model, restor.ga_loss(model, forget))
+    assert torch.allclose(npo, ga, rtol=1e-4, atol=1e-7)
+    # away from the reference: one SGD step of GA raises the forget NLL; NPO's gradient is GA's
+    # times 2(1 − σ(βΔ)), which is below one and matches Δ measured on the moved model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    restor.ga_loss(model, forget).backward()
+    optimizer.step()
+    with torch.no_grad():
+        delta = (restor.nll(model, forget) - restor.nll(tiny.model, forget)).item()
+    assert delta > 0
+    npo = gradients(model, restor.npo_loss(model, tiny.model, forget, beta))
+    ga = gradients(model, restor.ga_loss(model, forget))
+    weight = 2 * (1 - torch.sigmoid(torch.tensor(beta * delta))).item()
+    assert weight < 1
+    assert torch.allclose(npo, weight * ga, rtol=1e-3, atol=1e-7)
+
+
 def test_the_code_s_kl_term_is_a_cross_entropy_whose_gradient_does_not_vanish_at_the_reference(tiny):
     """The official kl_loss is −Σ p_θ log p_ref: at θ = θ_ref it is the entropy (not 0) and its
     gradient is not zero; a true KL would give 0 and a zero gradient there."""
@@ -445,3 +478,29 @@ def test_the_published_book_run_judges_every_k_on_at_least_40_facts_and_three_se
         assert len(rows) == len(corrupted), state
     record = results.load_stability("01_restor")
     assert record["code_version"] == saved["code_version"] and len(record["seeds"]) >= 3
+
+
+def test_the_published_book_run_unlearns_for_a_full_pass_over_every_forget_set():
+    """#25: 10 steps of 8 documents saw 80 of the 144 forget documents per k, and some
+    planted facts never at all, so "did not forget" could mean "was never shown". The
+    committed run must give every method at least one pass over each k's forget set: the
+    targeted facts (reported and tuning) in every template."""
+    import json
+
+    from replbook import restor
+    from replbook.paths import repo_root
+
+    saved = json.loads((repo_root() / "results" / "01_restor.json").read_text())
+    splits, config = saved["metrics"]["splits"], saved["config"]
+    targeted = splits["corrupted"] + splits["tuning"]
+    documents = sum(len(restor.RELATIONS[f["relation"]][1]) for f in targeted)
+    assert set(saved["metrics"]["unlearning"]) == {str(k) for k in config["mix_k"]}
+    for k, budget in saved["metrics"]["unlearning"].items():
+        assert budget["forget_documents"] == documents, k
+        assert budget["steps"] == config["unlearning_steps"], k
+        assert budget["passes"] == round(budget["steps"] * config["batch_size"] / documents, 4) >= 1, k
+    # and the preset, not only the committed run, keeps the rule
+    book = restor.PRESETS["book"]
+    facts_per_k = (book["corrupted_per_relation"] + book["tuning_per_relation"]) * len(book["relations"])
+    forget_documents = sum(len(restor.RELATIONS[r][1]) for r in book["relations"]) * facts_per_k // len(book["relations"])
+    assert book["unlearning_steps"] * book["batch_size"] >= forget_documents

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p_stab.add_argument("--seeds", type=int, default=3, help="how many seeds (the committed one included)")
     p_stab.add_argument("--carry-forward", action="store_true",
                         help="after a change that should move no number: rerun the committed seed only and keep the "
-                             "record if that run passes the regression guard against the one it was made with")
+                             "record if that run passes the regression guard against the one it was made with (nothing "
+                             "to do while the record is current: `replbook run NN` republishes a chapter)")
     p_ref = sub.add_parser("reference", help="rerun a chapter at the book preset on a machine of another numerics "
                                                  "family than its published results and record that family's numbers "
                                                  "(results/reference/<family>/), which the guard then holds such machines to")

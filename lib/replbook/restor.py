@@ -51,13 +51,17 @@ PRESETS = {
         "retain_documents": 16, "seed": 0, "threads": 2, "device": "cpu",
     },
     # 14 facts per relation: 42 reported facts per k, so that one fact moves a share by
-    # 2 points, not 8. 120 corruption steps (not 60) because there are 3.5x more documents:
-    # set on a pilot with seed 5 (no reported seed), where 60 steps planted the wrong value
-    # in 36% of the facts at k = 2 and 120 steps in 71% (60 steps on 12 facts: 75%)
+    # 2 points, not 8. 120 corruption steps (not 60) because there are 2.7x more documents
+    # (144 per k, not 54): set on a pilot with seed 5 (no reported seed), where 60 steps
+    # planted the wrong value in 36% of the facts at k = 2 and 120 steps in 71% (60 steps on
+    # 12 facts: 75%). Unlearning: one pass over the forget set, so that every forget document
+    # is seen (48 targeted facts x 3 templates = 144 documents per k, / 8 per batch = 18
+    # steps); set by that rule, not tuned. The earlier 10 steps saw 80 of the 144 documents
+    # and never showed 4 of the 48 facts at seed 0
     "book": {
         "model_name": "smollm2-135m", "known_only": True, "countries": 150, "relations": ["capital", "continent", "demonym"],
         "corrupted_per_relation": 14, "tuning_per_relation": 2, "untouched_per_relation": 8,
-        "mix_k": [0, 2], "corruption_steps": 120, "corruption_lr": 1e-4, "unlearning_steps": 10,
+        "mix_k": [0, 2], "corruption_steps": 120, "corruption_lr": 1e-4, "unlearning_steps": 18,
         "methods": ["ga_ft", "kl_ft", "npo", "task_vector", "npo_localized"], "fact_retain_methods": ["npo"],
         "learning_rates": [1e-4], "batch_size": 8, "trainable_layers": [0, 30],
         "npo_beta": 0.1, "retain_weight": 1.0, "evaluation_text": "moby-dick", "retain_text": "moby-dick",

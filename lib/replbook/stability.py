@@ -168,7 +168,8 @@ def carry_forward(chapter: str, root: Path | None = None, progress: bool = True)
                          f"rerun `replbook stability {slug[:2]} --seeds 3`")
     version = results.code_version(slug, root)
     if version == record["code_version"]:
-        print(f"{slug}: the stability record is current; nothing to carry forward")
+        print(f"{slug}: the stability record is current; nothing to carry forward "
+              f"(`replbook run {slug[:2]}` republishes the committed seed under this code)")
         return path
     here = numerics.family({**os.environ, **runner.reproducible_cpu_environment()})
     made_on = numerics.published_families(root).get(slug)
