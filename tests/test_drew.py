@@ -57,6 +57,19 @@ def test_beyond_t_errors_the_confidence_is_low(code):
         assert not ((confidence >= threshold) & (decoded == clusters)).any(), "too many errors to land home"
 
 
+def test_a_word_the_decoder_cannot_correct_gets_confidence_zero(code):
+    """The gate must never trust a decoding the BCH decoder itself flags as failed, whatever
+    the distance to the cluster it returns happens to be."""
+    import galois
+
+    words = np.random.default_rng(2).integers(0, 2, (3000, code.n)).astype(np.uint8)
+    _, n_errors = code.bch.decode(galois.GF2(words ^ code.mask), errors=True)
+    failed = np.asarray(n_errors) < 0
+    assert failed.sum() > 100, "random words: most lie outside every radius-t ball"
+    _, confidence = code.decode(words)
+    assert (confidence[failed] == 0).all() and (confidence[~failed] > 0).all()
+
+
 def test_degenerate_words_are_not_keys(code):
     """A destroyed watermark often reads as all zeros or all ones: the mask keeps them off the keys."""
     _, confidence = code.decode(np.array([[0] * 31, [1] * 31], dtype=np.uint8))
@@ -69,6 +82,9 @@ def test_raw_bits_are_the_cluster_index_and_the_false_accept_rate_is_the_ball_co
     # d <= 5 admitted at 1 - 10/31: 64 keys x |B(31, 5)| / 2^31
     assert code.threshold_for(0.01) == pytest.approx(1 - 10 / 31)
     assert code.random_word_false_accept(1 - 10 / 31) == pytest.approx(64 * 206368 / 2 ** 31)
+    # however low the gate, a word more than t = 7 bits from every key is never decoded: the
+    # ball stops at radius t (3,572,224 words), not at the radius the threshold would allow
+    assert code.random_word_false_accept(-1.0) == pytest.approx(64 * 3572224 / 2 ** 31)
     rng = np.random.default_rng(2)
     _, confidence = code.decode(rng.integers(0, 2, (20000, 31)))
     observed = (confidence >= code.threshold_for(0.01)).mean()
@@ -269,6 +285,15 @@ def test_drew_falls_back_below_the_threshold_and_trusts_above(toy_index):
     mid = np.full(len(queries), 0.6)
     assert (drew.retrieve(index, queries, wrong, mid, 0.9) == index.search_all(queries)).all()
     assert (drew.retrieve(index, queries, wrong, mid, 0.5) == index.search_within(queries, wrong)).all()
+    # "confidence ≥ τ" (Algorithm 1): a decoding exactly at the threshold is trusted
+    assert (drew.retrieve(index, queries, wrong, mid, 0.6) == index.search_within(queries, wrong)).all()
+
+
+def test_a_decoded_cluster_with_no_members_finds_nothing_rather_than_searching_everything(toy_index):
+    embeddings, clusters, queries, index = toy_index
+    nowhere = np.full(len(queries), 99)  # no reference image carries cluster 99
+    assert (index.search_within(queries, nowhere) == -1).all()
+    assert (drew.retrieve(index, queries, nowhere, np.ones(len(queries)), 0.5) == -1).all()
 
 
 def test_gate_curve_and_paired_gain():
@@ -283,6 +308,12 @@ def test_gate_curve_and_paired_gain():
     assert curve.loc[0.9, "precision"] == 1 and curve.loc[2.0, "DREW"] == rows.baseline.mean()
     gain, low, high = drew.paired_gain(np.array([1, 1, 1, 0] * 25), np.array([0, 1, 1, 0] * 25), seed=0)
     assert gain == pytest.approx(25) and low < 25 < high and low > 0
+    # the interval is the two-sided percentile bootstrap: its 2.5th and 97.5th percentiles
+    better, worse = np.array([1, 1, 1, 0, 0] * 8), np.array([0, 1, 0, 1, 0] * 8)
+    diff = better - worse
+    boots = diff[np.random.default_rng(4).integers(0, len(diff), (2000, len(diff)))].mean(1)
+    expected = 100 * np.quantile(boots, [0.025, 0.975])
+    assert drew.paired_gain(better, worse, seed=4)[1:] == pytest.approx(tuple(expected))
 
 
 def test_reference_images_sources():

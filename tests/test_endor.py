@@ -117,6 +117,10 @@ def test_bad_files_fail_clearly(tmp_path):
     blob = endor.to_bytes(endor.encode(sparse(8, 40, 0.5)))
     with pytest.raises(endor.EndorFormatError, match="truncated"):
         endor.from_bytes(blob[:-3])
+    # trailing bytes are as wrong as missing ones (two files concatenated, a partial overwrite);
+    # unverified reads, which skip the CRC, must still refuse them
+    with pytest.raises(endor.EndorFormatError, match="padded"):
+        endor.from_bytes(blob + b"\0\0", verify=False)
     with pytest.raises(endor.EndorFormatError, match="shorter than the"):
         endor.from_bytes(blob[:10])
     with pytest.raises(endor.EndorFormatError, match="not an Endor file"):
@@ -352,3 +356,17 @@ def test_the_recorded_gpu_offload_run_is_complete_and_its_checks_follow_the_rule
             assert m["tokens_identical"] and m["first_logits_identical"], (path.name, m["model"])
             assert m["speedup"] == pytest.approx(m["per_token"]["accelerate"]["seconds"] / m["per_token"]["endor"]["seconds"])
         assert record["checks"] == endor.c3_gpu_checks(record), path.name  # not edited by hand
+
+
+def test_at_the_break_even_bandwidth_compression_neither_gains_nor_loses():
+    # B* = D (1 − w) / f is where the transfer saved equals the decode time: one token over a
+    # link of B* takes as long compressed as dense, and compression pays only below it
+    for decode_gbps, share, ratio in ((10.0, 0.8, 2.0), (40.0, 0.5, 1.6), (5.0, 1.0, 3.0)):
+        link = endor.break_even_gbps(decode_gbps, share, ratio)
+        dense = endor.token_seconds(1e9, [link])
+        compressed = endor.token_seconds(1e9, [link], compressible=share, ratio=ratio, decode_gbps=decode_gbps)
+        assert compressed == pytest.approx(dense, rel=1e-12)
+        slower = [link / 2]
+        assert endor.token_seconds(1e9, slower, compressible=share, ratio=ratio,
+                                   decode_gbps=decode_gbps) < endor.token_seconds(1e9, slower)
+    assert endor.wire_fraction(0.8, 2.0) == pytest.approx(0.6)  # (1 − f) + f / r

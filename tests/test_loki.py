@@ -268,6 +268,25 @@ def test_loki_attention_with_fewer_keys_matches_a_float64_reference(group, rule)
         assert not torch.allclose(swapped, expected, atol=1e-3), "a wrong head -> basis mapping would pass"
 
 
+def test_loki_attention_applies_the_model_s_logit_softcap_and_scaling():
+    # Gemma 2 caps attention logits (tanh(s / cap) · cap); with every key kept, Loki must be the
+    # model's own capped attention, or its perplexity ratio would compare two different models
+    n_kv, group, seq, dim, cap, scaling = 1, 2, 6, 8, 0.5, 0.3
+    g = torch.Generator().manual_seed(0)
+    q = 3 * torch.randn(1, n_kv * group, seq, dim, generator=g)
+    k, v = 3 * torch.randn(1, n_kv, seq, dim, generator=g), torch.randn(1, n_kv, seq, dim, generator=g)
+    loki.SETTINGS.__init__(selector="oracle", k_f=1.0, d_f=1.0)
+    try:
+        out, _ = loki.loki_attention(_Attention(dim), q, k, v, attention_mask=None, scaling=scaling, softcap=cap)
+    finally:
+        loki.SETTINGS.__init__()
+    scores = (q.double() @ k.double().repeat_interleave(group, 1).transpose(-1, -2)) * scaling
+    scores = torch.tanh(scores / cap) * cap
+    scores = scores.masked_fill(~torch.ones(seq, seq, dtype=torch.bool).tril(), float("-inf"))
+    expected = (scores.softmax(-1) @ v.double().repeat_interleave(group, 1)).transpose(1, 2)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("group", [1, 3, 4])
 def test_the_timed_decode_step_with_fewer_keys_matches_a_float64_reference(group):
     n_kv, seq, dim, keep, d = 2, 40, 16, 7, 4

@@ -19,6 +19,26 @@ def prompt(tiny_llama):
     return model, embeds, positions, answers
 
 
+def test_the_answer_probability_is_read_at_the_last_position(prompt):
+    # the answer is the next token after the whole prompt: the last position's distribution
+    model, embeds, positions, answers = prompt
+    with torch.no_grad():
+        logits = model(inputs_embeds=embeds).logits
+    expected = logits[:, -1].float().softmax(-1)[torch.arange(len(answers)), answers]
+    assert torch.allclose(mllmtrace.answer_probability(model, embeds, answers), expected)
+    earlier = logits[:, -2].float().softmax(-1)[torch.arange(len(answers)), answers]
+    assert not torch.allclose(expected, earlier), "the two positions must differ for this to test anything"
+
+
+def test_the_key_covariance_is_the_second_moment_plus_a_ridge_relative_to_its_own_scale():
+    # ROME's C = E[k kᵀ]; the ridge is a share of its mean diagonal, so it means the same for
+    # keys of any magnitude (an absolute ridge would vanish for large keys, swamp small ones)
+    keys = torch.randn(300, 6, generator=torch.Generator().manual_seed(0)) * 40
+    second = keys.double().T @ keys.double() / len(keys)
+    expected = second + 0.01 * second.diagonal().mean() * torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(mllmtrace.key_covariance(keys, ridge=0.01), expected.float())
+
+
 @pytest.mark.parametrize("kind", ["layer", "mlp", "attn"])
 def test_restoring_nothing_gives_the_corrupted_run(prompt, kind):
     model, embeds, positions, answers = prompt
@@ -306,6 +326,18 @@ def test_effect_center_and_its_bootstrap_difference():
     assert point == pytest.approx(-3.5) and low <= point <= high < 0
     same = mllmtrace.center_difference(early, early, 50, seed=0)
     assert same[0] == 0
+    # effect-weighted, not the plain mean of the causal layers: (1 × 0.2 + 3 × 0.6) / 0.8
+    uneven = np.zeros((6, 4))
+    uneven[1], uneven[3] = 0.2, 0.6
+    assert mllmtrace.effect_center(uneven, corrupted) == pytest.approx(2.5)
+    # the two traces' prompts are resampled independently (the settings ask different
+    # prompts): a trace against itself still has an interval around 0, as two independent
+    # samples of the same prompts would; a paired resample would collapse it to a point
+    varied = np.zeros((6, 4))
+    varied[1], varied[4] = [0.9, 0.1, 0.5, 0.3], [0.1, 0.9, 0.5, 0.7]
+    spread = mllmtrace.Trace("mlp", 1, np.ones(4), corrupted, varied)
+    point, low, high = mllmtrace.center_difference(spread, spread, 200, seed=0)
+    assert point == 0 and low < 0 < high
 
 
 def test_effects_within_the_noise_floor_do_not_place_a_causal_layer():
@@ -337,6 +369,25 @@ def test_trace_setting_averages_noise_draws_and_its_floor_is_how_far_a_redraw_mo
     assert trace.floor == pytest.approx(np.abs(one[0].effect - one[1].effect).max(), abs=1e-6) and trace.floor > 0
     single = mllmtrace.trace_setting(model, prompts, "mlp", 1, 3.0, seed=5, draws=1)
     assert single.floor == 0 and np.allclose(single.restored, one[0].restored, atol=1e-6)
+    # every group draws its own noise: two groups of the same prompts are not corrupted alike
+    twice = mllmtrace.Prompts([(embeds, positions, answers, np.array([0, 1]))] * 2)
+    both = mllmtrace.trace_setting(model, twice, "mlp", 1, 3.0, seed=5, draws=1)
+    assert not np.allclose(both.corrupted[:2], both.corrupted[2:])
+
+
+def test_an_edit_of_a_biased_output_projection_maps_the_key_to_the_value(tiny_llama):
+    # W' k + b = v needs W' k = v − b: an edit that forgot the bias would land b away
+    import copy
+
+    model = copy.deepcopy(tiny_llama.model)
+    proj = mllmtrace.output_projection(mllmtrace.layers(model)[1])
+    generator = torch.Generator().manual_seed(0)
+    proj.bias = torch.nn.Parameter(torch.randn(proj.out_features, generator=generator))
+    key, value = torch.randn(proj.in_features, generator=generator), torch.randn(proj.out_features, generator=generator)
+    covariance = mllmtrace.key_covariance(torch.randn(400, proj.in_features, generator=generator))
+    mllmtrace.edit_mlp(model, 1, key, value, covariance)
+    with torch.no_grad():
+        torch.testing.assert_close(proj(key), value, rtol=1e-4, atol=1e-4)
 
 
 def test_a_rank_one_edit_through_the_wrapper_raises_the_target_and_undo_restores_the_model(tiny_llama):

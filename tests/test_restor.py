@@ -54,6 +54,63 @@ def test_split_is_disjoint_and_wrong_values_differ():
         restor.split_known(facts[:10], facts, 3, 2, 4, seed=0)
 
 
+def test_a_planted_value_is_never_the_true_one_and_untouched_facts_name_no_target():
+    # two capitals only: the planted value of each must be the other (a draw that may pick
+    # the true value passes the random case above most of the time)
+    pair = [Fact("Kenya", "capital", "Nairobi"), Fact("Chile", "capital", "Santiago")]
+    for seed in range(20):
+        split = restor.split_known(pair, pair, corrupted=1, tuning=0, untouched=0, seed=seed)
+        (fact,) = split.corrupted
+        assert fact.wrong == ({"Nairobi", "Santiago"} - {fact.answer}).pop(), seed
+    # few countries and three relations: a country corrupted on one relation is left
+    # untouched on another unless the split keeps it out
+    facts = restor.country_facts(12, ["capital", "continent", "demonym"])
+    for seed in range(5):
+        split = restor.split_known(facts, facts, corrupted=3, tuning=1, untouched=4, seed=seed)
+        targets = {f.entity for f in split.targets}
+        assert split.untouched and not targets & {f.entity for f in split.untouched}, seed
+        assert not targets & {f.entity for f in split.retain}, seed
+
+
+def test_random_values_are_neither_the_true_nor_the_planted_value():
+    facts = [Fact("Kenya", "capital", "Nairobi", wrong="Lima"), Fact("Chile", "capital", "Santiago", wrong="Nairobi")]
+    pool = facts + [Fact("Peru", "capital", "Lima")]
+    for seed in range(20):
+        assert restor.random_values(facts, pool, seed) == ["Santiago", "Lima"], seed
+
+
+def test_the_trainable_band_is_half_open():
+    name = "model.layers.{}.mlp.down_proj.weight"
+    assert [restor.in_band(name.format(i), (1, 3)) for i in range(5)] == [False, True, True, False, False]
+    assert not restor.in_band("model.layers.1.self_attn.q_proj.weight", (1, 3)), "MLP weights only"
+
+
+def test_batches_are_shuffled_epochs_that_show_every_document_once_per_pass():
+    docs = [restor.Document(f"d{i}", ()) for i in range(10)]
+    drawn = [d.text for batch in restor.batches(docs, size=4, steps=5, seed=0) for d in batch]
+    first, second = drawn[:10], drawn[10:]
+    assert sorted(first) == sorted(second) == sorted(d.text for d in docs), "each pass is a permutation"
+    assert first != second, "each pass shuffled anew"
+    assert first not in ([d.text for d in docs], [d.text for d in reversed(docs)]), "shuffled, not in order"
+    again = [d.text for batch in restor.batches(docs, size=4, steps=5, seed=1) for d in batch]
+    assert again != drawn, "the order follows the seed"
+
+
+def test_evaluate_counts_shares_over_the_targets_and_accuracy_over_the_untouched_facts(monkeypatch):
+    corrupted = [Fact("Kenya", "capital", "Nairobi", wrong="Lima"), Fact("Chile", "capital", "Santiago", wrong="Oslo"),
+                 Fact("Peru", "capital", "Lima", wrong="Rome"), Fact("Iran", "capital", "Tehran", wrong="Cairo")]
+    untouched = [Fact("Japan", "capital", "Tokyo")]
+    split = restor.Split(corrupted=corrupted, tuning=[], untouched=untouched, retain=[])
+    said = ["Lima", "Santiago", "Paris", "Cairo", "Tokyo"]  # corrupted, clean, other, corrupted | clean
+    monkeypatch.setattr(restor, "answers", lambda model, tokenizer, facts: said[:len(facts)])
+    monkeypatch.setattr(restor, "value_logprob", lambda model, tokenizer, facts, values: [0.0] * len(facts))
+    monkeypatch.setattr("replbook.lm.perplexity", lambda model, windows: 7.0)
+    result = restor.evaluate(None, None, split, ["x"] * 4, [])
+    assert result["shares"] == {"clean": 0.25, "corrupted": 0.5, "other": 0.25}
+    assert result["untouched_accuracy"] == 1.0 and result["perplexity"] == 7.0
+    assert [row["outcome"] for row in result["per_fact"]] == ["corrupted", "clean", "other", "corrupted"]
+
+
 def test_corruption_documents_mix_k_true_facts_and_mark_the_wrong_value():
     wrong = [Fact("Kenya", "capital", "Nairobi", wrong="Lima")]
     true = [Fact("Chile", "capital", "Santiago"), Fact("Peru", "continent", "South America"),
@@ -291,6 +348,11 @@ def test_unlearning_returns_the_best_scored_checkpoint_not_the_last(tiny):
     assert choice["steps"] == 1 and len(snapshots) == 3
     assert all(torch.equal(a, b) for a, b in zip(unlearned.parameters(), snapshots[0]))
     assert not all(torch.equal(a, b) for a, b in zip(unlearned.parameters(), snapshots[-1]))
+    # on a tie the earliest checkpoint is kept (the smallest change that does as well)
+    tied, choice = restor.unlearn(tiny.model, tiny.tokenizer, "ga_ft", forget, retain, hp, score=lambda model: 0.5,
+                                  checkpoints=3)
+    assert choice["steps"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(tied.parameters(), unlearned.parameters()))
 
 
 def test_text_documents_cut_generic_text_after_the_held_out_passage():

@@ -242,3 +242,44 @@ def test_a_supporting_check_on_wall_clock_numbers_may_flip_only_where_declared()
     problems = results.compare(saved(timed=True, fit=True), saved(timed=False, fit=True))
     assert len(problems) == 1 and problems[0].startswith("verdicts.C3.verdict: rerun 'reproduced'")
     assert results.compare(saved(timed=False, decisive=False), committed)  # decisive checks: always exact
+
+
+def test_a_band_is_abs_plus_rel_times_the_committed_value_and_nan_never_fits(tmp_path):
+    tolerances = {"x": results.band(abs=0.25, rel=0.25), "*": results.exact()}
+
+    def saved(x, folder):
+        run = results.Run("99_test", "A test", {"preset": "book", "seed": 1})
+        path = run.save([results.judge("C1", "s", decisive={"works": True})], {"x": x}, tolerances,
+                        folder=tmp_path / folder)
+        return dict(json.loads(path.read_text()), metrics={"x": x})  # NaN kept as a float, as a rerun holds it
+
+    committed = saved(2.0, "committed")
+    # allowed = 0.25 + 0.25 × |2.0| = 0.75 (binary-exact numbers: the edge itself is tested)
+    assert results.compare(saved(2.75, "edge"), committed) == []
+    assert results.compare(saved(1.25, "low edge"), committed) == []
+    # a band read off the rerun's value (0.25 + 0.25 × 2.875 > 0.875) would let this through
+    assert results.compare(saved(2.875, "over"), committed)
+    assert results.compare(saved(float("nan"), "nan"), committed), "NaN is never within a band"
+
+
+def test_exact_tells_a_flag_from_a_count_and_a_changed_set_of_supporting_checks_is_caught():
+    def saved(flag, supporting):
+        v = results.judge("C1", "s", decisive={"a": True}, supporting=supporting)
+        return {"slug": "99_test", "config": {}, "metrics": {"flag": flag},
+                "verdicts": [dict(vars(v), verdict=v.verdict)],
+                "tolerances": results.check_tolerances({"*": results.exact()})}
+
+    assert results.compare(saved(True, {"b": True}), saved(True, {"b": True})) == []
+    assert results.compare(saved(True, {"b": True}), saved(1, {"b": True})), "True == 1 in Python; not here"
+    added = results.compare(saved(True, {"b": True, "c": True}), saved(True, {"b": True}))
+    assert added and "supporting: checks" in added[0], "a new passing check leaves the verdict alone, not the record"
+
+
+def test_mean_interval_is_the_two_sided_t_interval_over_n_minus_one_degrees_of_freedom():
+    mean, low, high = results.mean_interval([1.0, 2.0, 3.0])
+    half = 4.302652729749462 / np.sqrt(3)  # t(0.975, 2) x sample std 1 / sqrt(3)
+    assert mean == 2.0 and low == pytest.approx(2 - half, rel=1e-9) and high == pytest.approx(2 + half, rel=1e-9)
+    mean, low, high = results.mean_interval([1.0, 2.0, 3.0, 4.0], level=0.9)
+    half = 2.3533634348018233 * np.std([1.0, 2.0, 3.0, 4.0], ddof=1) / 2  # t(0.95, 3)
+    assert (low, high) == (pytest.approx(2.5 - half, rel=1e-9), pytest.approx(2.5 + half, rel=1e-9))
+    assert np.isnan(results.mean_interval([5.0])[1]), "one value has no interval"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from replbook import config, semtokens
+from replbook import config, results, semtokens
 from replbook.images import to_tensor
 
 
@@ -71,6 +71,23 @@ def test_segmenter_finds_the_objects():
     quality = semtokens.segmentation_quality(found, oracle)
     assert quality["right instance count"] >= 0.85 and quality["mean best IoU"] >= 0.9
     assert semtokens.segmentation_quality(oracle, oracle) == {"right instance count": 1.0, "mean best IoU": 1.0}
+
+
+def test_segmentation_quality_counts_extra_instances_as_wrong_and_scores_iou_over_the_union():
+    oracle = np.zeros((1, 8, 8), dtype=np.int64)
+    oracle[0, :4, :4], oracle[0, 4:, 4:] = 1, 2  # two 16-pixel objects
+    found = oracle.copy()
+    found[0, :4, 4:6] = 1  # object 1 found 8 pixels too wide: IoU 16 / 24, not 16 / 16
+    found[0, 6:, :2] = 3  # and a stray third instance
+    quality = semtokens.segmentation_quality(found, oracle)
+    assert quality == {"right instance count": 0.0, "mean best IoU": pytest.approx((16 / 24 + 1.0) / 2)}
+
+
+def test_a_diagonal_pair_is_left_of_not_above():
+    # centres equally far apart on both axes: the horizontal predicate wins the tie
+    assert semtokens.canonical_relation((0, 0, 2, 2), (4, 4, 6, 6)) == ("left of", True)
+    assert semtokens.canonical_relation((4, 0, 6, 2), (0, 4, 2, 6)) == ("left of", False)
+    assert semtokens.canonical_relation((0, 0, 2, 2), (1, 4, 3, 6)) == ("above", True)
 
 
 def test_token_builder():
@@ -222,6 +239,11 @@ def test_recall_swap_and_winoground_on_known_examples():
     assert semtokens.winoground_scores(i0, i1, i0, i1) == {"text score": 1.0, "image score": 1.0, "group score": 1.0}
     both = torch.tensor([[0.8, 0.6]])
     assert semtokens.winoground_scores(both, both, i0, i1)["group score"] == 0.0
+    # image 1 prefers caption 0 too: the text score needs *both* images to pick their own
+    # caption, the image score both captions their own image (here they do), the group both
+    leaning = torch.tensor([[0.9, 0.44]])
+    assert semtokens.winoground_scores(i0, leaning, i0, i1) == {"text score": 0.0, "image score": 1.0,
+                                                                "group score": 0.0}
 
 
 def test_shuffle_trigrams_changes_the_order_keeps_the_words():
@@ -230,6 +252,11 @@ def test_shuffle_trigrams_changes_the_order_keeps_the_words():
     shuffled = semtokens.shuffle_trigrams(caption, rng)
     assert shuffled != caption and sorted(shuffled.split()) == sorted(caption.split())
     assert semtokens.shuffle_trigrams("a dog", rng) == "a dog"
+    # two trigrams can only be swapped: a negative that came back in the caption's own order
+    # would be the positive, so every draw must change it
+    pair = "a man riding a black horse"
+    assert all(semtokens.shuffle_trigrams(pair, np.random.default_rng(seed)) == "a black horse a man riding"
+               for seed in range(20))
 
 
 def _random_texts(n, seed=0, dim=8):
@@ -510,3 +537,16 @@ def test_the_text_head_reads_word_order():
             head = semtokens.TextProjection(16, 8, queries=2, layers=layers, width=16, heads=2)
             moved = (head(texts) - head(reversed_texts)).abs().max()
             assert (moved < 1e-5) == blind, (layers, moved)
+
+
+def test_paired_gain_is_better_minus_worse_paired_by_seed():
+    import pandas as pd
+
+    rows = [{"split": "test", "seed": seed, "variant": variant, "R@1": value}
+            for seed, (good, base) in enumerate([(0.5, 0.4), (0.7, 0.5), (0.6, 0.3)])
+            for variant, value in (("semantic", good), ("patches", base))]
+    rows.append({"split": "other", "seed": 0, "variant": "semantic", "R@1": 0.0})  # another split: left out
+    rows.append({"split": "other", "seed": 0, "variant": "patches", "R@1": 1.0})
+    gain, low, high = semtokens.paired_gain(pd.DataFrame(rows), "semantic", "patches", "R@1", "test")
+    assert gain == pytest.approx(0.2) and low < 0.2 < high
+    assert (gain, low, high) == pytest.approx(results.mean_interval([0.1, 0.2, 0.3]))

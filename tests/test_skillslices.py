@@ -213,6 +213,18 @@ def test_relevance_points_each_instance_to_its_own_task():
     assert sk.relevance(notes, mixed, one_hot_embed(vocabulary)).tolist()[-1] is False
 
 
+def test_relevance_takes_each_task_s_best_skill_not_its_skills_on_average():
+    # a capitals instance with one skill that is capitals' own description and two that lean
+    # to addition: by the best skill per task it points to capitals (1 > 0.9); averaged (or
+    # summed) over its skills it would point to addition (0.6 > 0.4)
+    lean = [0.9, 0.1, float(np.sqrt(1 - 0.81 - 0.01))]
+    vocabulary = {sk.TASKS["addition"][3]: [1, 0, 0], sk.TASKS["capitals"][3]: [0, 1, 0],
+                  "naming capitals": [0, 1, 0], "counting up": lean, "adding up": lean}
+    corpus = [Instance("a", "capitals", "q", ["1"], 0)]
+    notes = [Annotation("a", "", ["naming capitals", "counting up", "adding up"])]
+    assert sk.relevance(notes, corpus, one_hot_embed(vocabulary), ["addition", "capitals"]).tolist() == [True]
+
+
 @pytest.mark.parametrize("rounding", [-1e-7, 0.0, 1e-7])
 def test_a_tie_with_another_task_is_not_relevant_whichever_way_rounding_breaks_it(rounding):
     """Skills that are two tasks' own descriptions word for word tie at cosine 1; which task
@@ -321,6 +333,17 @@ def test_the_balanced_mix_weighs_tasks_by_their_instances_and_respects_min_tasks
         sk.balanced_mix(correct, task_of, tolerance=0.0, min_tasks=4)
 
 
+def test_when_no_mix_is_within_the_tolerance_the_smallest_gap_then_the_largest_set_wins():
+    # every task and every union of them: model 0 ahead by 2 of 10 (gap 0.2 > tolerance), so
+    # the gaps tie and the fallback must take the largest set, as the docstring says
+    correct, task_of = answers({t: ([1] * 2 + [0] * 8, [0] * 10) for t in ("x", "y", "z")})
+    assert sk.balanced_mix(correct, task_of, tolerance=0.1, min_tasks=1) == ["x", "y", "z"]
+    # a strictly smaller gap still beats a larger set
+    correct, task_of = answers({"x": ([1] * 2 + [0] * 8, [0] * 10), "y": ([1] * 2 + [0] * 8, [0] * 10),
+                                "z": ([1] + [0] * 9, [0] * 10)})
+    assert sk.balanced_mix(correct, task_of, tolerance=0.05, min_tasks=1) == ["z"]
+
+
 def test_the_balanced_mix_uses_the_absolute_gap():
     # {p, q, r}: model 1 ahead by 0.3 — a signed comparison would take it as "within 0.1";
     # {p, r}: model 0 ahead by exactly 0.05
@@ -409,6 +432,14 @@ def test_hidden_tradeoffs_find_reversed_and_large_gaps():
     assert [g["cluster"] for g in found["reversed"]] == [1]
     assert sorted(g["cluster"] for g in found["large"]) == [0, 1]
     assert 2 not in [g["cluster"] for g in found["significant"]]
+    # with no overall leader nothing is "reversed"; "large" still needs the floor of 0.10
+    level = sk.hidden_tradeoffs(list(gaps.values()), aggregate_gap=0.0)
+    assert level["reversed"] == [] and sorted(g["cluster"] for g in level["large"]) == [0, 1]
+    small = {"cluster": 5, "instances": 400, "gap": 0.05, "low": 0.01, "high": 0.09}
+    assert sk.hidden_tradeoffs([small], aggregate_gap=0.0)["large"] == [], "0.05 is under the floor"
+    middle = dict(small, gap=0.12, low=0.05, high=0.19)
+    assert sk.hidden_tradeoffs([middle], aggregate_gap=0.01)["large"] == [middle], "0.12 ≥ max(3 × 0.01, 0.10)"
+    assert sk.hidden_tradeoffs([middle], aggregate_gap=0.05)["large"] == [], "0.12 < 3 × 0.05"
 
 
 def test_paper_preset_runs_on_tiny_models(tmp_path, results_tmp):

@@ -70,6 +70,20 @@ def test_checker_copes_with_a_tinted_noisy_background_and_stray_pixels():
     assert t.read_scene(image) == (t.Reading("green", "triangle"), t.Reading("red", "square"))
 
 
+def test_an_object_touching_the_border_does_not_shift_the_background_estimate_and_holes_do_not_make_a_circle():
+    # the background is the border's median: a quarter of the border covered by an object
+    # leaves it exactly the background (a mean would be dragged toward the object's colour)
+    image = np.full((32, 32, 3), (150, 150, 205), dtype=np.uint8)
+    image[:, :8] = t.COLOURS["red"]  # a red object along the left edge
+    assert t.background_colour(image).tolist() == [150, 150, 205]
+    # a generated square with background-coloured speckles inside still reads as a square:
+    # the blob's holes are filled before its bounding-box fill is measured
+    half = np.full((32, 16, 3), t.BACKGROUND, dtype=np.uint8)
+    half[6:26, 2:14] = t.COLOURS["blue"]
+    half[8:24:2, 4:12:2] = t.BACKGROUND  # 32 holes: without filling, the box is under 90% full
+    assert t.read_half(half) == t.Reading("blue", "square")
+
+
 # ----------------------------------------------------------------------------- text side
 
 

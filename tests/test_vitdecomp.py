@@ -74,6 +74,20 @@ def test_component_scores_rank_the_component_that_carries_the_feature():
     assert vitdecomp.top_components(scores, 1) == [1]
 
 
+def test_component_scores_average_over_the_basis_directions():
+    # CompAttribute averages the correlation over the text basis's directions: a component
+    # that carries all of the total along one of two directions and nothing along the other
+    # scores 1/2, not 1 (a maximum over directions would rank it with a full carrier)
+    generator = torch.Generator().manual_seed(1)
+    basis = torch.eye(10)[:2]  # axis directions: "nothing along the other" is exactly zero, not rounding noise
+    along_first = torch.randn(500, 1, generator=generator) * basis[0]
+    along_second = torch.randn(500, 1, generator=generator) * basis[1]
+    mapped = torch.stack([along_first, along_second, along_first + along_second], 1)
+    scores = vitdecomp.component_scores(mapped, basis)
+    assert scores[:2].tolist() == pytest.approx([0.5, 0.5], abs=1e-5)
+    assert float(scores[2]) == pytest.approx(1.0, abs=1e-5)
+
+
 def test_the_official_granularity_sums_the_early_layers_into_one_component(small_model):
     decomposition = vitdecomp.decompose(small_model, torch.randn(5, 3, 24, 24))
     coarse = vitdecomp.lump_early_layers(decomposition, 1)
