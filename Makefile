@@ -29,7 +29,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # pip on some machines warns about every missing local index folder: keep the log readable
 QUIET_PIP := { grep -v '^WARNING: Location' || true; }
 
-.PHONY: help env browser book test run scoreboard guard-proofs nbval-by-hand clean
+.PHONY: help env browser book test run scoreboard guard-proofs nbval-by-hand mutants clean
 
 help:
 	@echo "make book    create .venv if missing, prepare models and data, execute chapters with no results, build the site"
@@ -37,6 +37,7 @@ help:
 	@echo "make run PAPER=00 PRESET=book [ARGS='-p name=value']   run one chapter with papermill"
 	@echo "make guard-proofs   (by hand) re-run 00, 03, 09, 10 with an injected bug; record that the guard fails"
 	@echo "make nbval-by-hand  (by hand) re-execute 01, 02, 06, 07 and 10 under nbval and the guard; record that they pass"
+	@echo "make mutants        (by hand) apply each wrong implementation in tests/mutants/ whose inputs changed; record that a test fails"
 
 env: $(ENV_STAMP)
 
@@ -112,6 +113,12 @@ nbval-by-hand: env
 # (~20 min on 2 cores) and records in results/guard/ that the regression guard failed on each
 guard-proofs: env
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 REPLBOOK_RECORD_GUARD_PROOFS=1 $(PY) -m pytest tests/test_regression.py -k injected_bug
+
+# by hand, like the guard proofs: each plausible wrong implementation in tests/mutants/catalogue.json
+# applied to the library alone, its tests run, results/guard/mutants.json records which test failed;
+# only mutants whose library file, tests or mutation changed rerun (ARGS=--all: every one, ~50 min)
+mutants: env
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) tests/mutants/run.py $(ARGS)
 
 clean:
 	rm -rf _build runs book/_generated

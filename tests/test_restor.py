@@ -549,7 +549,6 @@ def test_the_published_book_run_unlearns_for_a_full_pass_over_every_forget_set()
     targeted facts (reported and tuning) in every template."""
     import json
 
-    from replbook import restor
     from replbook.paths import repo_root
 
     saved = json.loads((repo_root() / "results" / "01_restor.json").read_text())
@@ -563,6 +562,6 @@ def test_the_published_book_run_unlearns_for_a_full_pass_over_every_forget_set()
         assert budget["passes"] == round(budget["steps"] * config["batch_size"] / documents, 4) >= 1, k
     # and the preset, not only the committed run, keeps the rule
     book = restor.PRESETS["book"]
-    facts_per_k = (book["corrupted_per_relation"] + book["tuning_per_relation"]) * len(book["relations"])
-    forget_documents = sum(len(restor.RELATIONS[r][1]) for r in book["relations"]) * facts_per_k // len(book["relations"])
+    targeted_per_relation = book["corrupted_per_relation"] + book["tuning_per_relation"]
+    forget_documents = sum(targeted_per_relation * len(restor.RELATIONS[r][1]) for r in book["relations"])
     assert book["unlearning_steps"] * book["batch_size"] >= forget_documents

@@ -108,3 +108,34 @@ def test_how_to_run_names_every_chapter_over_the_book_budget_and_no_fast_one():
     assert over <= named, f"over five minutes cached but not named in how-to-run: {sorted(over - named)}"
     fast = {number for number in named if runtimes.get(number, 0) < 240}
     assert not fast, f"named as over budget but well inside it: {sorted(fast)}"
+
+
+def test_how_to_run_states_chapter_01s_budget_in_the_committed_runs_figures():
+    """The budget paragraph types chapter 01's sizes (facts per k, forget documents, model
+    states, facts evaluated, methods, k): each must be what the committed run recorded, so a
+    change of preset cannot leave the page describing an older run."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    page = " ".join((root / "book" / "how-to-run.md").read_text().split())
+    paragraph = page[page.index("Chapter 01 is the clearest case."):page.index("A test keeps this list")]
+    saved = json.loads((root / "results" / "01_restor.json").read_text())
+    splits, summary = saved["metrics"]["splits"], saved["metrics"]["summary"]
+    methods = {row["state"] for row in summary} - {"clean", "corrupted"}
+    documents = {budget["forget_documents"] for budget in saved["metrics"]["unlearning"].values()}
+    words = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
+    expected = [f"reports {len(splits['corrupted'])} facts per k",
+                f"one fact moves a share by {round(100 / len(splits['corrupted']))} points",
+                f"each of {words[len(saved['config']['mix_k'])]} k",
+                f"runs {words[len(methods)]} unlearning methods",
+                f"one pass over {documents.pop()} forget documents",
+                f"evaluates {len(summary)} model states",
+                f"on {len(splits['corrupted']) + len(splits['untouched'])} facts"]
+    assert not documents, "the k's forget sets differ in size: the page's single figure no longer fits"
+    missing = [phrase for phrase in expected if phrase not in paragraph]
+    assert not missing, f"how-to-run's chapter 01 paragraph no longer says {missing}: {paragraph!r}"
+    # "one pass of one method takes about a minute": the committed run's time per method and k,
+    # evaluation and corruption included, must stay within a factor of two of a minute
+    per_pass = saved["runtime_seconds"] / (len(methods) * len(saved["config"]["mix_k"]))
+    assert "one pass of one method takes about a minute" in paragraph and 30 <= per_pass <= 120, per_pass

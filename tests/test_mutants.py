@@ -1,0 +1,83 @@
+"""The mutation sweep (tests/mutants/, `make mutants` by hand): the catalogue of plausible wrong
+implementations still applies to the library, and the sweep tells a caught mutant from a missed
+one, restores what it mutated and notices when a mutant's inputs change. (The check that
+results/guard/mutants.json covers the catalogue, is current and shows every mutant caught comes
+with the first full record; see tests/mutants/run.py.)"""
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("mutation_sweep", ROOT / "tests" / "mutants" / "run.py")
+sweep = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sweep)
+
+
+def test_every_catalogued_mutant_still_applies_exactly_once():
+    """A refactor that moves a mutant's anchor must update the catalogue, or the door it
+    guarded is silently no longer checked."""
+    catalogue = sweep.load_catalogue()
+    assert len({sweep.key(m) for m in catalogue}) == len(catalogue), "two mutants share a module and name"
+    problems = []
+    for mutant in catalogue:
+        assert Path(mutant["file"]).stem == mutant["module"], sweep.key(mutant)
+        assert mutant["tests"] and all((ROOT / t).is_file() for t in mutant["tests"]), sweep.key(mutant)
+        try:
+            sweep.apply(mutant, (ROOT / mutant["file"]).read_text())
+        except ValueError as error:
+            problems.append(str(error))
+    assert not problems, "\n".join(problems)
+
+
+@pytest.fixture
+def toy_project(tmp_path):
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "lib" / "toy.py").write_text("def mean(xs):\n    return sum(xs) / len(xs)\n\n\nSCALE = 2\n")
+    (tmp_path / "tests" / "test_toy.py").write_text(
+        "import sys\nsys.path.insert(0, 'lib')\nimport toy\n\n\ndef test_mean():\n    assert toy.mean([1, 2, 6]) == 3\n")
+    return tmp_path
+
+
+def toy_mutant(old, new):
+    return {"module": "toy", "name": f"{old} -> {new}", "file": "lib/toy.py", "old": old, "new": new,
+            "tests": ["tests/test_toy.py"]}
+
+
+def test_the_sweep_tells_a_caught_mutant_from_a_missed_one_and_restores_the_file(toy_project):
+    original = (toy_project / "lib" / "toy.py").read_text()
+    caught = sweep.run_mutant(toy_mutant("/ len(xs)", "/ max(len(xs) - 1, 1)"), toy_project)
+    missed = sweep.run_mutant(toy_mutant("SCALE = 2", "SCALE = 3"), toy_project)  # no test reads SCALE
+    assert caught["status"] == "killed" and "test_mean" in caught["evidence"]
+    assert missed["status"] == "survived"
+    assert (toy_project / "lib" / "toy.py").read_text() == original
+    assert not (toy_project / "runs" / sweep.IN_PROGRESS.name).exists()
+    # the fingerprint moves with the library file and with the tests that judge it
+    before = sweep.fingerprint(toy_mutant("SCALE = 2", "SCALE = 3"), toy_project)
+    (toy_project / "tests" / "test_toy.py").write_text(
+        (toy_project / "tests" / "test_toy.py").read_text() + "\n\ndef test_scale():\n    assert toy.SCALE == 2\n")
+    assert sweep.fingerprint(toy_mutant("SCALE = 2", "SCALE = 3"), toy_project) != before
+    assert sweep.run_mutant(toy_mutant("SCALE = 2", "SCALE = 3"), toy_project)["status"] == "killed"
+
+
+def test_the_sweep_refuses_an_anchor_that_is_missing_or_ambiguous_and_repairs_a_killed_sweep(toy_project):
+    text = (toy_project / "lib" / "toy.py").read_text()
+    with pytest.raises(ValueError, match="occurs 0 times"):
+        sweep.apply(toy_mutant("len(ys)", "1"), text)
+    with pytest.raises(ValueError, match="occurs 2 times"):
+        sweep.apply(toy_mutant("xs", "ys"), "xs + xs")
+    # a sweep killed with SIGKILL leaves the mutated file and its marker: the next run puts it back
+    (toy_project / "runs").mkdir()
+    (toy_project / "runs" / sweep.IN_PROGRESS.name).write_text(json.dumps({"file": "lib/toy.py", "original": text}))
+    (toy_project / "lib" / "toy.py").write_text(text.replace("SCALE = 2", "SCALE = 3"))
+    assert sweep.restore_interrupted(toy_project) == "lib/toy.py"
+    assert (toy_project / "lib" / "toy.py").read_text() == text
+    assert sweep.restore_interrupted(toy_project) is None
+
+
+def test_make_mutants_runs_the_sweep():
+    make = subprocess.run(["make", "-n", "mutants"], cwd=ROOT, capture_output=True, text=True)
+    assert make.returncode == 0 and "tests/mutants/run.py" in make.stdout, make.stdout + make.stderr
