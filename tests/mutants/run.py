@@ -125,19 +125,13 @@ def machine() -> str:
         return f"{platform.machine()}, {os.cpu_count()} cores"
 
 
-def write_record(record: dict, path: Path = RECORD) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(record, indent=1, ensure_ascii=False, sort_keys=True) + "\n")
-    partial.replace(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--all", action="store_true", help="rerun every mutant, not only those whose inputs changed")
     parser.add_argument("--module", help="only this library module's mutants, e.g. restor")
     parser.add_argument("--name", help="only mutants whose name contains this")
     args = parser.parse_args(argv)
+    from replbook.results import write_atomic  # the book's one way to write a record
 
     def interrupted(signum, frame):
         raise SystemExit(f"interrupted by signal {signum}: the mutated file was restored")
@@ -170,10 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         if outcome["status"] == "survived":
             print(f"SURVIVED {key(mutant)}", flush=True)
         record["machine"] = machine()
-        write_record(record)  # after each mutant, so an interrupted sweep keeps what it measured
+        write_atomic(RECORD, record)  # after each mutant, so an interrupted sweep keeps what it measured
     current = {key(m) for m in catalogue}
     record["mutants"] = {name: entry for name, entry in record["mutants"].items() if name in current}
-    write_record(record)
+    write_atomic(RECORD, record)
     statuses = [entry["status"] for entry in record["mutants"].values()]
     print(f"{len(chosen)} mutants run; record: {statuses.count('killed')} killed, "
           f"{statuses.count('survived')} survived, {len(current) - len(statuses)} never run")
