@@ -313,6 +313,11 @@ def test_c3_scores_the_true_colour_where_the_data_has_one(clip_like):
     readings = intcoop.attribute_readings(method, intcoop.Embedded(ds, vectors, vectors, {}, measured, measured, labels[:0]))
     assert readings["true_match_novel"] == 1.0 and readings["true_match_base"] == 0.5
     assert readings["match_novel"] == 0.0 and readings["majority_novel"] == 1.0
+    # the commonest-colour baseline is each split's own: red on every base image, green on every
+    # novel one gives 1.0 on both (over the whole test set it would be 0.5)
+    by_split = np.where(np.isin(labels, ds.base), red, green)
+    readings = intcoop.attribute_readings(method, intcoop.Embedded(ds, vectors, vectors, {}, by_split, by_split, labels[:0]))
+    assert readings["majority_base"] == 1.0 and readings["majority_novel"] == 1.0
 
 
 def test_kgcoop_is_coop_plus_the_pull_toward_the_bare_hand_prompt(clip_like):
@@ -333,3 +338,125 @@ def test_kgcoop_is_coop_plus_the_pull_toward_the_bare_hand_prompt(clip_like):
         assert pull > 1e-4
         assert float(kg.loss(images, labels, [0, 1, 2]) - coop.loss(images, labels, [0, 1, 2])) == pytest.approx(
             5.0 * pull, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- doors a mutation sweep found open (tests/mutants)
+
+
+def test_a_prompt_padded_beside_longer_ones_encodes_as_it_does_alone(clip_like):
+    """Prompts of different lengths share a padded batch: the padding must be masked out, so
+    each class's features are those of its prompt encoded on its own."""
+    learner = intcoop.PromptLearner(clip_like, ["cat", "pickup truck with a trailer", "frog"], ["red", "dark green"])
+    assert len({len(t) for t in learner.class_tokens}) > 1, "the toy needs class names of different lengths"
+    with torch.no_grad():
+        for attribute in (None, 1):
+            batch = learner.features([0, 1, 2], attribute)
+            alone = torch.cat([learner.features([c], attribute) for c in range(3)])
+            assert torch.allclose(batch, alone, atol=1e-5)
+
+
+def test_kgcoop_pulls_each_class_toward_its_own_hand_prompt(clip_like):
+    """At the start, KgCoOp's pull is zero for any subset of classes in any order (each class's
+    learned prompt is its own hand-written one), not only for all classes in their order."""
+    coop, kg = intcoop.CoOp(clip_like, CLASSES), intcoop.KgCoOp(clip_like, CLASSES, regularizer_weight=5.0)
+    images = torch.nn.functional.normalize(torch.randn(4, clip_like.dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    labels = torch.tensor([0, 1, 0, 1])
+    with torch.no_grad():
+        assert float(kg.loss(images, labels, [2, 0])) == pytest.approx(float(coop.loss(images, labels, [2, 0])), abs=1e-5)
+
+
+def test_intcoop_logits_are_the_scaled_cosine_to_the_mixed_prompt_and_its_loss_their_cross_entropy(clip_like):
+    """logits = scale · cos(x, Σ_k q_k(x) T_k) with the mixture renormalised, and with both extra
+    terms off the loss is exactly the cross-entropy of those logits."""
+    method, images, labels, attributes = _toy_intcoop(clip_like, attribute_weight=0.0, regularizer_weight=0.0)
+    with torch.no_grad():
+        method.attribute_head.weight.normal_(generator=torch.Generator().manual_seed(3))  # a spread q(x)
+        q = method.attribute_probs(images)
+        assert float(q.max()) < 0.99
+        per_attribute = torch.stack([method.prompts.features([0, 1, 2], k) for k in range(3)])  # K x C x d
+        mixture = torch.einsum("nk,kcd->ncd", q, per_attribute)
+        expected = method.scale * torch.nn.functional.cosine_similarity(images[:, None], mixture, dim=-1)
+        logits = method.logits(images, [0, 1, 2])
+        assert torch.allclose(logits, expected, atol=1e-4)
+        assert float(method.loss(images, labels, [0, 1, 2], attributes)) == pytest.approx(
+            float(torch.nn.functional.cross_entropy(logits, labels)), abs=1e-5)
+
+
+def test_hand_prompts_are_those_of_the_classes_asked_for(clip_like):
+    """The hand-written prompts are cached per class list: asking for other classes of the same
+    number gives theirs."""
+    method, *_ = _toy_intcoop(clip_like)
+    first, second = method.hand_prompts([0, 1]), method.hand_prompts([1, 2])
+    assert torch.allclose(second[0, 1], clip_like.embed_texts(["a photo of a red frog"])[0], atol=1e-6)
+    assert torch.allclose(first[2, 0], clip_like.embed_texts(["a photo of a blue cat"])[0], atol=1e-6)
+
+
+class _Recorder(torch.nn.Module):
+    """A stand-in method for train(): a linear score, recording the labels it is trained on."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(-1, 1, 6).reshape(2, 3))
+        self.seen = []
+
+    def loss(self, images, labels, classes, attributes):
+        self.seen.append(labels.tolist())
+        return torch.nn.functional.cross_entropy(images @ self.weight.T, labels)
+
+
+def test_train_is_plain_full_batch_adam_on_labels_reindexed_into_the_classes():
+    """Each step: zero the gradients, backpropagate, step (gradients never accumulate across
+    steps), with each label replaced by its class's position in ``classes``."""
+    images = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    data = intcoop.FewShot(images, np.array([7, 2] * 4), np.zeros(8, dtype=np.int64))
+    method = _Recorder()
+    intcoop.train(method, data, [2, 7], steps=4, lr=0.1, seed=0)
+    assert method.seen == [[1, 0] * 4] * 4
+    reference = _Recorder()
+    optimizer = torch.optim.Adam(reference.parameters(), lr=0.1)
+    for _ in range(4):
+        optimizer.zero_grad()
+        reference.loss(images, torch.tensor([1, 0] * 4), [2, 7], None).backward()
+        optimizer.step()
+    assert torch.allclose(method.weight, reference.weight, atol=1e-6)
+
+
+def test_accuracy_counts_a_perfect_classifier_as_perfect_among_any_classes():
+    """accuracy() compares the arg-max position with the label's position in ``classes``."""
+    class Perfect:
+        def logits(self, images, classes):  # the images are the labels: one-hot at the label's position
+            return (images[:, None] == torch.tensor(classes)[None]).float()
+
+    labels = np.array([5, 8, 6, 8, 5, 1])
+    data = intcoop.FewShot(torch.tensor(labels), labels, labels)
+    assert intcoop.accuracy(Perfect(), data, [8, 5]) == 1.0 and intcoop.accuracy(Perfect(), data, [5, 6, 8, 1]) == 1.0
+
+
+def test_pixel_noise_saturates_instead_of_wrapping_around():
+    white, black = np.full((1, 16, 16, 3), 255, np.uint8), np.zeros((1, 16, 16, 3), np.uint8)
+    assert intcoop.corrupt(white, "noise").min() > 100 and intcoop.corrupt(black, "noise").max() < 155
+    assert (intcoop.corrupt(white, "noise") == 255).mean() > 0.3  # about half the pixels: noise above 0
+
+
+def test_run_seed_scores_on_the_test_images_and_the_shifted_ones_among_base_classes(clip_like, monkeypatch):
+    """Accuracy is measured on the test set (never the few-shot pool), and on the corrupted
+    base-class images among the base classes only."""
+    classes = ["cat", "truck", "frog", "dog"]
+    pool_labels, test_labels = np.repeat(np.arange(4), 5), np.repeat(np.arange(4), 3)
+    blank = np.zeros((20, 4, 4, 3), np.uint8)
+    ds = intcoop.Dataset("toy", classes, blank, pool_labels, blank[:12], test_labels, blank[:0], pool_labels[:0])
+    pool = torch.nn.functional.normalize(torch.randn(20, clip_like.dim), dim=-1)
+    test = torch.nn.functional.normalize(torch.randn(12, clip_like.dim), dim=-1)
+    shifted_labels = test_labels[test_labels < 2]
+    shifted = {"grayscale": torch.nn.functional.normalize(torch.randn(len(shifted_labels), clip_like.dim), dim=-1)}
+    data = intcoop.Embedded(ds, pool, test, shifted, pool_labels % 3, test_labels % 3, shifted_labels)
+    scored = []
+    monkeypatch.setattr(intcoop, "train", lambda *args, **kwargs: None)
+    monkeypatch.setattr(intcoop, "accuracy", lambda method, few, among: scored.append((few.images, list(among))) or 0.5)
+    cfg = type("Cfg", (), {"shots": 2, "steps": 1, "lr": 0.01, "scale": 30.0, "attribute_weight": 1.0,
+                           "regularizer_weight": 8.0})()
+    intcoop.run_seed(clip_like, data, cfg, seed=0, progress=False)
+    assert len(scored) == 3 * len(intcoop.METHOD_NAMES)
+    for base, novel, corrupted in zip(scored[0::3], scored[1::3], scored[2::3]):
+        assert base[0] is test and novel[0] is test and (base[1], novel[1]) == (ds.base, ds.novel)
+        assert corrupted[0] is shifted["grayscale"] and corrupted[1] == ds.base

@@ -58,6 +58,26 @@ def test_compalign_recovers_a_linear_readout():
     with torch.no_grad():
         align.maps.copy_(truth)
     assert float(align.orthogonality().detach()) < 1e-6
+    with torch.no_grad():  # "a rotation up to scale": a uniformly scaled rotation is not penalised
+        align.maps.copy_(3 * truth)
+    assert float(align.orthogonality().detach()) < 1e-6
+    with torch.no_grad():  # a map that stretches one direction is
+        align.maps.copy_(truth * torch.tensor([1.0] * 7 + [3.0])[:, None])
+    assert float(align.orthogonality().detach()) > 0.5
+
+
+def test_the_orthogonality_term_is_part_of_the_fit():
+    """λ·orth is in the loss: fitting a readout whose maps are far from rotations, the maps
+    fitted with λ > 0 are closer to rotations than those fitted with λ = 0 (same seed, same
+    batches); a fit that drops the term gives the same maps for both."""
+    generator = torch.Generator().manual_seed(2)
+    contributions = torch.randn(400, 2, 8, generator=generator)
+    skewed = torch.randn(2, 8, 16, generator=generator) * torch.linspace(0.2, 3.0, 8)[:, None]
+    targets = torch.nn.functional.normalize(torch.einsum("ncd,cde->ne", contributions, skewed), dim=-1)
+    fitted = {weight: vitdecomp.fit_compalign(contributions, targets, steps=150, lr=2e-2,
+                                              orthogonality_weight=weight, seed=0).orthogonality().item()
+              for weight in (0.0, 1.0)}
+    assert fitted[1.0] < 0.5 * fitted[0.0], fitted
 
 
 def test_component_scores_rank_the_component_that_carries_the_feature():
@@ -99,7 +119,8 @@ def test_the_official_granularity_sums_the_early_layers_into_one_component(small
     for first in (-1, 2):
         with pytest.raises(ValueError, match=f"first_layer={first}"):
             vitdecomp.lump_early_layers(decomposition, first)
-    assert [vitdecomp.official_first_layer(d) for d in (12, 4, 2)] == [7, 2, 1]  # ViT-B's block 7 of 12, scaled
+    # ViT-B's block 7 of 12, scaled and rounded to the nearest layer (3 x 7/12 = 1.75 -> 2, 5 x 7/12 = 2.9 -> 3)
+    assert [vitdecomp.official_first_layer(d) for d in (12, 4, 2, 3, 5)] == [7, 2, 1, 2, 3]
 
 
 def test_the_official_ranking_prefers_a_purely_spurious_component_to_one_that_also_carries_the_core():

@@ -6,10 +6,10 @@ Why: a test earns its place by failing on a plausible bug. The catalogue names s
 the method modules (a sign, an off-by-one, a missing mask, a max for a mean, a band read off
 the rerun, ...). `make test` checks that every mutant still applies (tests/test_mutants.py).
 Each mutant's fingerprint hashes its library file, its test files and the mutation itself, so
-`make mutants` reruns only those whose inputs changed (``--all`` reruns every one; ~50 min on
-2 cores alone). Not yet in `make test`: a check that the committed record covers the
-catalogue, is current and shows every mutant killed but those declared equivalent with a
-reason; it lands with the first full record.
+`make mutants` reruns only those whose inputs changed (``--all`` reruns every one; ~30 min on
+2 cores alone). `make test` checks that the committed record covers the catalogue, is current
+(every fingerprint as the files are now) and shows every mutant killed but those the catalogue
+declares equivalent, with the reason (tests/test_mutants.py).
 
 Safety: the mutated file is restored in a ``finally`` and on SIGTERM/SIGINT; should the process
 die harder, ``runs/.mutant-in-progress.json`` holds the original text and the next run puts it
