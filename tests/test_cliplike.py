@@ -67,3 +67,78 @@ def test_zero_shot_and_colour_are_well_above_chance_on_real_photos(model):
         model.colour_weight = 0.5
     assert zero_shot > 0.4, "10 classes: chance is 0.1"
     assert colour > 0.8 and colour_without < 0.4, "the colour term is what carries colour"
+
+
+# ----------------------------------------------------------------------------- the joint space's construction
+
+
+def test_a_sure_posterior_lands_on_its_class_prompt_and_a_pure_colour_on_its_colour_prompt(model):
+    """Both sides of the joint space are centred by the same mean μ (the module docstring):
+    an image the classifier is sure is class c embeds, without colour, exactly where the text
+    "a photo of a c" does. With a flat posterior the object part vanishes, and one pure colour
+    leaves the centred colour prompt. Fails if either side skips its centring or the colour
+    weight asked for is not the one used."""
+    from replbook import models
+
+    classes = models.imagenet_classes()
+    n_logits, c = len(classes), 207
+    sure = np.zeros((1, n_logits), np.float32)
+    sure[0, c] = 1e4
+    blue = np.zeros((1, len(cliplike.COLOURS)), np.float32)
+    blue[0, cliplike.COLOURS.index("blue")] = 1.0
+    image = model.embed_from_features(sure, blue, colour_weight=0.0)
+    text = model.embed_texts([f"a photo of a {classes[c]}"])
+    assert torch.allclose(image, text, atol=1e-4)
+    assert (image @ model.embed_from_features(sure, blue).T).item() < 0.99  # the default weight adds colour
+
+    flat = np.zeros((1, n_logits), np.float32)
+    objects, colour = model.embed_image_parts(flat, blue)
+    assert objects.abs().max() < 1e-5
+    prompt = torch.nn.functional.normalize(model._raw_texts(["a photo of something blue"]) - model.colour_mean, dim=-1)
+    assert torch.allclose(model.embed_from_features(flat, blue), prompt, atol=1e-4)
+
+
+def test_image_embeddings_are_unit_vectors_read_from_the_cached_features(model):
+    """``embed_features`` splits the cached array into the 1000 logits and the colour shares
+    (one column off and every image's colour changes), and returns unit vectors, as the
+    cosine similarities the chapters compute assume."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 1000)).astype(np.float32)
+    shares = rng.dirichlet(np.ones(len(cliplike.COLOURS)), 4).astype(np.float32)
+    features = np.concatenate([logits, shares], axis=1)
+    embedded = model.embed_features(features)
+    assert torch.allclose(embedded, model.embed_from_features(logits, shares))
+    assert torch.allclose(embedded.norm(dim=-1), torch.ones(4), atol=1e-5)
+
+
+def test_the_feature_cache_keeps_each_models_features_apart(monkeypatch, tmp_path):
+    """Chapters 03 and 09 cache image features under the images and the model's feature key:
+    keyed by the images alone, CLIP's features would be served to the CLIP-like model."""
+    monkeypatch.setenv("REPLBOOK_CACHE", str(tmp_path))
+
+    class Model:
+        def __init__(self, key, scale):
+            self.feature_key, self.scale, self.calls = key, scale, 0
+
+        def image_features(self, images, progress=None):
+            self.calls += 1
+            return self.scale * images.reshape(len(images), -1).astype(np.float32)
+
+    images = np.arange(24, dtype=np.uint8).reshape(2, 2, 2, 3)
+    one, other = Model("one", 1.0), Model("other", 2.0)
+    first, second = cliplike.cached_features(one, images), cliplike.cached_features(other, images)
+    assert np.array_equal(second, 2.0 * first) and (one.calls, other.calls) == (1, 1)
+    assert np.array_equal(cliplike.cached_features(one, images), first) and one.calls == 1  # served from the cache
+
+
+def test_load_passes_every_setting_on_to_the_model(monkeypatch):
+    """A chapter's ``temperature``, ``colour_weight`` and ``image_size`` parameters reach the
+    model (dropped in ``load``, the defaults would run under the chapter's numbers' name)."""
+    seen = {}
+    monkeypatch.setattr(cliplike, "ClipLike", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))
+    cliplike.load("cliplike", "smoke", "tiny-efficientnet", "tiny-minilm", temperature=3.0, colour_weight=0.25,
+                  image_size=96)
+    assert seen == {"args": ("smoke", "tiny-efficientnet", "tiny-minilm"),
+                    "kwargs": {"temperature": 3.0, "colour_weight": 0.25, "image_size": 96}}
+    with pytest.raises(ValueError, match="clip='clip-vit-b-32'; choose one of: cliplike, clip-vit-b-16"):
+        cliplike.load("clip-vit-b-32")

@@ -274,6 +274,13 @@ def test_the_class_loss_trains_the_attribute_head_through_the_token(clip_like):
     assert method.attribute_head.weight.grad is not None and method.attribute_head.weight.grad.abs().sum() > 0
 
 
+def _run_seed_config(shots: int):
+    """The parameters ``intcoop.run_seed`` reads, one training step each (the tests look at
+    what it trains and scores on, not at how well)."""
+    return type("Config", (), {"shots": shots, "steps": 1, "lr": 0.01, "scale": 30.0, "attribute_weight": 1.0,
+                               "regularizer_weight": 8.0})()
+
+
 def test_prompt_learners_train_on_base_class_shots_only(clip_like, monkeypatch):
     """run_seed hands the learners base-class images only: fails if the few-shot set leaks
     novel classes (their accuracy would no longer measure generalisation)."""
@@ -286,8 +293,7 @@ def test_prompt_learners_train_on_base_class_shots_only(clip_like, monkeypatch):
     data = intcoop.Embedded(ds, vectors, vectors, {}, labels % 3, labels % 3, labels[:0])
     seen = []
     monkeypatch.setattr(intcoop, "train", lambda method, few, *args, **kwargs: seen.append(set(few.labels.tolist())))
-    cfg = type("Cfg", (), {"shots": 3, "steps": 1, "lr": 0.01, "scale": 30.0, "attribute_weight": 1.0,
-                           "regularizer_weight": 8.0})()
+    cfg = _run_seed_config(shots=3)
     rows, _ = intcoop.run_seed(clip_like, data, cfg, seed=0, progress=False)
     assert seen == [{0, 1}] * 3 and ds.base == [0, 1]  # CoOp, KgCoOp, IntCoOp
     assert {r["method"] for r in rows} == set(intcoop.METHOD_NAMES)
@@ -453,8 +459,7 @@ def test_run_seed_scores_on_the_test_images_and_the_shifted_ones_among_base_clas
     scored = []
     monkeypatch.setattr(intcoop, "train", lambda *args, **kwargs: None)
     monkeypatch.setattr(intcoop, "accuracy", lambda method, few, among: scored.append((few.images, list(among))) or 0.5)
-    cfg = type("Cfg", (), {"shots": 2, "steps": 1, "lr": 0.01, "scale": 30.0, "attribute_weight": 1.0,
-                           "regularizer_weight": 8.0})()
+    cfg = _run_seed_config(shots=2)
     intcoop.run_seed(clip_like, data, cfg, seed=0, progress=False)
     assert len(scored) == 3 * len(intcoop.METHOD_NAMES)
     for base, novel, corrupted in zip(scored[0::3], scored[1::3], scored[2::3]):

@@ -125,6 +125,9 @@ def test_make_mutants_runs_the_sweep():
     assert make.returncode == 0 and "tests/mutants/run.py" in make.stdout, make.stdout + make.stderr
 
 
+NUMBER_WORDS = {0: "no", 1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}  # as the page spells them
+
+
 def test_how_to_run_states_the_catalogue_and_the_record_as_committed():
     """The page's figures are the committed ones: how many mutants, how many caught, how many
     equivalent (a typed figure no test reads goes stale with the next sweep)."""
@@ -132,7 +135,7 @@ def test_how_to_run_states_the_catalogue_and_the_record_as_committed():
     catalogue = sweep.load_catalogue()
     statuses = [entry["status"] for entry in json.loads(sweep.RECORD.read_text())["mutants"].values()]
     equivalent = sum("equivalent" in m for m in catalogue)
-    modules = ", ".join(sorted({m["module"] for m in catalogue}))
-    for phrase in [f"lists {len(catalogue)} wrong implementations of the method modules ({modules})",
-                   f"shows {statuses.count('killed')} caught and {['no', 'one', 'two'][equivalent]} equivalent"]:
+    modules = sorted({m["module"] for m in catalogue})
+    for phrase in [f"lists {len(catalogue)} wrong implementations of {len(modules)} library modules ({', '.join(modules)})",
+                   f"shows {statuses.count('killed')} caught and {NUMBER_WORDS.get(equivalent, str(equivalent))} equivalent"]:
         assert phrase in page, f"how-to-run no longer says {phrase!r}"

@@ -530,3 +530,75 @@ def test_a_model_that_publishes_drops_its_record_and_files_the_familys_under_the
     assert moved["pending"] and moved["moves"]["numbers"]["scores.vit|object[14]"] == pytest.approx(0.03)
     intel = json.loads(numerics.reference_path(slug, "x86_64-intel", root).read_text())
     assert intel["pending"] and intel["moves"]["numbers"]["scores.vit|object[14]"] == pytest.approx(0.04)
+
+
+# ----------------------------------------------------------------------------- doors the mutation sweep found open
+
+
+def test_a_family_record_asked_for_alone_is_the_familys_even_where_a_cpu_model_has_its_own(tmp_path):
+    """``variant=""`` is how ``replbook reference --cpu-model`` asks what the family is held to
+    without this model's record; answered with the model's record, it would compare the
+    rerun with itself and never write the model's numbers."""
+    root, slug, committed, notebook = _chapter_09(tmp_path)
+    model = numerics.variant_name("x86_64-intel", "f6m167")
+    numerics.write_reference(slug, model, committed, notebook, root)
+    assert numerics.reference_name(slug, "x86_64-intel", root, variant="f6m167") == model
+    assert numerics.reference_name(slug, "x86_64-intel", root, variant="f6m143") == "x86_64-intel"
+    assert numerics.reference_name(slug, "x86_64-intel", root, variant="") == "x86_64-intel"
+    assert numerics.Expected(slug, "x86_64-intel", root, variant="").where == "x86_64-intel"
+    assert numerics.Expected(slug, "x86_64-intel", root, variant="f6m167").where == model
+
+
+def test_a_reference_keeps_each_cells_text_and_leaves_its_images_out():
+    """nbval does not compare images; a reference that kept them would hold megabytes of PNG
+    that no rerun is compared with."""
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("plot()", outputs=[
+        nbformat.v4.new_output("display_data", data={"image/png": "iVBOR", "image/svg+xml": "<svg/>",
+                                                     "text/plain": "<Figure size 640x480>"}),
+        nbformat.v4.new_output("stream", name="stdout", text="acc 0.91\n")])])
+    cells = numerics.comparable_outputs(notebook)
+    assert len(cells) == 1 and cells[0]["source_sha"] == numerics.source_digest("plot()")
+    kept = cells[0]["outputs"]
+    assert kept[0]["data"] == {"text/plain": "<Figure size 640x480>"} and kept[1]["text"] == "acc 0.91\n"
+
+
+def test_a_pending_band_keeps_the_declared_relative_part():
+    """A number declared within abs + rel × |value| is held on a pending family within
+    (abs + 2 × its move) + rel × |value|: the widening adds to the declared band, it does not
+    replace its relative part."""
+    committed = {"config": {}, "tolerances": [["acc[*]", results.band(abs=0.001, rel=0.1)], ["*", results.exact()]],
+                 "metrics": {"acc": [10.0, 10.0]}, "verdicts": []}
+    other = json.loads(json.dumps(committed))
+    other["metrics"]["acc"][0] += 0.05  # the families' last runs: acc[0] moved by 0.05
+    moves = numerics.cross_family_moves(other, committed)
+
+    def problems(delta):
+        rerun = json.loads(json.dumps(committed))
+        rerun["metrics"]["acc"][0] += delta
+        return results.compare(rerun, numerics.pending_view(committed, rerun, moves))
+
+    assert problems(1.1) == []  # ≤ 0.001 + 2 × 0.05 + 0.1 × 10 = 1.101
+    assert problems(1.2)
+
+
+def test_a_run_of_other_code_is_never_kept_as_a_reference(tmp_path):
+    """The previous run becomes the old family's reference only when the new one is the same
+    code: under other code it would be refused on that family's machines as stale (here a
+    third family, which no pending record replaces)."""
+    root, slug, old, notebook = _chapter_09(tmp_path)
+    (root / "results" / "reference" / "published.json").write_text(json.dumps({slug: "aarch64"}))
+    numerics.mark_family_dependent(slug, root)
+    numerics.record_publication(slug, "x86_64-amd", dict(old, code_version="f" * 16), old, notebook, root)
+    assert not numerics.reference_path(slug, "aarch64", root).exists()
+    numerics.record_publication(slug, "x86_64-intel", dict(old, code_version="f" * 16, date="2099-01-01"),
+                                dict(old, code_version="f" * 16), notebook, root)
+    kept = json.loads(numerics.reference_path(slug, "x86_64-amd", root).read_text())
+    assert kept["code_version"] == "f" * 16 and not kept.get("pending")  # same code: kept, as the control
+
+
+def test_marking_a_chapter_family_dependent_keeps_the_others_listed(tmp_path):
+    root = tmp_path
+    numerics.mark_family_dependent("04_endor", root)
+    numerics.mark_family_dependent("01_restor", root)
+    numerics.mark_family_dependent("04_endor", root)
+    assert numerics.family_dependent(root) == ["01_restor", "04_endor"]

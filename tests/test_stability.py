@@ -20,6 +20,8 @@ def test_seed_overrides_move_every_seed_parameter_and_never_reuse_a_seed():
     assert stability.seed_overrides({"seed": 0, "n": 5}, 2) == {"seed": 2}
     assert stability.seed_overrides({"seeds": [0, 1, 2], "data_seed": 0}, 1) == {"seeds": [3, 4, 5], "data_seed": 1}
     assert stability.seed_overrides({"seeds": [0, 1, 2]}, 2) == {"seeds": [6, 7, 8]}
+    # a committed seed other than 0 moves from itself (seed 5's second run is 6, not 1)
+    assert stability.seed_overrides({"seed": 5, "data_seed": 7}, 2) == {"seed": 7, "data_seed": 9}
     used = [s for i in range(3) for s in (stability.seed_overrides({"seeds": [1, 2, 3]}, i) or {"seeds": [1, 2, 3]})["seeds"]]
     assert len(used) == len(set(used))
     with pytest.raises(ValueError, match="none of the seed parameters"):
@@ -248,3 +250,66 @@ def test_carry_forward_needs_the_run_the_record_was_made_with(chapter_with_recor
     (root / "results" / f"{slug}.json").write_text(json.dumps({**saved, "code_version": "0" * 16}))
     with pytest.raises(ValueError, match="is not the run the stability record was made with"):
         stability.carry_forward(slug[:2], root, progress=False)
+
+
+# ----------------------------------------------------------------------------- the seed runs
+
+
+def _fake_seed_runs(monkeypatch, slug, saved, during=None):
+    """runner.run as stability.run calls it: each seed's results under its out_dir, the
+    committed seed's published. Returns the overrides each call got."""
+    from replbook import runner
+
+    calls = []
+
+    def run(chapter, preset, parameters=None, root=None, publish=None, out_dir=None, progress=True):
+        calls.append(dict(parameters or {}))
+        new = json.loads(json.dumps(saved))
+        new["code_version"] = results.code_version(slug, root)
+        new["config"].update(parameters or {})
+        folder = (out_dir or root) / "results"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{slug}.json").write_text(json.dumps(new))
+        if during:
+            during(len(calls))
+        return root / "notebooks" / f"{slug}.ipynb"
+
+    monkeypatch.setattr(runner, "run", run)
+    return calls
+
+
+def test_a_stability_run_reruns_every_other_seed_then_publishes_the_committed_one(chapter_with_record, monkeypatch):
+    slug, root, saved, _ = chapter_with_record
+    calls = _fake_seed_runs(monkeypatch, slug, saved)
+    path = stability.run(slug[:2], seeds=3, root=root, progress=False)
+    assert calls == [{"seed": 1}, {"seed": 2}, {}]  # K - 1 other seeds, then the committed one, published
+    record = json.loads(path.read_text())
+    assert record["seeds"] == [0, 1, 2] and record["code_version"] == results.code_version(slug, root)
+    assert [r["index"] for r in record["runs"]] == [0, 1, 2]
+    assert [r["overrides"] for r in record["runs"]] == [{}, {"seed": 1}, {"seed": 2}]
+    assert record["runs"][1]["source"] == f"runs/stability/{slug}/seed-1"
+
+
+def test_a_stability_record_needs_two_seeds_and_is_refused_before_any_run(chapter_with_record, monkeypatch):
+    slug, root, saved, _ = chapter_with_record
+    calls = _fake_seed_runs(monkeypatch, slug, saved)
+    for seeds in (1, 0):
+        with pytest.raises(ValueError, match=f"seeds={seeds}: a stability record needs at least 2"):
+            stability.run(slug[:2], seeds=seeds, root=root, progress=False)
+    assert calls == []
+
+
+def test_a_stability_record_is_not_written_when_the_code_changed_during_its_runs(chapter_with_record, monkeypatch):
+    """The seeds ran partly under one code and partly under another: the record would call
+    them all the current code's."""
+    slug, root, saved, record = chapter_with_record
+    notebook = root / "notebooks" / f"{slug}.ipynb"
+
+    def edit_after_the_first(count):
+        if count == 1:
+            notebook.write_text(notebook.read_text().replace("# a refactor\\n", "# an edit mid-run\\n"))
+
+    _fake_seed_runs(monkeypatch, slug, saved, edit_after_the_first)
+    with pytest.raises(RuntimeError, match="code changed while its stability runs ran"):
+        stability.run(slug[:2], seeds=3, root=root, progress=False)
+    assert results.load_stability(slug, root) == record

@@ -6,7 +6,7 @@ Why: a test earns its place by failing on a plausible bug. The catalogue names s
 the method modules (a sign, an off-by-one, a missing mask, a max for a mean, a band read off
 the rerun, ...). `make test` checks that every mutant still applies (tests/test_mutants.py).
 Each mutant's fingerprint hashes its library file, its test files and the mutation itself, so
-`make mutants` reruns only those whose inputs changed (``--all`` reruns every one; ~30 min on
+`make mutants` reruns only those whose inputs changed (``--all`` reruns every one; ~50 min on
 2 cores alone). `make test` checks that the committed record covers the catalogue, is current
 (every fingerprint as the files are now) and shows every mutant killed but those the catalogue
 declares equivalent, with the reason (tests/test_mutants.py).
