@@ -98,3 +98,38 @@ def test_every_hub_model_a_paper_preset_names_has_an_architecture():
     assert len(named) >= 14
     for name in sorted(named):
         architectures.architecture(name)
+
+
+def test_a_depth_beyond_the_model_is_the_whole_model_and_pipelines_are_cut_per_block():
+    name = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert architectures.parameter_count(name, 1000) == architectures.parameter_count(name)
+    assert architectures.config_of(name, 1000).num_hidden_layers == 30
+    # Stable Diffusion: the UNet's and VAE's resnet layers per block are cut too, not only the text tower
+    sd = "CompVis/stable-diffusion-v1-4"
+    unet_one = architectures.parameter_count(f"{sd}/unet", 1)
+    assert unet_one < 0.8 * architectures.parameter_count(f"{sd}/unet")
+    assert architectures.parameter_count(sd, 1) == (unet_one + architectures.parameter_count(f"{sd}/vae", 1)
+                                                    + architectures.parameter_count("openai/clip-vit-large-patch14/text", 1))
+
+
+def test_a_clip_tower_built_alone_projects_to_the_published_width():
+    """CLIP's config repeats the projection width in each tower; a tower loaded alone
+    (as chapter 09's paper preset loads the vision tower) reads it from there."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    config = architectures.config_of("openai/clip-vit-large-patch14")
+    with init_empty_weights():
+        vision = transformers.CLIPVisionModelWithProjection(config.vision_config)
+        text = transformers.CLIPTextModelWithProjection(config.text_config)
+    assert vision.visual_projection.out_features == text.text_projection.out_features == 768
+
+
+def test_the_paper_precision_sets_the_bytes_and_a_cpu_build_its_dtype():
+    import torch
+
+    name = "HuggingFaceTB/SmolLM2-135M-Instruct"  # released in bfloat16
+    assert architectures.weight_bytes(name) == 2 * architectures.parameter_count(name)
+    assert architectures.weight_bytes(name, "int8") == architectures.parameter_count(name)
+    model = architectures.build(name, layers=1, device="cpu", dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

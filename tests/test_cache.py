@@ -57,6 +57,7 @@ def test_a_folder_entry_is_built_once_then_served_from_the_cache(cold_cache):
     (lambda f: _truncate(f / "weights.bin"), "truncated"),
     (lambda f: (f / "sub" / "config.json").unlink(), "config.json is missing"),
     (lambda f: (f / paths.CHECKSUMS).write_text("{not json"), "is damaged"),
+    (lambda f: (f / paths.CHECKSUMS).write_text("{}"), "lists no files"),  # nothing would be verified
 ])
 def test_a_damaged_folder_entry_is_rebuilt_with_one_line_saying_why(damage, why, capsys):
     calls = []
@@ -120,11 +121,13 @@ def test_atomic_dir_returns_an_entry_another_process_finished_and_replaces_a_dam
 def test_temporaries_older_than_a_day_are_removed_and_fresh_ones_kept():
     parent = paths.cache_dir("toy")
     old, fresh = parent / "entry.tmp-killed", parent / "other.tmp-running"
-    old.mkdir(), fresh.mkdir()
+    finished = parent / "built-last-year"  # a finished entry, however old, is not a temporary
+    old.mkdir(), fresh.mkdir(), finished.mkdir()
     day_ago = time.time() - paths.STALE_TEMPORARY_SECONDS - 60
     os.utime(old, (day_ago, day_ago))
+    os.utime(finished, (day_ago, day_ago))
     paths.cached_dir(parent / "entry", _builder([]))
-    assert not old.exists() and fresh.exists()
+    assert not old.exists() and fresh.exists() and finished.exists()
 
 
 # ----------------------------------------------------------------------------- cached_torch
@@ -136,6 +139,12 @@ def test_cached_torch_round_trips_tensors_and_numpy_arrays():
     loaded, from_cache = paths.cached_torch("toy", "k", lambda: pytest.fail("built again"))
     assert from_cache and torch.equal(loaded["w"], value["w"])
     assert np.array_equal(loaded["scores"][0], value["scores"][0]) and loaded["scores"][1].dtype == np.arange(3).dtype
+
+
+def test_cached_torch_keeps_one_entry_per_key():
+    assert paths.cached_torch("toy", "key one", lambda: torch.tensor([1.0]))[0].item() == 1.0
+    assert paths.cached_torch("toy", "key two", lambda: torch.tensor([2.0]))[0].item() == 2.0
+    assert paths.cached_torch("toy", "key one", lambda: pytest.fail("built again"))[0].item() == 1.0
 
 
 def _torch_entry():

@@ -16,6 +16,8 @@ def test_parse_parameters_both_forms():
     # argparse's -p NAME VALUE and -p NAME=VALUE [NAME=VALUE ...]
     assert cli.parse_parameters([["offload_dir", "/mnt/nvme/endor"], ["n=4", "x=1.5"]]) == \
         {"offload_dir": "/mnt/nvme/endor", "n": 4, "x": 1.5}
+    # a value may hold "=" itself: only the first one separates the name
+    assert cli.parse_parameters(["prompt=a=b", ["query", "x=1"]]) == {"prompt": "a=b", "query": "x=1"}
     with pytest.raises(ValueError, match="name=value"):
         cli.parse_parameters(["oops"])
 

@@ -53,6 +53,9 @@ def test_injected_names_reads_papermill_cell():
     history = ["import x", "preset = 'book'\nseed = 0", "# Parameters\npreset = \"smoke\"\nbogus = 1\n", "cfg = ..."]
     assert config.injected_names(history) == {"preset", "bogus"}
     assert config.injected_names(["a = 1"]) == set()
+    # a notebook re-run in one kernel: the last injected cell is the one in force
+    rerun = [*history, "# Parameters\npreset = \"book\"\nseed = 3\n"]
+    assert config.injected_names(rerun) == {"preset", "seed"}
 
 
 def test_from_notebook_rejects_injected_unknown_parameter():
@@ -69,3 +72,33 @@ def test_from_notebook_seeds_deterministically():
     a = torch.rand(3)
     config.from_notebook(PRESETS, namespace)
     assert torch.equal(a, torch.rand(3))
+
+
+# ----------------------------------------------------------------------------- the rules themselves
+# (resolve's type check stops some values first; the rules are also checked on their own,
+# by replbook run before a kernel starts, so each must hold by itself)
+
+
+def _refused(rule, value, preset="book"):
+    with pytest.raises(config.ParameterError, match=r"parameter x=.* is not allowed"):
+        config.check_rules({"x": rule}, {"x": value, "preset": preset})
+
+
+def test_an_integer_rule_refuses_a_bool_and_a_number_rule_nan_and_infinity():
+    _refused(config.integer(0), True)
+    for value in (float("nan"), float("inf"), -float("inf")):
+        _refused(config.number(), value)
+    config.check_rules({"x": config.number(minimum=0)}, {"x": 0.5, "preset": "book"})
+
+
+def test_a_hub_id_is_one_organisation_and_one_name():
+    for bad in ("a/b/c", "/name", "org/", "name", ""):
+        _refused(config.hub_id(), bad)
+    config.check_rules({"x": config.hub_id()}, {"x": "meta-llama/Llama-2-7b-hf", "preset": "paper"})
+
+
+def test_a_value_a_rule_cannot_even_inspect_breaks_it():
+    def inspect(value, values):
+        raise TypeError("cannot compare")
+
+    _refused(config.Rule("comparable", inspect), 3)

@@ -67,6 +67,69 @@ def test_paper_path_loads_a_locally_saved_model(monkeypatch, tmp_path):
     assert folder_lm.num_parameters == tiny.num_parameters
 
 
+# ----------------------------------------------------------------------------- inputs, dtypes and cache keys
+
+
+def test_efficientnet_input_is_tf_lite_scaled_channels_first_and_resized_when_not_square():
+    import numpy as np
+
+    images = np.zeros((2, 6, 10, 3), np.uint8)
+    images[:, :, :, 0] = 255  # red everywhere
+    images[:, 0, 0, 2] = 127  # one blue pixel in the top-left corner
+    x = models.efficientnet_input(images)
+    assert x.shape == (2, 3, 6, 10) and x[0, 0, 3, 5] == 1.0 and x[0, 1, 3, 5] == -127 / 128 and x[0, 2, 0, 0] == 0
+    assert models.efficientnet_input(images, size=10).shape == (2, 3, 10, 10)  # width already 10: still resized
+    assert models.efficientnet_input(images[:, :, :6], size=6).shape == (2, 3, 6, 6)
+
+
+def test_a_causal_lm_loads_in_the_dtype_asked_for_and_refuses_others():
+    assert {p.dtype for p in models.load("tiny-llama", preset="smoke").model.parameters()} == {torch.float32}
+    half = models.load("tiny-llama", preset="smoke", dtype="bfloat16")
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="dtype='fp8'; choose one of: float32, float16, bfloat16"):
+        models.load("tiny-llama", preset="smoke", dtype="fp8")
+
+
+def test_eager_attention_is_switched_on_inside_and_restored_after():
+    model = models.load("tiny-llama", preset="smoke").model
+    before = model.config._attn_implementation
+    with models.eager_attention(model):
+        assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == before != "eager"
+
+
+def test_tiny_and_converted_models_are_cached_under_their_builders_code(tmp_path, monkeypatch):
+    """A change to the code that builds or converts a model must not be served the old
+    model from the cache: the folder's name hashes that code."""
+    monkeypatch.setenv("REPLBOOK_CACHE", str(tmp_path))
+
+    def fake_tiny(name, out_dir, seed=0):
+        (out_dir / "weights.bin").write_bytes(b"other builder")
+
+    real = models._tiny_dir("tiny-llama")
+    monkeypatch.setattr(models, "build_tiny", fake_tiny)
+    assert models._tiny_dir("tiny-llama") != real
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"gguf")
+    monkeypatch.setattr(models, "_gguf_file", lambda spec: (gguf, "0" * 64))
+
+    def convert_once(gguf_path, out_dir):
+        (out_dir / "model.safetensors").write_bytes(b"one")
+
+    def convert_differently(gguf_path, out_dir):  # other code (the hash reads the source)
+        (out_dir / "model.safetensors").write_bytes(b"two")
+
+    spec = models.REGISTRY["smollm2-135m"]
+    monkeypatch.setattr(models, "convert_gguf", convert_once)
+    first, _, converted = models._converted_gguf_dir(spec, progress=False)
+    assert converted and models._converted_gguf_dir(spec, progress=False)[2] is False
+    monkeypatch.setattr(models, "convert_gguf", convert_differently)
+    second, _, converted = models._converted_gguf_dir(spec, progress=False)
+    assert converted and second != first
+
+
+# the slow one last: a mutant the quick tests catch stops before it (pytest -x)
 @pytest.mark.slow
 def test_gguf_cache_is_exact_checked_and_rebuilt_when_corrupt(tmp_path, monkeypatch):
     """The cached safetensors model gives bit-identical logits to the GGUF-loaded one;

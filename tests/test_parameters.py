@@ -207,6 +207,18 @@ def test_replbook_run_refuses_a_bad_value_before_any_kernel_starts(monkeypatch, 
     assert capsys.readouterr().err.count("\n") == 1
 
 
+def test_a_run_started_from_python_refuses_a_bad_value_before_any_kernel_starts(monkeypatch):
+    """``runner.run`` itself checks, not only the command line: stability and reference runs
+    call it directly, without a preparation step."""
+    import papermill
+
+    from replbook import runner
+
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: pytest.fail("a kernel was started"))
+    with pytest.raises(config.ParameterError, match="parameter timing_repeats=0 is not allowed"):
+        runner.run("08", "smoke", {"timing_repeats": 0}, prepare_first=False, progress=False)
+
+
 
 # chapters 04 and 08 keep the device rules they were published with (04: cpu or cuda, the
 # paper preset on cuda; 08: its own auto); every other chapter with a device uses config.device()

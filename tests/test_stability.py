@@ -115,19 +115,32 @@ def chapter_with_record(tmp_path):
     return slug, tmp_path, saved, record
 
 
-def _fake_run(monkeypatch, root, slug, saved, change=None):
+def _fake_runner(monkeypatch, slug, saved, change=None, during=None):
+    """``runner.run`` as stability calls it, without running anything: a run given an
+    ``out_dir`` (another seed) writes its results there, a run without one publishes to
+    ``results/``. ``change(new)`` edits each new results file, ``during(count)`` runs after
+    each call. Returns one entry per call: the overrides it got, whether it published, and
+    the stability record as that run found it (current? which seeds?), which is what its
+    verdict section would read."""
     from replbook import runner
 
     calls = []
 
-    def run(chapter, preset, root=None, progress=True, **kw):
-        # the record is marked current while the chapter runs, so its verdict section reads it
-        calls.append(results.stability_current(results.load_stability(slug, root), slug, root))
+    def run(chapter, preset, parameters=None, root=None, publish=None, out_dir=None, progress=True):
+        record = results.load_stability(slug, root)
+        calls.append({"overrides": dict(parameters or {}), "published": out_dir is None,
+                      "record_current": results.stability_current(record, slug, root),
+                      "record_seeds": (record or {}).get("seeds")})
         new = json.loads(json.dumps(saved))
         new["code_version"] = results.code_version(slug, root)
+        new["config"].update(parameters or {})
         if change:
             change(new)
-        (root / "results" / f"{slug}.json").write_text(json.dumps(new))
+        folder = (out_dir or root) / "results"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{slug}.json").write_text(json.dumps(new))
+        if during:
+            during(len(calls))
         return root / "notebooks" / f"{slug}.ipynb"
 
     monkeypatch.setattr(runner, "run", run)
@@ -136,10 +149,10 @@ def _fake_run(monkeypatch, root, slug, saved, change=None):
 
 def test_carry_forward_keeps_a_record_whose_rerun_moves_no_number(chapter_with_record, monkeypatch):
     slug, root, saved, record = chapter_with_record
-    calls = _fake_run(monkeypatch, root, slug, saved)
+    calls = _fake_runner(monkeypatch, slug, saved)
     stability.carry_forward(slug[:2], root, progress=False)
     carried = results.load_stability(slug, root)
-    assert calls == [True]
+    assert [c["record_current"] for c in calls] == [True]  # marked current while it runs
     assert carried["code_version"] == results.code_version(slug, root) != record["code_version"]
     assert carried["carried_forward"][-1]["from"] == record["code_version"]
     assert [r for r in carried["runs"] if r["index"] != 0] == [r for r in record["runs"] if r["index"] != 0]
@@ -148,13 +161,13 @@ def test_carry_forward_keeps_a_record_whose_rerun_moves_no_number(chapter_with_r
 
 def test_carry_forward_accepts_an_added_parameter_and_says_so_but_not_a_changed_one(chapter_with_record, monkeypatch):
     slug, root, saved, record = chapter_with_record
-    _fake_run(monkeypatch, root, slug, saved, lambda new: new["config"].update(device="cpu"))
+    _fake_runner(monkeypatch, slug, saved, lambda new: new["config"].update(device="cpu"))
     stability.carry_forward(slug[:2], root, progress=False)
     assert results.load_stability(slug, root)["carried_forward"][-1]["parameters_added"] == {"device": "cpu"}
     (root / "results" / "stability" / f"{slug}.json").write_text(json.dumps(record))
     (root / "results" / f"{slug}.json").write_text(json.dumps(saved))
     key = next(iter(saved["config"]))
-    _fake_run(monkeypatch, root, slug, saved, lambda new: new["config"].update({key: "changed"}))
+    _fake_runner(monkeypatch, slug, saved, lambda new: new["config"].update({key: "changed"}))
     with pytest.raises(stability.CarryForwardRefused, match="config"):
         stability.carry_forward(slug[:2], root, progress=False)
 
@@ -168,7 +181,7 @@ def test_carry_forward_refuses_a_rerun_that_moved_a_number(chapter_with_record, 
         new["verdicts"][0]["numbers"][name] = claim["numbers"][name] + 0.5  # past any tolerance here
 
     published = (root / "results" / f"{slug}.json").read_bytes()
-    _fake_run(monkeypatch, root, slug, saved, move)
+    _fake_runner(monkeypatch, slug, saved, move)
     with pytest.raises(stability.CarryForwardRefused, match=name):
         stability.carry_forward(slug[:2], root, progress=False)
     assert results.load_stability(slug, root) == record, "a refused record keeps its old code version (stale)"
@@ -197,7 +210,7 @@ def test_a_refused_carry_forward_leaves_the_other_familys_reference_as_it_was(ch
         assert numerics.record_publication(slug, "x86_64-amd", new, saved, notebook, root) == [intel]
         numerics.write_pending(slug, "aarch64", new, "x86_64-amd", {}, None, root)
 
-    _fake_run(monkeypatch, root, slug, saved, move_and_publish)
+    _fake_runner(monkeypatch, slug, saved, move_and_publish)
     with pytest.raises(stability.CarryForwardRefused):
         stability.carry_forward(slug[:2], root, progress=False)
     assert intel.read_bytes() == before and not stray.exists()
@@ -209,18 +222,18 @@ def test_carry_forward_is_refused_where_the_chapters_numbers_are_another_familys
     from replbook import numerics
 
     slug, root, saved, record = chapter_with_record
-    calls = _fake_run(monkeypatch, root, slug, saved)
+    calls = _fake_runner(monkeypatch, slug, saved)
     (root / "results" / "reference").mkdir()
     (root / "results" / "reference" / "published.json").write_text(json.dumps({slug: "x86_64-amd"}))
     monkeypatch.setattr(numerics, "family", lambda environ=None, *a: "x86_64-intel")
     stability.carry_forward(slug[:2], root, progress=False)  # no intel reference: numbers alike, allowed
-    assert calls == [True]
+    assert [c["record_current"] for c in calls] == [True]  # marked current while it runs
     (root / "results" / "stability" / f"{slug}.json").write_text(json.dumps(record))  # stale again
     (root / "results" / f"{slug}.json").write_text(json.dumps(saved))
     numerics.write_reference(slug, "x86_64-intel", saved, nbformat.read(root / "notebooks" / f"{slug}.ipynb", 4), root)
     with pytest.raises(ValueError, match="carry it forward on a x86_64-amd machine"):
         stability.carry_forward(slug[:2], root, progress=False)
-    assert calls == [True] and results.load_stability(slug, root) == record
+    assert len(calls) == 1 and results.load_stability(slug, root) == record
 
 
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
@@ -255,34 +268,15 @@ def test_carry_forward_needs_the_run_the_record_was_made_with(chapter_with_recor
 # ----------------------------------------------------------------------------- the seed runs
 
 
-def _fake_seed_runs(monkeypatch, slug, saved, during=None):
-    """runner.run as stability.run calls it: each seed's results under its out_dir, the
-    committed seed's published. Returns the overrides each call got."""
-    from replbook import runner
-
-    calls = []
-
-    def run(chapter, preset, parameters=None, root=None, publish=None, out_dir=None, progress=True):
-        calls.append(dict(parameters or {}))
-        new = json.loads(json.dumps(saved))
-        new["code_version"] = results.code_version(slug, root)
-        new["config"].update(parameters or {})
-        folder = (out_dir or root) / "results"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{slug}.json").write_text(json.dumps(new))
-        if during:
-            during(len(calls))
-        return root / "notebooks" / f"{slug}.ipynb"
-
-    monkeypatch.setattr(runner, "run", run)
-    return calls
-
-
 def test_a_stability_run_reruns_every_other_seed_then_publishes_the_committed_one(chapter_with_record, monkeypatch):
     slug, root, saved, _ = chapter_with_record
-    calls = _fake_seed_runs(monkeypatch, slug, saved)
+    calls = _fake_runner(monkeypatch, slug, saved)
     path = stability.run(slug[:2], seeds=3, root=root, progress=False)
-    assert calls == [{"seed": 1}, {"seed": 2}, {}]  # K - 1 other seeds, then the committed one, published
+    # K - 1 other seeds under runs/, then the committed one, published
+    assert [c["overrides"] for c in calls] == [{"seed": 1}, {"seed": 2}, {}]
+    assert [c["published"] for c in calls] == [False, False, True]
+    # the committed seed's run finds the other seeds' record, current, so its verdict section reads it
+    assert calls[-1]["record_current"] and calls[-1]["record_seeds"] == [1, 2]
     record = json.loads(path.read_text())
     assert record["seeds"] == [0, 1, 2] and record["code_version"] == results.code_version(slug, root)
     assert [r["index"] for r in record["runs"]] == [0, 1, 2]
@@ -292,7 +286,7 @@ def test_a_stability_run_reruns_every_other_seed_then_publishes_the_committed_on
 
 def test_a_stability_record_needs_two_seeds_and_is_refused_before_any_run(chapter_with_record, monkeypatch):
     slug, root, saved, _ = chapter_with_record
-    calls = _fake_seed_runs(monkeypatch, slug, saved)
+    calls = _fake_runner(monkeypatch, slug, saved)
     for seeds in (1, 0):
         with pytest.raises(ValueError, match=f"seeds={seeds}: a stability record needs at least 2"):
             stability.run(slug[:2], seeds=seeds, root=root, progress=False)
@@ -309,7 +303,7 @@ def test_a_stability_record_is_not_written_when_the_code_changed_during_its_runs
         if count == 1:
             notebook.write_text(notebook.read_text().replace("# a refactor\\n", "# an edit mid-run\\n"))
 
-    _fake_seed_runs(monkeypatch, slug, saved, edit_after_the_first)
+    _fake_runner(monkeypatch, slug, saved, during=edit_after_the_first)
     with pytest.raises(RuntimeError, match="code changed while its stability runs ran"):
         stability.run(slug[:2], seeds=3, root=root, progress=False)
     assert results.load_stability(slug, root) == record

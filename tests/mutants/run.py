@@ -3,10 +3,11 @@ in ``catalogue.json`` to the library, one at a time, run the tests that should n
 record in ``results/guard/mutants.json`` whether they did ("killed") or not ("survived").
 
 Why: a test earns its place by failing on a plausible bug. The catalogue names such bugs for
-the method modules (a sign, an off-by-one, a missing mask, a max for a mean, a band read off
+the method modules, the shared organisms, the cache, the parameter rules, the run command and the
+guard's own records (a sign, an off-by-one, a missing mask, a max for a mean, a band read off
 the rerun, ...). `make test` checks that every mutant still applies (tests/test_mutants.py).
 Each mutant's fingerprint hashes its library file, its test files and the mutation itself, so
-`make mutants` reruns only those whose inputs changed (``--all`` reruns every one; ~50 min on
+`make mutants` reruns only those whose inputs changed (``--all`` reruns every one; ~75 min on
 2 cores alone). `make test` checks that the committed record covers the catalogue, is current
 (every fingerprint as the files are now) and shows every mutant killed but those the catalogue
 declares equivalent, with the reason (tests/test_mutants.py).
