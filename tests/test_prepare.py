@@ -112,3 +112,41 @@ def test_a_damaged_or_other_copy_of_cifar10_is_refused(tmp_path, monkeypatch):
         prepare.kept_cifar10(root)
     with pytest.raises(FileNotFoundError, match="no registry source left"):
         prepare.kept_cifar10(tmp_path)
+
+
+def test_prepare_names_every_chapter_that_reads_an_artifact_and_sums_the_time(monkeypatch):
+    """Chapters 00 and 01 both read tiny-llama at the smoke preset: its row names both, and
+    the summary's total is the sum of the rows, not the longest one."""
+    built = []
+    monkeypatch.setattr(prepare, "_model", lambda name: prepare.Artifact(f"model {name}", lambda: built.append(name))
+                        if name.startswith("tiny-") else None)
+    rows = prepare.prepare(["00", "01"], "smoke", ROOT, progress=False)
+    by_name = {r["artifact"]: r["chapters"] for r in rows}
+    assert by_name["model tiny-llama"] == "00 01" and by_name["model tiny-bert-encoder"] == "00"
+    assert built.count("tiny-llama") == 1, "one build per artifact, however many chapters read it"
+    table = prepare.summary([{"artifact": "a", "chapters": "00", "seconds": 2.0},
+                             {"artifact": "b", "chapters": "01", "seconds": 3.0}])
+    assert "2 artifacts ready in 5 s" in table
+
+
+def test_names_nested_in_a_presets_lists_are_read():
+    assert list(prepare._words(["tiny-llama", ("smollm2-135m", ["gemma3-270m"])], )) == [
+        "tiny-llama", "smollm2-135m", "gemma3-270m"]
+    assert list(prepare._words(3)) == []
+
+
+def test_a_cached_cifar10_under_another_archives_stamp_is_written_again(tmp_path, monkeypatch):
+    """The cache entry's stamp names the archive its arrays are identical to; an entry stamped
+    with another hash (an older source, or another set) is not served as the test set."""
+    import numpy as np
+
+    from replbook import data
+
+    monkeypatch.setenv("REPLBOOK_CACHE", str(tmp_path))
+    folder = tmp_path / "data" / "cifar10-test"
+    folder.mkdir(parents=True)
+    np.savez(folder / "cifar10_test.npz", images=np.zeros((2, 32, 32, 3), np.uint8), labels=np.zeros(2, np.int64))
+    (folder / "sha256").write_text("0" * 64)
+    images, labels = prepare.cifar10(ROOT)
+    assert images.shape == (10000, 32, 32, 3) and prepare.arrays_sha256(images, labels) == prepare.CIFAR10_ARRAYS_SHA256
+    assert (folder / "sha256").read_text() == data.CIFAR10_SOURCE["sha256"]

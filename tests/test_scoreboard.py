@@ -139,3 +139,47 @@ def test_how_to_run_states_chapter_01s_budget_in_the_committed_runs_figures():
     # evaluation and corruption included, must stay within a factor of two of a minute
     per_pass = saved["runtime_seconds"] / (len(methods) * len(saved["config"]["mix_k"]))
     assert "one pass of one method takes about a minute" in paragraph and 30 <= per_pass <= 120, per_pass
+
+
+def test_an_unchanged_readme_is_reported_unchanged_and_left_untouched(tmp_path):
+    """``make scoreboard`` says whether it changed the README; a second run with the same
+    results must say no and leave the file (its bytes and its modification time) alone."""
+    import json
+    import os
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "07_drew.json").write_text(json.dumps({**_fake()[0], "config": {}, "metrics": {}, "tolerances": []}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{scoreboard.README_START}\nold\n{scoreboard.README_END}\n")
+    assert scoreboard.update_readme(readme, folder)
+    first = readme.read_text()
+    os.utime(readme, ns=(1, 1))
+    assert not scoreboard.update_readme(readme, folder)
+    assert readme.read_text() == first and readme.stat().st_mtime_ns == 1
+
+
+def test_the_page_reads_pending_families_beside_the_results_it_shows(tmp_path):
+    """write_page(out, folder) lists the pending families of ``folder``'s book, not of the
+    repository the code happens to sit in."""
+    import json
+
+    from replbook import numerics
+
+    folder = tmp_path / "results"
+    (folder / "reference").mkdir(parents=True)
+    (folder / "07_drew.json").write_text(json.dumps({**_fake()[0], "config": {}, "metrics": {}, "tolerances": []}))
+    numerics.write_pending("07_drew", "x86_64-amd", {"code_version": "f" * 16}, "x86_64-intel",
+                           {"numbers": {}, "same": [], "differed": []}, None, tmp_path)
+    page = scoreboard.write_page(tmp_path / "book" / "scoreboard.md", folder).read_text()
+    assert "07 on x86_64-amd (since " in page
+
+
+def test_a_seed_record_made_before_the_chapter_changed_is_not_shown(monkeypatch):
+    """A stability record of older code says nothing about the published verdicts: its row
+    shows the dash of "no current record", not its counts."""
+    record = {"seeds": [0, 1, 2], "claims": {"C1": {"counts": {"reproduced": 3}}, "C2": {"counts": {"not reproduced": 3}}}}
+    monkeypatch.setattr(scoreboard, "load_stability", lambda slug, root=None: record)
+    monkeypatch.setattr(scoreboard, "stability_current", lambda record, slug, root=None: False)
+    assert [r["seeds"] for r in scoreboard.rows(_fake())] == [results.agreement(None, "C1", "reproduced")] * 2
+    assert results.agreement(None, "C1", "reproduced") != "3/3"
