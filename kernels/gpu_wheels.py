@@ -30,7 +30,7 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_26_x
              "manylinux2014_x86_64", "manylinux1_x86_64")
 CARRY_LIMIT = 64 * 2**20  # bytes one device call carries: working tree + carried paths
 # prepared data a dry run reads, laid out as the book's cache and carried beside .whl/
-# (DRYRUN_CACHE in run_paper_dryrun_on_gpu.sh): chapter 09 needs data/cifar10-test, 30 MB
+# (DRYRUN_CACHE in run_paper_dryrun_on_gpu.sh): chapter 09 needs data/cifar10-test-<sha>, 30 MB
 CARRIED_CACHE = ROOT / ".gpu-cache"
 
 # every dry run: papermill and the Jupyter kernel it drives (the packages the machine lacks;

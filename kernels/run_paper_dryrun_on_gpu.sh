@@ -15,7 +15,7 @@
 #
 # The machine has no network: a chapter that reads the book's prepared data (the `data` cache
 # that `replbook prepare` fills) finds it only if it is carried. DRYRUN_CACHE names a folder
-# of the working tree laid out as that cache (e.g. .gpu-cache/data/flags for chapter 06), to
+# of the working tree laid out as that cache (e.g. .gpu-cache/data/flags-2576650b4568c8ee for chapter 06), to
 # be carried with the call; the dry run links its `data`, `models` and `gguf` from there.
 set -u
 OUT=${1:?usage: bash kernels/run_paper_dryrun_on_gpu.sh OUT_DIR CHAPTER[:LAYERS] ...}
@@ -38,7 +38,7 @@ fi
 # chapters 03, 07 and 09 read the CIFAR-10 test set: written into the cache from the book's own
 # copy (data/cifar10-test.zip, checked; its registry source is gone), as `replbook prepare` does
 case " $CHAPTERS " in
-  *" 03"*|*" 07"*|*" 09"*) python3 -c "from replbook import prepare; prepare.cifar10()" ;;
+  *" 03"*|*" 07"*|*" 09"*) python3 -c "from replbook import data; data.cifar10_test()" ;;
 esac
 TAG=$(python3 -c "import torch; n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'; print('h200' if 'H200' in n else 'h100' if 'H100' in n else n.split()[-1].lower())")
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1

@@ -1,4 +1,4 @@
-"""The one cache mechanism (``paths.cached_dir``, ``paths.atomic_dir``, ``paths.cached_torch``):
+"""The one cache mechanism (``paths.cached_dir``, ``paths.cached_torch``):
 damaged entries are rebuilt with a line saying why, never served; loads run no code from
 the cache; two processes on one cold cache both succeed with one build."""
 import json
@@ -106,14 +106,14 @@ def test_an_entry_made_before_checksums_is_adopted_once_not_rebuilt(capsys):
     assert paths.entry_problem(folder) is None
 
 
-def test_atomic_dir_returns_an_entry_another_process_finished_and_replaces_a_damaged_one():
+def test_a_damaged_entry_is_replaced_and_the_one_set_aside_removed():
     folder = paths.cache_dir("toy") / "entry"
     calls = []
     paths.cached_dir(folder, _builder(calls))
-    assert paths.atomic_dir(folder, _builder(calls)) == {"model": "toy"} and len(calls) == 1
+    assert paths.cached_dir(folder, _builder(calls)) == ({"model": "toy"}, False) and len(calls) == 1
     paths._VERIFIED.clear()
     _flip_one_bit(folder / "weights.bin")
-    paths.atomic_dir(folder, _builder(calls))
+    assert paths.cached_dir(folder, _builder(calls)) == ({"model": "toy"}, True)
     assert len(calls) == 2 and paths.entry_problem(folder) is None
     assert not list(folder.parent.glob("*.tmp-*")), "the damaged entry set aside was not removed"
 

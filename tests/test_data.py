@@ -20,20 +20,96 @@ def test_photos_ship_in_the_package():
     assert image.ndim == 3 and image.shape[2] == 3 and image.dtype.name == "uint8"
 
 
-def test_a_failed_fetch_says_what_it_needs(monkeypatch, tmp_path):
-    monkeypatch.setenv("REPLBOOK_CACHE", str(tmp_path))
-    broken = {**data.TEXT_SOURCES["moby-dick"], "fetch": ["false"]}
-    monkeypatch.setitem(data.TEXT_SOURCES, "moby-dick", broken)
-    with pytest.raises(RuntimeError, match="needs npm"):
+def _local_source(tmp_path, name="moby-dick", **change):
+    """``name``'s source with its archive a small local file (a ``file://`` URL: no network)
+    holding the package's layout, and that file's sha256."""
+    import json
+
+    from replbook.paths import sha256_file
+
+    chapters = {f"package/data/chapter_{i}.json": json.dumps({"text": f"c{i}"}).encode() for i in (2, 1)}
+    archive = _tar(tmp_path / "local.tgz", chapters)
+    return {**data.TEXT_SOURCES[name], "url": archive.as_uri(), "sha256": sha256_file(archive), **change}
+
+
+def test_a_failed_fetch_says_what_it_needs_and_leaves_no_entry(monkeypatch, tmp_path):
+    monkeypatch.setenv("REPLBOOK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(data.TEXT_SOURCES, "moby-dick", {**data.TEXT_SOURCES["moby-dick"],
+                                                         "url": (tmp_path / "gone.tgz").as_uri()})
+    with pytest.raises(RuntimeError, match=r"could not fetch 'moby-dick' \(needs HTTPS access to the npm registry\)"):
         data.text("moby-dick")
-    assert not list((tmp_path / "data" / "moby-dick").glob("*.txt")), "a failed fetch must leave no text behind"
+    assert not [p for p in (tmp_path / "cache" / "data").iterdir() if not p.name.startswith(".")], \
+        "a failed fetch must leave no entry (nor a temporary folder) behind"
 
 
-def test_a_checksum_mismatch_is_refused(monkeypatch, tmp_path):
-    monkeypatch.setenv("REPLBOOK_CACHE", str(tmp_path))
-    monkeypatch.setitem(data.TEXT_SOURCES, "shakespeare", {**data.TEXT_SOURCES["shakespeare"], "sha256": "0" * 64})
-    with pytest.raises(RuntimeError, match="does not match its recorded sha256"):
-        data.text("shakespeare")
+def test_an_archive_is_checked_before_anything_opens_it_and_no_package_manager_runs(monkeypatch, tmp_path):
+    """pip download of an sdist runs the package's build code before its hash can be checked:
+    archives are fetched by URL, hashed, and only then opened; nothing is run to fetch them."""
+    import subprocess
+    import tarfile
+
+    monkeypatch.setenv("REPLBOOK_CACHE", str(tmp_path / "cache"))
+    source = _local_source(tmp_path)
+    opened = []
+    real_open = tarfile.open
+    monkeypatch.setattr(tarfile, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    for runner in ("run", "Popen", "check_call", "check_output"):
+        monkeypatch.setattr(subprocess, runner, lambda *a, **k: pytest.fail(f"ran {a[0] if a else k}"))
+    monkeypatch.setitem(data.TEXT_SOURCES, "moby-dick", {**source, "sha256": "0" * 64})
+    with pytest.raises(RuntimeError, match="does not match its recorded sha256; refusing to use it"):
+        data.text("moby-dick")
+    assert opened == [], "the archive was opened before its sha256 was checked"
+    monkeypatch.setitem(data.TEXT_SOURCES, "moby-dick", source)
+    assert data.text("moby-dick") == "c1\n\nc2" and len(opened) == 1
+
+
+def test_every_source_is_a_registry_url_with_a_sha256():
+    for name, source in [*data.TEXT_SOURCES.items(), ("fashion-mnist", data.FASHION_MNIST_SOURCE),
+                         ("flags", data.FLAGS_SOURCE)]:
+        assert source["url"].startswith(("https://", "http://deb.debian.org/")) and len(source["sha256"]) == 64, name
+        assert source["url"].endswith(source["archive"].removeprefix("stdlib-")), name
+        assert "fetch" not in source, name
+
+
+def test_a_damaged_or_truncated_cached_text_is_fetched_again_with_a_line_saying_why(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("REPLBOOK_CACHE", str(tmp_path / "cache"))
+    from replbook import paths
+
+    source = _local_source(tmp_path)
+    monkeypatch.setitem(data.TEXT_SOURCES, "moby-dick", source)
+    assert data.text("moby-dick") == "c1\n\nc2"
+    (entry,) = (tmp_path / "cache" / "data").glob("moby-dick-*")
+    assert entry.name == f"moby-dick-{source['sha256'][:16]}", "the archive's hash names the entry"
+    cached = entry / "moby-dick.txt"
+    for damage, why in ((lambda b: bytes([b[0] ^ 1]) + b[1:], "fails its sha256"), (lambda b: b[:3], "truncated")):
+        cached.write_bytes(damage(cached.read_bytes()))
+        paths._VERIFIED.clear()  # a new process: nothing hashed yet
+        capsys.readouterr()
+        assert data.text("moby-dick") == "c1\n\nc2"
+        assert why in capsys.readouterr().out
+
+
+def test_a_damaged_cached_dataset_is_built_again(monkeypatch, tmp_path, capsys):
+    """The arrays are served from a verified entry: a flipped byte in the saved .npz (which
+    np.load would read without complaint) rebuilds it instead of altering the images."""
+    from replbook import paths
+
+    monkeypatch.setenv("REPLBOOK_CACHE", str(tmp_path / "cache"))
+    arrays = {f"{split}_{part}": np.full((2, 28, 28) if part == "images" else (2,), i, np.uint8 if part == "images"
+                                         else np.int64)
+              for i, (split, part) in enumerate([(s, p) for s in ("train", "test") for p in ("images", "labels")])}
+    fetched = []
+    monkeypatch.setattr(data, "_fetch", lambda name, source, extract: fetched.append(name) or extract(None))
+    monkeypatch.setattr(data, "_decode_fashion_mnist", lambda archive: arrays)
+    images, labels = data.fashion_mnist("test")
+    assert images.shape == (2, 28, 28) and images[0, 0, 0] == 2 and labels.tolist() == [3, 3]
+    (saved,) = (tmp_path / "cache" / "data").glob("fashion-mnist-*/fashion_mnist.npz")
+    blob = bytearray(saved.read_bytes())
+    blob[len(blob) // 2] ^= 1
+    saved.write_bytes(bytes(blob))
+    paths._VERIFIED.clear()
+    assert data.fashion_mnist("train")[0][0, 0, 0] == 0 and fetched == ["fashion-mnist", "fashion-mnist"]
+    assert "fails its sha256 (damaged); building it again" in capsys.readouterr().out
 
 
 def test_fetched_texts_are_the_books():
@@ -115,26 +191,6 @@ def test_moby_dick_is_its_chapters_in_number_order(tmp_path):
     assert data._extract_text("moby-dick", archive) == "c1\n\nc2\n\nc10"
 
 
-def test_cifar10_images_and_labels_are_decoded_from_the_task(tmp_path):
-    import base64
-    import io
-    import json
-
-    from PIL import Image
-
-    examples, expected = [], []
-    for label, colour in ((3, (255, 0, 0)), (8, (0, 0, 255))):
-        png = io.BytesIO()
-        Image.new("RGB", (32, 32), colour).save(png, format="PNG")
-        scores = {name: 0 for name in data.CIFAR10_CLASSES} | {data.CIFAR10_CLASSES[label]: 1}
-        examples.append({"input": base64.b64encode(png.getvalue()).decode(), "target_scores": scores})
-        expected.append(label)
-    archive = _tar(tmp_path / "b.tar.gz", {data.CIFAR10_SOURCE["member"]: json.dumps({"examples": examples}).encode()})
-    images, labels = data._decode_cifar10(archive)
-    assert labels.tolist() == expected and images.shape == (2, 32, 32, 3)
-    assert images[0, 0, 0].tolist() == [255, 0, 0] and images[1, 5, 5].tolist() == [0, 0, 255]
-
-
 def test_fashion_mnist_reads_the_idx_files_past_their_headers(tmp_path):
     import gzip
     import io
@@ -156,19 +212,68 @@ def test_fashion_mnist_reads_the_idx_files_past_their_headers(tmp_path):
         assert np.array_equal(out[f"{split}_images"], images) and np.array_equal(out[f"{split}_labels"], labels)
 
 
-def test_a_cached_text_or_dataset_whose_stamp_is_another_archives_is_fetched_again(monkeypatch, tmp_path):
+# ---------------------------------------------------------------- CIFAR-10 from the book's copy
+
+def _damaged_copy(tmp_path, change):
+    """A root whose data/cifar10-test.zip is the book's copy with ``change(members)`` applied."""
+    import zipfile
+
+    from conftest import ROOT
+
+    (tmp_path / "data").mkdir(parents=True)
+    with zipfile.ZipFile(ROOT / data.CIFAR10_COPY) as kept:
+        members = {info.filename: kept.read(info) for info in kept.infolist()}
+    change(members)
+    with zipfile.ZipFile(tmp_path / data.CIFAR10_COPY, "w") as copy:
+        for name, payload in members.items():
+            copy.writestr(name, payload)
+    return tmp_path
+
+
+def test_cifar10_comes_from_the_books_copy_without_the_registry(tmp_path, monkeypatch):
+    """bigbench==1.0.0 left PyPI (2026-12): the entry is decoded from data/cifar10-test.zip into
+    exactly the arrays bigbench's archive decoded to, with no fetch, and read from the cache after."""
+    from conftest import ROOT
+
     monkeypatch.setenv("REPLBOOK_CACHE", str(tmp_path))
-    folder = tmp_path / "data" / "shakespeare"
-    folder.mkdir(parents=True)
-    (folder / "shakespeare.txt").write_text("an older text")
-    (folder / "sha256").write_text("0" * 64)
-    fetched = []
-    monkeypatch.setattr(data, "_fetch", lambda name, source, extract: fetched.append(name) or "the new text")
-    assert data.text("shakespeare") == "the new text" and fetched == ["shakespeare"]
-    assert data.text("shakespeare") == "the new text" and fetched == ["shakespeare"]  # now served from the cache
-    cifar = tmp_path / "data" / "cifar10-test"
-    cifar.mkdir(parents=True)
-    np.savez(cifar / "cifar10_test.npz", images=np.zeros((1, 32, 32, 3), np.uint8), labels=np.zeros(1, np.int64))
-    (cifar / "sha256").write_text("0" * 64)
-    monkeypatch.setattr(data, "_fetch", lambda *a: (np.ones((2, 32, 32, 3), np.uint8), np.ones(2, np.int64)))
-    assert len(data.cifar10_test()[1]) == 2
+    monkeypatch.setattr(data, "_fetch", lambda *a, **k: pytest.fail("the registry was asked"))
+    images, labels = data.cifar10_test(ROOT)
+    assert data.arrays_sha256(images, labels) == data.CIFAR10_ARRAYS_SHA256
+    assert images.shape == (10000, 32, 32, 3) and images.dtype == np.uint8 and labels.dtype == np.int64
+    assert labels[:3].tolist() == [0, 0, 0] and (np.bincount(labels) == 1000).all()  # bigbench's order: by class
+    monkeypatch.setattr(data, "cifar10_copy", lambda root=None: pytest.fail("decoded twice"))
+    again = data.cifar10_test(ROOT)
+    assert np.array_equal(again[0], images) and np.array_equal(again[1], labels)
+    (entry,) = (tmp_path / "data").glob("cifar10-test-*")
+    assert entry.name == f"cifar10-test-{data.CIFAR10_ARRAYS_SHA256[:16]}"
+
+
+def test_a_damaged_or_other_copy_of_cifar10_is_refused(tmp_path, monkeypatch):
+    """A flipped byte fails the file's sha256; a copy with one image swapped for another (its file
+    hash recorded as if it were the book's) fails the arrays' sha256; a missing copy says where."""
+    import zipfile
+
+    from conftest import ROOT
+    from replbook.paths import sha256_file
+
+    with zipfile.ZipFile(ROOT / data.CIFAR10_COPY) as kept:
+        first = sorted(kept.namelist())[:2]
+
+    def flip(members):
+        name = first[0]
+        members[name] = members[name][:-1] + bytes([members[name][-1] ^ 1])
+
+    with pytest.raises(RuntimeError, match="does not match its recorded sha256"):
+        data.cifar10_copy(_damaged_copy(tmp_path / "a", flip))
+
+    def swap(members):
+        members[first[0]] = members[first[1]]
+
+    root = _damaged_copy(tmp_path / "b", swap)
+    monkeypatch.setattr(data, "CIFAR10_COPY_SHA256", sha256_file(root / data.CIFAR10_COPY))
+    with pytest.raises(RuntimeError, match="decodes to other images than bigbench==1.0.0 did"):
+        data.cifar10_copy(root)
+    with pytest.raises(FileNotFoundError, match="no registry source left"):
+        data.cifar10_copy(tmp_path)
+    assert data.arrays_sha256(np.zeros((1, 2), np.uint8), np.zeros(1, np.int64)) != \
+        data.arrays_sha256(np.zeros((1, 2), np.uint8), np.ones(1, np.int64)), "the labels are hashed too"

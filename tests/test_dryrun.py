@@ -641,7 +641,7 @@ def test_gpu_wheels_counts_the_carried_data_against_the_calls_limit(monkeypatch,
     monkeypatch.setattr(wheels, "tree_bytes", lambda: 40 * 2**20)
     monkeypatch.setattr(wheels.subprocess, "run", lambda command, check: None)
     assert wheels.main(["09"]) == 0
-    (tmp_path / "cache" / "data" / "cifar10-test").mkdir(parents=True)
-    (tmp_path / "cache" / "data" / "cifar10-test" / "cifar10_test.npz").write_bytes(b"\0" * (30 * 2**20))
+    (tmp_path / "cache" / "data" / "cifar10-test-c562aadc832e5fa9").mkdir(parents=True)
+    (tmp_path / "cache" / "data" / "cifar10-test-c562aadc832e5fa9" / "cifar10_test.npz").write_bytes(b"\0" * (30 * 2**20))
     assert wheels.main(["09"]) == 1
 

@@ -129,6 +129,38 @@ def test_tiny_and_converted_models_are_cached_under_their_builders_code(tmp_path
     assert converted and second != first
 
 
+def test_a_damaged_tiny_or_converted_model_is_built_again_not_served(tmp_path, monkeypatch, capsys):
+    """Every file of a model's cache entry is verified on load (paths.cached_dir): a flipped
+    bit in a tiny model's weights, or a truncated converted model, is rebuilt with a line
+    saying why, where it used to be loaded with altered numbers (or crash every later run)."""
+    from replbook import paths
+
+    monkeypatch.setenv("REPLBOOK_CACHE", str(tmp_path))
+    folder = models._tiny_dir("tiny-llama")
+    weights = folder / "model.safetensors"
+    good = weights.read_bytes()
+    blob = bytearray(good)
+    blob[len(blob) // 2] ^= 1
+    weights.write_bytes(bytes(blob))
+    paths._VERIFIED.clear()  # as a new process would
+    assert models._tiny_dir("tiny-llama") == folder and weights.read_bytes() == good
+    assert "fails its sha256 (damaged); building it again" in capsys.readouterr().out
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"gguf")
+    monkeypatch.setattr(models, "_gguf_file", lambda spec: (gguf, "0" * 64))
+    monkeypatch.setattr(models, "convert_gguf", lambda gguf_path, out_dir: (out_dir / "model.safetensors").write_bytes(
+        b"converted weights"))
+    spec = models.REGISTRY["smollm2-135m"]
+    converted, _, now = models._converted_gguf_dir(spec, progress=False)
+    assert now
+    (converted / "model.safetensors").write_bytes(b"conv")
+    again, manifest, now = models._converted_gguf_dir(spec, progress=False)
+    assert again == converted and now and (converted / "model.safetensors").read_bytes() == b"converted weights"
+    assert "truncated or overwritten); building it again" in capsys.readouterr().out
+    assert manifest["weights_sha256"] == sha256_file(converted / "model.safetensors")
+
+
 # the slow one last: a mutant the quick tests catch stops before it (pytest -x)
 @pytest.mark.slow
 def test_gguf_cache_is_exact_checked_and_rebuilt_when_corrupt(tmp_path, monkeypatch):

@@ -47,73 +47,6 @@ def test_an_unknown_chapter_is_refused():
         prepare.prepare(["99"], root=ROOT, progress=False)
 
 
-# ---------------------------------------------------------------- CIFAR-10 from the book's copy
-
-def _damaged_copy(tmp_path, change):
-    """A root whose data/cifar10-test.zip is the book's copy with ``change(members)`` applied."""
-    import zipfile
-
-    (tmp_path / "data").mkdir(parents=True)
-    with zipfile.ZipFile(ROOT / prepare.KEPT_CIFAR10) as kept:
-        members = {info.filename: kept.read(info) for info in kept.infolist()}
-    change(members)
-    with zipfile.ZipFile(tmp_path / prepare.KEPT_CIFAR10, "w") as copy:
-        for name, payload in members.items():
-            copy.writestr(name, payload)
-    return tmp_path
-
-
-def test_cifar10_comes_from_the_books_copy_without_the_registry(tmp_path, monkeypatch):
-    """bigbench==1.0.0 left PyPI (2026-12): prepare writes the cache entry from data/cifar10-test.zip,
-    and data.cifar10_test() then reads exactly the arrays bigbench's archive decoded to, no fetch."""
-    import numpy as np
-
-    from replbook import data
-
-    monkeypatch.setenv("REPLBOOK_CACHE", str(tmp_path))
-
-    def no_registry(*args, **kwargs):
-        raise AssertionError("the registry was asked")
-
-    monkeypatch.setattr(data, "_fetch", no_registry)
-    images, labels = prepare.cifar10(ROOT)
-    assert prepare.arrays_sha256(images, labels) == prepare.CIFAR10_ARRAYS_SHA256
-    assert images.shape == (10000, 32, 32, 3) and images.dtype == np.uint8 and labels.dtype == np.int64
-    assert labels[:3].tolist() == [0, 0, 0] and (np.bincount(labels) == 1000).all()  # bigbench's order: by class
-    again = data.cifar10_test()
-    assert np.array_equal(again[0], images) and np.array_equal(again[1], labels)
-    assert (tmp_path / "data" / "cifar10-test" / "sha256").read_text() == data.CIFAR10_SOURCE["sha256"]
-    assert [r["artifact"] for r in prepare.prepare(["09"], "smoke", ROOT, progress=False)].count("data cifar10") == 1
-
-
-def test_a_damaged_or_other_copy_of_cifar10_is_refused(tmp_path, monkeypatch):
-    """A flipped byte fails the file's sha256; a copy with one image swapped for another (its file
-    hash recorded as if it were the book's) fails the arrays' sha256; a missing copy says where."""
-    import zipfile
-
-    from replbook.paths import sha256_file
-
-    with zipfile.ZipFile(ROOT / prepare.KEPT_CIFAR10) as kept:
-        first = sorted(kept.namelist())[:2]
-
-    def flip(members):
-        name = first[0]
-        members[name] = members[name][:-1] + bytes([members[name][-1] ^ 1])
-
-    with pytest.raises(RuntimeError, match="does not match its recorded sha256"):
-        prepare.kept_cifar10(_damaged_copy(tmp_path / "a", flip))
-
-    def swap(members):
-        members[first[0]] = members[first[1]]
-
-    root = _damaged_copy(tmp_path / "b", swap)
-    monkeypatch.setattr(prepare, "KEPT_CIFAR10_SHA256", sha256_file(root / prepare.KEPT_CIFAR10))
-    with pytest.raises(RuntimeError, match="decodes to other images than bigbench==1.0.0 did"):
-        prepare.kept_cifar10(root)
-    with pytest.raises(FileNotFoundError, match="no registry source left"):
-        prepare.kept_cifar10(tmp_path)
-
-
 def test_prepare_names_every_chapter_that_reads_an_artifact_and_sums_the_time(monkeypatch):
     """Chapters 00 and 01 both read tiny-llama at the smoke preset: its row names both, and
     the summary's total is the sum of the rows, not the longest one."""
@@ -133,20 +66,3 @@ def test_names_nested_in_a_presets_lists_are_read():
     assert list(prepare._words(["tiny-llama", ("smollm2-135m", ["gemma3-270m"])], )) == [
         "tiny-llama", "smollm2-135m", "gemma3-270m"]
     assert list(prepare._words(3)) == []
-
-
-def test_a_cached_cifar10_under_another_archives_stamp_is_written_again(tmp_path, monkeypatch):
-    """The cache entry's stamp names the archive its arrays are identical to; an entry stamped
-    with another hash (an older source, or another set) is not served as the test set."""
-    import numpy as np
-
-    from replbook import data
-
-    monkeypatch.setenv("REPLBOOK_CACHE", str(tmp_path))
-    folder = tmp_path / "data" / "cifar10-test"
-    folder.mkdir(parents=True)
-    np.savez(folder / "cifar10_test.npz", images=np.zeros((2, 32, 32, 3), np.uint8), labels=np.zeros(2, np.int64))
-    (folder / "sha256").write_text("0" * 64)
-    images, labels = prepare.cifar10(ROOT)
-    assert images.shape == (10000, 32, 32, 3) and prepare.arrays_sha256(images, labels) == prepare.CIFAR10_ARRAYS_SHA256
-    assert (folder / "sha256").read_text() == data.CIFAR10_SOURCE["sha256"]

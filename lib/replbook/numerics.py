@@ -8,7 +8,8 @@ its one mode that gives the same sums on both (``MKL_CBWR=COMPATIBLE``) is SSE2 
 would slow every chapter and change every committed number. Small models trained on the CPU
 then carry a last-bit difference into other weights: on an Intel Xeon (2026-12) chapters 03,
 04, 05, 06, 08 and 09 came out beyond their tolerances (05's FID-style distances by 5–10 %),
-while 00, 01, 02, 07 and 10 gave the committed numbers.
+and, rerun there on a fresh cache under later code (2026-12-05), so did 10 (172 numbers of its
+training curves) and 01 (two greedy continuations); 00, 02 and 07 gave the committed numbers.
 
 So the book records which **numerics family** each chapter's published results come from
 (``results/reference/published.json``: CPU architecture, vendor and whether the pins were in

@@ -251,18 +251,6 @@ def _build_dir(final: Path, build: Callable[[Path], dict]) -> dict:
     return manifest
 
 
-def atomic_dir(final: Path, build: Callable[[Path], dict]) -> dict:
-    """Build the cache folder ``final`` (its caller decided it must be: missing, or failed the
-    caller's own check) and return its manifest, under the entry's lock; if another process
-    finished a verified entry while this one waited for the lock, that entry is returned
-    and nothing is built. See :func:`cached_dir`, which also verifies on load."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(final):
-        if final.is_dir() and (final / CHECKSUMS).exists() and entry_problem(final) is None:
-            return json.loads((final / "manifest.json").read_text())
-        return _build_dir(final, build)
-
-
 def write_atomic_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
     with os.fdopen(fd, "w") as f:

@@ -23,77 +23,6 @@ from .paths import chapter_module, notebook_for, repo_root
 # data a chapter reads that no parameter names
 IMPLICIT = {"06_mllm_tracing": ("country-flags",), "09_vit_decompose": ("cifar10",)}
 
-# The CIFAR-10 test set's one registry source, the sdist bigbench==1.0.0 (data.CIFAR10_SOURCE),
-# was removed from PyPI: on 2026-12-04 the index lists only bigbench 0.0.1 and the release's
-# page says "not available", so a new reader's first `make test` failed here. The book keeps a
-# copy: the same 10,000 images in bigbench's order, each a lossless WebP named
-# NNNNN_<class>.webp, in one uncompressed zip (19 MB, against 27 MB for the arrays deflated).
-# It is checked twice before it is used: the file against its sha256, and the arrays it decodes
-# to against the sha256 of the arrays bigbench's archive decoded to (data._decode_cifar10, from
-# the committed chapters' cache), so the cache entry it writes is the registry fetch's, byte for
-# byte, and data.cifar10_test() reads it without fetching.
-KEPT_CIFAR10 = Path("data") / "cifar10-test.zip"
-KEPT_CIFAR10_SHA256 = "e977ca32da145ee37ac27d06228ff77f49ddc1cdda35a3a2d0f4f64f5ca6ac70"
-CIFAR10_ARRAYS_SHA256 = "c562aadc832e5fa964125cd271a2d4147420a8ec1db3086bc3230f61120c00be"
-
-
-def arrays_sha256(images, labels) -> str:
-    """sha256 of the images' bytes then the labels' (uint8 N x 32 x 32 x 3, int64 N)."""
-    import hashlib
-
-    return hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
-
-
-def kept_cifar10(root: Path | None = None):
-    """The CIFAR-10 test set from the book's copy (:data:`KEPT_CIFAR10`), both checks passed:
-    (images, labels) exactly as ``data.cifar10_test`` returns them."""
-    import io
-    import zipfile
-
-    import numpy as np
-    from PIL import Image
-
-    from . import data
-    from .paths import sha256_file
-
-    path = (root or repo_root()) / KEPT_CIFAR10
-    if not path.exists():
-        raise FileNotFoundError(f"{KEPT_CIFAR10} is missing: the CIFAR-10 test set has no registry source left "
-                                "and the book keeps its copy there (restore it with git)")
-    if sha256_file(path) != KEPT_CIFAR10_SHA256:
-        raise RuntimeError(f"{KEPT_CIFAR10} does not match its recorded sha256; refusing to use it")
-    with zipfile.ZipFile(path) as kept:
-        names = sorted(kept.namelist())
-        images = np.stack([np.asarray(Image.open(io.BytesIO(kept.read(n))).convert("RGB")) for n in names])
-    labels = np.array([data.CIFAR10_CLASSES.index(n.split("_", 1)[1].removesuffix(".webp")) for n in names],
-                      dtype=np.int64)
-    if arrays_sha256(images, labels) != CIFAR10_ARRAYS_SHA256:
-        raise RuntimeError(f"{KEPT_CIFAR10} decodes to other images than bigbench==1.0.0 did; refusing to use it")
-    return images, labels
-
-
-def cifar10(root: Path | None = None):
-    """``data.cifar10_test()``, its cache entry first written from the book's copy when it is
-    not there yet (the entry ``data.cifar10_test`` itself would write after a registry fetch:
-    the same arrays, and the stamp naming the bigbench archive they are identical to)."""
-    import os
-
-    import numpy as np
-
-    from . import data
-    from .paths import cache_dir
-
-    folder = cache_dir("data", "cifar10-test")
-    cached, stamp = folder / "cifar10_test.npz", folder / "sha256"
-    if not (cached.exists() and stamp.exists() and stamp.read_text() == data.CIFAR10_SOURCE["sha256"]):
-        images, labels = kept_cifar10(root)
-        print(f"writing the CIFAR-10 test set from the book's copy ({KEPT_CIFAR10}) once into {folder}")
-        partial = folder / f"cifar10_test.{os.getpid()}.tmp.npz"
-        np.savez(partial, images=images, labels=labels)
-        os.replace(partial, cached)
-        stamp.write_text(data.CIFAR10_SOURCE["sha256"])
-    return data.cifar10_test()
-
 
 @dataclass(frozen=True)
 class Artifact:
@@ -129,7 +58,7 @@ def _data(name: str) -> Artifact | None:
 
     if name in data.TEXT_SOURCES:
         return Artifact(f"text {name}", lambda: data.text(name))
-    builders = {"cifar10": cifar10,
+    builders = {"cifar10": data.cifar10_test,  # from the book's copy: its registry source is gone
                 "fashion-tinted": lambda: (data.fashion_mnist("train"), data.fashion_mnist("test")),
                 "country-flags": data.country_flags}
     if name in builders:

@@ -469,13 +469,12 @@ def _embedding_pass(name: str, batch: int) -> Row:
     """One batch through ``name``'s image tower, inference: the batch's token states (the
     input, the residual stream, the attention's output, the normalised copy: 4 × width) and
     the MLP's intermediates (:data:`_MLP_TEMPORARIES` × its width), in float32. The tokens
-    are the processor's crop (:data:`replbook.dryrun.HUB_PROCESSOR_SIZES`) in patches, + CLS."""
-    from .dryrun import HUB_PROCESSOR_SIZES
-
+    are the processor's crop (``Architecture.processor``, else the configuration's image size)
+    in patches, + CLS."""
     arch = architectures.architecture(name)
     config = architectures.config_of(name, 1)  # transformers' config: the defaults the registry leaves out
     vision = getattr(config, "vision_config", config)
-    crop = HUB_PROCESSOR_SIZES.get(arch.hub_id, (None, vision.image_size))[1]
+    crop = arch.processor[1] if arch.processor else vision.image_size
     tokens = (crop // vision.patch_size) ** 2 + 1
     width = vision.hidden_size
     mlp = getattr(vision, "intermediate_size", None) or vision.mlp_ratio * width  # DINOv2 gives a ratio

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .paths import atomic_dir, cache_dir, code_hash, sha256_file
+from .paths import cache_dir, cached_dir, code_hash, sha256_file
 
 PRESETS = {
     "smoke": {
@@ -525,15 +525,6 @@ def corrupt(model, tokenizer, docs: list[Document], steps: int, lr: float, batch
     corrupted = band_copy(model, layers)
     band = trainable(corrupted, layers)
     names = [n for n, p in corrupted.named_parameters() if p.requires_grad]
-    weights = folder / "band.safetensors"
-    if (folder / "manifest.json").exists() and weights.exists():
-        manifest = json.loads((folder / "manifest.json").read_text())
-        if sha256_file(weights) == manifest.get("weights_sha256"):
-            saved = load_file(str(weights))
-            with torch.no_grad():
-                for name, param in zip(names, band):
-                    param.copy_(saved[name])
-            return _frozen(corrupted), {**manifest, "from_cache": True}
 
     def build(tmp: Path) -> dict:
         start = time.perf_counter()
@@ -542,8 +533,15 @@ def corrupt(model, tokenizer, docs: list[Document], steps: int, lr: float, batch
         return {"losses": losses, "train_seconds": round(time.perf_counter() - start, 1),
                 "weights_sha256": sha256_file(tmp / "band.safetensors")}
 
-    manifest = atomic_dir(folder, build)
-    return _frozen(corrupted), {**manifest, "from_cache": False}
+    # a verified entry (paths.cached_dir): trained here, or read back when it (or another
+    # process, while this one waited for the lock) trained it before
+    manifest, trained_now = cached_dir(folder, build)
+    if not trained_now:
+        saved = load_file(str(folder / "band.safetensors"))
+        with torch.no_grad():
+            for name, param in zip(names, band):
+                param.copy_(saved[name])
+    return _frozen(corrupted), {**manifest, "from_cache": not trained_now}
 
 
 METHODS = ("ga", "ga_localized", "ga_ft", "ga_kl", "kl_ft", "npo", "npo_localized", "task_vector")
