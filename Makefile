@@ -29,7 +29,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # pip on some machines warns about every missing local index folder: keep the log readable
 QUIET_PIP := { grep -v '^WARNING: Location' || true; }
 
-.PHONY: help env browser book test run scoreboard guard-proofs nbval-by-hand mutants clean
+.PHONY: help env browser book test run scoreboard guard-proofs nbval-by-hand refactor-proof mutants clean
 
 help:
 	@echo "make book    create .venv if missing, prepare models and data, execute chapters with no results, build the site"
@@ -108,6 +108,21 @@ nbval-by-hand: env
 	  -k "ipynb or (rerun_matches and not 10_semantic_tokens)" $(NBVAL)
 	$(BY_HAND_ENV) $(PY) -m pytest $(LONG_CELL_NOTEBOOKS) tests/test_regression.py \
 	  -k "ipynb or (rerun_matches and 10_semantic_tokens)" $(NBVAL_CHECKS) --nbval-cell-timeout=3600
+
+# by hand: a change of shared code that moves no number (results.REFACTORS, e.g. how a cache entry
+# is verified). Re-executes CHAPTERS (e.g. CHAPTERS="00 03") under nbval and the regression guard on
+# this machine and records, per chapter, that every cell and number held, so that its code version
+# stays the one its records were made under; a by-hand chapter's rerun record is written at the
+# same time. WHY="..." says what changed.
+REFACTOR_K = $(shell echo "$(CHAPTERS)" | sed -E 's/([0-9][0-9])/\1_/g; s/ +/ or /g')
+refactor-proof: env
+	test -n "$(CHAPTERS)" && test -n "$(WHY)"
+	$(VENV)/bin/replbook prepare $(CHAPTERS)
+	$(PY) -c "import sys; from replbook import paths, results; results.begin_refactor([paths.notebook_for(c, \
+	  paths.repo_root()).stem for c in sys.argv[2:]], sys.argv[1])" "$(WHY)" $(CHAPTERS)
+	$(BY_HAND_ENV) REPLBOOK_RECORD_REFACTOR=1 REPLBOOK_REFACTOR_WHY="$(WHY)" $(PY) -m pytest \
+	  $(foreach c,$(CHAPTERS),$(wildcard notebooks/$(c)_*.ipynb)) tests/test_regression.py \
+	  -k "ipynb or (rerun_matches and ($(REFACTOR_K)))" $(NBVAL_CHECKS) --nbval-cell-timeout=3600
 
 # by hand, like the stability records: re-executes 00, 03, 09 and 10 with one injected bug each
 # (~20 min on 2 cores) and records in results/guard/ that the regression guard failed on each

@@ -108,14 +108,17 @@ def test_rerun_matches_the_committed_numbers(slug, request):
     fresh = NBVAL_RESULTS / f"{slug}.json"
     outcomes = nbval_outcomes(request.config).get(slug, [])
     executed = bool(outcomes)
-    if RECORDING_BY_HAND and slug not in BY_HAND:
+    if RECORDING_BY_HAND and slug not in BY_HAND and not RECORDING_REFACTOR:
         pytest.skip("`make nbval-by-hand` records only the by-hand chapters")
     if slug in BY_HAND and not executed:
         return check_by_hand_record(slug)  # CI: the by-hand rerun's record, current and passing
     assert fresh.exists(), f"nbval's re-execution of {slug} wrote no results: see its nbval failure"
     expected = numerics.Expected(slug, root=ROOT)  # this machine's numerics family's numbers
     problems = expected.compare(json.loads(fresh.read_text()))
-    if RECORDING_BY_HAND:  # record before asserting, so a failed rerun is on record too
+    if RECORDING_REFACTOR:  # first: a by-hand record's fingerprint reads the code version it settles
+        record_refactor(slug, expected, outcomes, problems)
+        assert outcomes and all(outcomes), f"{slug}: {outcomes.count(False)} of its cells failed under nbval"
+    if RECORDING_BY_HAND and slug in BY_HAND:  # record before asserting, so a failed rerun is on record too
         record = json.loads(BY_HAND_RECORD.read_text()) if BY_HAND_RECORD.exists() else {}
         record[slug] = {"fingerprint": by_hand_fingerprint(slug), "code_version": results.code_version(slug, ROOT),
                         "family": expected.family, "cpu": numerics.cpu_model(), "date": time.strftime("%Y-%m-%d"),
@@ -125,6 +128,45 @@ def test_rerun_matches_the_committed_numbers(slug, request):
         assert outcomes and all(outcomes), f"{slug}: {outcomes.count(False)} of its cells failed under nbval"
     assert not problems, (f"{slug}: {len(problems)} numbers moved beyond their tolerance of {expected.source}; "
                           f"this machine: {expected.family}, {numerics.cpu_model()}\n" + "\n".join(problems[:40]))
+
+
+# ----------------------------------------------------------------------------- refactors
+# (results.REFACTORS): a change of shared code that moves no number keeps the chapters' code
+# version, once each chapter has re-executed under it with every cell and number as committed.
+# `make refactor-proof CHAPTERS="00 01 ..." WHY="..."` records them.
+RECORDING_REFACTOR = os.environ.get("REPLBOOK_RECORD_REFACTOR") == "1"
+REFACTOR_RECORD = ROOT / results.REFACTORS
+
+
+def record_refactor(slug: str, expected, outcomes: list[bool], problems: list[str]) -> None:
+    held = committed(slug)["code_version"]
+    sources = results.source_version(slug, ROOT)
+    record = json.loads(REFACTOR_RECORD.read_text()) if REFACTOR_RECORD.exists() else {}
+    if sources == held:  # nothing to settle: the sources are the version the records hold
+        record.pop(slug, None)
+    else:
+        why = os.environ.get("REPLBOOK_REFACTOR_WHY", "").strip()
+        assert why, "say what the refactor changed: REPLBOOK_REFACTOR_WHY (make refactor-proof WHY=...)"
+        record[slug] = {"from": sources, "holds": held, "why": why, "family": expected.family,
+                        "cpu": numerics.cpu_model(), "date": time.strftime("%Y-%m-%d"), "held_to": expected.source,
+                        "cells_passed": outcomes.count(True), "cells_failed": outcomes.count(False),
+                        "guard_problems": problems[:12]}
+    REFACTOR_RECORD.parent.mkdir(parents=True, exist_ok=True)
+    results.write_atomic(REFACTOR_RECORD, record)
+
+
+@pytest.mark.parametrize("slug", sorted(results.refactors(ROOT)))
+def test_each_recorded_refactor_is_proven_for_the_chapters_sources_as_they_are(slug):
+    """An entry settles exactly one set of sources, for the version the committed results carry,
+    and only with every cell and every number of its rerun as committed; a stale or failed one
+    must go (re-record it, or let the version move and rerun what depends on it)."""
+    entry = results.refactors(ROOT)[slug]
+    assert entry["from"] == results.source_version(slug, ROOT), (
+        f"{slug}'s sources changed after its refactor was proven: `make refactor-proof CHAPTERS={slug[:2]}` again, "
+        f"or remove its entry from {results.REFACTORS} and rerun the records of its new version")
+    assert entry["holds"] == committed(slug)["code_version"] == results.code_version(slug, ROOT), entry
+    assert not entry.get("proving"), f"{slug}'s refactor proof was interrupted: `make refactor-proof` again"
+    assert results.refactor_proven(entry) and entry["why"], entry
 
 
 def test_the_makefile_leaves_exactly_the_by_hand_chapters_to_be_rerun_by_hand():

@@ -185,7 +185,7 @@ def test_code_version_follows_the_notebook_code_and_its_method_modules(repo_root
     (tmp_path / "notebooks").mkdir()
     shutil.copy(repo_root / "notebooks" / "00_model_zoo.ipynb", tmp_path / "notebooks")
     before = results.code_version("00_model_zoo", tmp_path)
-    assert before == results.code_version("00_model_zoo", repo_root)
+    assert before == results.source_version("00_model_zoo", repo_root)  # no refactor recorded in tmp_path
     nb = nbformat.read(tmp_path / "notebooks" / "00_model_zoo.ipynb", as_version=4)
     for cell in nb.cells:  # outputs and markdown do not count ...
         if cell.cell_type == "markdown":
@@ -198,6 +198,47 @@ def test_code_version_follows_the_notebook_code_and_its_method_modules(repo_root
     rule.source = rule.source.replace(">= 5", ">= 4")
     nbformat.write(nb, tmp_path / "notebooks" / "00_model_zoo.ipynb")
     assert results.code_version("00_model_zoo", tmp_path) != before
+
+
+def test_a_proven_refactor_keeps_the_code_version_for_exactly_its_sources(repo_root, tmp_path):
+    """results.REFACTORS: sources re-executed with every cell and number as committed keep the
+    version the records hold; other sources, or a rerun that failed anywhere, do not."""
+    import json
+    import shutil
+
+    (tmp_path / "notebooks").mkdir()
+    shutil.copy(repo_root / "notebooks" / "00_model_zoo.ipynb", tmp_path / "notebooks")
+    sources = results.source_version("00_model_zoo", tmp_path)
+    assert results.code_version("00_model_zoo", tmp_path) == sources  # nothing recorded
+
+    def version_with(**entry) -> str:
+        proof = {"from": sources, "holds": "0ld0ld0ld0ld0ld0", "why": "cache plumbing", "cells_passed": 12,
+                 "cells_failed": 0, "guard_problems": [], **entry}
+        (tmp_path / results.REFACTORS).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / results.REFACTORS).write_text(json.dumps({"00_model_zoo": proof}))
+        return results.code_version("00_model_zoo", tmp_path)
+
+    assert version_with() == "0ld0ld0ld0ld0ld0"
+    assert version_with(**{"from": "f" * 16}) == sources, "a proof of other sources settles nothing here"
+    assert version_with(cells_failed=1) == sources, "a cell that failed under nbval is no proof"
+    assert version_with(cells_passed=0) == sources, "a rerun that ran no cell is no proof"
+    assert version_with(guard_problems=["metrics.x moved"]) == sources, "a moved number is no proof"
+    # while it is being proven the held version stands, so the rerun reads the records as current
+    assert version_with(cells_passed=0, proving=True) == "0ld0ld0ld0ld0ld0"
+    assert version_with(**{"from": "f" * 16, "proving": True}) == sources
+    # begin_refactor writes that provisional entry for the committed version
+    fresh = tmp_path / "fresh"
+    (fresh / "results").mkdir(parents=True)
+    shutil.copytree(tmp_path / "notebooks", fresh / "notebooks")
+    committed = json.loads((repo_root / "results" / "00_model_zoo.json").read_text())
+    for held in ("0ld0ld0ld0ld0ld0", sources):
+        (fresh / "results" / "00_model_zoo.json").write_text(json.dumps({**committed, "code_version": held}))
+        results.begin_refactor(["00_model_zoo"], "a test", fresh)
+        expected = {"00_model_zoo": {"from": sources, "holds": held, "why": "a test", "proving": True}}
+        assert results.refactors(fresh) == (expected if held != sources else {}), "nothing to settle: no entry"
+        assert results.code_version("00_model_zoo", fresh) == held
+    with pytest.raises(ValueError, match="why=''"):
+        results.begin_refactor(["00_model_zoo"], " ", fresh)
 
 
 def test_code_version_follows_an_edit_of_a_method_module_not_of_infrastructure(repo_root, tmp_path):

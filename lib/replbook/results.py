@@ -340,12 +340,12 @@ def _strip_magics(source: str) -> str:
     return "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines())
 
 
-def code_version(slug: str, root: Path | None = None, package: Path | None = None) -> str:
+def source_version(slug: str, root: Path | None = None, package: Path | None = None) -> str:
     """sha256 (16 hex) of what decides a chapter's numbers and verdicts: its notebook's code
     cells (papermill's injected parameters excluded; outputs never count) and the source of
     :func:`method_modules` (less their ``parameter_rules``, which never change an accepted
-    run: :func:`paths.without_parameter_rules`). Results and stability records carry it, so a record made before
-    the chapter's rule or method changed is detected as stale."""
+    run: :func:`paths.without_parameter_rules`). :func:`code_version` is this, unless a
+    proven refactor (:data:`REFACTORS`) says these sources give an older version's numbers."""
     import hashlib
 
     import nbformat
@@ -363,6 +363,71 @@ def code_version(slug: str, root: Path | None = None, package: Path | None = Non
         source = (package / f"{name}.py").read_bytes().decode()
         digest.update(name.encode() + b"\0" + without_parameter_rules(source).encode())
     return digest.hexdigest()[:16]
+
+
+# A change to code the chapters share that cannot move a number — how a cache entry is
+# verified, where an archive is fetched from, code moved between modules — still changes every
+# reaching chapter's source version, and with it every record made under the old one: the
+# stability records (seeds rerun), the by-hand reruns, the guard proofs, the paper dry runs
+# (which need a GPU) and, for a chapter whose numbers depend on the CPU family, the other
+# family's reference (which needs a machine of that family: a session has one). Such a change
+# is recorded here instead, per chapter: the chapter re-executed under the new sources on this
+# machine, under nbval (every cell) and the regression guard (every number against its own
+# family's), and both passed. Then the chapter's code version stays the one its records were
+# made under (``holds``), for as long as its sources are exactly those (``from``): the next
+# change of them is a new version again, or needs its own proof. What it assumes, as a
+# stability carry-forward does for the other seeds: that the other family's numbers did not
+# move either (a chapter without CPU-dependent numbers is held to one set on every family; CI
+# re-executes the chapters it can on whichever family it runs on). `make refactor-proof`
+# records it; tests/test_regression.py holds every entry to the chapter's sources and results.
+REFACTORS = Path("results") / "guard" / "refactors.json"
+
+
+def refactors(root: Path | None = None) -> dict[str, dict[str, Any]]:
+    from .paths import repo_root
+
+    path = (root or repo_root()) / REFACTORS
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def refactor_proven(entry: Mapping[str, Any]) -> bool:
+    """Every cell passed under nbval and the guard found nothing: the rerun gave the numbers."""
+    return entry.get("cells_failed") == 0 and entry.get("cells_passed", 0) > 0 and entry.get("guard_problems") == []
+
+
+def begin_refactor(slugs: list[str], why: str, root: Path | None = None) -> Path:
+    """Before the proving reruns: an entry per chapter marked ``proving``, under which its
+    sources already give the held version, so that each rerun's verdict section reads the
+    chapter's records as current, as the committed notebook did (a stability carry-forward
+    marks its record current while it runs, for the same reason). The rerun replaces it with
+    its outcome (tests/test_regression.py); one left ``proving`` fails the tests."""
+    from .paths import repo_root
+
+    root = root or repo_root()
+    if not why.strip():
+        raise ValueError("why='': say what the refactor changed")
+    record = refactors(root)
+    for slug in slugs:
+        held = json.loads((root / "results" / f"{slug}.json").read_text())["code_version"]
+        sources = source_version(slug, root)
+        if sources != held:
+            record[slug] = {"from": sources, "holds": held, "why": why.strip(), "proving": True}
+        else:
+            record.pop(slug, None)
+    (root / REFACTORS).parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(root / REFACTORS, record)
+
+
+def code_version(slug: str, root: Path | None = None, package: Path | None = None) -> str:
+    """The chapter's code version: :func:`source_version`, or the version its records were made
+    under where a proven refactor (:data:`REFACTORS`) is recorded for exactly these sources
+    (or one is being proven: :func:`begin_refactor`). Results and stability records carry it,
+    so a record made before the chapter's rule or method changed is detected as stale."""
+    sources = source_version(slug, root, package)
+    entry = refactors(root).get(slug)
+    if entry and entry.get("from") == sources and (refactor_proven(entry) or entry.get("proving")):
+        return entry["holds"]
+    return sources
 
 
 @dataclass
