@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from replbook import lm, loki
+from test_lm import Letters  # the book's one fake tokenizer: a letter's id is its place in the alphabet + 2, BOS 1
 
 
 @pytest.fixture(scope="module")
@@ -172,25 +173,14 @@ def test_token_windows_and_perplexity(tiny):
     assert 1 < ppl < 10 * len(tiny.tokenizer)
 
 
-class _CharTokenizer:
-    """One id per character; a BOS (id 1) when asked for special tokens, if it has one."""
-    def __init__(self, bos):
-        self.bos_token_id = bos
-
-    def __call__(self, text, add_special_tokens=True, return_tensors=None):
-        ids = ([self.bos_token_id] if add_special_tokens and self.bos_token_id is not None else []) + \
-            [10 + ord(c) % 50 for c in text]
-        return type("Encoding", (), {"input_ids": torch.tensor([ids])})()
-
-
 def test_model_windows_start_every_window_with_bos_where_the_tokenizer_has_one():
     """Issue #28: Gemma's windows after the first lacked BOS (dense perplexity 76 vs 52)."""
     text = "abcdefghij" * 40
-    with_bos = lm.model_windows(_CharTokenizer(bos=1), text, 16, 3)
+    with_bos = lm.model_windows(Letters(bos=1), text, 16, 3)
     assert [w[0].item() for w in with_bos] == [1, 1, 1] and all(len(w) == 16 for w in with_bos)
     assert (torch.cat([w[1:] for w in with_bos]) != 1).all(), "BOS only at the start of a window"
-    without = lm.model_windows(_CharTokenizer(bos=None), text, 16, 3)
-    assert all(torch.equal(a, b) for a, b in zip(without, lm.token_windows(_CharTokenizer(bos=None), text, 16, 3)))
+    without = lm.model_windows(Letters(bos=None), text, 16, 3)
+    assert all(torch.equal(a, b) for a, b in zip(without, lm.token_windows(Letters(bos=None), text, 16, 3)))
 
 
 def test_the_paper_preset_code_path_runs_on_a_tiny_locally_saved_llama(run_paper_preset_on_tiny_llama):

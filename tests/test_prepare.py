@@ -63,6 +63,6 @@ def test_prepare_names_every_chapter_that_reads_an_artifact_and_sums_the_time(mo
 
 
 def test_names_nested_in_a_presets_lists_are_read():
-    assert list(prepare._words(["tiny-llama", ("smollm2-135m", ["gemma3-270m"])], )) == [
+    assert list(prepare._words(["tiny-llama", ("smollm2-135m", ["gemma3-270m"])])) == [
         "tiny-llama", "smollm2-135m", "gemma3-270m"]
     assert list(prepare._words(3)) == []
