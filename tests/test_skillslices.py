@@ -1,6 +1,7 @@
 """Chapter 02's method (replbook.skillslices): the corpus, answering by log-likelihood,
 the rationale parser, skill clusters and slices, relevance, leave-one-out accuracy and
 routing on hand-made examples with known answers."""
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -420,6 +421,19 @@ def test_annotations_round_trip_and_refuse_another_corpus(tmp_path, monkeypatch)
         sk.load_annotations(config.resolve(sk.PRESETS, "smoke", per_task=3), corpus[:9])
     with pytest.raises(FileNotFoundError, match="replbook annotate --preset book"):
         sk.load_annotations(config.resolve(sk.PRESETS, "book"), corpus)
+
+    # issue #23: a rationale damaged on disk changes the skills parsed from it; it is refused
+    saved = json.loads((tmp_path / "smoke.json").read_text())
+    saved["annotations"][0]["rationale"] += " Step 9 (skill: a skill nobody wrote):"
+    (tmp_path / "smoke.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="do not match their sha256.*replbook annotate --preset smoke"):
+        sk.load_annotations(cfg, corpus)
+
+
+def test_the_committed_annotations_match_their_checksum():
+    saved = json.loads((sk.ANNOTATIONS_DIR / "02_skill_slices.book.json").read_text())
+    assert saved["annotations_sha256"] == sk.annotations_checksum(saved["annotations"])
+    assert sk.annotations_checksum(saved["annotations"][1:]) != saved["annotations_sha256"]
 
 
 def test_hidden_tradeoffs_find_reversed_and_large_gaps():

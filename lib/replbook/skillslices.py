@@ -665,6 +665,14 @@ def annotation_file(cfg) -> Path:
     return cache_dir("skillslices") / f"{cfg.preset}-{digest}-annotations.json"
 
 
+def annotations_checksum(annotations: list[dict]) -> str:
+    """The sha256 of the annotations as data (not as formatted), saved beside them: a
+    rationale damaged on disk would change the skills parsed from it, and so the slices."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(annotations, sort_keys=True).encode()).hexdigest()
+
+
 def annotate(cfg, progress: bool = True) -> Path:
     """Write every instance's rationale with ``cfg.rationale_model`` and save them, with
     where they came from, to :func:`annotation_file` (atomically)."""
@@ -689,6 +697,7 @@ def annotate(cfg, progress: bool = True) -> Path:
         "versions": versions(("torch", "transformers")), "corpus": corpus_settings(cfg), "tasks_asked": mix.tasks,
         "annotations": [asdict(a) for a in notes],
     }
+    payload["annotations_sha256"] = annotations_checksum(payload["annotations"])
     path = annotation_file(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, payload)
@@ -697,13 +706,17 @@ def annotate(cfg, progress: bool = True) -> Path:
 
 def load_annotations(cfg, corpus: list[Instance]) -> tuple[list[Annotation], dict]:
     """The saved annotations of ``corpus`` and their provenance; a clear error if they
-    were made for another corpus, writer or prompt, or are missing."""
+    were made for another corpus, writer or prompt, are missing, or do not match the
+    checksum saved with them."""
     path = annotation_file(cfg)
     command = f"replbook annotate --preset {cfg.preset}"
     if not path.exists():
         raise FileNotFoundError(f"no annotations at {path}: write them with `{command}` "
                                 f"(or run the notebook with rationales='regenerate')")
     payload = json.loads(path.read_text())
+    if payload.get("annotations_sha256") != annotations_checksum(payload.get("annotations")):
+        raise ValueError(f"the annotations at {path} do not match their sha256 (damaged or edited by hand); "
+                         f"regenerate them with `{command}`")
     expected = {"corpus": corpus_settings(cfg), "rationale_model": cfg.rationale_model,
                 "prompt": rationale_prompt("{question}")}
     stale = [key for key, value in expected.items() if payload.get(key) != value]
@@ -714,7 +727,7 @@ def load_annotations(cfg, corpus: list[Instance]) -> tuple[list[Annotation], dic
     # the skills are parsed again: the parser is code under test, the rationale is the data
     for a in notes:
         a.skills = parse_skills(a.rationale)
-    provenance = {k: v for k, v in payload.items() if k != "annotations"}
+    provenance = {k: v for k, v in payload.items() if k not in ("annotations", "annotations_sha256")}
     return notes, provenance
 
 
