@@ -180,6 +180,15 @@ def test_the_paper_models_of_a_chapter_are_read_from_its_preset():
     # a model the dry run's overrides swap out is neither built nor recorded
     assert "clip-vit-b-16" in dryrun.paper_models("09_vit_decompose")
     assert "clip-vit-b-16" not in dryrun.paper_models("09_vit_decompose", {"clip": "cliplike"})
+    # a model the book builds or ships itself is no paper model: nothing to serve from the fake hub
+    assert dryrun.paper_models("08_loki", {"model_names": ["tiny-llama", "llama2-7b"]}) == ["llama2-7b"]
+
+
+def test_a_served_stable_diffusion_states_the_size_it_draws_at_beside_its_own():
+    """The record says the dry run drew at 1/SD_SHRINK of the pipeline's own size (SD 1.4:
+    512 px, 2.1: 768 px), so no reader takes its timings for the paper's resolution."""
+    for name, own in (("stable-diffusion-v1-4", 512), ("stable-diffusion-2-1", 768)):
+        assert dryrun.served_image_size(name) == f"{own // dryrun.SD_SHRINK} px (its own: {own} px)"
 
 
 def test_every_dry_run_override_is_a_parameter_its_paper_preset_accepts():
@@ -191,6 +200,23 @@ def test_every_dry_run_override_is_a_parameter_its_paper_preset_accepts():
         parameters = dryrun.dry_run_parameters(slug)
         parameters.pop("preset")
         config.resolve(module.PRESETS, "paper", **parameters)  # raises on an unknown name or a refused value
+
+
+def test_a_dry_run_uses_the_cores_it_has_not_the_presets_sixteen(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 3)
+    assert dryrun.dry_run_parameters("08_loki")["threads"] == 3
+
+
+def test_the_machinery_version_follows_the_architectures_it_serves(tmp_path, monkeypatch):
+    """A corrected public config changes what the fake hub serves: the records made before
+    it must show another machinery version."""
+    from pathlib import Path
+
+    before = dryrun.machinery_version()
+    corrected = tmp_path / "architectures.py"
+    corrected.write_text(Path(architectures.__file__).read_text() + "\n# a corrected config\n")
+    monkeypatch.setattr(architectures, "__file__", str(corrected))
+    assert dryrun.machinery_version() != before
 
 
 def test_the_fake_coco_folder_is_read_by_the_chapters_coco_reader(tmp_path):
@@ -350,6 +376,44 @@ def test_on_a_gpu_the_record_holds_the_gpu_peak_above_what_was_in_use_and_its_ce
     assert not {"gpu", "gpu_peak_bytes", "gpu_peak_cell"} & set(entry)
 
 
+def test_a_dry_run_points_its_kernel_at_the_fake_hub_and_puts_the_environment_back(tmp_path, monkeypatch):
+    """During the run the kernel sees the fake hub, offline, and its own results and cache;
+    after it, even when the chapter failed, the reader's process has its own settings back
+    (a later real run in the same process must not read random weights)."""
+    import os
+    from pathlib import Path
+
+    import papermill
+
+    user_cache = str(tmp_path / "user-cache")
+    monkeypatch.setenv("REPLBOOK_CACHE", user_cache)
+    for name in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "REPLBOOK_RESULTS_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(dryrun, "paper_models", lambda slug, parameters: [])
+    monkeypatch.setattr(dryrun, "fake_hub", lambda names, layers: tmp_path / "hub")
+    monkeypatch.setattr(dryrun.GpuMemory, "open", classmethod(lambda cls: None))
+    seen = {}
+
+    def execute(source, output, **kwargs):
+        seen.update({k: os.environ.get(k) for k in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "REPLBOOK_RESULTS_DIR",
+                                                    "REPLBOOK_CACHE")})
+        Path(output).write_text(json.dumps({"cells": []}))
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    dryrun.run("02", layers=1, root=tmp_path / "runs")
+    assert seen["HF_HUB_CACHE"] == str(tmp_path / "hub") and seen["HF_HUB_OFFLINE"] == "1"
+    assert seen["REPLBOOK_RESULTS_DIR"].startswith(str(tmp_path / "runs")) and seen["REPLBOOK_CACHE"] != user_cache
+
+    def fail(source, output, **kwargs):
+        raise RuntimeError("a cell failed")
+
+    monkeypatch.setattr(papermill, "execute_notebook", fail)
+    with pytest.raises(RuntimeError):
+        dryrun.run("02", layers=1, root=tmp_path / "runs")
+    assert os.environ.get("REPLBOOK_CACHE") == user_cache
+    assert not {"HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "REPLBOOK_RESULTS_DIR"} & set(os.environ)
+
+
 def test_gpu_memory_sums_every_gpu_nvml_sees():
     """Through NVML's calls as nvidia-ml-py names them; two GPUs are summed and named."""
     from types import SimpleNamespace
@@ -447,6 +511,23 @@ def test_the_kernels_peak_is_its_own_not_its_launchers():
     assert 0.3e9 <= peak.peak_bytes < 0.6e9, peak.peak_bytes
     assert dryrun.high_water_bytes(2**22 + 12345) is None  # a process that is gone
     del held
+
+
+def test_the_high_water_mark_keeps_memory_a_process_has_freed():
+    """A cell that builds a large tensor and drops it still needed that memory: the peak is
+    the high-water mark (VmHWM), not the memory resident when the sample is taken (VmRSS)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys; b = b'x' * 400_000_000; del b; "
+                              "print('freed', flush=True); sys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "freed"
+        assert dryrun.high_water_bytes(child.pid) >= 0.4e9
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_descendants_are_found_below_this_process_only():

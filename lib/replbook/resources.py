@@ -92,10 +92,6 @@ class Card:
         return peak_of(self.disk)
 
     @property
-    def partial(self) -> bool:
-        return any(r.gigabytes is None for r in self.gpu + self.host + self.disk)
-
-    @property
     def hours_at_peak(self) -> float | None:
         return None if self.flops is None else self.flops / H100_BF16_FLOPS / 3600
 
