@@ -187,6 +187,9 @@ def test_a_70b_model_is_spread_over_fake_gpus_within_their_budgets():
     assert all(gb <= 80 - 2.0 for gb in two.values())
     one = resources.device_plan("llama2-70b", gpus=1, gpu_gb=80, cpu_gb=40)
     assert list(one) == ["cuda:0", "cpu", "disk"] and one["cpu"] <= 40 and sum(one.values()) == pytest.approx(total)
+    # the reserve is kept free on every GPU: 30 GB of each 80 left for activations and the KV cache
+    reserved = resources.device_plan("llama2-70b", gpus=2, gpu_gb=80, cpu_gb=200, reserve_gb=30.0)
+    assert reserved["cuda:0"] <= 50.0 and reserved["cuda:1"] <= 50.0 and reserved["cpu"] >= total - 100.0
     with pytest.raises(ValueError, match="gpu_gb"):
         resources.device_plan("llama2-70b", gpus=1, gpu_gb=1)
 
