@@ -125,6 +125,48 @@ def test_replbook_run_prepares_its_chapter_after_the_parameters_pass_and_before_
     assert len(prepared) == 1
 
 
+def test_a_paper_run_records_the_commit_each_hub_model_ran_at(book, fake_papermill, tmp_path, monkeypatch, capsys):
+    """The registry names hub repositories, not commits, and a repository's main moves: a
+    paper run's results say which snapshot of each model it loaded (the hub cache's
+    refs/main), and None, said aloud, for a model the cache does not hold."""
+    hub = tmp_path / "hub"
+    (hub / "models--meta-llama--Llama-2-7b-hf" / "refs").mkdir(parents=True)
+    (hub / "models--meta-llama--Llama-2-7b-hf" / "refs" / "main").write_text("8cca527612d856d7d32bd94f8103728d614eb852\n")
+    # another ref of the same repository, and the main of a repository 08 does not load unless asked
+    (hub / "models--meta-llama--Llama-2-7b-hf" / "refs" / "pr-1").write_text("1111111111111111111111111111111111111111")
+    (hub / "models--meta-llama--Llama-2-70b-hf" / "refs").mkdir(parents=True)
+    (hub / "models--meta-llama--Llama-2-70b-hf" / "refs" / "main").write_text("2222222222222222222222222222222222222222")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    runner.run("08", "paper", root=book, out_dir=tmp_path / "paper")
+    saved = json.loads((tmp_path / "paper" / "results" / "08_loki.json").read_text())
+    assert saved == {"preset": "paper", "hub_revisions": {"meta-llama/Llama-2-7b-hf": "8cca527612d856d7d32bd94f8103728d614eb852",
+                                                          "meta-llama/Llama-2-13b-hf": None}}
+    err = capsys.readouterr().err
+    assert "08_loki ran meta-llama/Llama-2-7b-hf at 8cca527612d856d7d32bd94f8103728d614eb852" in err
+    assert f"meta-llama/Llama-2-13b-hf at an unknown commit (not in the hub cache {hub})" in err
+    # the reader's -p values decide which models ran
+    monkeypatch.setattr(runner, "notebook_parameters", lambda path: ["model_names"])
+    runner.run("08", "paper", {"model_names": ["llama2-70b"]}, root=book, out_dir=tmp_path / "seventy")
+    assert json.loads((tmp_path / "seventy" / "results" / "08_loki.json").read_text())["hub_revisions"] == {
+        "meta-llama/Llama-2-70b-hf": "2222222222222222222222222222222222222222"}
+    # a book run loads no hub model and records none
+    runner.run("00", "book", root=book, out_dir=tmp_path / "book")
+    assert "hub_revisions" not in json.loads((tmp_path / "book" / "results" / "00_model_zoo.json").read_text())
+
+
+def test_the_hub_cache_is_found_in_huggingface_hubs_order_of_variables(monkeypatch, tmp_path):
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert runner.hub_cache() == tmp_path / "home" / ".cache" / "huggingface" / "hub"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert runner.hub_cache() == tmp_path / "xdg" / "huggingface" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert runner.hub_cache() == tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    assert runner.hub_cache() == tmp_path / "cache"
+
+
 def test_busy_share_is_the_machines_busy_ticks_over_its_ticks():
     ticks = iter([(100, 1000), (160, 1100)])
     assert runner.busy_share(0, times=lambda: next(ticks)) == pytest.approx(0.6)
@@ -162,12 +204,13 @@ def test_book_runs_ask_every_library_for_its_avx2_code_unless_the_reader_chose(b
     rerun's retrained models then moved past the guard's bands (runner.CPU_PINS)."""
     for name in runner.CPU_PINS:
         monkeypatch.delenv(name, raising=False)
+    # the paper run first: it reads the chapter's notebook for its hub models, which the
+    # published book run below replaces with this stand-in's empty notebook
+    runner.run("00", "paper", {"seed": 1}, root=book)
     runner.run("00", "book", root=book)
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
     runner.run("00", "smoke", root=book)
-    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
-    runner.run("00", "paper", {"seed": 1}, root=book)
-    pinned, overridden, paper = (call["cpu"] for call in fake_papermill)
+    paper, pinned, overridden = (call["cpu"] for call in fake_papermill)
     assert pinned == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
     assert overridden == pinned | {"ATEN_CPU_CAPABILITY": "default"}
     assert paper == {name: None for name in runner.CPU_PINS}, "the paper preset (a GPU node) is pinned"

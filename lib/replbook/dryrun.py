@@ -31,6 +31,7 @@ from typing import Any
 
 from . import architectures
 from .paths import cache_dir, repo_root
+from .runner import paper_models  # the hub models a paper preset names: what to serve
 
 FAKE_COCO = "fake COCO folder"  # an OVERRIDES value of ``data``: the folder :func:`fake_coco` writes
 
@@ -301,28 +302,6 @@ def fake_hub(names: list[str], layers: int | None = 1, root: Path | None = None)
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.touch()
     return root
-
-
-def paper_models(slug: str, overrides: dict[str, Any] | None = None) -> list[str]:
-    """The hub models ``slug``'s paper preset names (registry names or hub ids), after
-    ``overrides`` (a dry run's :data:`OVERRIDES` may swap one for an offline model)."""
-    import importlib
-
-    from . import models
-    from .paths import chapter_module, notebook_for
-
-    module = chapter_module(notebook_for(slug[:2], repo_root()))
-    module = importlib.import_module(f"replbook.{module}") if isinstance(module, str) else module
-    named = []
-    for value in {**module.PRESETS["paper"], **(overrides or {})}.values():
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if not isinstance(item, str):
-                continue
-            spec = models.REGISTRY.get(item)
-            hub = spec is not None and spec.source == "hub"
-            if hub or item in architectures.ARCHITECTURES:
-                named.append(item)
-    return named
 
 
 def high_water_bytes(pid: int) -> int | None:

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import config, numerics, scoreboard
+from . import config, numerics, results, scoreboard
 from .config import PRESETS
 from .paths import chapter_module, notebook_for, repo_root
 
@@ -44,6 +44,59 @@ def check_parameters(notebook: Path, preset: str, parameters: dict) -> None:
     """The chapter's parameter rules, checked before a kernel starts (the notebook checks
     them again): raises :class:`config.ParameterError` in one line."""
     config.resolve(chapter_module(notebook).PRESETS, preset, **parameters)
+
+
+def paper_models(slug: str, overrides: dict | None = None, root: Path | None = None) -> list[str]:
+    """The hub models ``slug``'s paper preset names (registry names or hub ids), after
+    ``overrides`` (a reader's ``-p`` values, or a dry run's :data:`dryrun.OVERRIDES`, may swap
+    one for an offline model)."""
+    import importlib
+
+    from . import architectures, models
+
+    module = chapter_module(notebook_for(slug[:2], root or repo_root()))
+    module = importlib.import_module(f"replbook.{module}") if isinstance(module, str) else module
+    named = []
+    for value in {**module.PRESETS["paper"], **(overrides or {})}.values():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if not isinstance(item, str):
+                continue
+            spec = models.REGISTRY.get(item)
+            hub = spec is not None and spec.source == "hub"
+            if hub or item in architectures.ARCHITECTURES:
+                named.append(item)
+    return named
+
+
+def hub_cache() -> Path:
+    """The hub cache a kernel started now reads, by huggingface_hub's own order of variables
+    (read here, not from ``huggingface_hub.constants``, which froze them at its import)."""
+    home = Path.home() / ".cache"
+    for name, under in (("HF_HUB_CACHE", None), ("HUGGINGFACE_HUB_CACHE", None), ("HF_HOME", "hub"),
+                        ("XDG_CACHE_HOME", "huggingface/hub")):
+        if os.environ.get(name):
+            return Path(os.environ[name]).expanduser() / (under or "")
+    return home / "huggingface" / "hub"
+
+
+def hub_revisions(names: list[str], cache: Path | None = None) -> dict[str, str | None]:
+    """The commit each of ``names`` (hub models, as :func:`paper_models` gives them) ran at:
+    its repository's ``refs/main`` in the hub cache, which names the snapshot
+    ``from_pretrained`` resolved ``main`` to and loaded (None where the cache holds no such
+    repository). The registry names repositories, not commits, and a repository's ``main``
+    moves: a paper run records what it got, so two runs whose numbers differ can be told
+    apart by their weights."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    from . import architectures
+
+    cache = Path(cache or hub_cache())
+    revisions = {}
+    for name in names:
+        hub_id = architectures.architecture(name).hub_id
+        ref = cache / repo_folder_name(repo_id=hub_id, repo_type="model") / "refs" / "main"
+        revisions[hub_id] = ref.read_text().strip() if ref.is_file() else None
+    return revisions
 
 
 def notebook_parameters(path: Path) -> list[str]:
@@ -168,6 +221,8 @@ def run(chapter: str, preset: str = "book", parameters: dict | None = None, root
     if publish and preset == "smoke":
         raise ValueError("preset='smoke' runs are never published to results/; drop publish")
     slug = source.stem
+    # the hub models this run loads, named before it starts (the run may replace the notebook they are read from)
+    hub_models = paper_models(slug, parameters, root) if preset == "paper" else []
     if prepare_first:
         from . import prepare
 
@@ -204,6 +259,13 @@ def run(chapter: str, preset: str = "book", parameters: dict | None = None, root
         if not result_file.exists():
             raise RuntimeError(f"{slug} ran to the end but saved no results (its run.save cell did not write "
                                f"{result_file.name})")
+        if preset == "paper":  # which snapshot of each hub model ran (the registry pins none)
+            saved = json.loads(result_file.read_text())
+            saved["hub_revisions"] = hub_revisions(hub_models)
+            results.write_atomic(result_file, saved)
+            for hub_id, commit in saved["hub_revisions"].items():
+                print(f"replbook: {slug} ran {hub_id} at " + (commit or "an unknown commit (not in the hub cache "
+                      f"{hub_cache()})"), file=sys.stderr)
         clean_metadata(staged_notebook)
         final_notebook.parent.mkdir(parents=True, exist_ok=True)
         final_results.parent.mkdir(parents=True, exist_ok=True)
@@ -240,8 +302,6 @@ def record_reference(chapter: str, root: Path | None = None, progress: bool = Tr
     for a chapter whose numbers differ between models of one family; allowed on the published
     family. Written only where the rerun differs from the numbers this model is otherwise held
     to (its family's), returning None when it does not."""
-    from . import results
-
     root = root or repo_root()
     source = notebook_for(chapter, root)
     slug = source.stem
