@@ -136,6 +136,10 @@ def test_a_paper_run_records_the_commit_each_hub_model_ran_at(book, fake_papermi
     (hub / "models--meta-llama--Llama-2-7b-hf" / "refs" / "pr-1").write_text("1111111111111111111111111111111111111111")
     (hub / "models--meta-llama--Llama-2-70b-hf" / "refs").mkdir(parents=True)
     (hub / "models--meta-llama--Llama-2-70b-hf" / "refs" / "main").write_text("2222222222222222222222222222222222222222")
+    # huggingface_hub read its variables when first imported (here, as in a session that loaded a
+    # model before it pointed HF_HUB_CACHE elsewhere): the run must read the hub cache its kernel reads
+    import huggingface_hub.constants  # noqa: F401
+
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     runner.run("08", "paper", root=book, out_dir=tmp_path / "paper")
     saved = json.loads((tmp_path / "paper" / "results" / "08_loki.json").read_text())
