@@ -171,6 +171,22 @@ def test_the_hub_cache_is_found_in_huggingface_hubs_order_of_variables(monkeypat
     assert runner.hub_cache() == tmp_path / "cache"
 
 
+def test_a_published_notebook_keeps_no_timings_of_its_cells_or_its_run(tmp_path):
+    """A rerun that changed nothing leaves the committed notebook byte for byte as it was."""
+    notebook = tmp_path / "run.ipynb"
+    timed = {"execution": {"iopub.execute_input": "2026-12-06T10:00:00"},
+             "papermill": {"duration": 1.5, "status": "completed"}, "tags": ["parameters"]}
+    notebook.write_text(json.dumps({"cells": [{"cell_type": "code", "metadata": dict(timed), "source": ""},
+                                              {"cell_type": "markdown", "metadata": dict(timed), "source": ""}],
+                                    "metadata": {"papermill": {"duration": 9.0, "start_time": "a", "end_time": "b",
+                                                               "input_path": "i", "output_path": "o",
+                                                               "parameters": {"preset": "book"}}}}))
+    runner.clean_metadata(notebook)
+    cleaned = json.loads(notebook.read_text())
+    assert [cell["metadata"] for cell in cleaned["cells"]] == [{"tags": ["parameters"]}] * 2
+    assert cleaned["metadata"]["papermill"] == {"parameters": {"preset": "book"}}
+
+
 def test_busy_share_is_the_machines_busy_ticks_over_its_ticks():
     ticks = iter([(100, 1000), (160, 1100)])
     assert runner.busy_share(0, times=lambda: next(ticks)) == pytest.approx(0.6)

@@ -32,6 +32,16 @@ def test_every_catalogued_mutant_still_applies_exactly_once():
     assert not problems, "\n".join(problems)
 
 
+def test_a_mutant_that_leaves_its_module_unable_to_compile_is_refused():
+    """runner's "timings kept in the notebook" once deleted a loop's only statement: the
+    module no longer compiled, every test failed at import, and the record called it caught."""
+    mutant = {"module": "toy", "name": "body gone", "file": "lib/toy.py", "old": "        total += x\n", "new": ""}
+    text = "def total(xs):\n    total = 0\n    for x in xs:\n        total += x\n    return total\n"
+    with pytest.raises(ValueError, match="unable to compile"):
+        sweep.apply(mutant, text)
+    assert "pass" in sweep.apply({**mutant, "new": "        pass\n"}, text)
+
+
 def test_the_committed_sweep_is_current_and_every_mutant_is_caught():
     """The record of `make mutants`: every catalogued mutant in it, made from the library file,
     tests and mutation as they are now (a change to any of them makes the entry stale, as a

@@ -66,7 +66,13 @@ def apply(mutant: dict, text: str) -> str:
                          "it must occur exactly once (update the catalogue after a refactor)")
     if mutant["old"] == mutant["new"]:
         raise ValueError(f"mutant {key(mutant)!r} changes nothing")
-    return text.replace(mutant["old"], mutant["new"])
+    mutated = text.replace(mutant["old"], mutant["new"])
+    try:  # a mutant that breaks the module's syntax is "caught" by every import, and tests nothing
+        compile(mutated, mutant["file"], "exec")
+    except SyntaxError as error:
+        raise ValueError(f"mutant {key(mutant)!r} leaves {mutant['file']} unable to compile ({error.msg}, line "
+                         f"{error.lineno}): a wrong implementation must still run") from None
+    return mutated
 
 
 def restore_interrupted(root: Path = ROOT) -> str | None:
