@@ -59,21 +59,26 @@ def test_the_committed_sweep_is_current_and_every_mutant_is_caught():
     survived = [sweep.key(m) for m in catalogue
                 if record["mutants"][sweep.key(m)]["status"] != "killed" and not m.get("equivalent")]
     assert not survived, f"no test fails on these wrong implementations: {survived}"
+    # caught means a named test failed on it: not a collection error, an import error or a timeout
+    unnamed = [name for name, entry in record["mutants"].items() if entry["status"] == "killed" and "::" not in entry["evidence"]]
+    assert not unnamed, f"these mutants are recorded caught with no test that failed on them: {unnamed}"
     assert all(len(m["equivalent"]) > 40 for m in catalogue if "equivalent" in m), \
         "an equivalent mutant must say why it cannot be told apart"
 
 
 def test_the_record_check_refuses_a_missed_or_stale_mutant(monkeypatch, tmp_path):
-    """The check above can fail: a survived mutant, a stale fingerprint and a missing one each do."""
+    """The check above can fail: a survived mutant, a stale fingerprint, a missing one and one
+    recorded caught with no failing test each do."""
     catalogue = sweep.load_catalogue()[:2]
-    good = {"mutants": {sweep.key(m): {"file": m["file"], "status": "killed", "fingerprint": sweep.fingerprint(m)}
-                        for m in catalogue}}
+    good = {"mutants": {sweep.key(m): {"file": m["file"], "status": "killed", "fingerprint": sweep.fingerprint(m),
+                                       "evidence": m["tests"][0] + "::test_that_failed"} for m in catalogue}}
     monkeypatch.setattr(sweep, "load_catalogue", lambda path=None: catalogue)
     monkeypatch.setattr(sweep, "RECORD", tmp_path / "mutants.json")
     for spoil, message in [(lambda r: None, None),
                            (lambda r: r["mutants"][sweep.key(catalogue[0])].update(status="survived"), "no test fails"),
                            (lambda r: r["mutants"][sweep.key(catalogue[1])].update(fingerprint="0" * 16), "changed since"),
-                           (lambda r: r["mutants"].pop(sweep.key(catalogue[1])), "different mutants")]:
+                           (lambda r: r["mutants"].pop(sweep.key(catalogue[1])), "different mutants"),
+                           (lambda r: r["mutants"][sweep.key(catalogue[0])].update(evidence=""), "no test that failed")]:
         record = json.loads(json.dumps(good))
         spoil(record)
         sweep.RECORD.write_text(json.dumps(record))
