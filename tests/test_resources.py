@@ -201,9 +201,6 @@ def test_a_70b_model_is_spread_over_fake_gpus_within_their_budgets():
 # (largest_rise; the whole profile in runs/dryrun/): the causes below are read from it.
 CARD_OFF_MARGIN = 0.05  # how far inside the tolerance a listed card must come before the list must shrink
 CARD_OFF = {
-    "05_t2i_composition": "the peak is the projections' training (cell 22 rises 9.2 GB to 14.2): back-propagating "
-                          "through the UNet and the VAE at 256 px, batch 2, which the card marks not estimated (no "
-                          "transformer formula covers a UNet); the weights and the load are within its rows",
     "10_semantic_tokens": "ratio 0.74–0.75 on its cold record (with this or the CI machine's baseline): the "
                           "preparing cell (segmenting, encoding captions, "
                           "building tokens) rises to 0.83 GB beyond the libraries where the card has 0.68; its Mask "

@@ -18,6 +18,12 @@ Memory (decimal GB, 1e9 bytes):
 - **disk**: the hub checkpoint (its parameters at the precision it is stored in) plus any
   files the chapter writes (chapter 04's offloaded bitmaps).
 
+Stable Diffusion's UNet and VAE (chapter 05) have no such formula; their phases are
+counted instead, on the models built from their configs on the meta device (no weights,
+no arithmetic): the tensors autograd keeps for a backward pass
+(:func:`saved_for_backward`) and the tensors alive at once without gradients
+(:func:`peak_live_bytes`), attention keeping what a fused kernel keeps.
+
 Where no formula covers a step — what chapter 04's pruning and bitmap decoding take per
 element of a weight, chapter 07's compiled BCH code and ONNX watermarker, one image through
 chapter 10's detector — a row carries a number
@@ -189,6 +195,213 @@ def activations(what: str, layers: int, hidden: int, heads: int, tokens: int, ba
     return Row(f"{what}: activations for backward ({dtype})",
                f"{layers} × {tokens}·{batch}·{hidden}·(34 + 5·{heads}·{tokens}/{hidden}) × {scale:g}",
                layers * per_layer * scale / GB)
+
+
+@contextmanager
+def _fused_attention():
+    """While a model runs on the meta device, attention keeps for the backward pass what a
+    fused kernel keeps — queries, keys, values, the output and one log-sum-exp per query
+    row — and makes no attention matrix: PyTorch's meta dispatch always takes the math
+    path, which would. The chapters' kernels take a fused path (the CPU's flash kernel in
+    float32; on a GPU the memory-efficient one, or flash in 16 bits), and these five are
+    what each keeps. ``tests/test_resources.py`` checks the counts against real tensors."""
+    import torch
+    import torch.nn.functional as F
+
+    class Attention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, query, key, value):
+            out = query.new_empty(*query.shape[:-1], value.shape[-1])
+            log_sum_exp = query.new_empty(query.shape[:-1], dtype=torch.float32)
+            ctx.save_for_backward(query, key, value, out, log_sum_exp)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):  # pragma: no cover - only the forward's bookkeeping is used
+            query, key, value, _, _ = ctx.saved_tensors
+            return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+    def stand_in(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+        return Attention.apply(query, key, value)
+
+    original, F.scaled_dot_product_attention = F.scaled_dot_product_attention, stand_in
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def saved_for_backward(model, call) -> int:
+    """Bytes autograd keeps for the backward pass while ``call()`` runs ``model``: the
+    storage of every tensor an operation on the gradient's path saves, each counted once
+    however many views of it are saved, ``model``'s parameters and buffers left out (they
+    are the weights' row). On the meta device it counts without computing; attention
+    keeps what a fused kernel keeps (:func:`_fused_attention`). It leaves out what is
+    transient: the gradients the backward pass makes and frees as it goes."""
+    import torch
+
+    weights = {id(t) for t in (*model.parameters(), *model.buffers())}
+    kept: dict[int, torch.Tensor] = {}
+
+    def pack(tensor):
+        base = tensor if tensor._base is None else tensor._base
+        if id(base) not in weights:
+            kept[id(base)] = base  # held, so that its id is not reused
+        return tensor
+
+    with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        call()
+    return sum(t.untyped_storage().nbytes() for t in kept.values())
+
+
+def peak_live_bytes(call) -> int:
+    """The most bytes of tensors alive at once while ``call()`` runs without gradients:
+    every tensor an operation makes is counted from its making until no Python object
+    holds its storage (views share it); tensors made before the call (the weights) are
+    not counted, inputs made inside it are. On the meta device it counts without
+    computing, attention as a fused kernel runs it (:func:`_fused_attention`). Without
+    gradients no tensor outlives its Python objects, which is what makes the count whole."""
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Live(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.storages: dict[int, list[int]] = {}  # storage -> [bytes, Python tensors holding it]
+            self.counted = weakref.WeakKeyDictionary()
+            self.now = self.peak = 0
+
+        def release(self, key):
+            entry = self.storages[key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.now -= entry[0]
+                del self.storages[key]
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in tree_flatten(out)[0]:
+                if not isinstance(tensor, torch.Tensor) or tensor in self.counted:
+                    continue  # an in-place operation hands back a tensor already counted
+                storage = tensor.untyped_storage()
+                key = storage._cdata
+                if key not in self.storages:
+                    self.storages[key] = [storage.nbytes(), 0]
+                    self.now += storage.nbytes()
+                    self.peak = max(self.peak, self.now)
+                self.storages[key][1] += 1
+                self.counted[tensor] = True
+                weakref.finalize(tensor, self.release, key)
+            return out
+
+    live = Live()
+    with torch.no_grad(), _fused_attention(), live:
+        call()
+    return live.peak
+
+
+def _sd_part(pipeline: str, family: str) -> str:
+    return next(p for p in architectures.architecture(pipeline).parts
+                if architectures.architecture(p).family == family)
+
+
+def _text_tokens(pipeline: str) -> int:
+    """The text states a Stable Diffusion UNet attends to: its text encoder's full length
+    (77), to which the pipeline pads every prompt."""
+    return architectures.architecture(_sd_part(pipeline, "clip-text")).config["max_position_embeddings"]
+
+
+def _sd_part_built(part: str, layers: int | None):
+    """A Stable Diffusion part on the meta device in float32 (chapter 05 loads it so), at
+    ``layers`` deep and, for a UNet served by a dry run, at 1/SD_SHRINK of its sample size."""
+    model = architectures.build(part, layers, device="meta", dtype="float32").requires_grad_(False)
+    if layers is not None and architectures.architecture(part).family == "sd-unet":
+        from .dryrun import SD_SHRINK
+
+        model.register_to_config(sample_size=model.config.sample_size // SD_SHRINK)
+    return model
+
+
+@lru_cache(maxsize=None)
+def unet_backward_bytes(pipeline: str, batch: int, layers: int | None) -> int:
+    """What ``pipeline``'s UNet (frozen) keeps for the backward pass of one denoising step
+    on ``batch`` latents at its sample size, the gradient flowing to the text states it
+    attends to (:func:`_text_tokens`): chapter 05's C1 optimisation and projection training
+    (:func:`saved_for_backward`, on the meta device: seconds, no weights)."""
+    import torch
+
+    unet = _sd_part_built(_sd_part(pipeline, "sd-unet"), layers)
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    with torch.device("meta"):
+        latents, steps = torch.zeros(batch, channels, size, size), torch.zeros(batch, dtype=torch.long)
+        states = torch.zeros(batch, _text_tokens(pipeline), unet.config.cross_attention_dim, requires_grad=True)
+    return saved_for_backward(unet, lambda: unet(latents, steps, encoder_hidden_states=states))
+
+
+@lru_cache(maxsize=None)
+def vae_encode_bytes(pipeline: str, images: int, layers: int | None) -> int:
+    """Peak working memory of ``pipeline``'s VAE encoding ``images`` images in one batch at
+    the pipeline's resolution, the images included (:func:`peak_live_bytes`)."""
+    import torch
+
+    vae = _sd_part_built(_sd_part(pipeline, "sd-vae"), layers)
+    px = _sd_pixels(pipeline, layers)
+
+    def encode():
+        vae.encode(torch.zeros(images, 3, px, px, device="meta")).latent_dist.mean
+
+    return peak_live_bytes(encode)
+
+
+@lru_cache(maxsize=None)
+def guided_step_bytes(pipeline: str, batch: int, layers: int | None) -> int:
+    """Peak working memory of one guided sampling step on ``batch`` prompts: classifier-free
+    guidance runs ``pipeline``'s UNet on ``2 × batch`` latents, the conditional and the
+    unconditional halves (``t2icomp.generate``; :func:`peak_live_bytes`)."""
+    import torch
+
+    unet = _sd_part_built(_sd_part(pipeline, "sd-unet"), layers)
+    size, channels = unet.config.sample_size, unet.config.in_channels
+
+    def step():
+        latents = torch.zeros(2 * batch, channels, size, size, device="meta")
+        states = torch.zeros(2 * batch, _text_tokens(pipeline), unet.config.cross_attention_dim, device="meta")
+        unet(latents, torch.zeros(2 * batch, dtype=torch.long, device="meta"), encoder_hidden_states=states)
+
+    return peak_live_bytes(step)
+
+
+@lru_cache(maxsize=None)
+def vae_decode_bytes(pipeline: str, batch: int, layers: int | None) -> int:
+    """Peak working memory of ``pipeline``'s VAE decoding ``batch`` latents to pixels."""
+    import torch
+
+    vae = _sd_part_built(_sd_part(pipeline, "sd-vae"), layers)
+    size = _sd_pixels(pipeline, layers) // 2 ** (len(vae.config.block_out_channels) - 1)
+    return peak_live_bytes(
+        lambda: vae.decode(torch.zeros(batch, vae.config.latent_channels, size, size, device="meta")).sample)
+
+
+def _scene_count() -> int:
+    from .t2icomp import all_scenes
+
+    return len(all_scenes())
+
+
+def _sd_pixels(pipeline: str, served: int | None) -> int:
+    """The pixels a Stable Diffusion ``pipeline`` draws at: its UNet's sample size times
+    the VAE's downsampling, at 1/SD_SHRINK of that when a dry run serves it (``served``)."""
+    parts = {architectures.architecture(p).family: architectures.architecture(p).config
+             for p in architectures.architecture(pipeline).parts}
+    size = parts["sd-unet"]["sample_size"] * 2 ** (len(parts["sd-vae"]["block_out_channels"]) - 1)
+    if served is None:
+        return size
+    from .dryrun import SD_SHRINK
+
+    return size // SD_SHRINK
 
 
 def _during(row: Row, phase: str) -> Row:
@@ -395,12 +608,38 @@ def _t2icomp(p) -> Card:
     # models.diffusion_parts loads every part in float32 (no dtype asked), from the
     # repository's main revision, which holds float32 (float16 is its "fp16" variant; the
     # dry run serves it so)
-    c.gpu = [weights(backbone, "float32"),
-             Row(f"UNet activations, batch {p['sample_batch']} (sampling) and the optimised prompts' backward",
-                 "no transformer formula covers a UNet", None)]
+    served = _served_layers(backbone)
+    px = _sd_pixels(backbone, served)
+    scenes = _scene_count()
+    c.gpu = [weights(backbone, "float32")]
+    # the phases follow one another; in each, what is counted on the meta device
+    # (resources.peak_live_bytes, resources.saved_for_backward; float32, fused attention)
+    c.gpu.append(_during(Row(f"VAE encoding all {scenes} scenes in one batch at {px} px (t2icomp.cross_fitted_projection "
+                             "encodes the training and held-out scenes together)",
+                             f"peak of the tensors alive at once, {scenes} images (the images included)",
+                             vae_encode_bytes(backbone, scenes, served) / GB), "encoding"))
+    # the UNet back-propagates to the text states in C1 (every held-out prompt's states,
+    # optimize_views noised copies each, in one batch: t2icomp.optimize_states) and in the
+    # projections' training (projection_batch pairs a step)
+    for phase, images, what in (("C1's optimisation", p["held_out"] * p["optimize_views"],
+                                 f"{p['held_out']} prompts × {p['optimize_views']} views"),
+                                ("projection training", p["projection_batch"], f"batch {p['projection_batch']}")):
+        c.gpu.append(_during(Row(f"UNet activations kept for backward, {phase}: {what} at {px} px",
+                                 f"the tensors autograd saves for {images} images (the backward's transient "
+                                 "gradients not counted)", unet_backward_bytes(backbone, images, served) / GB), phase))
+    c.gpu.append(_during(Row(f"sampling: the UNet on {2 * p['sample_batch']} latents (guidance doubles "
+                             f"sample_batch {p['sample_batch']}), then the VAE decoding {p['sample_batch']} images",
+                             "peak of the tensors alive at once, the larger of the two",
+                             max(guided_step_bytes(backbone, p["sample_batch"], served),
+                                 vae_decode_bytes(backbone, p["sample_batch"], served)) / GB), "sampling"))
     # each part loads from its own subfolder: the largest part's file is mapped at once
     c.host = [mapped_while_loading(architectures.architecture(backbone).parts, stored="float32")]
     c.disk = [checkpoint(backbone, stored="float32")]
+    largest = max((r for r in c.gpu if r.phase), key=lambda r: r.gigabytes)
+    c.notes.append(f"each phase counted on the meta device (float32, fused attention; the backward's transient "
+                   f"gradients not counted); the largest is {largest.phase}. C1 back-propagates all held-out prompts "
+                   "× views in one batch and the VAE encodes all scenes in one: prompts and scenes are independent, so "
+                   "both could go in smaller batches (not done: it changes chapter 05's code)")
     return c
 
 
