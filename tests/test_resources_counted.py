@@ -96,9 +96,10 @@ def test_the_live_count_on_the_meta_device_is_what_a_real_encode_holds():
 
 
 def test_chapter_05s_rows_follow_its_batches(monkeypatch):
-    """C1's backward row is every held-out prompt times its views, the projections' is
-    their batch, sampling's is sample_batch: doubling one doubles its row (activations
-    are linear in the batch), and leaves the others where they were."""
+    """C1's backward row is optimize_chunk held-out prompts times their views, the
+    projections' is their batch, the encoding's is encode_batch scenes, sampling's is
+    sample_batch, scoring's every held-out prompt: doubling one doubles its row
+    (activations are linear in the batch) and leaves the others where they were."""
     real = resources._preset
     slug = "05_t2i_composition"
 
@@ -108,16 +109,21 @@ def test_chapter_05s_rows_follow_its_batches(monkeypatch):
         return {r.phase: r.gigabytes for r in resources.card(slug, layers=1).gpu if r.phase}
 
     base = real(slug)
+    assert base["optimize_chunk"] < base["held_out"]  # the paper preset goes in chunks
     before = rows()
-    views = rows(optimize_views=2 * base["optimize_views"])
-    assert views["C1's optimisation"] == pytest.approx(2 * before["C1's optimisation"], rel=0.02)
-    assert views["projection training"] == before["projection training"]
-    batch = rows(projection_batch=2 * base["projection_batch"])
-    assert batch["projection training"] == pytest.approx(2 * before["projection training"], rel=0.02)
-    assert batch["C1's optimisation"] == before["C1's optimisation"]
-    sampling = rows(sample_batch=2 * base["sample_batch"])
-    assert sampling["sampling"] == pytest.approx(2 * before["sampling"], rel=0.05)
-    assert before["encoding"] == rows(held_out=base["held_out"] // 2)["encoding"]  # every scene, however split
+    for changed, own in ((dict(optimize_views=2 * base["optimize_views"]), "C1's optimisation"),
+                         (dict(optimize_chunk=2 * base["optimize_chunk"]), "C1's optimisation"),
+                         (dict(projection_batch=2 * base["projection_batch"]), "projection training"),
+                         (dict(encode_batch=2 * base["encode_batch"]), "encoding"),
+                         (dict(sample_batch=2 * base["sample_batch"]), "sampling"),
+                         (dict(held_out=2 * base["held_out"] // 3), "scoring")):
+        after = rows(**changed)
+        factor = 2 if own != "scoring" else 2 / 3
+        assert after[own] == pytest.approx(factor * before[own], rel=0.05), changed
+        assert {k: v for k, v in after.items() if k != own} == {k: v for k, v in before.items() if k != own}, changed
+    # a chunk beyond the held-out prompts is one pass over them all
+    assert rows(optimize_chunk=10 * base["held_out"])["C1's optimisation"] == rows(
+        optimize_chunk=base["held_out"])["C1's optimisation"]
 
 
 def test_guided_sampling_runs_the_unet_on_twice_the_batch():

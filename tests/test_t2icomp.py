@@ -249,6 +249,54 @@ def test_optimized_states_and_projection_training_lower_the_denoising_loss(tiny_
     assert len(losses) == 3 and projection.map.weight.abs().sum() > 0
 
 
+def test_c1_in_chunks_takes_the_one_batch_gradient(tiny_pipeline):
+    """C1's gradient taken a few prompts at a time (what keeps the paper preset's backward
+    within a GPU: optimize_chunk) is the one batch's gradient of the mean loss over every
+    prompt's every view, with the same noise draws: identical in one chunk, equal to float
+    rounding in several. A chunk's mean left unweighted, noise drawn afresh per chunk or
+    rows cut without their views would each give another gradient."""
+    backbone, _ = tiny_pipeline
+    for p in backbone.unet.parameters():
+        p.requires_grad_(False)
+    images, captions = t.denoising_targets(t.all_scenes()[:4], size=16)
+    prompts, views = 4, 2
+    latents = backbone.encode(to_tensor(images))
+    flat = latents[:, None].expand(-1, views, -1, -1, -1).reshape(prompts * views, *latents.shape[1:])
+    states = backbone.states(captions)
+
+    one = torch.nn.Parameter(states.clone())  # the paper's loss, in one batch
+    expanded = one[:, None].expand(-1, views, -1, -1).reshape(prompts * views, *states.shape[1:])
+    loss = t.denoising_loss(backbone, flat, expanded, torch.Generator().manual_seed(0))
+    loss.backward()
+
+    def chunked(chunk):
+        target = torch.nn.Parameter(states.clone())
+        noise, steps = t.draw_noise(backbone, flat, torch.Generator().manual_seed(0))
+        return t.backward_in_chunks(backbone, target, flat, noise, steps, chunk), target.grad
+
+    for chunk in (None, 4, 9):
+        got, grad = chunked(chunk)
+        assert got == float(loss.detach()) and torch.equal(grad, one.grad), f"chunk {chunk}"
+    scale = one.grad.abs().max()
+    for chunk in (1, 3):
+        got, grad = chunked(chunk)
+        assert got == pytest.approx(float(loss.detach()), rel=1e-5), f"chunk {chunk}"
+        assert torch.allclose(grad, one.grad, rtol=1e-4, atol=1e-5 * scale), f"chunk {chunk}"
+
+
+def test_optimized_states_follow_the_same_steps_in_chunks(tiny_pipeline):
+    """The whole optimisation with the paper preset's kind of chunking ends where the one
+    batch's does (to float rounding), and in one chunk exactly there."""
+    backbone, _ = tiny_pipeline
+    images, captions = t.denoising_targets(t.all_scenes()[:3], size=16)
+    latents = backbone.encode(to_tensor(images))[:, None].expand(-1, 2, -1, -1, -1)
+    states = backbone.states(captions)
+    whole = t.optimize_states(backbone, states, latents, steps=3, lr=0.05)
+    assert torch.equal(t.optimize_states(backbone, states, latents, steps=3, lr=0.05, chunk=3), whole)
+    parts = t.optimize_states(backbone, states, latents, steps=3, lr=0.05, chunk=2)
+    assert torch.allclose(parts, whole, atol=1e-5) and not torch.equal(whole, states)
+
+
 # ----------------------------------------------------------------------------- the chapter's runs
 
 
@@ -316,7 +364,11 @@ def test_paper_backbone_runs_every_method_on_a_tiny_stable_diffusion():
     assert np.array_equal(t.generate(backbone, projection(states).detach(), steps=2), t.generate(backbone, states, steps=2))
     assert len(t.train_projection(projection, backbone, states, latents, steps=2, lr=1e-3, batch=2,
                                   progress=False)) == 2
-    optimized = t.optimize_states(backbone, states, latents[:, None], steps=2, lr=0.01)
+    optimized = t.optimize_states(backbone, states, latents[:, None], steps=2, lr=0.01, chunk=1)
+    # the VAE encodes in batches (encode_batch), the last one short: every image, as alone
+    three = backbone.encode(to_tensor(np.concatenate([images, images[:1]])), batch=2)
+    assert three.shape == (3, *backbone.latent_shape)
+    assert torch.allclose(three, torch.cat([latents, latents[:1]]), atol=1e-5)
     reweighted = t.reweighted_states(backbone, captions, scale=0.0)
     for s in (optimized, reweighted):
         assert t.generate(backbone, s, steps=2, late_states=states, switch_at=1).shape == (2, 32, 32, 3)
@@ -396,7 +448,8 @@ def test_cross_fitting_never_trains_a_projection_on_the_prompts_it_maps(tiny_pip
         return [0.0]
 
     monkeypatch.setattr(t, "train_projection", record)
-    cfg = {"seed": 0, "wiclp_window": 5, "projection_steps": 1, "projection_lr": 1e-3, "projection_batch": 2}
+    cfg = {"seed": 0, "wiclp_window": 5, "projection_steps": 1, "projection_lr": 1e-3, "projection_batch": 2,
+           "encode_batch": 4}
     mapped, _, _ = t.cross_fitted_projection("wiclp", backbone, base, rotating, cfg, folds=2, progress=False)
     assert len(trained_on) == 2 and mapped.shape == rotating_states.shape
     parts = np.array_split(np.arange(len(rotating)), 2)

@@ -357,21 +357,27 @@ def vae_encode_bytes(pipeline: str, images: int, layers: int | None) -> int:
 
 
 @lru_cache(maxsize=None)
-def guided_step_bytes(pipeline: str, batch: int, layers: int | None) -> int:
-    """Peak working memory of one guided sampling step on ``batch`` prompts: classifier-free
-    guidance runs ``pipeline``'s UNet on ``2 × batch`` latents, the conditional and the
-    unconditional halves (``t2icomp.generate``; :func:`peak_live_bytes`)."""
+def unet_forward_bytes(pipeline: str, latents: int, layers: int | None) -> int:
+    """Peak working memory of ``pipeline``'s UNet on ``latents`` latents with no gradient
+    (:func:`peak_live_bytes`)."""
     import torch
 
     unet = _sd_part_built(_sd_part(pipeline, "sd-unet"), layers)
     size, channels = unet.config.sample_size, unet.config.in_channels
 
-    def step():
-        latents = torch.zeros(2 * batch, channels, size, size, device="meta")
-        states = torch.zeros(2 * batch, _text_tokens(pipeline), unet.config.cross_attention_dim, device="meta")
-        unet(latents, torch.zeros(2 * batch, dtype=torch.long, device="meta"), encoder_hidden_states=states)
+    def forward():
+        noised = torch.zeros(latents, channels, size, size, device="meta")
+        states = torch.zeros(latents, _text_tokens(pipeline), unet.config.cross_attention_dim, device="meta")
+        unet(noised, torch.zeros(latents, dtype=torch.long, device="meta"), encoder_hidden_states=states)
 
-    return peak_live_bytes(step)
+    return peak_live_bytes(forward)
+
+
+def guided_step_bytes(pipeline: str, batch: int, layers: int | None) -> int:
+    """Peak working memory of one guided sampling step on ``batch`` prompts: classifier-free
+    guidance runs ``pipeline``'s UNet on ``2 × batch`` latents, the conditional and the
+    unconditional halves (``t2icomp.generate``)."""
+    return unet_forward_bytes(pipeline, 2 * batch, layers)
 
 
 @lru_cache(maxsize=None)
@@ -614,15 +620,18 @@ def _t2icomp(p) -> Card:
     c.gpu = [weights(backbone, "float32")]
     # the phases follow one another; in each, what is counted on the meta device
     # (resources.peak_live_bytes, resources.saved_for_backward; float32, fused attention)
-    c.gpu.append(_during(Row(f"VAE encoding all {scenes} scenes in one batch at {px} px (t2icomp.cross_fitted_projection "
-                             "encodes the training and held-out scenes together)",
-                             f"peak of the tensors alive at once, {scenes} images (the images included)",
-                             vae_encode_bytes(backbone, scenes, served) / GB), "encoding"))
-    # the UNet back-propagates to the text states in C1 (every held-out prompt's states,
-    # optimize_views noised copies each, in one batch: t2icomp.optimize_states) and in the
+    encoded = min(p["encode_batch"], scenes)
+    c.gpu.append(_during(Row(f"VAE encoding the {scenes} scenes {encoded} at a time at {px} px (encode_batch; "
+                             "t2icomp.cross_fitted_projection encodes the training and held-out scenes together)",
+                             f"peak of the tensors alive at once, {encoded} images (the images included)",
+                             vae_encode_bytes(backbone, encoded, served) / GB), "encoding"))
+    # the UNet back-propagates to the text states in C1 (optimize_chunk held-out prompts per
+    # backward pass, optimize_views noised copies each: t2icomp.backward_in_chunks) and in the
     # projections' training (projection_batch pairs a step)
-    for phase, images, what in (("C1's optimisation", p["held_out"] * p["optimize_views"],
-                                 f"{p['held_out']} prompts × {p['optimize_views']} views"),
+    chunk = min(p["optimize_chunk"], p["held_out"])
+    for phase, images, what in (("C1's optimisation", chunk * p["optimize_views"],
+                                 f"{chunk} of {p['held_out']} prompts (optimize_chunk) × {p['optimize_views']} views "
+                                 "per backward pass"),
                                 ("projection training", p["projection_batch"], f"batch {p['projection_batch']}")):
         c.gpu.append(_during(Row(f"UNet activations kept for backward, {phase}: {what} at {px} px",
                                  f"the tensors autograd saves for {images} images (the backward's transient "
@@ -632,14 +641,16 @@ def _t2icomp(p) -> Card:
                              "peak of the tensors alive at once, the larger of the two",
                              max(guided_step_bytes(backbone, p["sample_batch"], served),
                                  vae_decode_bytes(backbone, p["sample_batch"], served)) / GB), "sampling"))
+    c.gpu.append(_during(Row(f"scoring: the held-out denoising loss, the UNet on all {p['held_out']} held-out latents "
+                             "at once (t2icomp.held_out_loss, no gradient)", "peak of the tensors alive at once",
+                             unet_forward_bytes(backbone, p["held_out"], served) / GB), "scoring"))
     # each part loads from its own subfolder: the largest part's file is mapped at once
     c.host = [mapped_while_loading(architectures.architecture(backbone).parts, stored="float32")]
     c.disk = [checkpoint(backbone, stored="float32")]
     largest = max((r for r in c.gpu if r.phase), key=lambda r: r.gigabytes)
     c.notes.append(f"each phase counted on the meta device (float32, fused attention; the backward's transient "
-                   f"gradients not counted); the largest is {largest.phase}. C1 back-propagates all held-out prompts "
-                   "× views in one batch and the VAE encodes all scenes in one: prompts and scenes are independent, so "
-                   "both could go in smaller batches (not done: it changes chapter 05's code)")
+                   f"gradients not counted); the largest is {largest.phase}. optimize_chunk and encode_batch set only "
+                   "memory: C1's gradient is the same taken in chunks of prompts, the VAE encodes each image alone")
     return c
 
 

@@ -322,15 +322,21 @@ class Backbone:
         with torch.no_grad():
             return self.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
 
-    def encode(self, pixels):
-        """Pixels in [-1, 1] → the denoiser's space (targets: no gradient)."""
+    def encode(self, pixels, batch: int | None = None):
+        """Pixels in [-1, 1] → the denoiser's space (targets: no gradient). A VAE encodes
+        ``batch`` images at a time (all at once when None): the images are independent, so
+        the batch sets only how much of the encoder's activations is alive at once (at
+        512 px, ~0.7 GB an image: all 72 scenes at once would take ~49 GB)."""
         import torch
         import torch.nn.functional as F
 
-        pixels = pixels.to(self.device)
         if self.vae is not None:
+            batch = batch or len(pixels)
             with torch.no_grad():
-                return self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+                means = [self.vae.encode(pixels[start:start + batch].to(self.device)).latent_dist.mean
+                         for start in range(0, len(pixels), batch)]
+            return torch.cat(means) * self.vae.config.scaling_factor
+        pixels = pixels.to(self.device)
         return F.pixel_unshuffle(pixels, self.unshuffle) if self.unshuffle > 1 else pixels
 
     def decode(self, latents):
@@ -399,12 +405,27 @@ def denoising_loss(backbone: Backbone, latents, states, generator=None):
     """Stable Diffusion's training loss: MSE between the UNet's output at a random
     timestep and its target (the noise, the clean latents or the velocity, as the
     schedule's ``prediction_type`` says)."""
+    return noised_loss(backbone, latents, states, *draw_noise(backbone, latents, generator))
+
+
+def draw_noise(backbone: Backbone, latents, generator=None):
+    """One draw of the denoising loss's randomness for ``latents`` (N, C, H, W): the noise
+    and a timestep per latent, drawn on the CPU (a seed gives the same draws on every
+    device). Drawn for a whole batch at once, so that the loss can be taken over parts of
+    the batch (:func:`optimize_states`) with the draws the whole batch would have had."""
+    import torch
+
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    steps = torch.randint(0, backbone.train_scheduler().config.num_train_timesteps, (len(latents),),
+                          generator=generator)
+    return noise, steps.to(latents.device)
+
+
+def noised_loss(backbone: Backbone, latents, states, noise, steps):
+    """:func:`denoising_loss` with its draws given (:func:`draw_noise`)."""
     import torch
 
     scheduler = backbone.train_scheduler()
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-    steps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
-    steps = steps.to(latents.device)
     predicted = backbone.predict(scheduler.add_noise(latents, noise, steps), steps, states)
     kind = scheduler.config.prediction_type
     target = {"epsilon": noise, "sample": latents}.get(kind)
@@ -600,11 +621,12 @@ def denoising_targets(scenes: list[Scene], size: int) -> tuple[np.ndarray, list[
 
 
 def optimize_states(backbone: Backbone, states, latents, steps: int, lr: float, seed: int = 0,
-                    progress: bool = False):
+                    chunk: int | None = None, progress: bool = False):
     """The paper's first experiment: the text encoder's outputs for P prompts, (P, T, d),
     optimized directly (everything else frozen) to minimize the denoising loss on
     images of each prompt, ``latents`` (P, V, C, H, W) — V copies, each noised afresh. The prompts
-    are independent; they are fitted together only to batch the UNet's work.
+    are independent; they are fitted together only to batch the UNet's work, ``chunk``
+    prompts per backward pass (:func:`backward_in_chunks`).
     Returns the optimized states."""
     import torch
     from tqdm.auto import tqdm
@@ -615,13 +637,37 @@ def optimize_states(backbone: Backbone, states, latents, steps: int, lr: float, 
     for p in backbone.unet.parameters():
         p.requires_grad_(False)
     prompts, views = latents.shape[:2]
+    flat = latents.reshape(prompts * views, *latents.shape[2:])
     for _ in tqdm(range(steps), desc="optimizing embeddings", disable=not progress, leave=False):
-        expanded = target[:, None].expand(-1, views, -1, -1).reshape(prompts * views, *target.shape[1:])
-        loss = denoising_loss(backbone, latents.reshape(prompts * views, *latents.shape[2:]), expanded, generator)
         optimizer.zero_grad()
-        loss.backward()
+        backward_in_chunks(backbone, target, flat, *draw_noise(backbone, flat, generator), chunk)
         optimizer.step()
     return target.detach()
+
+
+def backward_in_chunks(backbone: Backbone, target, latents, noise, steps, chunk: int | None = None) -> float:
+    """Back-propagate into ``target.grad`` the denoising loss of P prompts' states ``target``
+    (P, T, d) on their P × V images ``latents`` (P·V, C, H, W, prompt by prompt), one noise
+    draw given (:func:`draw_noise`): the mean over all P × V images, its gradient taken
+    ``chunk`` prompts at a time (all at once when None). Each chunk's mean, weighted by its
+    share of the prompts, is back-propagated in turn, so the gradients add up to the whole
+    batch's (equal up to float rounding; identical in one chunk). The chunk sets only what
+    the backward keeps, ∝ chunk × V images (at 512 px ~1.5 GB an image: the paper preset's
+    24 prompts × 2 views at once would keep ~71 GB). Returns the loss."""
+    prompts = len(target)
+    views = len(latents) // prompts
+    chunk = min(chunk or prompts, prompts)
+    total = 0.0
+    for start in range(0, prompts, chunk):
+        end = min(start + chunk, prompts)
+        rows = slice(start * views, end * views)
+        expanded = target[start:end, None].expand(-1, views, -1, -1).reshape((end - start) * views, *target.shape[1:])
+        loss = noised_loss(backbone, latents[rows], expanded, noise[rows], steps[rows])
+        if end - start < prompts:
+            loss = loss * ((end - start) / prompts)
+        loss.backward()
+        total += float(loss.detach())
+    return total
 
 
 def train_projection(projection, backbone: Backbone, states, latents, steps: int, lr: float, batch: int,
@@ -688,6 +734,9 @@ _BOOK = {
     "held_out": 24, "samples_per_prompt": 4, "sampling_steps": 25, "guidance": 3.0, "sample_batch": 64,
     # C1: per-prompt optimized embeddings
     "optimize_steps": 300, "optimize_lr": 0.05, "optimize_views": 2,
+    # memory only (the method is the same): prompts per backward pass in C1 (24: all the
+    # held-out prompts in one), images per VAE encoding (Stable Diffusion's; the book has none)
+    "optimize_chunk": 24, "encode_batch": 8,
     # C3: projections, re-weighting, switch-off
     "projection_steps": 200, "projection_lr": 1e-3, "projection_batch": 16, "wiclp_window": 5,
     "reweight_scales": [0.5, 0.0], "switch_at": 10,
@@ -704,7 +753,7 @@ PRESETS = {
     # still tries it) on the same scenes rendered at its resolution; nothing is trained but
     # the fixes
     "paper": {**_BOOK, "backbone": "stable-diffusion-v1-4", "samples_per_prompt": 4, "sampling_steps": 50,
-              "sample_batch": 8,
+              "sample_batch": 8, "optimize_chunk": 4,
               "guidance": 7.5, "optimize_steps": 300, "optimize_lr": 0.01, "projection_steps": 2000,
               "projection_lr": 1e-4, "projection_batch": 8, "switch_at": 25, "quality_size": 224},
 }
@@ -737,6 +786,8 @@ def parameter_rules():
         "optimize_steps": integer(1),
         "optimize_lr": number(above=0),
         "optimize_views": integer(1),
+        "optimize_chunk": integer(1),
+        "encode_batch": integer(1),
         "projection_steps": integer(1),
         "projection_lr": number(above=0, maximum=1),
         "projection_batch": integer(1),
@@ -787,7 +838,7 @@ def book_backbone_cached(cfg, unet_scenes: list[Scene] | None = None, progress: 
     settings["unet_scenes"] = [caption(s) for s in unet_scenes]
     code = code_hash(all_scenes, caption, render, _shape_mask, scene_batch, tokenizer, encode_captions, clip_config,
                      to_tensor, pretrain_clip, book_unet, book_scheduler_config, book_backbone, Backbone,
-                     denoising_loss, train_diffusion)
+                     denoising_loss, draw_noise, noised_loss, train_diffusion)
     run = type("Settings", (), settings)
 
     def build():
@@ -898,7 +949,7 @@ def cross_fitted_projection(kind: str, backbone: Backbone, base: list[Scene], ro
     import torch
 
     images, captions = denoising_targets(base + rotating, backbone.image_size)
-    latents, states = backbone.encode(to_tensor(images)), backbone.states(captions)
+    latents, states = backbone.encode(to_tensor(images), cfg["encode_batch"]), backbone.states(captions)
     parts = np.array_split(np.arange(len(rotating)), folds)
     mapped = torch.empty(len(rotating), *states.shape[1:], device=states.device)
     projections, losses = [], []
