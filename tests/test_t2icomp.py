@@ -297,6 +297,30 @@ def test_optimized_states_follow_the_same_steps_in_chunks(tiny_pipeline):
     assert torch.allclose(parts, whole, atol=1e-5) and not torch.equal(whole, states)
 
 
+def test_the_chunk_sets_how_many_images_each_backward_pass_holds(tiny_pipeline, monkeypatch):
+    """What optimize_chunk is for: each backward pass runs the UNet on at most chunk ×
+    views images (3 prompts × 2 views in chunks of 2: passes on 4 and 2 images, a step).
+    An implementation that took the gradient in one batch whatever the chunk would give
+    the same numbers and pass every test above, and still need ~71 GB at the paper preset."""
+    backbone, _ = tiny_pipeline
+    images, captions = t.denoising_targets(t.all_scenes()[:3], size=16)
+    latents = backbone.encode(to_tensor(images))[:, None].expand(-1, 2, -1, -1, -1)
+    states = backbone.states(captions)
+    seen = []
+    real = t.noised_loss
+
+    def counted(backbone_, rows, *rest):
+        seen.append(len(rows))
+        return real(backbone_, rows, *rest)
+
+    monkeypatch.setattr(t, "noised_loss", counted)
+    t.optimize_states(backbone, states, latents, steps=2, lr=0.05, chunk=2)
+    assert seen == [4, 2, 4, 2]
+    seen.clear()
+    t.optimize_states(backbone, states, latents, steps=1, lr=0.05)
+    assert seen == [6], "no chunk: the whole batch in one pass"
+
+
 # ----------------------------------------------------------------------------- the chapter's runs
 
 
