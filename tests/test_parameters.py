@@ -73,7 +73,7 @@ BAD = {
                          "lr": 0.0, "n_train": 0, "n_test": 0, "agreement": 0.5, "image_size": 50, "probe_steps": 0,
                          "clip": "openai", "image_model": "minilm-l6", "text_model": "efficientnet-lite0",
                          "n_align": 0, "align_steps": 0, "orthogonality_weight": -0.1, "top_k": 0, "neighbours": 0,
-                         "random_sets": 0, "seed": -1, "threads": 0},
+                         "random_sets": 0, "seed": -1, "threads": 0, "device": "gpu", "decompose_batch": 0},
     "10_semantic_tokens": {"data": "coco", "n_train": 0, "n_val": 0, "n_test": 1, "width": 2, "depth": 0, "heads": 0,
                            "embed_dim": 0, "patch": 0, "image_size": 8, "text_queries": 0, "text_layers": -1,
                            "max_epochs": 0, "patience": 0, "lr": 0.0, "batch": 0, "negatives": ["colour"],
@@ -133,6 +133,24 @@ def test_rules_name_every_parameter_and_every_preset_passes_them(slug):
                 config.resolve(module.PRESETS, preset)
         else:
             config.resolve(module.PRESETS, preset)
+
+
+@pytest.mark.parametrize("slug", sorted(MODULES))
+def test_every_parameter_is_read_by_its_chapter(slug):
+    """A parameter the chapter never reads (a memory setting the notebook forgets to pass,
+    say: decompose_batch, optimize_chunk) runs at its function's default whatever the
+    reader sets. Each one appears as ``cfg.NAME`` or ``cfg["NAME"]`` in the notebook's
+    code or the chapter's module; seed and threads are read by ``config.from_notebook``."""
+    import re
+
+    module = _module(slug)
+    notebook = json.loads((ROOT / "notebooks" / f"{slug}.ipynb").read_text())
+    code = "\n".join("".join(c["source"]) for c in notebook["cells"]
+                     if c["cell_type"] == "code" and "parameters" not in c.get("metadata", {}).get("tags", []))
+    text = code + "\n" + (ROOT / "lib" / "replbook" / f"{MODULES[slug]}.py").read_text()
+    unread = [name for name in module.PRESETS["book"] if name not in ("seed", "threads")
+              and not re.search(rf'cfg(\.{name}\b|\[\s*"{name}"\s*\])', text)]
+    assert not unread, f"{slug}: parameters no code reads: {unread}"
 
 
 CASES = [(slug, name, value) for slug in sorted(BAD) for name, value in BAD[slug].items()]

@@ -84,10 +84,11 @@ def test_an_image_towers_tokens_are_its_patches_and_the_class_token():
 
 
 def test_repdecompose_holds_a_batch_or_every_image_when_there_are_fewer():
-    name, batch = "facebook/deit-base-patch16-224", resources._decompose_batch()
-    full = resources._repdecompose_bytes(name, 10 * batch)
-    assert resources._repdecompose_bytes(name, batch) == pytest.approx(full)
-    assert resources._repdecompose_bytes(name, 3) == pytest.approx(full * 3 / batch)
+    name, batch = "facebook/deit-base-patch16-224", 16
+    full = resources._repdecompose_bytes(name, batch, 10 * batch)
+    assert resources._repdecompose_bytes(name, batch, batch) == pytest.approx(full)
+    assert resources._repdecompose_bytes(name, batch, 3) == pytest.approx(full * 3 / batch)
+    assert resources._repdecompose_bytes(name, 2 * batch, 10 * batch) == pytest.approx(2 * full)
 
 
 def test_a_peak_adds_the_largest_phase_to_what_is_held_throughout():
@@ -262,7 +263,7 @@ def test_a_card_at_a_dry_runs_depth_sizes_its_models_at_that_depth():
     assert shallow.gpu[-1].gigabytes == pytest.approx(2 * 1 * 40 * 128 * 256 * 2 / 1e9)
 
     def clip_weights(card):
-        return next(r for r in card.gpu if r.what.startswith("timm/vit_base_patch16_clip_224.openai weights"))
+        return next(r for r in card.gpu + card.host if r.what.startswith("timm/vit_base_patch16_clip_224.openai weights"))
 
     assert clip_weights(resources.card("09_vit_decompose", layers=1)).gigabytes == \
         clip_weights(resources.card("09_vit_decompose")).gigabytes
@@ -283,7 +284,8 @@ def test_a_card_counts_every_model_its_chapter_holds_at_once():
     assert [r.what for r in loki.gpu[:2]] == ["meta-llama/Llama-2-7b-hf weights (bfloat16)",
                                               "meta-llama/Llama-2-13b-hf weights (bfloat16)"]
     vit = resources.card("09_vit_decompose")
-    assert len([r for r in vit.gpu if "weights" in r.what]) == 4  # three ViTs and CLIP
+    assert len([r for r in vit.gpu if "weights" in r.what]) == 3  # three ViTs on the device
+    assert [r.what for r in vit.host if "weights" in r.what] == ["timm/vit_base_patch16_clip_224.openai weights (float32)"]
 
 
 def test_the_cpu_dry_run_of_a_device_chapter_is_carded_at_the_cpus_precision():
@@ -588,15 +590,21 @@ def test_chapter_07s_library_rows_are_measured_again(part):
 
 
 def test_cards_read_the_chapters_own_sizes_from_their_code(monkeypatch):
-    """09's batch of RepDecompose and 10's semantic variants come from the chapter modules
-    (a typed 256 or 3 would not follow a change there)."""
+    """09's batch of RepDecompose is the preset's decompose_batch, and 10's semantic
+    variants come from the chapter module (a typed 16 or 3 would not follow a change)."""
     from replbook import semtokens, vitdecomp
 
-    real = vitdecomp.decompose
-    monkeypatch.setattr(vitdecomp, "decompose", lambda model, pixel_values, batch=64, progress=None: real(
-        model, pixel_values, batch, progress))
-    row = next(r for r in resources.card("09_vit_decompose").gpu if "RepDecompose" in r.what)
-    assert "× 64 × 1370 ×" in row.formula
+    def decomposing(card):
+        return {r.what.split(": ")[-1]: r for r in card.gpu + card.host if r.phase == "decomposing"}
+
+    batch = vitdecomp.PRESETS["paper"]["decompose_batch"]
+    one, two = decomposing(resources.card("09_vit_decompose")), decomposing(
+        resources.card("09_vit_decompose", {"decompose_batch": 2 * batch}))
+    assert f"× {batch} × 1370 ×" in one["RepDecompose of one batch (float32)"].formula
+    for what in ("RepDecompose of one batch (float32)", "pixels of one batch (float32)"):
+        assert two[what].gigabytes == pytest.approx(2 * one[what].gigabytes), what
+    # the whole run's pixels stay on the host whatever the batch
+    assert two["pixels of the training and test images (float32)"] == one["pixels of the training and test images (float32)"]
     monkeypatch.setattr(semtokens, "variants_for", lambda cfg: ["patch ViT", "semantic (segmenter masks)"])
     row = next(r for r in resources.card("10_semantic_tokens").gpu if r.what.startswith("semantic tokens"))
     assert row.what.startswith("semantic tokens, 1 variants")

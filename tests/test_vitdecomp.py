@@ -30,6 +30,25 @@ def test_the_contributions_sum_to_the_representation(small_model):
     assert decomposition.names[:6] == ["embed", "L0.H0", "L0.H1", "L0.H2", "L0.H3", "L0.MLP"]
 
 
+def test_decompose_runs_the_model_a_batch_at_a_time_and_keeps_the_result_on_the_host(small_model):
+    """decompose_batch sets what a batch holds on the device (the paper preset's 16 DINOv2
+    images instead of 256: ~13 GB instead of ~209): 7 images in batches of 3 go through the
+    model as 3, 3 and 1, and decompose as they do in one batch (to float rounding)."""
+    pixels = torch.randn(7, 3, 24, 24)
+    seen = []
+    hook = small_model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(len(kwargs["pixel_values"])),
+                                                 with_kwargs=True)
+    try:
+        parts = vitdecomp.decompose(small_model, pixels, batch=3)
+    finally:
+        hook.remove()
+    assert seen == [3, 3, 1]
+    whole = vitdecomp.decompose(small_model, pixels, batch=7)
+    assert parts.contributions.device.type == "cpu" and parts.representation.device.type == "cpu"
+    assert torch.allclose(parts.contributions, whole.contributions, atol=1e-6)
+    assert torch.allclose(parts.representation, whole.representation, atol=1e-6)
+
+
 def test_mean_ablation_with_a_components_own_values_changes_nothing(small_model):
     decomposition = vitdecomp.decompose(small_model, torch.randn(5, 3, 24, 24))
     with torch.no_grad():

@@ -776,41 +776,37 @@ def _loki(p) -> Card:
 
 
 def _vitdecomp(p) -> Card:
-    c = Card("09_vit_decompose", "CPU (no device parameter)")
+    c = Card("09_vit_decompose", "CUDA when present (device='auto')" if p["device"] == "auto" else p["device"])
     names = [n for n in p["architectures"] if n in architectures.ARCHITECTURES]
     clip = "timm/vit_base_patch16_clip_224.openai"
-    # every ViT stays loaded with its decompositions (models, the chapter's decomposition
-    # section) until the ablations at the end
+    batch = p["decompose_batch"]
     images = p["n_train"] + 2 * p["n_test"]  # every test photo is shown on both backgrounds
-    c.gpu = [*(weights(n, "float32") for n in names), weights(clip, "float32")]
-    # each ViT's decompositions are kept to the end: (images, components, what it reads)
+    # every ViT stays on the device to the end (the ablations run its classifier)
+    c.gpu = [weights(n, "float32") for n in names]
+    # the host keeps CLIP (cliplike computes its features on the CPU) and what decompose
+    # hands back: every ViT's decompositions, to the end
+    c.host = [weights(clip, "float32")]
     kept = {n: images * _vit_shape(n)["components"] * _vit_shape(n)["reads"] for n in names}
-    c.gpu.append(Row("decompositions kept, every ViT (float32)",
-                     " + ".join(f"{images} × {_vit_shape(n)['components']} × {_vit_shape(n)['reads']}" for n in names)
-                     + " × 4 B", sum(kept.values()) * 4 / GB))
-    if names:  # the largest ViT's decomposition, while it runs (phase "decomposing")
+    c.host.append(Row("decompositions kept, every ViT (float32)",
+                      " + ".join(f"{images} × {_vit_shape(n)['components']} × {_vit_shape(n)['reads']}" for n in names)
+                      + " × 4 B", sum(kept.values()) * 4 / GB))
+    if names:  # the largest ViT's decomposition (phase "decomposing"): its pixels on the host, one batch on the device
         inputs = {n: images * 3 * _vit_shape(n)["image_size"] ** 2 for n in names}
-        widest = max(names, key=lambda n: inputs[n] + _repdecompose_bytes(n, p["n_train"]))
-        c.gpu += [Row(f"{widest}: pixels of the training and test images (float32)",
-                      f"{images} × 3 × {_vit_shape(widest)['image_size']}² × 4 B", inputs[widest] * 4 / GB,
-                      phase="decomposing"),
-                  Row(f"{widest}: RepDecompose of one batch (float32)", _repdecompose_formula(widest, p["n_train"]),
-                      _repdecompose_bytes(widest, p["n_train"]) / GB, phase="decomposing")]
-    c.host = [mapped_while_loading([*names, clip])]
+        widest = max(names, key=lambda n: inputs[n] + _repdecompose_bytes(n, batch, p["n_train"]))
+        size, shown = _vit_shape(widest)["image_size"], min(batch, p["n_train"])
+        c.gpu += [Row(f"{widest}: pixels of one batch (float32)", f"{shown} × 3 × {size}² × 4 B",
+                      shown * 3 * size ** 2 * 4 / GB, phase="decomposing"),
+                  Row(f"{widest}: RepDecompose of one batch (float32)",
+                      _repdecompose_formula(widest, batch, p["n_train"]),
+                      _repdecompose_bytes(widest, batch, p["n_train"]) / GB, phase="decomposing")]
+        c.host.append(Row(f"{widest}: pixels of the training and test images (float32)",
+                          f"{images} × 3 × {size}² × 4 B", inputs[widest] * 4 / GB, phase="decomposing"))
+    c.host.append(mapped_while_loading([*names, clip]))
     c.disk = [checkpoint(n) for n in [*names, clip]]
-    c.notes.append("every ViT held at once with its decompositions; RepDecompose (vitdecomp.decompose, "
-                   f"{_decompose_batch()} images a batch) holds every head's output over every token of a batch; the probes and the CLIP alignment "
-                   "train a few linear maps")
+    c.notes.append(f"the ViTs on the device, decomposed {batch} images at a time (decompose_batch, memory only: "
+                   "RepDecompose holds every head's output over every token of a batch); their decompositions, "
+                   "the probes and the CLIP alignment on the host; CLIP's features computed on the CPU")
     return c
-
-
-def _decompose_batch() -> int:
-    """vitdecomp.decompose's images per batch (its default: the chapter passes none)."""
-    import inspect
-
-    from . import vitdecomp
-
-    return inspect.signature(vitdecomp.decompose).parameters["batch"].default
 
 
 def _vit_shape(name: str) -> dict:
@@ -837,15 +833,16 @@ def _repdecompose_tensors(name: str) -> int:
     return v["layers"] * (v["heads"] + 2 + v["layer_scale"]) + v["heads"] + 2
 
 
-def _repdecompose_bytes(name: str, images: int) -> float:
+def _repdecompose_bytes(name: str, batch: int, images: int) -> float:
+    """One batch of RepDecompose: ``batch`` images, or all ``images`` when there are fewer."""
     v = _vit_shape(name)
-    return _repdecompose_tensors(name) * min(_decompose_batch(), images) * v["tokens"] * v["width"] * 4
+    return _repdecompose_tensors(name) * min(batch, images) * v["tokens"] * v["width"] * 4
 
 
-def _repdecompose_formula(name: str, images: int) -> str:
+def _repdecompose_formula(name: str, batch: int, images: int) -> str:
     v = _vit_shape(name)
     return (f"({v['layers']}·({v['heads']} + 2 + {v['layer_scale']}) + {v['heads']} + 2) × "
-            f"{min(_decompose_batch(), images)} × {v['tokens']} × {v['width']} × 4 B")
+            f"{min(batch, images)} × {v['tokens']} × {v['width']} × 4 B")
 
 
 # No formula covers a detector's pass: measured (tests/test_resources.py), torchvision's

@@ -124,26 +124,38 @@ def _decompose_batch(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, t
 
 def decompose(model, pixel_values: torch.Tensor, batch: int = 256, progress: str | None = None) -> Decomposition:
     """Every component's direct contribution to the representation the classifier reads
-    (paper §3, RepDecompose); ``contributions.sum(1)`` equals ``representation``."""
+    (paper §3, RepDecompose); ``contributions.sum(1)`` equals ``representation``.
+
+    ``batch`` images go through the model at a time, on the model's device; what is kept
+    comes back to the host. A batch holds every head's output over every token (at
+    DINOv2-B's 1,370 tokens ~0.8 GB an image), so the batch sets the device memory
+    (``decompose_batch``; the decomposition does not depend on it beyond float rounding)."""
     from tqdm.auto import tqdm
 
     model.eval()
+    where = _device_of(model)
     contributions, representation = [], []
     for i in tqdm(range(0, len(pixel_values), batch), desc=progress, disable=progress is None):
-        c, r = _decompose_batch(model, pixel_values[i:i + batch])
-        contributions.append(c)
-        representation.append(r)
+        c, r = _decompose_batch(model, pixel_values[i:i + batch].to(where))
+        contributions.append(c.cpu())
+        representation.append(r.cpu())
     return Decomposition(component_names(model), torch.cat(contributions), torch.cat(representation))
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
 def ablated_logits(model, decomposition: Decomposition, ablate: list[int], means: torch.Tensor) -> torch.Tensor:
     """The classifier on the representation with components ``ablate`` replaced by their
-    mean contribution ``means`` (C, D) (mean-ablation, paper §5.3)."""
+    mean contribution ``means`` (C, D) (mean-ablation, paper §5.3); the sum is formed on
+    the host, where the decompositions are kept, and only the classifier runs on the
+    model's device."""
     rep = decomposition.representation.clone()
     for i in ablate:
         rep += means[i] - decomposition.contributions[:, i]
-    return model.classifier(rep)
+    return model.classifier(rep.to(_device_of(model))).cpu()
 
 
 # ----------------------------------------------------------------------------- CompAlign
@@ -458,14 +470,16 @@ def train_classifier(model, inputs: torch.Tensor, labels: np.ndarray, epochs: in
 @torch.no_grad()
 def predict(model, inputs: torch.Tensor, batch: int = 512) -> np.ndarray:
     model.eval()
-    return torch.cat([model(pixel_values=inputs[i:i + batch]).logits.argmax(-1)
-                      for i in range(0, len(inputs), batch)]).cpu().numpy()
+    where = _device_of(model)
+    return torch.cat([model(pixel_values=inputs[i:i + batch].to(where)).logits.argmax(-1).cpu()
+                      for i in range(0, len(inputs), batch)]).numpy()
 
 
 def fit_probe(model, representation: torch.Tensor, labels: np.ndarray, steps: int, lr: float, seed: int) -> nn.Linear:
     """A new two-way linear classifier on the frozen representation (full-batch Adam),
-    installed as ``model.classifier``: the paper's setting of a linear head on a
-    pretrained backbone."""
+    installed as ``model.classifier`` on the model's device: the paper's setting of a
+    linear head on a pretrained backbone. It is trained where ``representation`` is (the
+    host, where decompose keeps it)."""
     torch.manual_seed(seed)
     probe = nn.Linear(representation.shape[1], 2).to(representation.device)
     optimizer = torch.optim.Adam(probe.parameters(), lr=lr)
@@ -475,7 +489,7 @@ def fit_probe(model, representation: torch.Tensor, labels: np.ndarray, steps: in
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    model.classifier = probe.eval()
+    model.classifier = probe.to(_device_of(model)).eval()
     model.config.num_labels = 2
     return probe
 
@@ -488,6 +502,10 @@ _BOOK = {
     "clip": "cliplike", "image_model": "efficientnet-lite0", "text_model": "minilm-l6",
     "n_align": 2000, "align_steps": 200, "orthogonality_weight": 0.1, "top_k": 2, "neighbours": 5,
     "random_sets": 50, "seed": 0, "threads": 2,
+    # where the ViTs compute (config.device): the book's numbers were measured on the CPU
+    "device": "cpu",
+    # images per RepDecompose batch (vitdecomp.decompose): memory only
+    "decompose_batch": 256,
 }
 PRESETS = {
     "smoke": {**_BOOK, "width": 32, "depth": 2, "heads": 2, "epochs": 1, "lr": 2e-3, "n_train": 240, "n_test": 60,
@@ -500,14 +518,16 @@ PRESETS = {
     "paper": {**_BOOK, "architectures": ["facebook/deit-base-patch16-224", "facebook/dino-vitb16",
                                          "facebook/dinov2-base"],
               "n_train": 5000, "probe_steps": 500, "clip": "clip-vit-b-16", "n_align": 5000, "align_steps": 1000,
-              "top_k": 10, "threads": 16},
+              "top_k": 10, "threads": 16, "device": "auto",
+              # 16 × ~0.8 GB a DINOv2-B image at 518 px: ~13 GB (256 would hold ~209 GB)
+              "decompose_batch": 16},
 }
 
 # what each parameter may be: checked before any model loads (config.resolve); not part
 # of the chapter's code version, since a rule never changes a run it accepts
 def parameter_rules():
     from . import cliplike
-    from .config import at_paper, folder, hub_id, integer, items, model, number, one_of, relation
+    from .config import at_paper, device, folder, hub_id, integer, items, model, number, one_of, relation
 
     return {
         "architectures": items(one_of(*ARCHITECTURES) | at_paper(hub_id()) | folder()),
@@ -532,6 +552,8 @@ def parameter_rules():
         "random_sets": integer(1),
         "seed": integer(0),
         "threads": integer(1),
+        "device": device(),
+        "decompose_batch": integer(1),
         "heads_divide_width": relation("width, heads", "width must be a multiple of heads",
                                        lambda v: v["width"] % v["heads"] == 0),
         "neighbours_within_test": relation("neighbours, n_test", "neighbours must be < n_test",
@@ -570,7 +592,8 @@ def load_classifier(name: str, cfg, pretrain: SpuriousSet, progress: bool = True
     """``vit`` / ``dinov2``: built here and trained on the 10 CIFAR classes (cached outside
     the repo under a hash of the images, the settings and the code); any other name: a
     pretrained hub id or saved folder, loaded with a fresh two-way head (paper preset).
-    Returns the model and how it came to be."""
+    Either way on ``cfg.device`` (the ViTs trained here train on the CPU, as the book's
+    did). Returns the model and how it came to be."""
     import hashlib
     import json
     import time
@@ -578,8 +601,10 @@ def load_classifier(name: str, cfg, pretrain: SpuriousSet, progress: bool = True
 
     from transformers import AutoConfig, Dinov2ForImageClassification, ViTForImageClassification
 
+    from .config import run_device
     from .paths import cache_dir, cached_dir, code_hash
 
+    where = run_device(cfg.device)
     if name in ARCHITECTURES:
         settings = {k: cfg[k] for k in ("width", "depth", "heads", "epochs", "lr", "image_size", "seed")}
         digest = hashlib.sha256(pretrain.images.tobytes() + pretrain.classes.tobytes() + json.dumps(settings).encode()
@@ -598,7 +623,7 @@ def load_classifier(name: str, cfg, pretrain: SpuriousSet, progress: bool = True
         folder = cache_dir("vitdecomp") / f"{name}-{digest}"
         manifest, _ = cached_dir(folder, build)
         cls = ViTForImageClassification if name == "vit" else Dinov2ForImageClassification
-        return cls.from_pretrained(folder).eval(), manifest
+        return cls.from_pretrained(folder).to(where).eval(), manifest
     if cfg.preset != "paper" and not Path(name).is_dir():
         raise ValueError(f"architecture {name!r} is a hub id; the {cfg.preset!r} preset runs offline. Use "
                          f"preset='paper', a saved folder, or one of: {', '.join(ARCHITECTURES)}")
@@ -607,7 +632,7 @@ def load_classifier(name: str, cfg, pretrain: SpuriousSet, progress: bool = True
     if model_type not in classes:
         raise ValueError(f"{name}: model type {model_type!r}; RepDecompose here supports {', '.join(classes)}")
     model = classes[model_type].from_pretrained(name, num_labels=2, ignore_mismatched_sizes=True)
-    return model.eval(), {"architecture": name, "pretrained": True}
+    return model.to(where).eval(), {"architecture": name, "pretrained": True}
 
 
 def one_view_each(n_test: int) -> np.ndarray:
@@ -631,4 +656,4 @@ def random_ablations(model, decomposition: Decomposition, means: torch.Tensor, d
 @torch.no_grad()
 def predict_from(model, decomposition: Decomposition) -> np.ndarray:
     """The classifier's predictions on a decomposition's (unablated) representation."""
-    return model.classifier(decomposition.representation).argmax(-1).numpy()
+    return model.classifier(decomposition.representation.to(_device_of(model))).argmax(-1).cpu().numpy()
