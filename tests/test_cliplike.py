@@ -142,3 +142,24 @@ def test_load_passes_every_setting_on_to_the_model(monkeypatch):
                     "kwargs": {"temperature": 3.0, "colour_weight": 0.25, "image_size": 96}}
     with pytest.raises(ValueError, match="clip='clip-vit-b-32'; choose one of: cliplike, clip-vit-b-16"):
         cliplike.load("clip-vit-b-32")
+
+
+def test_open_clip_computes_on_its_device_and_hands_back_host_tensors(monkeypatch):
+    """Chapter 09's paper preset embeds on the GPU (device='auto'): load hands the device on,
+    the embeddings come back on the host (the decompositions they are compared with live
+    there), and features made on a GPU, equal to the CPU's only to float rounding, are
+    cached under their own key."""
+    seen = {}
+    monkeypatch.setattr(cliplike, "OpenClip", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))
+    cliplike.load("tiny-open-clip", "smoke", device="auto")
+    assert seen == {"args": ("tiny-open-clip",), "kwargs": {"preset": "smoke", "device": "auto"}}
+    monkeypatch.undo()
+
+    clip = cliplike.OpenClip("tiny-open-clip", preset="smoke", device="auto")  # no GPU here: the CPU
+    assert clip.device.type == "cpu" and next(clip.net.parameters()).device.type == "cpu"
+    images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    assert torch.as_tensor(clip.image_features(images, batch=2)).shape[0] == 3
+    assert clip.embed_texts(["a red bird"]).device.type == "cpu"
+    cpu_key = clip.feature_key
+    clip.device = torch.device("cuda")
+    assert clip.feature_key != cpu_key

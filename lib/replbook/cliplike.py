@@ -196,13 +196,19 @@ class ClipLike:
 class OpenClip:
     """A real CLIP (open_clip) behind the same interface as :class:`ClipLike`, for the
     paper preset: text through open_clip's tokenizer and text transformer (pooled at
-    the end-of-text token, as ``CLIP.encode_text`` does), images through its tower."""
+    the end-of-text token, as ``CLIP.encode_text`` does), images through its tower.
 
-    def __init__(self, name: str = "clip-vit-b-16", preset: str = "paper"):
+    The network computes on ``device`` (a value :func:`replbook.config.device` accepts);
+    what it hands back (text and image embeddings) is on the host. Token embeddings and
+    :meth:`encode_embeddings` stay on the device, for a prompt learner that trains there."""
+
+    def __init__(self, name: str = "clip-vit-b-16", preset: str = "paper", device: str = "cpu"):
         from . import models
+        from .config import run_device
 
         loaded = models.load(name, preset=preset)
-        self.net, (self.preprocess, self.tokenize) = loaded.model, loaded.tokenizer
+        self.device = torch.device(run_device(device))
+        self.net, (self.preprocess, self.tokenize) = loaded.model.to(self.device), loaded.tokenizer
         self.name = name
         self.net.eval()
         for p in self.net.parameters():
@@ -212,7 +218,7 @@ class OpenClip:
 
     @torch.no_grad()
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
-        return self.net.encode_text(self.tokenize(texts), normalize=True).float()
+        return self.net.encode_text(self.tokenize(texts).to(self.device), normalize=True).float().cpu()
 
     def word_ids(self, text: str) -> list[int]:
         ids = self.tokenize([text])[0].tolist()
@@ -227,16 +233,17 @@ class OpenClip:
         return int(self.tokenize([""])[0, 1])
 
     def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.net.token_embedding(ids)
+        return self.net.token_embedding(ids.to(self.device))
 
     def encode_embeddings(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """open_clip's text transformer on input embeddings, pooled at the last real
         token (the end-of-text token the prompt learner puts there)."""
         net, (batch, length, _) = self.net, inputs_embeds.shape
-        padded = torch.zeros(batch, net.context_length, inputs_embeds.shape[-1], dtype=inputs_embeds.dtype)
+        padded = torch.zeros(batch, net.context_length, inputs_embeds.shape[-1], dtype=inputs_embeds.dtype,
+                             device=inputs_embeds.device)
         padded[:, :length] = inputs_embeds
         x = net.transformer(padded + net.positional_embedding, attn_mask=net.attn_mask)
-        x = net.ln_final(x)[torch.arange(batch), attention_mask.sum(1) - 1]
+        x = net.ln_final(x)[torch.arange(batch, device=x.device), (attention_mask.sum(1) - 1).to(x.device)]
         return torch.nn.functional.normalize(x @ net.text_projection, dim=-1)
 
     @torch.no_grad()
@@ -247,7 +254,7 @@ class OpenClip:
         out = []
         for i in tqdm(range(0, len(images), batch), desc=progress, disable=progress is None):
             pixels = torch.stack([self.preprocess(Image.fromarray(im)) for im in images[i:i + batch]])
-            out.append(self.net.encode_image(pixels).float())
+            out.append(self.net.encode_image(pixels.to(self.device)).float().cpu())
         return torch.cat(out).numpy()
 
     def embed_features(self, features: np.ndarray) -> torch.Tensor:
@@ -258,7 +265,8 @@ class OpenClip:
 
     @property
     def feature_key(self) -> str:
-        return f"open_clip/{self.name}"
+        # a GPU computes the features differently (to float rounding) from the CPU
+        return f"open_clip/{self.name}" + ("" if self.device.type == "cpu" else f"@{self.device.type}")
 
     def vocabulary(self) -> list[str]:
         decoder = getattr(self.tokenize, "decoder", {})
@@ -287,12 +295,14 @@ CLIPS = ("cliplike", "clip-vit-b-16", "tiny-open-clip")
 
 
 def load(name: str = "cliplike", preset: str = "book", image_model: str = "efficientnet-lite0",
-         text_model: str = "minilm-l6", temperature: float = 2.0, colour_weight: float = 0.5, image_size: int = 128):
-    """The joint image-text model a chapter names: the offline CLIP-like model, or a real
-    CLIP through open_clip (``clip-vit-b-16``; ``tiny-open-clip`` in the tests)."""
+         text_model: str = "minilm-l6", temperature: float = 2.0, colour_weight: float = 0.5, image_size: int = 128,
+         device: str = "cpu"):
+    """The joint image-text model a chapter names: the offline CLIP-like model (on the
+    CPU), or a real CLIP through open_clip (``clip-vit-b-16``; ``tiny-open-clip`` in the
+    tests) on ``device``."""
     if name == "cliplike":
         return ClipLike(preset, image_model, text_model, temperature=temperature, colour_weight=colour_weight,
                         image_size=image_size)
     if name in CLIPS:
-        return OpenClip(name, preset=preset)
+        return OpenClip(name, preset=preset, device=device)
     raise ValueError(f"clip={name!r}; choose one of: {', '.join(CLIPS)}")

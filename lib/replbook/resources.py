@@ -630,7 +630,8 @@ def _t2icomp(p) -> Card:
     # projections' training (projection_batch pairs a step)
     chunk = min(p["optimize_chunk"], p["held_out"])
     for phase, images, what in (("C1's optimisation", chunk * p["optimize_views"],
-                                 f"{chunk} of {p['held_out']} prompts (optimize_chunk) × {p['optimize_views']} views "
+                                 f"{chunk} of {p['held_out']} prompts (optimize_chunk) × {p['optimize_views']} "
+                                 f"view{'s' if p['optimize_views'] != 1 else ''} "
                                  "per backward pass"),
                                 ("projection training", p["projection_batch"], f"batch {p['projection_batch']}")):
         c.gpu.append(_during(Row(f"UNet activations kept for backward, {phase}: {what} at {px} px",
@@ -650,7 +651,8 @@ def _t2icomp(p) -> Card:
     largest = max((r for r in c.gpu if r.phase), key=lambda r: r.gigabytes)
     c.notes.append(f"each phase counted on the meta device (float32, fused attention; the backward's transient "
                    f"gradients not counted); the largest is {largest.phase}. optimize_chunk and encode_batch set only "
-                   "memory: C1's gradient is the same taken in chunks of prompts, the VAE encodes each image alone")
+                   "memory: C1's gradient is the same taken in chunks of prompts, and the VAE encodes each image "
+                   "independently of the others in its batch")
     return c
 
 
@@ -781,11 +783,11 @@ def _vitdecomp(p) -> Card:
     clip = "timm/vit_base_patch16_clip_224.openai"
     batch = p["decompose_batch"]
     images = p["n_train"] + 2 * p["n_test"]  # every test photo is shown on both backgrounds
-    # every ViT stays on the device to the end (the ablations run its classifier)
-    c.gpu = [weights(n, "float32") for n in names]
-    # the host keeps CLIP (cliplike computes its features on the CPU) and what decompose
-    # hands back: every ViT's decompositions, to the end
-    c.host = [weights(clip, "float32")]
+    # every ViT stays on the device to the end (the ablations run its classifier), and
+    # CLIP joins them there to embed the images, a batch at a time (cliplike.OpenClip)
+    c.gpu = [*(weights(n, "float32") for n in [*names, clip]), _embedding_pass(clip, _clip_batch())]
+    # the host keeps what decompose hands back: every ViT's decompositions, to the end
+    c.host = []
     kept = {n: images * _vit_shape(n)["components"] * _vit_shape(n)["reads"] for n in names}
     c.host.append(Row("decompositions kept, every ViT (float32)",
                       " + ".join(f"{images} × {_vit_shape(n)['components']} × {_vit_shape(n)['reads']}" for n in names)
@@ -803,10 +805,19 @@ def _vitdecomp(p) -> Card:
                           f"{images} × 3 × {size}² × 4 B", inputs[widest] * 4 / GB, phase="decomposing"))
     c.host.append(mapped_while_loading([*names, clip]))
     c.disk = [checkpoint(n) for n in [*names, clip]]
-    c.notes.append(f"the ViTs on the device, decomposed {batch} images at a time (decompose_batch, memory only: "
-                   "RepDecompose holds every head's output over every token of a batch); their decompositions, "
-                   "the probes and the CLIP alignment on the host; CLIP's features computed on the CPU")
+    c.notes.append(f"the ViTs and CLIP on the device, the ViTs decomposed {batch} images at a time (decompose_batch, "
+                   "memory only: RepDecompose holds every head's output over every token of a batch); their "
+                   "decompositions, the probes and the CLIP alignment on the host")
     return c
+
+
+def _clip_batch() -> int:
+    """cliplike.OpenClip.image_features's images per batch (its default: chapter 09 passes none)."""
+    import inspect
+
+    from .cliplike import OpenClip
+
+    return inspect.signature(OpenClip.image_features).parameters["batch"].default
 
 
 def _vit_shape(name: str) -> dict:
