@@ -161,9 +161,11 @@ def test_carry_forward_keeps_a_record_whose_rerun_moves_no_number(chapter_with_r
 
 def test_carry_forward_accepts_an_added_parameter_and_says_so_but_not_a_changed_one(chapter_with_record, monkeypatch):
     slug, root, saved, record = chapter_with_record
-    _fake_runner(monkeypatch, slug, saved, lambda new: new["config"].update(device="cpu"))
+    added = {"a_new_parameter": "its old behaviour"}  # a name the chapter's config does not have yet
+    assert not set(added) & set(saved["config"])
+    _fake_runner(monkeypatch, slug, saved, lambda new: new["config"].update(added))
     stability.carry_forward(slug[:2], root, progress=False)
-    assert results.load_stability(slug, root)["carried_forward"][-1]["parameters_added"] == {"device": "cpu"}
+    assert results.load_stability(slug, root)["carried_forward"][-1]["parameters_added"] == added
     (root / "results" / "stability" / f"{slug}.json").write_text(json.dumps(record))
     (root / "results" / f"{slug}.json").write_text(json.dumps(saved))
     key = next(iter(saved["config"]))
