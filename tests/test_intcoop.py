@@ -89,6 +89,55 @@ def test_open_clip_prompts_reproduce_encode_text_and_train_only_the_context(tiny
     assert all(p.grad is None and not p.requires_grad for p in tiny_open_clip.net.parameters())
 
 
+def test_every_method_is_built_and_trained_on_the_clips_device(tiny_open_clip, monkeypatch):
+    """The paper preset computes where CLIP is (device auto: the GPU when there is one).
+    The meta device stands in for the GPU here: every method's tensors must be on it, its
+    logits and loss formed there, and train() and accuracy() must send the image features,
+    kept on the host, there. A tensor left on the CPU shows as a CPU tensor or as a
+    device error."""
+    import copy
+    import types
+
+    clip = copy.copy(tiny_open_clip)
+    clip.net, clip.device = copy.deepcopy(tiny_open_clip.net).to("meta"), torch.device("meta")
+    # OpenClip hands text embeddings back on the host; the meta device cannot copy out
+    clip.embed_texts = lambda texts: torch.nn.functional.normalize(torch.randn(len(texts), clip.dim), dim=-1)
+    cfg = types.SimpleNamespace(scale=30.0, attribute_weight=1.0, regularizer_weight=8.0)
+    classes, images = [0, 1, 2], torch.nn.functional.normalize(torch.randn(6, clip.dim), dim=-1)
+    labels, attributes = np.array([0, 1, 2] * 2), np.array([0, 1] * 3)
+    for name in intcoop.METHOD_NAMES:
+        method = intcoop.build_method(name, clip, CLASSES, cfg)
+        tensors = [*method.parameters(), *method.buffers()]
+        assert tensors and {t.device.type for t in tensors} == {"meta"}, name
+        assert intcoop.method_device(method).type == "meta"
+        on_device = images.to("meta")
+        assert method.logits(on_device, classes).device.type == "meta", name
+        if name == "IntCoOp":
+            assert method.hand_prompts(classes).device.type == "meta"
+        if name != "zero-shot":
+            loss = method.loss(on_device, torch.as_tensor(labels, device="meta"), classes,
+                               torch.as_tensor(attributes, device="meta"))
+            assert loss.device.type == "meta", name
+            seen, host = [], torch.zeros((), requires_grad=True)
+
+            def spy(images, labels, classes, attributes):
+                seen.append({images.device.type, labels.device.type, attributes.device.type})
+                return host * 1.0  # a loss the host can read: the meta device holds no numbers
+
+            monkeypatch.setattr(method, "loss", spy)
+            intcoop.train(method, intcoop.FewShot(images, labels, attributes), classes, steps=2, lr=0.1, seed=0)
+            assert seen == [{"meta"}] * 2, name
+        asked = []
+
+        def logits(images, classes):
+            asked.append(images.device.type)
+            return torch.zeros(len(images), len(classes))
+
+        monkeypatch.setattr(method, "logits", logits)
+        intcoop.accuracy(method, intcoop.FewShot(images, labels, attributes), classes)
+        assert asked == ["meta"], name
+
+
 def test_the_paper_preset_code_path_runs_on_a_tiny_open_clip(tmp_path, results_tmp):
     """The paper preset with CLIP ViT-B/16 replaced by a random 2-layer open_clip model."""
     import json

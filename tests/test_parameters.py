@@ -38,7 +38,7 @@ BAD = {
                    "datasets": ["imagenet"],
                    "pool_size": 0, "n_test": 0, "shots": 0, "steps": 0, "lr": 0.0, "scale": 0.0,
                    "attribute_weight": -1.0, "regularizer_weight": -8.0, "corruptions": ["fog"], "seeds": [],
-                   "data_seed": -1, "threads": 0},
+                   "data_seed": -1, "threads": 0, "device": "gpu"},
     "04_endor": {"model_names": [], "offload_model_names": ["efficientnet-lite0"], "load_dtype": "int8",
                  "storage_dtype": "float64", "sparsities": [0.5, 1.0], "operating_sparsity": 1.0,
                  "pruners": ["sparsegpt"], "offload_pruner": "random", "calibration_text": "wikitext-2-train",
@@ -90,6 +90,7 @@ BAD_TOGETHER = [
     ("03_intcoop", {"shots": 2000}, "shots must be ≤ pool_size"),
     ("03_intcoop", {"n_align": 10}, "learns its image side: n_align ≥ 20"),
     ("03_intcoop", {"pool_size": 3000, "n_align": 3000}, "pool_size + n_align ≤ 5000"),
+    ("03_intcoop", {"device": "auto"}, "(clip='captioned') computes on the CPU: device='cpu'"),
     ("10_semantic_tokens", {"negatives": ["word order"]}, "generated scenes have relation and attribute negatives"),
     ("10_semantic_tokens", {"n_train": 100, "batch": 200}, "batch must not exceed n_train"),
     ("04_endor", {"operating_sparsity": 0.6}, "operating_sparsity must be one of sparsities"),
@@ -256,6 +257,7 @@ def test_cuda_is_refused_without_a_gpu_and_auto_is_the_gpu_when_there_is_one(slu
         config.resolve(module.PRESETS, "book", device="cuda")
     assert config.run_device("auto") == "cpu" and config.run_device("cuda") == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert config.resolve(module.PRESETS, "book", device="cuda").device == "cuda"
+    # at the paper preset: 03's book CLIP-like model computes only on the CPU and says so
+    assert config.resolve(module.PRESETS, "paper", device="cuda").device == "cuda"
     assert config.run_device("auto") == "cuda" and config.run_device("cpu") == "cpu"
     assert module.PRESETS["paper"]["device"] == "auto" and module.PRESETS["book"]["device"] == "cpu"

@@ -30,6 +30,7 @@ behind the three claims (:func:`alignment_gain`, :func:`attribute_readings`).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,8 +43,22 @@ from .cliplike import ClipLike
 from .results import mean_interval  # noqa: F401  (chapter 03 calls intcoop.mean_interval)
 
 
+def clip_device(model: ClipLike) -> torch.device:
+    """Where ``model`` computes: an open_clip CLIP on its ``device`` (cliplike.OpenClip), the
+    book's captioned CLIP-like model on the CPU. A prompt learner trains there."""
+    return torch.device(getattr(model, "device", "cpu"))
+
+
+def method_device(method) -> torch.device:
+    """Where a prompt learner (or the zero-shot prompts) computes: its first tensor's device;
+    the CPU for a method that holds no tensors."""
+    tensors = itertools.chain(method.parameters(), method.buffers()) if isinstance(method, nn.Module) else ()
+    return next((t.device for t in tensors), torch.device("cpu"))
+
+
 class PromptLearner(nn.Module):
-    """Learned context vectors and the fixed token embeddings of classes and attributes."""
+    """Learned context vectors and the fixed token embeddings of classes and attributes, on
+    the CLIP's device (its token embeddings are)."""
 
     def __init__(self, model: ClipLike, class_names: list[str], attributes: list[str] = (),
                  init: str = "a photo of a"):
@@ -73,8 +88,8 @@ class PromptLearner(nn.Module):
             parts += [self.class_tokens[c], self.sep]
             sequences.append(torch.cat(parts))
         length = max(len(s) for s in sequences)
-        embeds = torch.zeros(len(sequences), length, self.cls.shape[-1])
-        mask = torch.zeros(len(sequences), length, dtype=torch.long)
+        embeds = torch.zeros(len(sequences), length, self.cls.shape[-1], device=self.cls.device)
+        mask = torch.zeros(len(sequences), length, dtype=torch.long, device=self.cls.device)
         for i, s in enumerate(sequences):
             embeds[i, :len(s)], mask[i, :len(s)] = s, 1
         return self.model.encode_embeddings(embeds, mask)
@@ -104,7 +119,7 @@ class KgCoOp(CoOp):
     def __init__(self, model: ClipLike, class_names: list[str], scale: float = 30.0, regularizer_weight: float = 8.0):
         super().__init__(model, class_names, scale)
         self.regularizer_weight = regularizer_weight
-        self.hand = model.embed_texts([f"a photo of a {name}" for name in class_names])
+        self.register_buffer("hand", model.embed_texts([f"a photo of a {name}" for name in class_names]).to(clip_device(model)))
 
     def loss(self, images, labels, classes, attributes=None):
         features = self.prompts.features(classes)
@@ -120,7 +135,7 @@ class IntCoOp(nn.Module):
                  attribute_weight: float = 1.0, regularizer_weight: float = 8.0):
         super().__init__()
         self.prompts = PromptLearner(model, class_names, attributes)
-        self.attribute_head = nn.Linear(model.dim, len(attributes))
+        self.attribute_head = nn.Linear(model.dim, len(attributes)).to(clip_device(model))  # drawn on the CPU, as before
         self.scale, self.attribute_weight, self.regularizer_weight = scale, attribute_weight, regularizer_weight
         self.class_names, self.attributes, self.model = class_names, attributes, model
         self._hand: dict[tuple[int, ...], torch.Tensor] = {}
@@ -145,7 +160,7 @@ class IntCoOp(nn.Module):
         key = tuple(classes)
         if key not in self._hand:
             self._hand[key] = torch.stack([self.model.embed_texts([f"a photo of a {a} {self.class_names[c]}" for c in classes])
-                                           for a in self.attributes])
+                                           for a in self.attributes]).to(clip_device(self.model))
         return self._hand[key]
 
     def attribute_loss(self, images: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
@@ -179,18 +194,21 @@ class FewShot:
 
 def train(method: nn.Module, data: FewShot, classes: list[int], steps: int, lr: float, seed: int,
           progress: str | None = None) -> list[float]:
-    """Full-batch Adam on the few-shot set, labels re-indexed into ``classes``."""
+    """Full-batch Adam on the few-shot set, labels re-indexed into ``classes``, on the
+    method's device (the images, kept on the host, go there once)."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
+    where = method_device(method)
     index = {c: i for i, c in enumerate(classes)}
-    labels = torch.tensor([index[int(c)] for c in data.labels])
-    attributes = torch.as_tensor(data.attributes)
+    labels = torch.tensor([index[int(c)] for c in data.labels], device=where)
+    attributes = torch.as_tensor(data.attributes, device=where)
+    images = data.images.to(where)
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     losses = []
     for _ in tqdm(range(steps), desc=progress, disable=progress is None):
-        loss = method.loss(data.images, labels, classes, attributes)
+        loss = method.loss(images, labels, classes, attributes)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -203,7 +221,7 @@ def accuracy(method: nn.Module, data: FewShot, classes: list[int]) -> float:
     """Top-1 accuracy among ``classes`` on the images whose label is one of them."""
     keep = np.isin(data.labels, classes)
     index = {c: i for i, c in enumerate(classes)}
-    predicted = method.logits(data.images[keep], classes).argmax(1).numpy()
+    predicted = method.logits(data.images[keep].to(method_device(method)), classes).argmax(1).cpu().numpy()
     return float((predicted == np.array([index[int(c)] for c in data.labels[keep]])).mean())
 
 
@@ -217,7 +235,7 @@ class ZeroShot(nn.Module):
 
     def __init__(self, model, class_names: list[str], scale: float = 30.0, template: str = "a photo of a {}"):
         super().__init__()
-        self.text = model.embed_texts([template.format(c) for c in class_names])
+        self.register_buffer("text", model.embed_texts([template.format(c) for c in class_names]).to(clip_device(model)))
         self.scale = scale
 
     def logits(self, images: torch.Tensor, classes: list[int]) -> torch.Tensor:
@@ -233,6 +251,7 @@ PRESETS = {
         "datasets": ["synthetic-shapes"], "pool_size": 120, "n_test": 60, "shots": 4, "steps": 3, "lr": 1e-2,
         "scale": 30.0, "attribute_weight": 1.0, "regularizer_weight": 8.0,
         "corruptions": ["grayscale", "blur", "noise"], "seeds": [0], "data_seed": 0, "threads": 2,
+        "device": "cpu",
     },
     "book": {
         "clip": "captioned", "image_model": "efficientnet-lite0", "text_model": "minilm-l6",
@@ -240,6 +259,9 @@ PRESETS = {
         "datasets": ["cifar10", "fashion-tinted"], "pool_size": 1000, "n_test": 1000, "shots": 16, "steps": 60,
         "lr": 1e-2, "scale": 30.0, "attribute_weight": 1.0, "regularizer_weight": 8.0,
         "corruptions": ["grayscale", "blur", "noise"], "seeds": [0, 1, 2], "data_seed": 0, "threads": 2,
+        # where the CLIP and the prompt learners compute (config.device): the book's numbers were
+        # measured on the CPU, and its captioned CLIP-like model computes only there
+        "device": "cpu",
     },
     "paper": {
         # the paper's CLIP; its ten datasets (ImageNet, Caltech101, ...) are not wired in
@@ -247,14 +269,14 @@ PRESETS = {
         "align_epochs": 0, "image_size": 224, "datasets": ["cifar10", "fashion-tinted"], "pool_size": 2000, "n_test": 4000,
         "shots": 16, "steps": 200, "lr": 2e-3, "scale": 100.0, "attribute_weight": 1.0,
         "regularizer_weight": 8.0, "corruptions": ["grayscale", "blur", "noise"], "seeds": [1, 2, 3],
-        "data_seed": 0, "threads": 16,
+        "data_seed": 0, "threads": 16, "device": "auto",
     },
 }
 
 # what each parameter may be: checked before any model loads (config.resolve); not part
 # of the chapter's code version, since a rule never changes a run it accepts
 def parameter_rules():
-    from .config import integer, items, model, number, one_of, relation
+    from .config import device, integer, items, model, number, one_of, relation
 
     # an open_clip CLIP (paper preset) has both towers, so it names no image or text model
     unused = one_of("")
@@ -279,6 +301,9 @@ def parameter_rules():
         "seeds": items(integer(0)),
         "data_seed": integer(0),
         "threads": integer(1),
+        "device": device(),
+        "captioned_on_cpu": relation("clip, device", "the book's CLIP (clip='captioned') computes on the CPU: device='cpu'",
+                                     lambda v: v["clip"] != "captioned" or v["device"] == "cpu"),
         "book_towers": relation("clip, image_model, text_model",
                                 "the book's CLIP (clip='captioned') needs an image_model and a text_model",
                                 lambda v: v["clip"] != "captioned" or bool(v["image_model"] and v["text_model"])),
@@ -303,7 +328,7 @@ def load_clip(cfg):
     if cfg.clip == "captioned":
         return CaptionedClip(cfg.preset, cfg.image_model, cfg.text_model, image_size=cfg.image_size,
                              colour_caption_share=cfg.colour_caption_share, align_epochs=cfg.align_epochs)
-    return cliplike.load(cfg.clip, cfg.preset)
+    return cliplike.load(cfg.clip, cfg.preset, device=cfg.device)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -543,8 +568,8 @@ def nearest_attribute(method: IntCoOp, images: torch.Tensor) -> np.ndarray:
     """C3's reading of the learned attribute token a(x) = Σ_k q_k(x) E(attr_k): the index of
     the attribute word whose (mean token) input embedding is nearest to it by cosine."""
     words = torch.stack([t.mean(0) for t in method.prompts.attribute_tokens])
-    token = method.attribute_probs(images) @ words
-    return (nn.functional.normalize(token, dim=-1) @ nn.functional.normalize(words, dim=-1).T).argmax(1).numpy()
+    token = method.attribute_probs(images.to(words.device)) @ words
+    return (nn.functional.normalize(token, dim=-1) @ nn.functional.normalize(words, dim=-1).T).argmax(1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -554,7 +579,7 @@ def nearest_words(method: IntCoOp, images: torch.Tensor, k: int = 3) -> list[lis
     vocabulary = model.vocabulary()
     table = nn.functional.normalize(model.token_embeddings(torch.arange(len(vocabulary))), dim=-1)
     words = torch.stack([t.mean(0) for t in method.prompts.attribute_tokens])
-    token = nn.functional.normalize(method.attribute_probs(images) @ words, dim=-1)
+    token = nn.functional.normalize(method.attribute_probs(images.to(words.device)) @ words, dim=-1)
     return [[vocabulary[j] for j in row] for row in (token @ table.T).topk(k, dim=1).indices.tolist()]
 
 

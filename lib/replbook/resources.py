@@ -486,7 +486,7 @@ def _skillslices(p) -> Card:
 
 
 def _intcoop(p) -> Card:
-    c = Card("03_intcoop", "CPU (no device parameter)")
+    c = Card("03_intcoop", "CUDA when present (device='auto')" if p["device"] == "auto" else p["device"])
     name = "timm/vit_base_patch16_clip_224.openai"
     text = architectures.architecture(name).config["text_config"]
     # the text tower encodes a prompt per colour attribute per base class (the first half of
@@ -498,10 +498,12 @@ def _intcoop(p) -> Card:
     c.gpu = [weights(name, "float32"),
              _during(activations(f"text tower over {prompts} prompts", text["num_hidden_layers"], text["hidden_size"],
                                  text["num_attention_heads"], text["max_position_embeddings"], prompts, "float32"),
-                     "training")]
+                     "training"),
+             _embedding_pass(name, _clip_batch())]  # the images, a batch at a time (cliplike.OpenClip), before training
     c.host = [mapped_while_loading([name])]
     c.disk = [checkpoint(name)]
-    c.notes.append("only the context vectors and the attribute head learn (a few thousand parameters)")
+    c.notes.append("CLIP and the prompt learners on the device; the image features cached on the host; only the "
+                   "context vectors and the attribute head learn (a few thousand parameters)")
     return c
 
 
