@@ -78,7 +78,7 @@ BAD = {
                            "embed_dim": 0, "patch": 0, "image_size": 8, "text_queries": 0, "text_layers": -1,
                            "max_epochs": 0, "patience": 0, "lr": 0.0, "batch": 0, "negatives": ["colour"],
                            "text_model": "tiny-llama", "segmenter": "sam", "seeds": [1, 1], "data_seed": -1,
-                           "threads": 0},
+                           "threads": 0, "device": "gpu", "checkpoint_blocks": "yes"},
 }
 
 # pairs that are each allowed but not together: the relations between parameters
@@ -247,7 +247,7 @@ DEVICE_CHAPTERS = [slug for slug, name in MODULES.items() if slug not in ("04_en
 
 
 @pytest.mark.parametrize("slug", DEVICE_CHAPTERS)
-def test_cuda_is_refused_without_a_gpu_and_auto_is_the_gpu_when_there_is_one(slug, monkeypatch):
+def test_cuda_is_refused_without_a_gpu_and_auto_is_the_gpu_when_there_is_one(slug, monkeypatch, tmp_path):
     """``cuda`` fails before any model loads on a machine without one (the run would die at
     its first tensor), and ``auto``, the paper preset's device, is the GPU exactly when
     there is one; the book preset stays on the CPU its numbers were measured on."""
@@ -257,7 +257,10 @@ def test_cuda_is_refused_without_a_gpu_and_auto_is_the_gpu_when_there_is_one(slu
         config.resolve(module.PRESETS, "book", device="cuda")
     assert config.run_device("auto") == "cpu" and config.run_device("cuda") == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    # at the paper preset: 03's book CLIP-like model computes only on the CPU and says so
-    assert config.resolve(module.PRESETS, "paper", device="cuda").device == "cuda"
+    # at the paper preset: 03's book CLIP-like model computes only on the CPU and says so;
+    # 10's paper preset needs its COCO folder named
+    (tmp_path / "annotations").mkdir()
+    placeholders = {name: str(tmp_path) for (s, p, name) in PLACEHOLDERS if s == slug and p == "paper"}
+    assert config.resolve(module.PRESETS, "paper", device="cuda", **placeholders).device == "cuda"
     assert config.run_device("auto") == "cuda" and config.run_device("cpu") == "cpu"
     assert module.PRESETS["paper"]["device"] == "auto" and module.PRESETS["book"]["device"] == "cpu"

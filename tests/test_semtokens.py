@@ -550,3 +550,68 @@ def test_paired_gain_is_better_minus_worse_paired_by_seed():
     gain, low, high = semtokens.paired_gain(pd.DataFrame(rows), "semantic", "patches", "R@1", "test")
     assert gain == pytest.approx(0.2) and low < 0.2 < high
     assert (gain, low, high) == pytest.approx(results.mean_interval([0.1, 0.2, 0.3]))
+
+
+@pytest.mark.parametrize("encoder", ["patch ViT", "semantic"])
+def test_checkpointed_blocks_give_the_same_outputs_and_gradients_and_keep_no_block_activations(encoder):
+    """The paper preset's activation checkpointing (``checkpoint_blocks``) is a memory
+    setting only: the same outputs and gradients as the plain pass, while autograd keeps
+    (outside the blocks' recomputation) less than half of what the plain pass keeps."""
+    _, images, tokens = _small_tokens(8)
+    outputs, gradients, kept = {}, {}, {}
+    for checkpoint_blocks in (False, True):
+        torch.manual_seed(0)
+        if encoder == "patch ViT":
+            model, inputs = semtokens.PatchEncoder(32, 3, 2, 16, checkpoint_blocks=checkpoint_blocks), to_tensor(images)
+        else:
+            model, inputs = semtokens.TokenEncoder(32, 3, 2, 16, checkpoint_blocks=checkpoint_blocks), tokens
+            with torch.no_grad():
+                model.bias.table.normal_()
+        sizes = []
+
+        def keep(tensor):
+            sizes.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            out = model.train()(inputs)
+        out.square().sum().backward()
+        outputs[checkpoint_blocks] = out.detach()
+        gradients[checkpoint_blocks] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        kept[checkpoint_blocks] = sum(sizes)
+    assert torch.equal(outputs[True], outputs[False])
+    assert gradients[True].keys() == gradients[False].keys() and len(gradients[True]) > 10
+    for name, gradient in gradients[False].items():
+        assert torch.allclose(gradients[True][name], gradient, rtol=1e-5, atol=1e-7), name
+    assert kept[True] < kept[False] / 2, kept
+
+
+def test_every_encoder_is_built_with_the_runs_checkpoint_setting():
+    for checkpoint_blocks in (False, True):
+        cfg = config.Config({**semtokens.PRESETS["smoke"], "checkpoint_blocks": checkpoint_blocks})
+        for variant in semtokens.VARIANTS:
+            assert semtokens.build_encoder(variant, cfg).backbone.checkpoint_blocks is checkpoint_blocks, variant
+    assert semtokens.PRESETS["paper"]["checkpoint_blocks"] and not semtokens.PRESETS["book"]["checkpoint_blocks"]
+
+
+def test_mask_rcnn_is_sent_to_the_run_device_and_each_image_with_it(monkeypatch):
+    import torchvision.models.detection as detection
+
+    sent_to, seen = [], []
+
+    class Detector(torch.nn.Module):  # stands in for Mask R-CNN: one full-image instance per image
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def to(self, device):
+            sent_to.append(str(device))
+            return super().to(device)
+
+        def forward(self, images):
+            seen.append(images[0].device == self.weight.device)
+            return [{"scores": torch.tensor([0.9]), "masks": torch.ones(1, 1, *images[0].shape[1:])}]
+
+    monkeypatch.setattr(detection, "maskrcnn_resnet50_fpn_v2", lambda **kwargs: Detector())
+    found = semtokens.segment_images(np.zeros((2, 16, 16, 3), np.uint8), "maskrcnn-untrained", device="cpu")
+    assert sent_to == ["cpu"] and seen == [True, True] and (found == 1).all()

@@ -197,6 +197,18 @@ def activations(what: str, layers: int, hidden: int, heads: int, tokens: int, ba
                layers * per_layer * scale / GB)
 
 
+def checkpointed_activations(what: str, layers: int, hidden: int, heads: int, tokens: int, batch: int,
+                             dtype: str) -> Row:
+    """With activation checkpointing per layer (Chen et al. 2016): every layer's input
+    (``s·b·h`` values) and, while one layer's backward runs, that layer's activations
+    recomputed (:func:`activations` for one layer)."""
+    inputs = layers * tokens * batch * hidden * BYTES[dtype]
+    one = activations(what, 1, hidden, heads, tokens, batch, dtype)
+    return Row(f"{what}: layer inputs + one layer's activations, recomputed ({dtype})",
+               f"{layers} × {tokens}·{batch}·{hidden} × {BYTES[dtype]} B + {one.formula}",
+               inputs / GB + one.gigabytes)
+
+
 @contextmanager
 def _fused_attention():
     """While a model runs on the meta device, attention keeps for the backward pass what a
@@ -866,7 +878,7 @@ MASKRCNN_PASS_GB, MASKRCNN_PASS_SIZE = 0.38, 224
 
 
 def _semtokens(p) -> Card:
-    c = Card("10_semantic_tokens", "CPU (no device parameter)")
+    c = Card("10_semantic_tokens", "CUDA when present (device='auto')" if p["device"] == "auto" else p["device"])
     width, depth, heads, size = p["width"], p["depth"], p["heads"], p["image_size"]
     tokens = (size // p["patch"]) ** 2 + 1
     encoder = 12 * width * width * depth  # attention (4 h²) + MLP (8 h²) per layer
@@ -888,7 +900,8 @@ def _semtokens(p) -> Card:
     text = architectures.architecture(p["text_model"]).config["hidden_size"]
     length = inspect.signature(semtokens.text_states).parameters["length"].default
     captions = 1 + len(p["negatives"])
-    c.gpu = [Row(f"images, {images:,} at {size} px (uint8)", f"{images:,} × {size}² × 3 B", images * size * size * 3 / GB),
+    # the host keeps every split (semtokens.prepare); MiniLM encodes the captions there
+    c.host = [Row(f"images, {images:,} at {size} px (uint8)", f"{images:,} × {size}² × 3 B", images * size * size * 3 / GB),
              Row("instance maps of the segmenter (int64)", f"{images:,} × {size}² × 8 B", images * size * size * 8 / GB),
              Row("patch ViT's pixels (float32)", f"{images:,} × 3 × {size}² × 4 B", images * 3 * size * size * 4 / GB),
              Row(f"semantic tokens, {semantic_variants} variants (float32)",
@@ -898,7 +911,10 @@ def _semtokens(p) -> Card:
              Row("captions' MiniLM states (float16)", f"{images:,} × {captions} × {length} × {text} × 2 B",
                  images * captions * length * text * 2 / GB),
              # segmenting and encoding the captions come first (phase "preparing"), training after
-             _during(weights(p["text_model"], "float32"), "preparing")]
+             _during(weights(p["text_model"], "float32"), "preparing"),
+             mapped_while_loading([p["text_model"]])]
+    # the device: Mask R-CNN while segmenting, then one encoder training on one batch at a time
+    c.gpu = []
     if p["segmenter"] != "threshold":
         from torchvision.models.detection import MaskRCNN_ResNet50_FPN_V2_Weights
 
@@ -908,18 +924,37 @@ def _semtokens(p) -> Card:
                   Row("Mask R-CNN's pass over one image (its proposals, box and mask heads)",
                       f"{MASKRCNN_PASS_GB} GB, measured at {MASKRCNN_PASS_SIZE} px on the CPU (no formula covers a "
                       "detector)", MASKRCNN_PASS_GB, phase="preparing")]
+    kept = checkpointed_activations if p["checkpoint_blocks"] else activations
     c.gpu += [_during(Row(f"image ViT ({depth} × {width}), float32", f"12 × {width}² × {depth} × 4 B", encoder * 4 / GB),
                       "training"),
               _during(adamw_state("image ViT", encoder, "float32"), "training"),
-              _during(activations(f"image ViT, batch {p['batch']}", depth, width, heads, tokens, p["batch"], "float32"),
-                      "training")]
-    c.host = [mapped_while_loading([p["text_model"]])]
+              _during(kept(f"image ViT, batch {p['batch']}", depth, width, heads, tokens, p["batch"], "float32"),
+                      "training"),
+              _during(Row("patch ViT's pixels of one batch (float32)", f"{p['batch']} × 3 × {size}² × 4 B",
+                          p["batch"] * 3 * size * size * 4 / GB), "training")]
+    # the learned text head trains beside it: counted from the module itself (built on the
+    # meta device), its layers over a batch of captions and one swapped caption per negative kind
+    import torch
+
+    with torch.device("meta"):
+        head = semtokens.TextProjection(text, p["embed_dim"], p["text_queries"], p["text_layers"], width)
+    trained = sum(t.numel() for t in head.parameters())
+    texts = p["batch"] * captions
+    c.gpu += [_during(Row(f"text head ({p['text_layers']} × {width} over MiniLM's states), float32",
+                          f"{trained / 1e9:.3f} B params × 4 B (semtokens.TextProjection)", trained * 4 / GB), "training"),
+              _during(adamw_state("text head", trained, "float32"), "training")]
+    if p["text_layers"]:
+        c.gpu.append(_during(activations(f"text head, {texts} captions", p["text_layers"], width,
+                                         inspect.signature(semtokens.TextProjection).parameters["heads"].default,
+                                         length, texts, "float32"), "training"))
     c.disk = [checkpoint(p["text_model"]), Row("COCO 2017 train + val images and annotations", "the dataset's size",
                                                None)]
     c.flops = 6 * encoder * tokens * p["n_train"] * p["max_epochs"]
-    c.notes.append("trains a ViT-B from scratch at batch 512 in float32: the activations alone exceed one H200; "
-                   "mixed precision or gradient checkpointing would be needed (issue #29); every split's images, "
-                   "masks and inputs stay in memory (semtokens.prepare)")
+    c.notes.append(f"trains a ViT-B-sized encoder from scratch at batch {p['batch']} in float32"
+                   + (", each transformer block recomputing its activations in the backward pass (checkpoint_blocks: "
+                      "without it they alone exceed one H200)" if p["checkpoint_blocks"] else "")
+                   + "; every split's images, masks and inputs stay in host memory (semtokens.prepare), a batch at a "
+                   "time goes to the device; MiniLM encodes the captions on the host")
     return c
 
 

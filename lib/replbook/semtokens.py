@@ -27,7 +27,11 @@ verify; the ones here are our design (chapter 10 says so):
   linear map (:class:`TextProjection`) — so word order can be learned;
 - training (:func:`train`): the symmetric contrastive loss with hard negatives (each
   image's relation- and attribute-swapped captions, NegCLIP-style) for every encoder
-  alike, each trained to a plateau of its validation loss by one rule.
+  alike, each trained to a plateau of its validation loss by one rule;
+- at paper scale (COCO, ViT-B-sized encoders) on a GPU (``device``): the encoders and
+  Mask R-CNN compute there, every split stays in host memory and goes there a batch at a
+  time, and each transformer block recomputes its activations in the backward pass
+  (``checkpoint_blocks``) — memory settings only; the book runs on the CPU.
 """
 from __future__ import annotations
 
@@ -276,6 +280,13 @@ class Tokens:
     def __getitem__(self, index) -> "Tokens":
         return Tokens(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
 
+    def to(self, device) -> "Tokens":
+        return Tokens(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+    @property
+    def device(self) -> torch.device:
+        return self.crops.device
+
 
 def _boxes(instances: np.ndarray) -> tuple[list[int], list[tuple[float, float, float, float, float]]]:
     """The labels present in an instance map (1, 2, ...; a label may be empty when a
@@ -370,32 +381,40 @@ def pair_types(tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
     n, t = tokens.tangible_valid.shape
     r = tokens.relation_valid.shape[1]
     length = 1 + t + r
-    types = torch.full((n, length, length), PAIR_TYPES.index("relation ↔ relation"), dtype=torch.long)
+    device = tokens.tangible_valid.device
+    types = torch.full((n, length, length), PAIR_TYPES.index("relation ↔ relation"), dtype=torch.long, device=device)
     tang = slice(1, 1 + t)
     rel = slice(1 + t, length)
     types[:, tang, tang] = PAIR_TYPES.index("tangible ↔ tangible")
     types[:, rel, tang] = PAIR_TYPES.index("relation ↔ other tangible")
     types[:, tang, rel] = PAIR_TYPES.index("relation ↔ other tangible")
-    rows = torch.arange(n)[:, None].expand(n, r)
-    rel_pos = (1 + t + torch.arange(r))[None].expand(n, r)
+    rows = torch.arange(n, device=device)[:, None].expand(n, r)
+    rel_pos = (1 + t + torch.arange(r, device=device))[None].expand(n, r)
     types[rows, rel_pos, 1 + tokens.subject] = PAIR_TYPES.index("relation → subject")
     types[rows, rel_pos, 1 + tokens.object] = PAIR_TYPES.index("relation → object")
     types[rows, 1 + tokens.subject, rel_pos] = PAIR_TYPES.index("subject → relation")
     types[rows, 1 + tokens.object, rel_pos] = PAIR_TYPES.index("object → relation")
     types[:, 0, :] = PAIR_TYPES.index("cls → token")
     types[:, :, 0] = PAIR_TYPES.index("token → cls")
-    diagonal = torch.arange(length)
+    diagonal = torch.arange(length, device=device)
     types[:, diagonal, diagonal] = PAIR_TYPES.index("self")
-    valid = torch.cat([torch.ones(n, 1, dtype=torch.bool), tokens.tangible_valid, tokens.relation_valid], 1)
+    valid = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=device), tokens.tangible_valid,
+                       tokens.relation_valid], 1)
     return types, valid
 
 
 class Backbone(nn.Module):
     """The transformer both encoders share: pre-LN blocks (torch's
     ``TransformerEncoderLayer``), an additive float attention mask per head, and the
-    class token's final state projected into the joint space."""
+    class token's final state projected into the joint space.
 
-    def __init__(self, width: int, depth: int, heads: int, embed_dim: int):
+    ``checkpoint_blocks``: while training, keep only each block's input for the backward
+    pass and recompute the block's inside there (activation checkpointing, Chen et al.
+    2016): the same outputs and gradients for about a third more compute, and the
+    activations of one block instead of all (chapter 10's paper preset: ViT-B at batch 512
+    would otherwise keep ~92 GB)."""
+
+    def __init__(self, width: int, depth: int, heads: int, embed_dim: int, checkpoint_blocks: bool = False):
         super().__init__()
         layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
@@ -404,13 +423,21 @@ class Backbone(nn.Module):
         self.head = nn.Linear(width, embed_dim)
         self.heads = heads
         self.cls = nn.Parameter(torch.randn(width) * 0.02)
+        self.checkpoint_blocks = checkpoint_blocks
 
     def forward(self, tokens: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (N, L, width) with the class token's slot first; bias (N, heads, L, L)
         added to the attention logits (a large negative value masks padding)."""
         mask = None if bias is None else bias.flatten(0, 1)
         with _ordinary_attention():
-            x = self.blocks(tokens, mask=mask)
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                from torch.utils.checkpoint import checkpoint
+
+                x = tokens
+                for block in self.blocks.layers:  # what nn.TransformerEncoder does, one block at a time
+                    x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = self.blocks(tokens, mask=mask)
         return self.head(self.norm(x[:, 0]))
 
 
@@ -431,13 +458,13 @@ class PatchEncoder(nn.Module):
     """The ViT baseline: non-overlapping ``patch``-px patches, learned positions."""
 
     def __init__(self, width: int, depth: int, heads: int, embed_dim: int, patch: int = 8,
-                 image_size: int = IMAGE_SIZE):
+                 image_size: int = IMAGE_SIZE, checkpoint_blocks: bool = False):
         super().__init__()
         if image_size % patch:
             raise ValueError(f"patch={patch} must divide image_size={image_size}")
         self.patchify = nn.Conv2d(3, width, patch, stride=patch)
         self.position = nn.Parameter(torch.randn((image_size // patch) ** 2 + 1, width) * 0.02)
-        self.backbone = Backbone(width, depth, heads, embed_dim)
+        self.backbone = Backbone(width, depth, heads, embed_dim, checkpoint_blocks)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patchify(pixels).flatten(2).transpose(1, 2)
@@ -470,14 +497,14 @@ class TokenEncoder(nn.Module):
     additive weights at zero (padding is still masked)."""
 
     def __init__(self, width: int, depth: int, heads: int, embed_dim: int, intangible: bool = True,
-                 additive: bool = True):
+                 additive: bool = True, checkpoint_blocks: bool = False):
         super().__init__()
         self.appearance = nn.Linear(4 * CROP * CROP, width)
         self.geometry = nn.Linear(GEOMETRY, width)
         self.relation = nn.Linear(RELATION_FEATURES, width)
         self.kind = nn.Parameter(torch.randn(2, width) * 0.02)  # tangible, intangible
         self.bias = StructureBias(heads, learned=additive)
-        self.backbone = Backbone(width, depth, heads, embed_dim)
+        self.backbone = Backbone(width, depth, heads, embed_dim, checkpoint_blocks)
         self.intangible = intangible
 
     def sequence(self, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
@@ -547,6 +574,13 @@ class TextStates:
     def __getitem__(self, index) -> "TextStates":
         return TextStates(self.states[index], self.mask[index])
 
+    def to(self, device) -> "TextStates":
+        return TextStates(self.states.to(device), self.mask.to(device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.states.device
+
 
 @torch.no_grad()
 def text_states(encoder, captions: list[str], length: int = 24, batch: int = 128) -> TextStates:
@@ -598,7 +632,7 @@ class DualEncoder(nn.Module):
         images, texts = self.embed_images(inputs), self.embed_texts(sentences)
         scale = self.logit_scale.exp().clamp(max=100)
         logits = scale * images @ texts.T
-        labels = torch.arange(len(logits))
+        labels = torch.arange(len(logits), device=logits.device)
         image_to_text = torch.cat([logits, *(scale * images @ self.embed_texts(n).T for n in negatives)], 1)
         return (nn.functional.cross_entropy(image_to_text, labels) + nn.functional.cross_entropy(logits.T, labels)) / 2
 
@@ -622,8 +656,15 @@ class TrainingSet:
     def __len__(self) -> int:
         return len(self.captions)
 
-    def batch(self, index) -> tuple:
-        return _take(self.inputs, index), self.captions[index], [n[index] for n in self.negatives.values()]
+    def batch(self, index, device="cpu") -> tuple:
+        """The pairs at ``index``, sent to ``device`` (the whole set stays on the host)."""
+        return (_take(self.inputs, index).to(device), self.captions[index].to(device),
+                [n[index].to(device) for n in self.negatives.values()])
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model`` computes: the device of its first parameter."""
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
@@ -631,10 +672,11 @@ def validation_loss(model: DualEncoder, data: TrainingSet, batch: int) -> float:
     """The training loss on held-aside pairs, in fixed consecutive batches of ``batch``
     (the in-batch negatives are the same every epoch), weighted by batch size."""
     model.eval()
+    device = model_device(model)
     total = 0.0
     for start in range(0, len(data), batch):
         index = np.arange(start, min(start + batch, len(data)))
-        total += float(model.loss(*data.batch(index))) * len(index)
+        total += float(model.loss(*data.batch(index, device))) * len(index)
     return total / len(data)
 
 
@@ -662,6 +704,7 @@ def train(model: DualEncoder, data: TrainingSet, validation: TrainingSet, lr: fl
                                    {"params": groups["plain"], "weight_decay": 0.0, "lr": lr},
                                    {"params": groups["additive"], "weight_decay": 0.0, "lr": lr * ADDITIVE_LR}])
     base = [g["lr"] for g in optimizer.param_groups]
+    device = model_device(model)  # each batch goes there; the training set stays on the host
     steps_per_epoch = len(data) // batch
     if steps_per_epoch < 1:
         raise ValueError(f"batch={batch} is larger than the {len(data)} training pairs")
@@ -676,7 +719,7 @@ def train(model: DualEncoder, data: TrainingSet, validation: TrainingSet, lr: fl
             warm = min(1.0, (step + 1) / steps_per_epoch)
             for group, rate in zip(optimizer.param_groups, base):
                 group["lr"] = rate * scale * warm
-            loss = model.loss(*data.batch(np.sort(order[start:start + batch])))
+            loss = model.loss(*data.batch(np.sort(order[start:start + batch]), device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -704,8 +747,17 @@ MIN_IMPROVEMENT = 1e-3  # validation-loss units (nats) an epoch must gain to cou
 
 @torch.no_grad()
 def embed_images(model: DualEncoder, inputs, batch: int = 512) -> torch.Tensor:
-    return torch.cat([model.embed_images(_take(inputs, np.arange(i, min(i + batch, len(inputs)))))
+    """The images' embeddings on the host, computed ``batch`` at a time on the model's device."""
+    device = model_device(model)
+    return torch.cat([model.embed_images(_take(inputs, np.arange(i, min(i + batch, len(inputs)))).to(device)).cpu()
                       for i in range(0, len(inputs), batch)])
+
+
+@torch.no_grad()
+def embed_texts(model: DualEncoder, texts: TextStates, batch: int = 512) -> torch.Tensor:
+    """The captions' embeddings on the host, computed ``batch`` at a time on the model's device."""
+    device = model_device(model)
+    return torch.cat([model.embed_texts(texts[i:i + batch].to(device)).cpu() for i in range(0, len(texts), batch)])
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -746,8 +798,8 @@ def winoground_scores(image0: torch.Tensor, image1: torch.Tensor, text0: torch.T
 def attention_maps(encoder: TokenEncoder, tokens: Tokens) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Every layer's attention weights (N, heads, L, L) of the token encoder, additive
     weights included, by running its blocks step by step; also the output, which equals
-    ``encoder(tokens)`` (tested)."""
-    x, bias = encoder.sequence(tokens)
+    ``encoder(tokens)`` (tested). Computed on the encoder's device, returned on the host."""
+    x, bias = encoder.sequence(tokens.to(model_device(encoder)))
     mask = bias.flatten(0, 1)
     maps = []
     for layer in encoder.backbone.blocks.layers:
@@ -755,8 +807,8 @@ def attention_maps(encoder: TokenEncoder, tokens: Tokens) -> tuple[list[torch.Te
         out, weights = layer.self_attn(h, h, h, attn_mask=mask, need_weights=True, average_attn_weights=False)
         x = x + out
         x = x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
-        maps.append(weights)
-    return maps, encoder.backbone.head(encoder.backbone.norm(x[:, 0]))
+        maps.append(weights.cpu())
+    return maps, encoder.backbone.head(encoder.backbone.norm(x[:, 0])).cpu()
 
 
 # ----------------------------------------------------------------------------- the chapter's experiment
@@ -776,7 +828,8 @@ _BOOK = {
     "data": "scenes", "n_train": 4000, "n_val": 500, "n_test": 500, "width": 64, "depth": 4, "heads": 4,
     "embed_dim": 64, "patch": 8, "image_size": 64, "text_queries": 4, "text_layers": 1, "max_epochs": 60, "patience": 3,
     "lr": 1e-3, "batch": 256, "negatives": ["relation", "attribute"], "text_model": "minilm-l6",
-    "segmenter": "threshold", "seeds": [0, 1, 2], "data_seed": 0, "threads": 2,
+    "segmenter": "threshold", "seeds": [0, 1, 2], "data_seed": 0, "threads": 2, "device": "cpu",
+    "checkpoint_blocks": False,
 }
 PRESETS = {
     "smoke": {**_BOOK, "n_train": 256, "n_val": 64, "n_test": 64, "width": 32, "depth": 1, "heads": 2,
@@ -788,7 +841,9 @@ PRESETS = {
     "paper": {**_BOOK, "data": "coco", "n_train": 113000, "n_val": 5000, "n_test": 5000, "width": 768, "depth": 12,
               "heads": 12, "embed_dim": 512, "patch": 16, "image_size": 224, "max_epochs": 40, "lr": 5e-4,
               "negatives": ["word order"],
-              "batch": 512, "text_model": "minilm-l6-hub", "segmenter": "maskrcnn", "threads": 16},
+              "batch": 512, "text_model": "minilm-l6-hub", "segmenter": "maskrcnn", "threads": 16, "device": "auto",
+              # ViT-B at batch 512 keeps ~92 GB of activations for backward in float32; one block's, recomputed
+              "checkpoint_blocks": True},
 }
 
 # what each parameter may be: checked before any model loads (config.resolve); not part
@@ -796,7 +851,7 @@ PRESETS = {
 def parameter_rules():
     import os
 
-    from .config import Rule, integer, items, model, number, one_of, relation
+    from .config import Rule, device, flag, integer, items, model, number, one_of, relation
 
     coco_folder = Rule("the path of a COCO folder holding annotations/",
                        lambda v, _: isinstance(v, str) and os.path.isdir(os.path.join(v, "annotations")))
@@ -823,6 +878,8 @@ def parameter_rules():
         "seeds": items(integer(0)),
         "data_seed": integer(0),
         "threads": integer(1),
+        "device": device(),
+        "checkpoint_blocks": flag(),
         "heads_divide_width": relation("width, heads", "width must be a multiple of heads",
                                        lambda v: v["width"] % v["heads"] == 0),
         "patches_tile_the_image": relation("image_size, patch", "image_size must be a multiple of patch",
@@ -927,9 +984,10 @@ def shuffle_trigrams(caption: str, rng: np.random.Generator) -> str:
     return " ".join(w for g in order for w in grams[g])
 
 
-def segment_images(images: np.ndarray, segmenter: str, progress: str | None = None) -> np.ndarray:
+def segment_images(images: np.ndarray, segmenter: str, progress: str | None = None, device: str = "cpu") -> np.ndarray:
     """Instance maps from the chosen segmenter: ``threshold`` (:func:`segment`), or
-    torchvision's Mask R-CNN (COCO weights, or untrained to test the code path)."""
+    torchvision's Mask R-CNN (COCO weights, or untrained to test the code path) on
+    ``device``, one image at a time; the maps are kept on the host."""
     if segmenter == "threshold":
         return segment_all(images)
     if segmenter not in SEGMENTERS:
@@ -939,14 +997,15 @@ def segment_images(images: np.ndarray, segmenter: str, progress: str | None = No
 
     trained = segmenter == "maskrcnn"
     net = maskrcnn_resnet50_fpn_v2(weights=MaskRCNN_ResNet50_FPN_V2_Weights.DEFAULT if trained else None,
-                                   weights_backbone=None, min_size=images.shape[1], max_size=images.shape[1]).eval()
+                                   weights_backbone=None, min_size=images.shape[1], max_size=images.shape[1])
+    net = net.eval().to(device)
     out = np.zeros(images.shape[:3], np.int64)
     with torch.no_grad():
         for i in tqdm(range(len(images)), desc=progress, disable=progress is None, leave=False):
-            found = net([torch.as_tensor(images[i]).permute(2, 0, 1).float() / 255])[0]
+            found = net([torch.as_tensor(images[i]).to(device).permute(2, 0, 1).float() / 255])[0]
             keep = (found["scores"] > (0.5 if trained else 0.0)).nonzero().flatten()[:4]
             for k, j in enumerate(keep.tolist()):
-                out[i][(found["masks"][j, 0] > 0.5).numpy() & (out[i] == 0)] = k + 1
+                out[i][(found["masks"][j, 0] > 0.5).cpu().numpy() & (out[i] == 0)] = k + 1
     return out
 
 
@@ -969,9 +1028,10 @@ def inputs_for(variant: str, split: Split, found: np.ndarray | None):
 
 def build_encoder(variant: str, cfg) -> nn.Module:
     if variant == "patch ViT":
-        return PatchEncoder(cfg.width, cfg.depth, cfg.heads, cfg.embed_dim, cfg.patch, cfg.image_size)
+        return PatchEncoder(cfg.width, cfg.depth, cfg.heads, cfg.embed_dim, cfg.patch, cfg.image_size,
+                            checkpoint_blocks=cfg.checkpoint_blocks)
     return TokenEncoder(cfg.width, cfg.depth, cfg.heads, cfg.embed_dim, intangible=variant != "no intangible tokens",
-                        additive=variant != "no additive weights")
+                        additive=variant != "no additive weights", checkpoint_blocks=cfg.checkpoint_blocks)
 
 
 def text_encoder(cfg):
@@ -1001,22 +1061,27 @@ def trained_model(variant: str, cfg, seed: int, data: TrainingSet, validation: T
     """A dual encoder trained on the training split to a plateau of the validation loss
     (:func:`train`) — cached outside the repo (``paths.cached_torch``: a damaged entry is
     retrained, never loaded) under a hash of the data, the settings, the seed and this
-    module's code; returns it and how it came to be (training seconds, losses per epoch,
-    the epoch kept)."""
+    module's code; returns it on ``cfg.device`` and how it came to be (training seconds,
+    losses per epoch, the epoch kept)."""
     import json
     import sys
     import time
 
+    from .config import run_device
     from .paths import cached_torch, code_hash
+
+    device = torch.device(run_device(cfg.device))
 
     settings = {k: cfg[k] for k in ("width", "depth", "heads", "embed_dim", "patch", "image_size", "text_queries",
                                     "text_layers", "max_epochs", "patience", "lr", "batch", "negatives")}
     key = "model\n" + fingerprint + variant + json.dumps(settings) + str(seed) + code_hash(sys.modules[__name__])
+    if device.type != "cpu":  # a GPU trains to other weights than the CPU (float rounding): its own entry
+        key += f"@{device.type}"
 
     def fresh() -> DualEncoder:
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # built on the host, so the initial weights do not depend on the device
         return DualEncoder(build_encoder(variant, cfg), data.captions.states.shape[-1], cfg.embed_dim,
-                           cfg.text_queries, cfg.text_layers, cfg.width)
+                           cfg.text_queries, cfg.text_layers, cfg.width).to(device)
 
     def build():
         model = fresh()
@@ -1025,7 +1090,7 @@ def trained_model(variant: str, cfg, seed: int, data: TrainingSet, validation: T
                         progress=progress)
         facts = {"train_seconds": round(time.perf_counter() - start, 1),
                  "best_validation_loss": history["validation_losses"][history["best_epoch"] - 1], **history}
-        return {"state": model.state_dict(), "facts": facts}
+        return {"state": {k: v.cpu() for k, v in model.state_dict().items()}, "facts": facts}
 
     saved, from_cache = cached_torch("semtokens", key, build)
     model = fresh()
@@ -1039,14 +1104,14 @@ def evaluate(model: DualEncoder, images, texts: dict[str, TextStates], partner_i
     scores when the split has partner images. ``texts``: "captions" plus one entry per
     negative kind."""
     image_emb = embed_images(model, images)
-    caption_emb = model.embed_texts(texts["captions"])
+    caption_emb = embed_texts(model, texts["captions"])
     out = recall_at(image_emb @ caption_emb.T)
     for kind, states in texts.items():
         if kind != "captions":
-            out[f"{kind} swap"] = swap_accuracy(image_emb, caption_emb, model.embed_texts(states))
+            out[f"{kind} swap"] = swap_accuracy(image_emb, caption_emb, embed_texts(model, states))
     if partner_images is not None:
         partner_emb = embed_images(model, partner_images)
-        wino = winoground_scores(image_emb, partner_emb, caption_emb, model.embed_texts(texts["relation"]))
+        wino = winoground_scores(image_emb, partner_emb, caption_emb, embed_texts(model, texts["relation"]))
         out.update({f"winoground {k}": v for k, v in wino.items()})
     return out
 
@@ -1075,12 +1140,15 @@ def prepare(cfg, data: dict[str, Split], progress: bool = True) -> Prepared:
 
     from tqdm.auto import tqdm
 
-    encoder = text_encoder(cfg)
+    from .config import run_device
+
+    encoder = text_encoder(cfg)  # on the host: a frozen pass over short captions
+    device = run_device(cfg.device)
     texts, found, partner_found = {}, {}, {}
     for name, split in tqdm(data.items(), desc="segment and encode captions", disable=not progress):
-        found[name] = segment_images(split.images, cfg.segmenter)
+        found[name] = segment_images(split.images, cfg.segmenter, device=device)
         if split.partner is not None:
-            partner_found[name] = segment_images(split.partner.images, cfg.segmenter)
+            partner_found[name] = segment_images(split.partner.images, cfg.segmenter, device=device)
         texts[name] = {"captions": cached_text_states(encoder, split.captions, cfg.text_model),
                        **{kind: cached_text_states(encoder, captions, cfg.text_model)
                           for kind, captions in split.negatives.items()}}
