@@ -83,7 +83,7 @@ run: env
 # The five chapters whose cold re-execution is longest (01, 02, 06, 07, 10) are re-executed by hand
 # (make nbval-by-hand) and their record checked: a cold make test re-executing all eleven was
 # on course for 94 min on a 2-core Intel Xeon, and with 02 it took 77 min on a 2-core AMD EPYC;
-# 10 trains 15 encoders to a plateau (~25 min cold on an Intel Xeon, 47–55 min on an AMD EPYC)
+# 10 trains 15 encoders to a plateau (~25–38 min cold on Intel Xeons, 47–55 min on an AMD EPYC)
 # (tests/test_regression.py, BY_HAND, says more).
 BY_HAND_NOTEBOOKS := notebooks/01_restor.ipynb notebooks/02_skill_slices.ipynb notebooks/06_mllm_tracing.ipynb notebooks/07_drew.ipynb notebooks/10_semantic_tokens.ipynb
 CI_NOTEBOOKS := $(filter-out $(BY_HAND_NOTEBOOKS),$(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb)))
@@ -131,7 +131,7 @@ guard-proofs: env
 
 # by hand, like the guard proofs: each plausible wrong implementation in tests/mutants/catalogue.json
 # applied to the library alone, its tests run, results/guard/mutants.json records which test failed;
-# only mutants whose library file, tests or mutation changed rerun (ARGS=--all: every one, ~107 min on 2 cores)
+# only mutants whose library file, tests or mutation changed rerun (ARGS=--all: every one, ~115 min on 2 cores)
 mutants: env
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) tests/mutants/run.py $(ARGS)
 
