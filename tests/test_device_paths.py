@@ -197,6 +197,31 @@ def test_chapter_10_trains_on_cfg_device_and_caches_a_gpus_model_apart(fake_gpu,
     assert keys[1] == keys[0] + f"@{DEVICE}"  # a GPU's model never answers for the CPU's
 
 
+def test_chapter_10_segments_on_cfg_device_and_encodes_captions_on_the_host(monkeypatch):
+    """prepare hands the run's device to the segmenter (Mask R-CNN) for every split and every
+    partner split, and the caption encoder gets no device: a frozen pass over short captions
+    on the host. A prepare that forgot the device would leave Mask R-CNN on the CPU at the
+    paper preset, and every other test would pass."""
+    segmented = []
+
+    def segment_spy(images, segmenter, progress=None, device="cpu"):
+        segmented.append((segmenter, device))
+        return semtokens.segment_all(images)  # the threshold segmenter's maps: what a detector would return
+
+    monkeypatch.setattr(semtokens, "segment_images", segment_spy)
+    monkeypatch.setattr(semtokens, "text_encoder", lambda cfg: "frozen caption encoder")
+    monkeypatch.setattr(semtokens, "cached_text_states",
+                        lambda encoder, captions, key: semtokens.TextStates(torch.zeros(len(captions), 2, 4),
+                                                                            torch.ones(len(captions), 2, dtype=torch.bool)))
+    monkeypatch.setattr(config, "run_device", lambda device: device)  # "meta" stands for the GPU
+    data = {"train": semtokens.scene_split(4, False, 0), "validation": semtokens.scene_split(4, False, 1),
+            "held-out combinations": semtokens.scene_split(4, True, 2, partners=True)}
+    cfg = config.Config({**semtokens.PRESETS["smoke"], "segmenter": "maskrcnn-untrained", "device": DEVICE})
+    prepared = semtokens.prepare(cfg, data, progress=False)
+    assert segmented == [("maskrcnn-untrained", DEVICE)] * 4  # three splits and one partner split
+    assert set(prepared.found) == set(data)
+
+
 # ----------------------------------------------------------------------------- chapter 03's readings
 
 

@@ -193,6 +193,33 @@ def test_model_pruning_and_wanda_norms_on_the_tiny_llama():
     assert torch.equal(lm.model.model.embed_tokens.weight, embeddings), "embeddings must stay untouched"
 
 
+def test_weights_swapped_neither_writes_into_nor_copies_the_models_own_weights():
+    """Chapter 04 prunes every set from the model's own tensors (endor.linear_weights, not
+    copies) while other sets are swapped in and out. A swap that wrote into them (copy_) would
+    make every later pruning start from a pruned model; one that put back a copy would have
+    held a second model's worth of memory at the paper preset. An error inside the swap
+    still puts the model's own weights back."""
+    from replbook import models
+
+    lm = models.load("tiny-llama", preset="smoke")
+    own = endor.linear_weights(lm.model)
+    linears = endor.prunable_linears(lm.model)
+    assert all(own[n].data_ptr() == linears[n].weight.data_ptr() for n in own), "linear_weights must not copy"
+    values = {n: w.clone() for n, w in own.items()}
+    pruned = endor.pruned_weights(own, 0.5, "magnitude")
+    with endor.weights_swapped(lm.model, pruned):
+        assert all(torch.equal(own[n], values[n]) for n in own), "the model's own weights were written into"
+        live = endor.linear_weights(lm.model)
+        assert all(torch.equal(live[n], pruned[n].float()) and live[n].dtype == torch.float32 for n in pruned)
+    back = endor.linear_weights(lm.model)
+    assert all(back[n].data_ptr() == own[n].data_ptr() and torch.equal(back[n], values[n]) for n in own), \
+        "the model's own tensors must come back, not copies"
+    with pytest.raises(RuntimeError, match="inside"):
+        with endor.weights_swapped(lm.model, pruned):
+            raise RuntimeError("inside the swap")
+    assert all(endor.linear_weights(lm.model)[n].data_ptr() == own[n].data_ptr() for n in own)
+
+
 def test_files_on_disk_match_the_array_accounting(tmp_path):
     dense = sparse(64, 200, 0.5)
     on_disk = endor.write_formats(dense, tmp_path, "w")

@@ -472,13 +472,35 @@ def test_chapter_04s_card_counts_the_linears_endor_prunes():
     assert resources._prunable("opt-66b", 1) == (4 * 9216**2 + 2 * 9216 * 36864, 9216 * 36864)
     assert resources._prunable("llama2-70b", 2) == (2 * (2 * 8192**2 + 2 * 8192 * 1024 + 3 * 8192 * 28672),
                                                     8192 * 28672)
-    # one (pruner, sparsity) per model: the next set is built beside the *other* model's last
-    card = resources.card("04_endor", {"pruners": ["wanda"], "sparsities": [0.5]}, layers=1)
-    pruning = [r.what for r in card.host if r.phase == "pruning"]
-    assert pruning[0].startswith("meta-llama/Llama-2-70b-hf pruned set")
-    assert pruning[1].startswith("facebook/opt-66b last pruned set")
+
+
+
+def test_chapter_04s_card_holds_one_model_and_one_pruned_set_at_a_time():
+    """Chapter 04 loads the model each cell measures and lets it go: every host row belongs to
+    a phase, each phase holds exactly one model's weights and at most one pruned set, and the
+    sweep's phases pick the model for which they weigh most (Llama-2-70B's set is the larger
+    at full depth, OPT-66B's fc1 the larger weight). The set is swapped in without a copy when
+    the load and storage dtypes agree, cast once when they do not."""
     full = resources.card("04_endor")
-    assert full.host_gb > sum(r.gigabytes for r in full.host if r.phase is None) + 2 * 130  # two OPT sets at once
+    assert full.host and all(r.phase is not None for r in full.host)
+    by_phase: dict[str, list] = {}
+    for r in full.host:
+        by_phase.setdefault(r.phase, []).append(r)
+    for phase, rows in by_phase.items():
+        if phase == "offloaded generation":
+            continue
+        assert sum(r.what.endswith("weights (float16)") for r in rows) == 1, phase
+        assert sum("set" in r.what and "cast" not in r.what and "encoded" not in r.what for r in rows) <= 1, phase
+    llama, opt = resources.weights("llama2-70b", "float16").gigabytes, resources.weights("opt-66b", "float16").gigabytes
+    assert all(r.what.startswith("meta-llama/Llama-2-70b-hf") for r in full.host if r.gigabytes is not None)
+    # one layer deep, OPT-66B's 340M-element fc1 (and its 50k × 9216 embedding) tip the round trip its way
+    shallow = resources.card("04_endor", layers=1)
+    assert all(r.what.startswith("facebook/opt-66b") for r in shallow.host if r.phase == "round trip")
+    assert not any("cast" in r.what for r in full.host)  # float16 loaded, float16 stored
+    # one model, one set, its encoded copy and one weight's work, never both models
+    assert 2 * llama < full.host_gb < 2 * llama + opt
+    cast = resources.card("04_endor", {"load_dtype": "float32"})
+    assert sum("cast to float32" in r.what for r in cast.host if r.phase == "swapped") == 1
 
 
 _MASKRCNN_PEAK = """
@@ -643,3 +665,13 @@ def test_chapter_10s_card_recomputes_activations_when_checkpointing_and_keeps_th
     assert [r.gigabytes for r in text_rows[:2]] == pytest.approx([trained * 4 / 1e9, trained * 12 / 1e9])
     captions = b * (1 + len(p["negatives"]))
     assert text_rows[2].gigabytes == pytest.approx(24 * captions * h * (34 + 5 * 4 * 24 / h) * 2 / 1e9)
+    # the image encoder likewise: the largest variant's parameters as built (COCO: a token
+    # encoder, its token embedding and head beyond the blocks' 12·h²·depth), with AdamW's state
+    from types import SimpleNamespace
+
+    built = max(sum(t.numel() for t in semtokens.build_encoder(v, SimpleNamespace(**p)).parameters())
+                for v in semtokens.variants_for(SimpleNamespace(**p)))
+    assert built > 12 * h * h * layers + 1e6
+    vit = [r for r in on.gpu if r.what.startswith("image ViT")]
+    assert [r.gigabytes for r in vit[:2]] == pytest.approx([built * 4 / 1e9, built * 12 / 1e9])
+    assert on.flops == pytest.approx(6 * built * s * p["n_train"] * p["max_epochs"])

@@ -312,21 +312,28 @@ def pruned_weights(original: dict[str, torch.Tensor], sparsity: float, method: s
             for name, weight in original.items()}
 
 
+def linear_weights(model) -> dict[str, torch.Tensor]:
+    """The prunable linears' own weight tensors, not copies: what every pruning of the model
+    starts from (:func:`weights_swapped` never writes into them)."""
+    return {name: linear.weight.detach() for name, linear in prunable_linears(model).items()}
+
+
 @contextlib.contextmanager
 def weights_swapped(model, weights: dict[str, torch.Tensor]):
-    """Run the model with these linear weights (cast to the model's dtype), then put the
-    originals back."""
+    """Run the model with these linear weights (cast to the model's dtype) in place of its
+    own, then put its own back. The model's own tensors are set aside, neither copied nor
+    written into: at the paper preset a copy would be as large as the model, and the
+    pruned sets are built from them (:func:`linear_weights`)."""
     linears = prunable_linears(model)
-    saved = {name: linears[name].weight.detach().clone() for name in weights}
-    with torch.no_grad():
-        for name, weight in weights.items():
-            linears[name].weight.copy_(weight)
+    own = {name: linears[name].weight for name in weights}
     try:
+        for name, weight in weights.items():
+            linears[name].weight = torch.nn.Parameter(weight.to(own[name].dtype).to(own[name].device),
+                                                      requires_grad=own[name].requires_grad)
         yield model
     finally:
-        with torch.no_grad():
-            for name, weight in saved.items():
-                linears[name].weight.copy_(weight)
+        for name, parameter in own.items():
+            linears[name].weight = parameter
 
 
 def round_trip_exact(weights: dict[str, torch.Tensor]) -> bool:

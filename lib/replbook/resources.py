@@ -539,60 +539,68 @@ def _prunable(name: str, layers: int | None) -> tuple[int, int]:
     return sum(sizes), max(sizes)
 
 
-def _endor_sweep(p) -> list[Row]:
-    """Host memory of chapter 04's prune-and-measure sweep beyond the models and their
-    prunable originals, as phases (its cell: for each model, for each (pruner, sparsity)):
-    the next pruned set is built while the last is still held (the name is rebound only
-    when the new set is done; the last may be the previous model's); the model's own weights
-    are cloned while a pruned set is swapped in (``endor.weights_swapped``); the set is
-    written in every format and round-tripped one weight at a time."""
-    names, load, stored = p["model_names"], p["load_dtype"], p["storage_dtype"]
-    size = {n: _prunable(n, _served_layers(n)) for n in names}
-    runs = [n for n in names for _ in range(len(p["pruners"]) * len(p["sparsities"]))]
-    hub = {n: architectures.architecture(n).hub_id for n in names}
-    last, built = max(zip(runs, runs[1:]), key=lambda pair: size[pair[0]][0] + size[pair[1]][0],
-                      default=(None, runs[0]))
-    pruning = [Row(f"{hub[built]} pruned set ({stored}), being built", f"{size[built][0] / 1e9:.3f} B × {BYTES[stored]} B",
-                   size[built][0] * BYTES[stored] / GB, phase="pruning")]
-    if last is not None:
-        pruning.append(Row(f"{hub[last]} last pruned set, still held", f"{size[last][0] / 1e9:.3f} B × {BYTES[stored]} B",
-                           size[last][0] * BYTES[stored] / GB, phase="pruning"))
-    pruning.append(Row(f"{hub[built]} pruning its largest weight", f"{size[built][1] / 1e6:.0f} M × {ENDOR_PRUNE_BYTES} B "
-                       "(measured)", size[built][1] * ENDOR_PRUNE_BYTES / GB, phase="pruning"))
-    swapped = max(names, key=lambda n: size[n][0])
-    round_trip = max(names, key=lambda n: size[n][0] * BYTES[stored] + size[n][1] * ENDOR_ROUND_TRIP_BYTES)
-    # after the sweep (the notebook's later cells): its last pruned set is still bound, and
-    # every offloaded model gets its pruned set at the operating point, held to the end
-    offloaded = list(dict.fromkeys(p["offload_model_names"]))
-    size.update({n: _prunable(n, _served_layers(n)) for n in offloaded})
-    hub.update({n: architectures.architecture(n).hub_id for n in offloaded})
-    after = [Row(f"{hub[runs[-1]]} the sweep's last pruned set, still bound", f"{size[runs[-1]][0] / 1e9:.3f} B × "
-                 f"{BYTES[stored]} B", size[runs[-1]][0] * BYTES[stored] / GB),
-             *(Row(f"{hub[n]} pruned set at the operating sparsity", f"{size[n][0] / 1e9:.3f} B × {BYTES[stored]} B",
-                   size[n][0] * BYTES[stored] / GB) for n in offloaded)]
+def _endor_phases(p) -> list[Row]:
+    """Host memory of chapter 04, phase by phase. One model is in memory at a time: each
+    cell loads the model it measures (rounded to the storage dtype) and lets it go, so every
+    phase holds one model's weights and what that step builds beside them; a phase's rows are
+    those of the model for which they add up to the most.
+
+    - loading: the checkpoint stays mapped while the weights are copied out of it;
+    - the sweep (for each pruner and sparsity): one pruned set at a time, built from the
+      model's own weights without a copy (``endor.linear_weights``), swapped in without one
+      (``endor.weights_swapped``; only a load dtype other than the storage dtype casts the
+      set), written in every format and round-tripped one weight at a time;
+    - C2's decode timing: the operating set, and its encoded copy (``endor.decode_throughput``);
+    - C3: the operating set pruned again and swapped in while the offload files are written;
+      the model then goes before the offloaded runs read the files."""
+    load, stored = p["load_dtype"], p["storage_dtype"]
     value_bits, kept = 8 * BYTES[stored], 1 - p["operating_sparsity"]
-    timed = max(offloaded, key=lambda n: size[n][0] * (1 + value_bits * kept) / 8 + size[n][1] * ENDOR_DECODE_BYTES)
-    generating = max(offloaded, key=lambda n: size[n][0])
-    return pruning + [
-        Row(f"{hub[swapped]} pruned set ({stored}) swapped in", f"{size[swapped][0] / 1e9:.3f} B × {BYTES[stored]} B",
-            size[swapped][0] * BYTES[stored] / GB, phase="swapped"),
-        Row(f"{hub[swapped]} own weights saved while swapped ({load})", f"{size[swapped][0] / 1e9:.3f} B × {BYTES[load]} B",
-            size[swapped][0] * BYTES[load] / GB, phase="swapped"),
-        Row(f"{hub[round_trip]} pruned set ({stored}), written and read back", f"{size[round_trip][0] / 1e9:.3f} B × "
-            f"{BYTES[stored]} B", size[round_trip][0] * BYTES[stored] / GB, phase="round trip"),
-        Row(f"{hub[round_trip]} round trip of its largest weight", f"{size[round_trip][1] / 1e6:.0f} M × "
-            f"{ENDOR_ROUND_TRIP_BYTES} B (measured)", size[round_trip][1] * ENDOR_ROUND_TRIP_BYTES / GB, phase="round trip"),
-        *(_during(Row(r.what, r.formula, r.gigabytes), "timing decode") for r in after),
-        _during(Row(f"{hub[timed]} its operating set encoded, to time decoding", f"{size[timed][0] / 1e9:.3f} B × (1 + "
-                    f"{value_bits}·{kept:g}) bits / 8", size[timed][0] * (1 + value_bits * kept) / 8 / GB), "timing decode"),
-        _during(Row(f"{hub[timed]} decoding its largest weight", f"{size[timed][1] / 1e6:.0f} M × {ENDOR_DECODE_BYTES} B "
-                    "(measured)", size[timed][1] * ENDOR_DECODE_BYTES / GB), "timing decode"),
-        *(_during(Row(r.what, r.formula, r.gigabytes), "offloaded generation") for r in after),
-        _during(Row(f"{hub[generating]} own weights saved while its operating set is swapped in ({load})",
-                    f"{size[generating][0] / 1e9:.3f} B × {BYTES[load]} B", size[generating][0] * BYTES[load] / GB),
-                "offloaded generation"),
-        _during(Row("an offloaded model's layer and its decoding, while it generates", "not estimated", None),
-                "offloaded generation")]
+    swept, offloaded = list(dict.fromkeys(p["model_names"])), list(dict.fromkeys(p["offload_model_names"]))
+
+    def model(n):
+        return weights(n, load)
+
+    def pruned_set(n, what):
+        total = _prunable(n, _served_layers(n))[0]
+        return Row(f"{architectures.architecture(n).hub_id} {what} ({stored})", f"{total / 1e9:.3f} B × {BYTES[stored]} B",
+                   total * BYTES[stored] / GB)
+
+    def cast(n):  # weights_swapped casts the set to the model's dtype, a copy only if it differs
+        if load == stored:
+            return []
+        total = _prunable(n, _served_layers(n))[0]
+        return [Row(f"{architectures.architecture(n).hub_id} the set cast to {load} while swapped in",
+                    f"{total / 1e9:.3f} B × {BYTES[load]} B", total * BYTES[load] / GB)]
+
+    def largest(n, what, per_element):
+        elements = _prunable(n, _served_layers(n))[1]
+        return Row(f"{architectures.architecture(n).hub_id} {what} of its largest weight",
+                   f"{elements / 1e6:.0f} M × {per_element} B (measured)", elements * per_element / GB)
+
+    def encoded(n):
+        total = _prunable(n, _served_layers(n))[0]
+        return Row(f"{architectures.architecture(n).hub_id} its operating set encoded, to time decoding",
+                   f"{total / 1e9:.3f} B × (1 + {value_bits}·{kept:g}) bits / 8", total * (1 + value_bits * kept) / 8 / GB)
+
+    steps = {
+        "loading": (list(dict.fromkeys(swept + offloaded)),
+                    lambda n: [model(n), mapped_while_loading([n])]),
+        "pruning": (swept, lambda n: [model(n), pruned_set(n, "pruned set, being built"),
+                                      largest(n, "pruning", ENDOR_PRUNE_BYTES)]),
+        "swapped": (swept, lambda n: [model(n), pruned_set(n, "pruned set swapped in"), *cast(n)]),
+        "round trip": (swept, lambda n: [model(n), pruned_set(n, "pruned set, written and read back"),
+                                         largest(n, "round trip", ENDOR_ROUND_TRIP_BYTES)]),
+        "timing decode": (offloaded, lambda n: [model(n), pruned_set(n, "operating set"), encoded(n),
+                                                largest(n, "decoding", ENDOR_DECODE_BYTES)]),
+        "writing the offload files": (offloaded, lambda n: [model(n), pruned_set(n, "operating set swapped in"),
+                                                            *cast(n)]),
+    }
+    rows = []
+    for phase, (names, held) in steps.items():
+        heaviest = max(names, key=lambda n: sum(r.gigabytes for r in held(n)))
+        rows += [_during(r, phase) for r in held(heaviest)]
+    return rows + [_during(Row("an offloaded model's layer and its decoding, while it generates (the model in "
+                               "memory let go)", "not estimated", None), "offloaded generation")]
 
 
 def _endor(p) -> Card:
@@ -603,21 +611,13 @@ def _endor(p) -> Card:
     load = p["load_dtype"]
     c.gpu = [Row("one decoder layer at a time, streamed from host or disk", "largest layer of the two models", None),
              kv_cache(max(names, key=params), p["window"], 1, load)]
-    # every model is loaded before the sweep, and each keeps a clone of its prunable linears
-    # (the originals every pruning starts from)
-    originals = [Row(f"{architectures.architecture(n).hub_id} prunable linears' originals ({load})",
-                     f"{_prunable(n, _served_layers(n))[0] / 1e9:.3f} B × {BYTES[load]} B",
-                     _prunable(n, _served_layers(n))[0] * BYTES[load] / GB) for n in names]
-    c.host = [*(weights(n, load) for n in dict.fromkeys(names + p["offload_model_names"])), *originals,
-              mapped_while_loading(names), *_endor_sweep(p)]
+    c.host = _endor_phases(p)
     c.disk = [checkpoint(n) for n in names] + [
         Row(f"{architectures.architecture(n).hub_id} offloaded bitmaps at sparsity {sparsity}",
             f"{params(n) / 1e9:.3f} B × (1 + {value_bits}·{1 - sparsity:g}) bits / 8",
             params(n) * (1 + value_bits * (1 - sparsity)) / 8 / GB) for n in p["offload_model_names"]]
-    c.notes.append("as shipped both models, and a clone of each one's prunable linears, sit in host memory at "
-                   "once, the sweep holds two pruned sets while it builds the next, and every offloaded model keeps "
-                   "its operating set to the end; loading one model at a time and dropping each set once measured "
-                   "is what issue #29 still asks")
+    c.notes.append("one model in host memory at a time, with one pruned set beside it; perplexity and Wanda's "
+                   "calibration run on the CPU, in float16")
     return c
 
 
@@ -881,12 +881,22 @@ def _semtokens(p) -> Card:
     c = Card("10_semantic_tokens", "CUDA when present (device='auto')" if p["device"] == "auto" else p["device"])
     width, depth, heads, size = p["width"], p["depth"], p["heads"], p["image_size"]
     tokens = (size // p["patch"]) ** 2 + 1
-    encoder = 12 * width * width * depth  # attention (4 h²) + MLP (8 h²) per layer
     images = p["n_train"] + p["n_val"] + p["n_test"]
     import inspect
     from types import SimpleNamespace
 
+    import torch
+
     from . import semtokens
+
+    # one image encoder trains at a time: the largest of the variants this run compares,
+    # counted from the module itself (built on the meta device: its blocks, the patch or token
+    # embedding, positions and the projection head)
+    with torch.device("meta"):
+        counted = {v: sum(t.numel() for t in semtokens.build_encoder(v, SimpleNamespace(**p)).parameters())
+                   for v in semtokens.variants_for(SimpleNamespace(**p))}
+    largest_variant = max(counted, key=counted.get)
+    encoder = counted[largest_variant]
     from .semtokens import CROP, GEOMETRY, RELATION_FEATURES
     # what semtokens.prepare keeps for the whole run, for every image of every split: the
     # images, the segmenter's instance maps (int64), every variant's inputs (the patch
@@ -925,8 +935,8 @@ def _semtokens(p) -> Card:
                       f"{MASKRCNN_PASS_GB} GB, measured at {MASKRCNN_PASS_SIZE} px on the CPU (no formula covers a "
                       "detector)", MASKRCNN_PASS_GB, phase="preparing")]
     kept = checkpointed_activations if p["checkpoint_blocks"] else activations
-    c.gpu += [_during(Row(f"image ViT ({depth} × {width}), float32", f"12 × {width}² × {depth} × 4 B", encoder * 4 / GB),
-                      "training"),
+    c.gpu += [_during(Row(f"image ViT ({depth} × {width}, the {largest_variant} encoder), float32",
+                          f"{encoder / 1e9:.3f} B params × 4 B (semtokens.build_encoder)", encoder * 4 / GB), "training"),
               _during(adamw_state("image ViT", encoder, "float32"), "training"),
               _during(kept(f"image ViT, batch {p['batch']}", depth, width, heads, tokens, p["batch"], "float32"),
                       "training"),
@@ -934,8 +944,6 @@ def _semtokens(p) -> Card:
                           p["batch"] * 3 * size * size * 4 / GB), "training")]
     # the learned text head trains beside it: counted from the module itself (built on the
     # meta device), its layers over a batch of captions and one swapped caption per negative kind
-    import torch
-
     with torch.device("meta"):
         head = semtokens.TextProjection(text, p["embed_dim"], p["text_queries"], p["text_layers"], width)
     trained = sum(t.numel() for t in head.parameters())
@@ -999,7 +1007,13 @@ def describe(slug: str) -> str:
     out = [f"{slug} — paper preset, runs on: {c.device}"]
     for title, rows in (("device memory", c.gpu), ("host memory", c.host), ("disk", c.disk)):
         for r in rows:
-            out.append(f"  {title:13} {_gb(r.gigabytes):>14}  {r.what}  [{r.formula}]")
+            during = f" (while {r.phase})" if r.phase else ""
+            out.append(f"  {title:13} {_gb(r.gigabytes):>14}  {r.what}{during}  [{r.formula}]")
+        phases = {r.phase for r in rows if r.phase and r.gigabytes is not None}
+        if phases:  # rows of different phases are not held at once: the peak adds the largest phase
+            largest = max(phases, key=lambda ph: sum(r.gigabytes for r in rows if r.phase == ph and r.gigabytes))
+            out.append(f"  {title:13} {_gb(peak_of(rows)):>14}  at its peak: what is held throughout, and "
+                       f"the largest phase ({largest})")
     if c.hours_at_peak is not None:
         out.append(f"  {'time':13} ≥ {_duration(c.hours_at_peak * 3600)} at {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s")
     out += [f"  note: {n}" for n in c.notes]
