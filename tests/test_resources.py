@@ -503,6 +503,27 @@ def test_chapter_04s_card_holds_one_model_and_one_pruned_set_at_a_time():
     assert sum("cast to float32" in r.what for r in cast.host if r.phase == "swapped") == 1
 
 
+def test_chapter_04s_device_card_holds_what_streaming_leaves_on_the_gpu():
+    """04's perplexity passes and Wanda's calibration stream the decoder blocks from host
+    memory (endor.streamed): the device holds every tensor outside the blocks, one weight,
+    one window's MLP intermediates and its logits with their float32 copy, never the model.
+    OPT-66B's outside: its 50,272 × 9,216 embedding (the head is tied to it), 2,050 learned
+    positions and the final norm's weight and bias; Llama-2-70B's: an untied embedding and
+    head of 32,000 × 8,192 and the final norm."""
+    full = resources.card("04_endor")
+    rows = {r.what.split(" ", 1)[1]: r.gigabytes for r in full.gpu if r.phase == "perplexity and calibration"}
+    assert all(r.what.startswith("facebook/opt-66b") for r in full.gpu if r.phase == "perplexity and calibration")
+    assert rows["resident: everything outside the decoder blocks (float16)"] == pytest.approx(9216 * (50272 + 2050 + 2) * 2 / 1e9)
+    assert rows["one streamed weight, its largest"] == pytest.approx(9216 * 36864 * 2 / 1e9)
+    assert rows["the MLP's intermediates, one window"] == pytest.approx(3 * 2048 * 36864 * 2 / 1e9)
+    assert rows["one window's logits, and their float32 copy"] == pytest.approx(2048 * 50272 * 6 / 1e9)
+    llama = resources.card("04_endor", {"model_names": ["llama2-70b"], "offload_model_names": ["llama2-70b"]})
+    resident = next(r for r in llama.gpu if "resident" in r.what)
+    assert resident.gigabytes == pytest.approx((2 * 32000 * 8192 + 8192) * 2 / 1e9)
+    assert full.peak_gb < 0.05 * resources.weights("llama2-70b", "float16").gigabytes
+    assert any("streamed" in note and "GPU" in note for note in full.notes)
+
+
 _MASKRCNN_PEAK = """
 import gc, os, sys
 import numpy as np, torch

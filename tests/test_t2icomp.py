@@ -286,7 +286,14 @@ def test_c1_in_chunks_takes_the_one_batch_gradient(tiny_pipeline):
 
 def test_optimized_states_follow_the_same_steps_in_chunks(tiny_pipeline):
     """The whole optimisation with the paper preset's kind of chunking ends where the one
-    batch's does (to float rounding), and in one chunk exactly there."""
+    batch's does (to float rounding), and in one chunk exactly there.
+
+    "Float rounding" is a thousandth of how far the states moved: Adam divides each step by
+    the gradient's running size, which magnifies the chunked sum's rounding where a gradient
+    is near zero. The bound was atol=1e-5 until 2026-12-07, when an AMD EPYC of family 26
+    (Zen 5) ended 2.5e-5 apart on one of 432 values, with the states moved by 0.15; the new
+    bound was chosen after seeing that. A chunk left out or counted twice moves a prompt's
+    states by a step of 0.05."""
     backbone, _ = tiny_pipeline
     images, captions = t.denoising_targets(t.all_scenes()[:3], size=16)
     latents = backbone.encode(to_tensor(images))[:, None].expand(-1, 2, -1, -1, -1)
@@ -294,7 +301,9 @@ def test_optimized_states_follow_the_same_steps_in_chunks(tiny_pipeline):
     whole = t.optimize_states(backbone, states, latents, steps=3, lr=0.05)
     assert torch.equal(t.optimize_states(backbone, states, latents, steps=3, lr=0.05, chunk=3), whole)
     parts = t.optimize_states(backbone, states, latents, steps=3, lr=0.05, chunk=2)
-    assert torch.allclose(parts, whole, atol=1e-5) and not torch.equal(whole, states)
+    moved = float((whole - states).abs().max())
+    assert moved > 0.05, "three steps of lr 0.05 must move the states"
+    assert torch.allclose(parts, whole, rtol=0, atol=1e-3 * moved)
 
 
 def test_the_chunk_sets_how_many_images_each_backward_pass_holds(tiny_pipeline, monkeypatch):

@@ -21,10 +21,12 @@ Accelerate's own disk offloading, with Endor files read in place of its ``.dat``
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import struct
 import time
@@ -34,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import OffloadedWeightsLoader, offload_state_dict
+from accelerate.hooks import SequentialHook, attach_align_device_hook_on_blocks
+from accelerate.utils import OffloadedWeightsLoader, find_tied_parameters, offload_state_dict
 from replbook_kernels import bitmap_decode, bitmap_decode_reference
 from tqdm import tqdm
 
@@ -312,10 +315,71 @@ def pruned_weights(original: dict[str, torch.Tensor], sparsity: float, method: s
             for name, weight in original.items()}
 
 
+# a decoder block: ``model.layers.3`` (Llama, Gemma), ``model.decoder.layers.3`` (OPT)
+BLOCK = re.compile(r"(?:.+\.)?layers\.\d+")
+
+
+def _block_placement(module, prefix: str = "") -> dict[str, bool]:
+    """Module name -> streamed (a decoder block) or resident (a module holding no block),
+    covering every tensor of ``module`` once."""
+    placement = {}
+    for name, child in module.named_children():
+        full = f"{prefix}{name}"
+        if BLOCK.fullmatch(full):
+            placement[full] = True
+        elif any(BLOCK.fullmatch(f"{full}.{inner}") for inner, _ in child.named_modules() if inner):
+            if any(True for _ in child.parameters(recurse=False)) or any(True for _ in child.buffers(recurse=False)):
+                raise ValueError(f"{full} holds decoder blocks and tensors of its own: cannot stream it block by block")
+            placement.update(_block_placement(child, f"{full}."))
+        else:
+            placement[full] = False
+    return placement
+
+
+def streamed(model, device: str | torch.device) -> None:
+    """Run the model's forward passes on ``device`` with its decoder blocks' weights kept on
+    the host, each weight moved to ``device`` only for its own layer's forward pass and
+    dropped after it: Accelerate's CPU offloading (the hooks ``dispatch_model`` sets up for
+    ``device_map`` entries of ``"cpu"``), with the model's own host tensors as the weights
+    map. The embeddings, final norm and head move to ``device`` and stay there. This is how
+    the paper preset computes perplexity and Wanda's input norms of a 70B model on one
+    80 GB GPU (its fp16 weights are 140 GB).
+
+    On the CPU nothing is copied: each layer runs from the host tensors themselves, so the
+    book preset's numbers are those of the unhooked model. The model's weights are then read
+    and replaced through :func:`linear_weights` and :func:`weights_swapped` (its parameters
+    are on the meta device between forward passes). In place; there is no undoing it: the
+    chapter lets the model go when it is done with it."""
+    placement = _block_placement(model)
+    if not any(placement.values()):
+        raise ValueError(f"{type(model).__name__} has no decoder blocks named like {BLOCK.pattern!r} to stream")
+    offloaded = tuple(f"{name}." for name, is_block in placement.items() if is_block)
+    # the blocks' own tensors, not copies (state_dict detaches without copying)
+    host = {key: value for key, value in model.state_dict().items() if key.startswith(offloaded)}
+    execution = {name: torch.device(device) for name in placement} | {"": torch.device(device)}
+    # tied weights (an input embedding that is also the head) are placed on the device once, as dispatch_model does
+    tied = {parameter.data_ptr(): {} for group in find_tied_parameters(model) for name in group
+            if (parameter := model.get_parameter(name)).device.type != "meta"}
+    attach_align_device_hook_on_blocks(model, execution_device=execution, offload=placement, weights_map=host,
+                                       tied_params_map=tied)
+
+
+def _offload_hook(module):
+    """The Accelerate hook that keeps ``module``'s weights off it (:func:`streamed`), or None."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = hook.hooks if isinstance(hook, SequentialHook) else [hook]
+    return next((h for h in hooks if getattr(h, "offload", False)), None)
+
+
 def linear_weights(model) -> dict[str, torch.Tensor]:
     """The prunable linears' own weight tensors, not copies: what every pruning of the model
-    starts from (:func:`weights_swapped` never writes into them)."""
-    return {name: linear.weight.detach() for name, linear in prunable_linears(model).items()}
+    starts from (:func:`weights_swapped` never writes into them). For a :func:`streamed`
+    model, the host tensors its hooks move to the device."""
+    weights = {}
+    for name, linear in prunable_linears(model).items():
+        hook = _offload_hook(linear)
+        weights[name] = hook.weights_map["weight"] if hook is not None else linear.weight.detach()
+    return weights
 
 
 @contextlib.contextmanager
@@ -323,17 +387,27 @@ def weights_swapped(model, weights: dict[str, torch.Tensor]):
     """Run the model with these linear weights (cast to the model's dtype) in place of its
     own, then put its own back. The model's own tensors are set aside, neither copied nor
     written into: at the paper preset a copy would be as large as the model, and the
-    pruned sets are built from them (:func:`linear_weights`)."""
+    pruned sets are built from them (:func:`linear_weights`). In a :func:`streamed` model
+    the swap is in the weights map its hooks read before each forward pass."""
     linears = prunable_linears(model)
-    own = {name: linears[name].weight for name in weights}
+    own_parameters, own_maps = {}, {}
     try:
         for name, weight in weights.items():
-            linears[name].weight = torch.nn.Parameter(weight.to(own[name].dtype).to(own[name].device),
-                                                      requires_grad=own[name].requires_grad)
+            hook = _offload_hook(linears[name])
+            if hook is not None:
+                own = hook.weights_map["weight"]
+                own_maps[name] = hook.weights_map
+                hook.weights_map = collections.ChainMap({"weight": weight.to(own.dtype).to(own.device)}, own_maps[name])
+            else:
+                own = own_parameters[name] = linears[name].weight
+                linears[name].weight = torch.nn.Parameter(weight.to(own.dtype).to(own.device),
+                                                          requires_grad=own.requires_grad)
         yield model
     finally:
-        for name, parameter in own.items():
+        for name, parameter in own_parameters.items():
             linears[name].weight = parameter
+        for name, weights_map in own_maps.items():
+            _offload_hook(linears[name]).weights_map = weights_map
 
 
 def round_trip_exact(weights: dict[str, torch.Tensor]) -> bool:

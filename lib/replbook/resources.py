@@ -44,6 +44,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+import re
 
 from . import architectures
 
@@ -603,21 +604,56 @@ def _endor_phases(p) -> list[Row]:
                                "memory let go)", "not estimated", None), "offloaded generation")]
 
 
+def _endor_streamed_passes(p) -> list[Row]:
+    """Device memory of chapter 04's perplexity passes and Wanda's calibration
+    (``endor.streamed``): what stays on the device (every tensor outside the decoder blocks:
+    the embeddings, final norm and head), one streamed weight at a time (Accelerate's hooks
+    move each linear's weight in for its own pass and drop it after), the MLP's widest
+    intermediates and one window's logits, cast to float32 for the loss (``lm.perplexity``);
+    charged to the model for which they add up to the most."""
+    load = p["load_dtype"]
+
+    def held(n):
+        c = _text(architectures.architecture(n).config)
+        label = architectures.architecture(n).hub_id
+        in_blocks = sum(t.numel() for name, t in architectures.build(n, layers=_served_layers(n), device="meta")
+                        .state_dict().items() if re.search(r"(?:^|\.)layers\.\d+\.", name))
+        resident = params(n) - in_blocks
+        largest = _prunable(n, _served_layers(n))[1]
+        wide = c.get("intermediate_size", c.get("ffn_dim"))
+        return [Row(f"{label} resident: everything outside the decoder blocks ({load})",
+                    f"{resident / 1e9:.3f} B × {BYTES[load]} B", resident * BYTES[load] / GB),
+                Row(f"{label} one streamed weight, its largest", f"{largest / 1e6:.0f} M × {BYTES[load]} B",
+                    largest * BYTES[load] / GB),
+                Row(f"{label} the MLP's intermediates, one window", f"3 × {p['window']} × {wide} × {BYTES[load]} B",
+                    3 * p["window"] * wide * BYTES[load] / GB),
+                Row(f"{label} one window's logits, and their float32 copy",
+                    f"{p['window']} × {c['vocab_size']} × ({BYTES[load]} + 4) B",
+                    p["window"] * c["vocab_size"] * (BYTES[load] + 4) / GB)]
+
+    names = list(dict.fromkeys(p["model_names"] + p["offload_model_names"]))
+    heaviest = max(names, key=lambda n: sum(r.gigabytes for r in held(n)))
+    return [_during(r, "perplexity and calibration") for r in held(heaviest)]
+
+
 def _endor(p) -> Card:
     c = Card("04_endor", p["device"])
     names = p["model_names"]
     sparsity = p["operating_sparsity"]
     value_bits = 8 * BYTES[p["storage_dtype"]]
     load = p["load_dtype"]
-    c.gpu = [Row("one decoder layer at a time, streamed from host or disk", "largest layer of the two models", None),
-             kv_cache(max(names, key=params), p["window"], 1, load)]
+    c.gpu = [_during(Row("one decoder layer at a time, streamed from host or disk", "largest layer of the two models",
+                         None), "offloaded generation"),
+             _during(kv_cache(max(names, key=params), p["window"], 1, load), "offloaded generation")]
+    c.gpu += _endor_streamed_passes(p)
     c.host = _endor_phases(p)
     c.disk = [checkpoint(n) for n in names] + [
         Row(f"{architectures.architecture(n).hub_id} offloaded bitmaps at sparsity {sparsity}",
             f"{params(n) / 1e9:.3f} B × (1 + {value_bits}·{1 - sparsity:g}) bits / 8",
             params(n) * (1 + value_bits * (1 - sparsity)) / 8 / GB) for n in p["offload_model_names"]]
     c.notes.append("one model in host memory at a time, with one pruned set beside it; perplexity and Wanda's "
-                   "calibration run on the CPU, in float16")
+                   f"calibration run on the {'GPU' if p['device'] == 'cuda' else 'CPU'} in {load}, the decoder blocks' weights streamed from "
+                   "host memory one layer's pass at a time (endor.streamed)")
     return c
 
 
