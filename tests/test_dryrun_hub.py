@@ -5,16 +5,25 @@ kernel would: the slow half of the dry run's tests, kept apart so the mutation s
 only for the mutants of what the hub serves."""
 import json
 
-from replbook import architectures, dryrun
+from replbook import architectures, dryrun, models
 
 
 def _in_a_fresh_process(root, code: str) -> dict:
     """Run ``code`` (which prints one JSON line) in a new interpreter whose hub cache is
-    ``root``, offline: as a chapter's kernel started by ``dryrun.run`` sees it."""
+    ``root``, offline: as a chapter's kernel started by ``dryrun.run`` sees it. Every pinned
+    repository's ``main`` has moved on first, to a commit the cache does not hold, so a load
+    that does not ask for the registry's pinned commit (models.HUB_REVISIONS) fails."""
     import os
     import subprocess
     import sys
 
+    from replbook import models
+
+    for repository, commit in models.HUB_REVISIONS.items():
+        ref = root / f"models--{repository.replace('/', '--')}" / "refs" / "main"
+        if ref.is_file():
+            assert (ref.parent.parent / "snapshots" / commit).is_dir(), f"{repository}: its pin is not served"
+            ref.write_text("0" * 40)
     env = {**os.environ, "HF_HUB_CACHE": str(root), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -58,6 +67,8 @@ def test_a_changed_config_is_served_from_a_new_snapshot(tmp_path, monkeypatch):
     dryrun.fake_hub(["minilm-l6-hub"], layers=1, root=root)
     after = dryrun.snapshot(root, "minilm-l6-hub", 1)
     assert after != before and (after.parent.parent / "refs" / "main").read_text() == after.name
+    pinned = after.parent / models.HUB_REVISIONS[arch.hub_id]  # the chapter's commit follows the rebuild
+    assert pinned.is_symlink() and pinned.resolve() == after.resolve()
     served = [json.loads(p.read_text()) for p in after.rglob("config.json")]
     assert [c["intermediate_size"] for c in served if "intermediate_size" in c] == [768]
 
@@ -112,7 +123,10 @@ print(json.dumps({"pixels": list(inputs["pixel_values"].shape),
 def test_an_open_clip_model_is_served_where_open_clip_looks_for_its_weights(tmp_path):
     """Chapters 03 and 09 load OpenAI's CLIP ViT-B/16 through open_clip by architecture and
     tag; open_clip fetches the weights from the model's hub repository. The dry run serves
-    them there, at full depth (open_clip builds the named architecture before loading)."""
+    them there, at full depth (open_clip builds the named architecture before loading). The
+    book fetches them at the pinned commit and builds the model with the tag's QuickGELU:
+    open_clip 3's tag path built nn.GELU for "ViT-B-16" + "openai" and only warned, so the
+    paper preset ran OpenAI's weights through an activation they were not trained with."""
     root = dryrun.fake_hub(["clip-vit-b-16"], layers=1, root=tmp_path / "hub")
     seen = _in_a_fresh_process(root, """
 import json
@@ -126,13 +140,25 @@ loaded = models.load("clip-vit-b-16", preset="paper", progress=False)  # the cha
 model, (preprocess, tokenizer) = loaded.model, loaded.tokenizer
 snapshot = dryrun.snapshot(Path(os.environ["HF_HUB_CACHE"]), "clip-vit-b-16", 1)
 served = load_file(snapshot / "open_clip_model.safetensors")
-image = preprocess(Image.new("RGB", (300, 240))).unsqueeze(0)
+photo = Image.new("RGB", (300, 240), (200, 30, 90))
+image = preprocess(photo).unsqueeze(0)
+# open_clip's own path, by tag (its weights at main: pointed back at the served snapshot here),
+# with the QuickGELU the tag was trained with (open_clip 3 only warns that "ViT-B-16" lacks it),
+# builds the same model: the same preprocessing, the same outputs
+import open_clip
+(snapshot.parent.parent / "refs" / "main").write_text(models.HUB_REVISIONS["timm/vit_base_patch16_clip_224.openai"])
+by_tag, _, tag_preprocess = open_clip.create_model_and_transforms("ViT-B-16", pretrained="openai", force_quick_gelu=True)
+with torch.no_grad():
+    same = torch.equal(model.eval().encode_image(image), by_tag.eval().encode_image(tag_preprocess(photo).unsqueeze(0)))
 print(json.dumps({"image": list(model.encode_image(image).shape), "text": list(model.encode_text(tokenizer(["a cat"])).shape),
                   "layers": len(model.visual.transformer.resblocks),
                   "served": all(torch.equal(v, served[k]) for k, v in model.state_dict().items() if k in served),
-                  "every_weight_served": set(model.state_dict()) <= set(served)}))
+                  "every_weight_served": set(model.state_dict()) <= set(served),
+                  "as_the_tag_builds_it": same and repr(preprocess) == repr(tag_preprocess),
+                  "activation": type(model.visual.transformer.resblocks[0].mlp.gelu).__name__}))
 """)
-    assert seen == {"image": [1, 512], "text": [1, 512], "layers": 12, "served": True, "every_weight_served": True}
+    assert seen == {"image": [1, 512], "text": [1, 512], "layers": 12, "served": True, "every_weight_served": True,
+                    "as_the_tag_builds_it": True, "activation": "QuickGELU"}
     assert dryrun.served_depth("clip-vit-b-16", 1) is None and dryrun.served_depth("clip-vit-l-14", 1) == 1
 
 

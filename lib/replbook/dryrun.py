@@ -12,7 +12,8 @@ says "dry run" wherever it writes.
 
 The hub cache is built once per (model, depth) under ``cache_dir("dryrun-hub")`` in the
 hub's layout (``models--org--name/snapshots/<revision>/`` and ``refs/main``; the revision hashes
-what the snapshot is built from, see :func:`revision`), with the
+what the snapshot is built from, see :func:`revision`; the commit the registry pins,
+``models.HUB_REVISIONS``, names the same snapshot, which is what the chapter loads), with the
 book's byte-level tokenizer (256 byte tokens + end-of-text: ids fit every vocabulary).
 Hub *datasets* are not faked: :data:`OVERRIDES` swaps a chapter's hub texts for offline
 ones and shrinks its workload to a step or two. A local dataset folder a reader would
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import architectures
+from . import architectures, models
 from .paths import cache_dir, repo_root
 from .runner import paper_models  # the hub models a paper preset names: what to serve
 
@@ -297,11 +298,27 @@ def fake_hub(names: list[str], layers: int | None = 1, root: Path | None = None)
         refs = folder.parent.parent / "refs"
         refs.mkdir(exist_ok=True)
         (refs / "main").write_text(folder.name)
+        names = [folder.name]
+        pin = models.hub_revision(hub_id)
+        if pin:  # the chapter asks for the pinned commit: the same snapshot, by that name too
+            _point(folder.parent / pin, folder.name)
+            names.append(pin)
         for path in ABSENT.get(architectures.architecture(name).family, ()):
-            marker = folder.parent.parent / ".no_exist" / folder.name / path
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
+            for revision_name in names:
+                marker = folder.parent.parent / ".no_exist" / revision_name / path
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
     return root
+
+
+def _point(link: Path, target: str) -> None:
+    """``link`` made a symbolic link to the sibling folder ``target``, replaced in one step
+    (a process loading through the old link meanwhile reads a whole snapshot, old or new)."""
+    if link.is_symlink() and os.readlink(link) == target:
+        return
+    temporary = link.with_name(f"{link.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+    os.symlink(target, temporary)
+    os.replace(temporary, link)
 
 
 def high_water_bytes(pid: int) -> int | None:

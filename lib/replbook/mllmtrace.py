@@ -602,16 +602,18 @@ def load_model(cfg) -> VisionLanguageModel:
     if cfg.vision == "own":
         from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
+        revision = models.source_revision(cfg.language_model)  # a hub id's pinned commit; a folder as it is
         try:  # bfloat16 on a GPU, as LLaVA-1.5 runs; float32 on the CPU, whose bfloat16 matmuls are slow
             model = LlavaForConditionalGeneration.from_pretrained(
-                cfg.language_model, dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device)
+                cfg.language_model, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+                revision=revision).to(device)
         except OSError as error:
             raise OSError(f"language_model={cfg.language_model!r} is not available offline: download it where "
                           f"the hub can be reached (huggingface-cli download {cfg.language_model}) and set "
                           f"HF_HOME, or pass a local folder") from error
         model.eval()
-        tokenizer = AutoTokenizer.from_pretrained(cfg.language_model)
-        processor = AutoImageProcessor.from_pretrained(cfg.language_model)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.language_model, revision=revision)
+        processor = AutoImageProcessor.from_pretrained(cfg.language_model, revision=revision)
 
         @torch.no_grad()
         def features(views: np.ndarray) -> torch.Tensor:

@@ -6,7 +6,8 @@ A name maps to where the weights come from:
   preset runs offline. GGUF files are converted once to safetensors and cached
   outside the repo under a hash of the GGUF bytes *and* of the conversion code;
   the cached file is verified by sha256 each time it is loaded.
-- ``hub``: a Hugging Face hub id, for the ``paper`` preset only.
+- ``hub``: a Hugging Face hub id, for the ``paper`` preset only, loaded at the commit
+  :data:`HUB_REVISIONS` pins (a repository's ``main`` moves; a pinned commit does not).
 - ``tiny``: a small randomly initialised model built here and saved with
   ``save_pretrained``, so the smoke preset and the tests exercise the very same
   ``from_pretrained`` path that hub models take.
@@ -54,6 +55,62 @@ class ModelSpec:
     hub_id: str | None = None
     licence: str = ""
     paper_name: str | None = None  # the hub model this one stands in for
+
+    @property
+    def revision(self) -> str | None:
+        """The commit a hub model loads at (:func:`hub_revision`); None for the others."""
+        return hub_revision(self.hub_id) if self.source == "hub" else None
+
+
+# The commit each hub repository the paper preset loads is pinned to (issue #23): every
+# ``from_pretrained`` of a paper model passes it, so two runs read the same bytes however the
+# repository's ``main`` moves on. No hub can be reached from where the book is built, so the
+# commits could not be looked up here; each is a snapshot folder name
+# (``models--org--name/snapshots/<commit>``) that independent public projects' hub caches
+# show, the most often seen where they differ, and for the Llama-2 models also what the hub's
+# API gave as their ``main`` in October 2026 (a public record of it). The first networked
+# paper run confirms each: a pin the hub does not hold fails with huggingface_hub's
+# "revision not found" before any weight loads, and ``replbook run`` records what ran.
+HUB_REVISIONS: dict[str, str] = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "12fd25f77366fa6b3b4b768ec3050bf629380bac",
+    "google/gemma-3-270m": "9b0cfec892e2bc2afd938c98eabe4e4a7b1e0ca1",
+    "sentence-transformers/all-MiniLM-L6-v2": "c9745ed1d9f207416be6d2e6f8de32d1f16199bf",
+    "meta-llama/Llama-2-7b-hf": "01c7f73d771dfac7d292323805ebc428287df4f9",
+    "meta-llama/Llama-2-13b-hf": "5c31dfb671ce7cfe2d7bb7c04375e44c55e815b1",
+    "meta-llama/Llama-2-70b-hf": "3aba440b59558f995867ba6e1f58f21d0336b5bb",
+    "meta-llama/Meta-Llama-3-8B": "8cde5ca8380496c9a6cc7ef3a8b46a0372a1d920",
+    "facebook/opt-66b": "7259969061237fe940036d22bea0fd349e4485e9",
+    "llava-hf/llava-1.5-7b-hf": "b234b804b114d9e37bb655e11cbbb5f5e971b7a9",
+    "facebook/dinov2-base": "f9e44c814b77203eaa57a6bdbbd535f21ede1415",
+    "facebook/dino-vitb16": "f205d5d8e640a89a2b8ef0369670dfc37cc07fc2",
+    "openai/clip-vit-large-patch14": "32bd64288804d66eefd0ccbe215aa642df71cc41",
+    "timm/vit_base_patch16_clip_224.openai": "977e3dd0ec55ab8da155f2fbeb6b5f54948b6e3d",
+    "CompVis/stable-diffusion-v1-4": "133a221b8aa7292a167afc5127cb63fb5005638b",
+    "stabilityai/stable-diffusion-2-1": "5cae40e6a2745ae2b01ad92ae5043f95f23644d6",
+}
+# paper-preset repositories left at ``main``, and why: said where the run starts and recorded
+# with the commit that ran
+UNPINNED: dict[str, str] = {
+    "facebook/deit-base-patch16-224": "no public record of one of its commits could be found offline",
+}
+
+
+def hub_repository(hub_id: str) -> str:
+    """The repository ("org/name") holding ``hub_id``, which may name a part of it
+    (``CompVis/stable-diffusion-v1-4/unet``)."""
+    return "/".join(hub_id.split("/")[:2])
+
+
+def hub_revision(hub_id: str | None) -> str | None:
+    """The commit :data:`HUB_REVISIONS` pins ``hub_id``'s repository to; None (its ``main``)
+    for a repository the book does not pin: one in :data:`UNPINNED`, or a reader's own."""
+    return HUB_REVISIONS.get(hub_repository(hub_id)) if hub_id else None
+
+
+def source_revision(source: str) -> str | None:
+    """The commit a ``from_pretrained(source)`` asks for: a hub id's pinned commit; None for
+    a folder (which loads as it is) and for an unpinned repository (its ``main``)."""
+    return None if Path(source).is_dir() else hub_revision(source)
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -380,13 +437,13 @@ class DiffusionParts:
 
 def diffusion_parts(source: str, offline: bool = True, device: str | None = None) -> DiffusionParts:
     """Tokenizer, text encoder, UNet, VAE and noise schedule of a Stable Diffusion
-    checkpoint (``source`` a hub id or a folder saved that way, as the tiny test model
-    is), on ``device`` (default: the GPU when there is one)."""
+    checkpoint (``source`` a hub id, at its pinned commit, or a folder saved that way, as the
+    tiny test model is), on ``device`` (default: the GPU when there is one)."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
-    kw = {"local_files_only": offline}
+    kw = {"local_files_only": offline, "revision": source_revision(source)}
     tok = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
     text = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw).eval()
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw).eval()
@@ -403,17 +460,19 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _from_pretrained(kind: Kind, source: str, offline: bool, device: str | None, dtype: str | None = None):
-    """The one loading path for saved folders and hub ids: causal LMs, sentence encoders.
+    """The one loading path for saved folders and hub ids (a hub id at its pinned commit,
+    every file of it): causal LMs, sentence encoders, image encoders.
     Causal LMs load in float32 (bfloat16 with ``device="auto"``) unless ``dtype`` is given."""
     import torch
 
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; choose one of: {', '.join(DTYPES)}")
+    revision = source_revision(source)
     if kind == "causal-lm":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
-        kwargs: dict[str, Any] = {"dtype": torch.float32, "local_files_only": offline}
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline, revision=revision)
+        kwargs: dict[str, Any] = {"dtype": torch.float32, "local_files_only": offline, "revision": revision}
         if device == "auto":  # spread a large model over the node's GPUs (Accelerate)
             kwargs.update(device_map="auto", dtype=torch.bfloat16)
         if dtype is not None:
@@ -426,20 +485,20 @@ def _from_pretrained(kind: Kind, source: str, offline: bool, device: str | None,
         from sentence_transformers import SentenceTransformer
 
         model = SentenceTransformer(str(source), device=device if device not in (None, "auto") else "cpu",
-                                    local_files_only=offline)
+                                    local_files_only=offline, revision=revision)
         return model.eval(), model.tokenizer
     if kind == "image-encoder":  # DINOv2, CLIP's image tower; the processor comes back as "tokenizer"
         from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPVisionModelWithProjection
 
-        model_type = AutoConfig.from_pretrained(source, local_files_only=offline).model_type
+        model_type = AutoConfig.from_pretrained(source, local_files_only=offline, revision=revision).model_type
         cls = CLIPVisionModelWithProjection if model_type.startswith("clip") else AutoModel
-        kwargs = {"local_files_only": offline, "dtype": getattr(torch, dtype or "float32")}
+        kwargs = {"local_files_only": offline, "dtype": getattr(torch, dtype or "float32"), "revision": revision}
         if device == "auto":
             kwargs["device_map"] = "auto"
         model = cls.from_pretrained(source, **kwargs)
         if device not in (None, "auto"):
             model = model.to(device)
-        return model.eval(), AutoImageProcessor.from_pretrained(source, local_files_only=offline)
+        return model.eval(), AutoImageProcessor.from_pretrained(source, local_files_only=offline, revision=revision)
     raise ValueError(f"models of kind {kind!r} do not load with from_pretrained here")
 
 
@@ -481,10 +540,20 @@ def _open_clip(spec: ModelSpec, preset: str):
     if preset != "paper":
         raise ValueError(f"model {spec.name!r} comes from the hub ({spec.hub_id}); the {preset!r} preset runs "
                          f"offline. Use preset='paper', or tiny-open-clip")
-    # by open_clip's own (architecture, tag), which also sets OpenAI's QuickGELU; the
-    # weights come from the hub repository in hub_id
+    # open_clip's own (architecture, tag): the tag's weights, from its hub repository (hub_id)
+    # at the pinned commit (open_clip itself fetches a tag's weights at main), handed to it as
+    # a file; the tag's preprocessing; and the tag's QuickGELU, which OpenAI's CLIP was trained
+    # with: open_clip 3 builds "ViT-B-16" with nn.GELU even for the "openai" tag, and only warns
     architecture, tag = OPEN_CLIP_NAMES[spec.name]
-    model, _, preprocess = open_clip.create_model_and_transforms(architecture, pretrained=tag)
+    cfg = open_clip.get_pretrained_cfg(architecture, tag)
+    if cfg.get("hf_hub", "").rstrip("/") != spec.hub_id:
+        raise ValueError(f"model {spec.name!r}: open_clip's {architecture} {tag!r} weights live in "
+                         f"{cfg.get('hf_hub')!r}, not in the registry's {spec.hub_id!r}")
+    weights = open_clip.pretrained.download_pretrained_from_hf(spec.hub_id, revision=spec.revision)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        architecture, pretrained=weights, force_quick_gelu=cfg.get("quick_gelu", False), image_mean=cfg.get("mean"),
+        image_std=cfg.get("std"), image_interpolation=cfg.get("interpolation"),
+        image_resize_mode=cfg.get("resize_mode"))
     return model.eval(), (preprocess, open_clip.get_tokenizer(architecture))
 
 

@@ -80,22 +80,26 @@ def hub_cache() -> Path:
 
 
 def hub_revisions(names: list[str], cache: Path | None = None) -> dict[str, str | None]:
-    """The commit each of ``names`` (hub models, as :func:`paper_models` gives them) ran at:
-    its repository's ``refs/main`` in the hub cache, which names the snapshot
-    ``from_pretrained`` resolved ``main`` to and loaded (None where the cache holds no such
-    repository). The registry names repositories, not commits, and a repository's ``main``
-    moves: a paper run records what it got, so two runs whose numbers differ can be told
-    apart by their weights."""
+    """The commit each of ``names`` (hub models, as :func:`paper_models` gives them) ran at.
+    A pinned repository (``models.HUB_REVISIONS``) loads its pinned commit or fails, so that
+    commit, where the hub cache holds its snapshot; an unpinned one its ``refs/main``, which
+    names the snapshot ``from_pretrained`` resolved ``main`` to and loaded, and which moves.
+    None where the cache holds neither. A paper run records what it got, so two runs whose
+    numbers differ can be told apart by their weights."""
     from huggingface_hub.file_download import repo_folder_name
 
-    from . import architectures
+    from . import architectures, models
 
     cache = Path(cache or hub_cache())
     revisions = {}
     for name in names:
         hub_id = architectures.architecture(name).hub_id
-        ref = cache / repo_folder_name(repo_id=hub_id, repo_type="model") / "refs" / "main"
-        revisions[hub_id] = ref.read_text().strip() if ref.is_file() else None
+        repository = cache / repo_folder_name(repo_id=models.hub_repository(hub_id), repo_type="model")
+        pin, ref = models.hub_revision(hub_id), repository / "refs" / "main"
+        if pin:
+            revisions[hub_id] = pin if (repository / "snapshots" / pin).is_dir() else None
+        else:
+            revisions[hub_id] = ref.read_text().strip() if ref.is_file() else None
     return revisions
 
 
@@ -259,7 +263,7 @@ def run(chapter: str, preset: str = "book", parameters: dict | None = None, root
         if not result_file.exists():
             raise RuntimeError(f"{slug} ran to the end but saved no results (its run.save cell did not write "
                                f"{result_file.name})")
-        if preset == "paper":  # which snapshot of each hub model ran (the registry pins none)
+        if preset == "paper":  # which snapshot of each hub model ran (its pinned commit, or main's)
             saved = json.loads(result_file.read_text())
             saved["hub_revisions"] = hub_revisions(hub_models)
             results.write_atomic(result_file, saved)

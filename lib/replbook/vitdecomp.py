@@ -627,11 +627,14 @@ def load_classifier(name: str, cfg, pretrain: SpuriousSet, progress: bool = True
     if cfg.preset != "paper" and not Path(name).is_dir():
         raise ValueError(f"architecture {name!r} is a hub id; the {cfg.preset!r} preset runs offline. Use "
                          f"preset='paper', a saved folder, or one of: {', '.join(ARCHITECTURES)}")
-    model_type = AutoConfig.from_pretrained(name).model_type
+    from .models import source_revision
+
+    revision = source_revision(name)  # a hub id loads at its pinned commit
+    model_type = AutoConfig.from_pretrained(name, revision=revision).model_type
     classes = {"vit": ViTForImageClassification, "dinov2": Dinov2ForImageClassification}
     if model_type not in classes:
         raise ValueError(f"{name}: model type {model_type!r}; RepDecompose here supports {', '.join(classes)}")
-    model = classes[model_type].from_pretrained(name, num_labels=2, ignore_mismatched_sizes=True)
+    model = classes[model_type].from_pretrained(name, num_labels=2, ignore_mismatched_sizes=True, revision=revision)
     return model.to(where).eval(), {"architecture": name, "pretrained": True}
 
 
