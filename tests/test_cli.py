@@ -126,16 +126,21 @@ def test_replbook_run_prepares_its_chapter_after_the_parameters_pass_and_before_
 
 
 def test_a_paper_run_records_the_commit_each_hub_model_ran_at(book, fake_papermill, tmp_path, monkeypatch, capsys):
-    """The registry names hub repositories, not commits, and a repository's main moves: a
-    paper run's results say which snapshot of each model it loaded (the hub cache's
-    refs/main), and None, said aloud, for a model the cache does not hold."""
+    """A repository's main moves, so the registry pins each paper model's commit
+    (models.HUB_REVISIONS) and the loaders ask for it: a paper run's results say which
+    snapshot of each model it loaded (the pinned one, where the hub cache holds it, whatever
+    refs/main says), and None, said aloud, for a model the cache does not hold."""
+    from replbook import models
+
+    pins = {hub_id: models.HUB_REVISIONS[hub_id] for hub_id in ("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-70b-hf")}
     hub = tmp_path / "hub"
-    (hub / "models--meta-llama--Llama-2-7b-hf" / "refs").mkdir(parents=True)
-    (hub / "models--meta-llama--Llama-2-7b-hf" / "refs" / "main").write_text("8cca527612d856d7d32bd94f8103728d614eb852\n")
-    # another ref of the same repository, and the main of a repository 08 does not load unless asked
-    (hub / "models--meta-llama--Llama-2-7b-hf" / "refs" / "pr-1").write_text("1111111111111111111111111111111111111111")
-    (hub / "models--meta-llama--Llama-2-70b-hf" / "refs").mkdir(parents=True)
-    (hub / "models--meta-llama--Llama-2-70b-hf" / "refs" / "main").write_text("2222222222222222222222222222222222222222")
+    seven, seventy = hub / "models--meta-llama--Llama-2-7b-hf", hub / "models--meta-llama--Llama-2-70b-hf"
+    (seven / "refs").mkdir(parents=True)
+    (seven / "refs" / "main").write_text("8cca527612d856d7d32bd94f8103728d614eb852\n")  # main has moved on
+    (seven / "snapshots" / pins["meta-llama/Llama-2-7b-hf"]).mkdir(parents=True)
+    # another ref of the same repository, and a repository 08 does not load unless asked
+    (seven / "refs" / "pr-1").write_text("1111111111111111111111111111111111111111")
+    (seventy / "snapshots" / pins["meta-llama/Llama-2-70b-hf"]).mkdir(parents=True)
     # huggingface_hub read its variables when first imported (here, as in a session that loaded a
     # model before it pointed HF_HUB_CACHE elsewhere): the run must read the hub cache its kernel reads
     import huggingface_hub.constants  # noqa: F401
@@ -143,16 +148,16 @@ def test_a_paper_run_records_the_commit_each_hub_model_ran_at(book, fake_papermi
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     runner.run("08", "paper", root=book, out_dir=tmp_path / "paper")
     saved = json.loads((tmp_path / "paper" / "results" / "08_loki.json").read_text())
-    assert saved == {"preset": "paper", "hub_revisions": {"meta-llama/Llama-2-7b-hf": "8cca527612d856d7d32bd94f8103728d614eb852",
+    assert saved == {"preset": "paper", "hub_revisions": {"meta-llama/Llama-2-7b-hf": pins["meta-llama/Llama-2-7b-hf"],
                                                           "meta-llama/Llama-2-13b-hf": None}}
     err = capsys.readouterr().err
-    assert "08_loki ran meta-llama/Llama-2-7b-hf at 8cca527612d856d7d32bd94f8103728d614eb852" in err
+    assert f"08_loki ran meta-llama/Llama-2-7b-hf at {pins['meta-llama/Llama-2-7b-hf']}" in err
     assert f"meta-llama/Llama-2-13b-hf at an unknown commit (not in the hub cache {hub})" in err
     # the reader's -p values decide which models ran
     monkeypatch.setattr(runner, "notebook_parameters", lambda path: ["model_names"])
     runner.run("08", "paper", {"model_names": ["llama2-70b"]}, root=book, out_dir=tmp_path / "seventy")
     assert json.loads((tmp_path / "seventy" / "results" / "08_loki.json").read_text())["hub_revisions"] == {
-        "meta-llama/Llama-2-70b-hf": "2222222222222222222222222222222222222222"}
+        "meta-llama/Llama-2-70b-hf": pins["meta-llama/Llama-2-70b-hf"]}
     # a book run loads no hub model and records none
     runner.run("00", "book", root=book, out_dir=tmp_path / "book")
     assert "hub_revisions" not in json.loads((tmp_path / "book" / "results" / "00_model_zoo.json").read_text())
