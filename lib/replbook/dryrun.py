@@ -298,13 +298,13 @@ def fake_hub(names: list[str], layers: int | None = 1, root: Path | None = None)
         refs = folder.parent.parent / "refs"
         refs.mkdir(exist_ok=True)
         (refs / "main").write_text(folder.name)
-        names = [folder.name]
+        served_as = [folder.name]  # the snapshot's names: its content hash, and the pinned commit
         pin = models.hub_revision(hub_id)
         if pin:  # the chapter asks for the pinned commit: the same snapshot, by that name too
             _point(folder.parent / pin, folder.name)
-            names.append(pin)
+            served_as.append(pin)
         for path in ABSENT.get(architectures.architecture(name).family, ()):
-            for revision_name in names:
+            for revision_name in served_as:
                 marker = folder.parent.parent / ".no_exist" / revision_name / path
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.touch()
