@@ -223,7 +223,7 @@ def test_a_dry_run_points_its_kernel_at_the_fake_hub_and_puts_the_environment_ba
 
     user_cache = str(tmp_path / "user-cache")
     monkeypatch.setenv("REPLBOOK_CACHE", user_cache)
-    for name in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "REPLBOOK_RESULTS_DIR"):
+    for name in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "REPLBOOK_RESULTS_DIR", *dryrun.HOST_ALLOCATOR):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(dryrun, "paper_models", lambda slug, parameters: [])
     monkeypatch.setattr(dryrun, "fake_hub", lambda names, layers: tmp_path / "hub")
@@ -232,13 +232,14 @@ def test_a_dry_run_points_its_kernel_at_the_fake_hub_and_puts_the_environment_ba
 
     def execute(source, output, **kwargs):
         seen.update({k: os.environ.get(k) for k in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "REPLBOOK_RESULTS_DIR",
-                                                    "REPLBOOK_CACHE")})
+                                                    "REPLBOOK_CACHE", *dryrun.HOST_ALLOCATOR)})
         Path(output).write_text(json.dumps({"cells": []}))
 
     monkeypatch.setattr(papermill, "execute_notebook", execute)
     dryrun.run("02", layers=1, root=tmp_path / "runs")
     assert seen["HF_HUB_CACHE"] == str(tmp_path / "hub") and seen["HF_HUB_OFFLINE"] == "1"
     assert seen["REPLBOOK_RESULTS_DIR"].startswith(str(tmp_path / "runs")) and seen["REPLBOOK_CACHE"] != user_cache
+    assert all(seen[k] == v for k, v in dryrun.HOST_ALLOCATOR.items()), seen
 
     def fail(source, output, **kwargs):
         raise RuntimeError("a cell failed")
@@ -247,7 +248,46 @@ def test_a_dry_run_points_its_kernel_at_the_fake_hub_and_puts_the_environment_ba
     with pytest.raises(RuntimeError):
         dryrun.run("02", layers=1, root=tmp_path / "runs")
     assert os.environ.get("REPLBOOK_CACHE") == user_cache
-    assert not {"HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "REPLBOOK_RESULTS_DIR"} & set(os.environ)
+    assert not {"HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "REPLBOOK_RESULTS_DIR",
+                *dryrun.HOST_ALLOCATOR} & set(os.environ)
+
+
+# Frees a block glibc mapped (which raises its mmap threshold to the block's 16 MiB), then
+# allocates 256 blocks of 1 MiB and frees all but the last, which pins the heap's top: under
+# glibc's default the 255 MiB stay resident; with the threshold fixed each block was mapped
+# on its own and went back to the system when freed.
+_RETAINED_PROBE = """
+import ctypes
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+def touched(n):
+    block = libc.malloc(n)
+    ctypes.memset(block, 1, n)
+    return block
+libc.free(touched(16 << 20))
+blocks = [touched(1 << 20) for _ in range(256)]
+for block in blocks[:-1]:
+    libc.free(block)
+print(int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]) >> 10)
+"""
+
+
+def test_the_dry_runs_allocator_setting_gives_freed_memory_back():
+    """The kernel's HOST_ALLOCATOR must be a setting glibc reads: a misspelt name
+    (MALLOC_MMAP_THRESHOLD, no trailing underscore) is ignored without a word, and the
+    peaks would again count memory freed long before."""
+    import os
+    import subprocess
+    import sys
+
+    def resident_mib(extra: dict) -> int:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        done = subprocess.run([sys.executable, "-c", _RETAINED_PROBE], env={**env, **extra},
+                              capture_output=True, text=True, check=True)
+        return int(done.stdout)
+
+    default, fixed = resident_mib({}), resident_mib(dryrun.HOST_ALLOCATOR)
+    assert default - fixed > 200, (default, fixed)  # 269 MiB against 14 here
 
 
 def test_gpu_memory_sums_every_gpu_nvml_sees():

@@ -44,7 +44,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-import re
 
 from . import architectures
 
@@ -411,16 +410,11 @@ def _scene_count() -> int:
 
 
 def _sd_pixels(pipeline: str, served: int | None) -> int:
-    """The pixels a Stable Diffusion ``pipeline`` draws at: its UNet's sample size times
-    the VAE's downsampling, at 1/SD_SHRINK of that when a dry run serves it (``served``)."""
-    parts = {architectures.architecture(p).family: architectures.architecture(p).config
-             for p in architectures.architecture(pipeline).parts}
-    size = parts["sd-unet"]["sample_size"] * 2 ** (len(parts["sd-vae"]["block_out_channels"]) - 1)
-    if served is None:
-        return size
-    from .dryrun import SD_SHRINK
+    """The pixels a Stable Diffusion ``pipeline`` draws at, as a dry run serves it when
+    ``served`` (a depth) is given (``dryrun.sd_pixels``)."""
+    from .dryrun import sd_pixels
 
-    return size // SD_SHRINK
+    return sd_pixels(pipeline, served=served is not None)
 
 
 def _during(row: Row, phase: str) -> Row:
@@ -611,13 +605,20 @@ def _endor_streamed_passes(p) -> list[Row]:
     move each linear's weight in for its own pass and drop it after), the MLP's widest
     intermediates and one window's logits, cast to float32 for the loss (``lm.perplexity``);
     charged to the model for which they add up to the most."""
+    from .endor import BLOCK
+
     load = p["load_dtype"]
+
+    def in_a_block(weight: str) -> bool:
+        """A weight inside a decoder block, as ``endor.streamed`` finds the blocks it streams."""
+        parts = weight.split(".")
+        return any(BLOCK.fullmatch(".".join(parts[:i])) for i in range(1, len(parts)))
 
     def held(n):
         c = _text(architectures.architecture(n).config)
         label = architectures.architecture(n).hub_id
         in_blocks = sum(t.numel() for name, t in architectures.build(n, layers=_served_layers(n), device="meta")
-                        .state_dict().items() if re.search(r"(?:^|\.)layers\.\d+\.", name))
+                        .state_dict().items() if in_a_block(name))
         resident = params(n) - in_blocks
         largest = _prunable(n, _served_layers(n))[1]
         wide = c.get("intermediate_size", c.get("ffn_dim"))
@@ -631,9 +632,9 @@ def _endor_streamed_passes(p) -> list[Row]:
                     f"{p['window']} × {c['vocab_size']} × ({BYTES[load]} + 4) B",
                     p["window"] * c["vocab_size"] * (BYTES[load] + 4) / GB)]
 
-    names = list(dict.fromkeys(p["model_names"] + p["offload_model_names"]))
-    heaviest = max(names, key=lambda n: sum(r.gigabytes for r in held(n)))
-    return [_during(r, "perplexity and calibration") for r in held(heaviest)]
+    by_model = {n: held(n) for n in dict.fromkeys(p["model_names"] + p["offload_model_names"])}
+    heaviest = max(by_model.values(), key=lambda rows: sum(r.gigabytes for r in rows))
+    return [_during(r, "perplexity and calibration") for r in heaviest]
 
 
 def _endor(p) -> Card:
