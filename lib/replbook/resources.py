@@ -834,9 +834,13 @@ def _vitdecomp(p) -> Card:
     clip = "timm/vit_base_patch16_clip_224.openai"
     batch = p["decompose_batch"]
     images = p["n_train"] + 2 * p["n_test"]  # every test photo is shown on both backgrounds
-    # every ViT stays on the device to the end (the ablations run its classifier), and
-    # CLIP joins them there to embed the images, a batch at a time (cliplike.OpenClip)
-    c.gpu = [*(weights(n, "float32") for n in [*names, clip]), _embedding_pass(clip, _clip_batch())]
+    # every ViT stays on the device to the end (the ablations run its classifier); CLIP
+    # joins them there after every ViT is decomposed (the chapter loads it later) to embed
+    # the images, a batch at a time (cliplike.OpenClip): its weights are held while it loads
+    # (beside its mapped checkpoint) and from then on, never while a ViT is decomposed
+    embedding = _embedding_pass(clip, _clip_batch())
+    c.gpu = [*(weights(n, "float32") for n in names), _during(weights(clip, "float32"), "loading"),
+             _during(weights(clip, "float32"), embedding.phase), embedding]
     # the host keeps what decompose hands back: every ViT's decompositions, to the end
     c.host = []
     kept = {n: images * _vit_shape(n)["components"] * _vit_shape(n)["reads"] for n in names}
