@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from replbook import architectures, models, runner
+from replbook import architectures, data, models, runner
 
 COMMIT = re.compile(r"[0-9a-f]{40}")
 
@@ -115,6 +115,27 @@ def test_chapter_06s_llava_and_chapter_09s_hub_vits_ask_for_their_pinned_commits
         vitdecomp.load_classifier("facebook/deit-base-patch16-224", cfg, None)
     dino = ("facebook/dino-vitb16", models.HUB_REVISIONS["facebook/dino-vitb16"])
     assert spies == [dino, dino, ("facebook/deit-base-patch16-224", None), ("facebook/deit-base-patch16-224", None)]
+
+
+def test_the_paper_presets_hub_texts_are_read_at_their_pinned_commit(monkeypatch):
+    """wikitext-2 (chapters 01, 04, 06 and 08's paper texts) is read through ``datasets`` at the
+    commit data.HUB_TEXT_REVISIONS pins, from the repository's canonical name, each split as asked."""
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(path, config, split, revision=None, **kwargs):
+        calls.append((path, config, split, revision))
+        return {"text": [f"{split} line one", f"{split} line two"]}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert set(data.HUB_TEXT_REVISIONS) == {path for path, _, _ in data.HUB_TEXTS.values()}
+    assert all(COMMIT.fullmatch(commit) for commit in data.HUB_TEXT_REVISIONS.values())
+    for name, (path, config, split) in data.HUB_TEXTS.items():
+        assert data.text(name) == f"{split} line one\n{split} line two"
+        assert calls[-1] == (path, config, split, data.HUB_TEXT_REVISIONS[path]), name
+    assert [call[0] for call in calls] == ["Salesforce/wikitext"] * 2 and {c[2] for c in calls} == {"train", "test"}
 
 
 def test_a_paper_run_records_the_pinned_commit_it_loaded_not_mains(tmp_path):
