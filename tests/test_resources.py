@@ -404,6 +404,46 @@ def test_a_load_holds_the_model_and_its_mapped_checkpoint(tmp_path):
     assert rise == pytest.approx(n * (4 + 2), rel=0.15), (rise / n, "bytes a parameter")
 
 
+_UNET_LOAD_PEAK = """
+import os, sys
+import torch
+torch.set_num_threads(1)
+from diffusers import UNet2DConditionModel
+from replbook.dryrun import high_water_bytes
+before = high_water_bytes(os.getpid())
+unet = UNet2DConditionModel.from_pretrained(sys.argv[1]).eval()
+loaded = high_water_bytes(os.getpid()) - before
+with torch.no_grad():
+    total = sum(float(p.sum()) for p in unet.parameters())  # every weight read once
+print(loaded, high_water_bytes(os.getpid()) - before)
+"""
+
+
+def test_a_diffusers_part_read_in_its_own_precision_is_its_mapped_file(tmp_path):
+    """Chapter 05's card on the CPU: a float32 UNet from a float32 file keeps safetensors'
+    tensors over the mapped file, so the load raises the high-water mark by far less than
+    the weights, and reading every weight by about the weights (4 B a parameter), never by
+    the weights plus the file (8 B) that the "mapped while it loads" row would add. The card
+    therefore leaves that row out of a CPU run and keeps it on a GPU's host side."""
+    import subprocess
+    import sys
+
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(block_out_channels=(128, 256, 512, 512), cross_attention_dim=512, layers_per_block=1,
+                                attention_head_dim=8)
+    unet.save_pretrained(tmp_path)
+    n = sum(p.numel() for p in unet.parameters())
+    del unet
+    done = subprocess.run([sys.executable, "-c", _UNET_LOAD_PEAK, str(tmp_path)], capture_output=True, text=True, check=True)
+    loaded, read = (int(v) for v in done.stdout.split()[-2:])
+    assert loaded < 2 * n and 3.5 * n < read < 6 * n, (loaded / n, read / n, "bytes a parameter")
+    card = resources.card("05_t2i_composition")
+    assert [r.beside_weights_on_cpu for r in card.host] == [False] and "own pages" in card.host[0].what
+    assert all(r.beside_weights_on_cpu for name in resources.CARDS if name != "05_t2i_composition"
+               for r in resources.card(name).host if "mapped" in r.what), "only 05's loads were measured so"
+
+
 _COVARIANCE_PEAK = """
 import gc, os, sys
 import torch

@@ -60,6 +60,10 @@ class Row:
     # None: held throughout the run; a name: held only during that phase of it (phases do
     # not overlap, so a card's peak adds the largest phase to what is held throughout)
     phase: str | None = None
+    # False for a checkpoint mapped while it loads in its own precision: on the CPU its
+    # pages are the weights themselves (:func:`mapped_while_loading`), so a run there holds
+    # it once, in the weights' row, and a CPU dry run's card leaves it out
+    beside_weights_on_cpu: bool = True
 
 
 def peak_of(rows: list[Row]) -> float | None:
@@ -155,16 +159,25 @@ def checkpoint(name: str, stored: str | None = None) -> Row:
                n * BYTES[stored] / GB)
 
 
-def mapped_while_loading(names, stored: str | None = None) -> Row:
+def mapped_while_loading(names, stored: str | None = None, loaded: str | None = None) -> Row:
     """The largest of ``names``' checkpoints, resident beside its model while it loads:
     safetensors memory-maps the file and ``from_pretrained`` (or open_clip) copies each
     weight out of it (converting its precision, or moving it to a GPU), so the mapped pages
     count in the process's memory until the load ends. Measured on the dry run's models:
-    the high-water mark of a load is the model plus its checkpoint's size, in any precision
-    (``tests/test_resources.py``). Host memory, and only for the load (``phase``)."""
+    the high-water mark of a load is the model plus its checkpoint's size when the precision
+    changes (``tests/test_resources.py``). Host memory, and only for the load (``phase``).
+
+    Read in its own precision (``loaded``, on the CPU) nothing is copied: diffusers keeps
+    safetensors' tensors over the mapped file as the weights, and their pages fault in as
+    a pass first reads them (measured: a float32 UNet from a float32 file raised the
+    high-water mark by about half a byte a parameter while it loaded, and by four and a half
+    once every weight had been read, not by eight). There the row is the weights' own pages:
+    ``beside_weights_on_cpu`` is False, and a CPU run does not add it."""
     largest = max(dict.fromkeys(names), key=lambda n: params(n) * BYTES[stored or architectures.architecture(n).dtype])
     row = checkpoint(largest, stored)
-    return Row(f"{row.what}, mapped while it loads", row.formula, row.gigabytes, phase="loading")
+    own = loaded is not None and loaded == (stored or architectures.architecture(largest).dtype)
+    return Row(f"{row.what}, mapped while it loads" + (" (on the CPU: the weights' own pages)" if own else ""),
+               row.formula, row.gigabytes, phase="loading", beside_weights_on_cpu=not own)
 
 
 def adamw_state(what: str, trained: int, dtype: str) -> Row:
@@ -697,7 +710,7 @@ def _t2icomp(p) -> Card:
                              "at once (t2icomp.held_out_loss, no gradient)", "peak of the tensors alive at once",
                              unet_forward_bytes(backbone, p["held_out"], served) / GB), "scoring"))
     # each part loads from its own subfolder: the largest part's file is mapped at once
-    c.host = [mapped_while_loading(architectures.architecture(backbone).parts, stored="float32")]
+    c.host = [mapped_while_loading(architectures.architecture(backbone).parts, stored="float32", loaded="float32")]
     c.disk = [checkpoint(backbone, stored="float32")]
     largest = max((r for r in c.gpu if r.phase), key=lambda r: r.gigabytes)
     c.notes.append(f"each phase counted on the meta device (float32, fused attention; the backward's transient "
@@ -1121,7 +1134,8 @@ def against_dry_run(entry: dict, baseline_bytes: int) -> AgainstDryRun:
     if "device" in _preset(slug):
         ran.setdefault("device", "cpu")
     c = card(slug, ran, layers)
-    return AgainstDryRun(slug, layers, peak_of(c.gpu + c.host) or 0.0, any(r.gigabytes is None for r in c.gpu + c.host),
+    held = [r for r in c.gpu + c.host if r.beside_weights_on_cpu]  # a file read in its own precision is the weights
+    return AgainstDryRun(slug, layers, peak_of(held) or 0.0, any(r.gigabytes is None for r in held),
                          (entry["kernel_peak_bytes"] - baseline_bytes) / GB)
 
 
