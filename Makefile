@@ -96,7 +96,7 @@ test: env browser
 	  $(CI_NOTEBOOKS) $(NBVAL) --durations=30
 
 # by hand, like the stability records: re-executes 01, 02, 06, 07 and 10 under nbval and the
-# regression guard (~75 min cold on a 2-core Intel Xeon, ~100 on a 2-core AMD EPYC) and records in results/guard/ that every cell and the
+# regression guard (~75 min cold on a 2-core Intel Xeon, ~100 on a 2-core AMD EPYC, ~28 with warm caches) and records in results/guard/ that every cell and the
 # guard passed
 # Chapter 10's training cell (15 encoders) runs past the 20-minute cell timeout cold on a 2-core
 # AMD EPYC (47–55 min, 2026-12-03), so 10 runs in a pytest of its own that gives its cells an hour.
@@ -131,7 +131,7 @@ guard-proofs: env
 
 # by hand, like the guard proofs: each plausible wrong implementation in tests/mutants/catalogue.json
 # applied to the library alone, its tests run, results/guard/mutants.json records which test failed;
-# only mutants whose library file, tests or mutation changed rerun (ARGS=--all: every one, ~131 min on 2 cores)
+# only mutants whose library file, tests or mutation changed rerun (ARGS=--all: every one, ~132 min on 2 cores)
 mutants: env
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) tests/mutants/run.py $(ARGS)
 

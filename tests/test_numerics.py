@@ -489,6 +489,52 @@ def test_a_cpu_model_with_its_own_numbers_is_held_to_them_and_the_family_to_its_
     numerics.Expected(slug, "x86_64-intel", root, variant="f25m1")  # the other model is not affected
 
 
+def test_a_cpu_model_without_numbers_where_the_familys_models_differ_is_held_within_their_spread(tmp_path):
+    """Chapter 03 on AMD: a Zen 3 (the family's reference) and a Zen 4 (its own record) sum
+    differently, so a third model (a Zen 2) can be held to neither exactly: it is held, as a
+    pending family is, to the family's verdicts and to each number within its tolerance plus
+    twice the largest move measured between the recorded models, nbval comparing no output,
+    until its own record. The recorded models, and the family's record asked for alone, are
+    held as before; so is a family whose models were never seen to differ."""
+    root, slug, committed, notebook = _chapter_09(tmp_path)
+    numerics.mark_family_dependent(slug, root)
+    zen3 = _summed_otherwise(committed, 14, 0.03)
+    zen4 = _summed_otherwise(committed, 14, 0.07)  # 0.04 from zen 3's
+    numerics.write_reference(slug, "x86_64-intel", zen3, notebook, root, cpu=numerics.cpu_model(ZEN3))
+    assert numerics.model_spread(slug, "x86_64-intel", "f23m49", root) is None, "no model was seen to differ"
+    assert numerics.Expected(slug, "x86_64-intel", root, variant="f23m49").compares_outputs
+    numerics.write_reference(slug, "x86_64-intel@f25m17", zen4, notebook, root)
+    numerics.write_reference(slug, "x86_64-intel@f26m2", zen4, notebook, root)  # a Zen 5 summed as the Zen 4
+
+    spread = numerics.model_spread(slug, "x86_64-intel", "f23m49", root)
+    assert spread["numbers"]["scores.vit|object[14]"] == pytest.approx(0.04), "the largest move of any two runs"
+    assert spread["numbers"]["scores.vit|object[13]"] == 0 and len(spread["runs"]) == 3
+    on_zen2 = numerics.Expected(slug, "x86_64-intel", root, variant="f23m49")
+    assert on_zen2.spread and on_zen2.results == zen3 and not on_zen2.compares_outputs
+    assert "f23m49" in on_zen2.source and "replbook reference 09 --cpu-model" in on_zen2.source
+
+    def moved(index: int, by: float, flip: bool = False) -> dict:
+        rerun = _summed_otherwise(zen3, index, by)
+        if flip:
+            rerun["verdicts"][0]["verdict"] = "not reproduced" if rerun["verdicts"][0]["verdict"] != "not reproduced" else "reproduced"
+        return rerun
+
+    assert on_zen2.compare(zen3) == [] and on_zen2.compare(zen4) == []
+    assert on_zen2.compare(moved(14, 0.07)) == [] and on_zen2.compare(moved(14, -0.07)) == []  # ≤ 0.0011 + 2 × 0.04
+    assert on_zen2.compare(moved(14, 0.09)), "beyond twice the spread"
+    assert on_zen2.compare(moved(13, 0.005)), "the models agreed on this one: its own tolerance"
+    assert on_zen2.compare(moved(14, 0.0, flip=True)), "verdicts exactly"
+    # the models that made the records, and the family's record asked for alone, as before
+    for variant, held_to in (("f25m1", zen3), ("f25m17", zen4), ("f26m2", zen4), ("", zen3)):
+        expected = numerics.Expected(slug, "x86_64-intel", root, variant=variant)
+        assert expected.spread is None and expected.compares_outputs and expected.results == held_to, variant
+        assert expected.compare(_summed_otherwise(held_to, 14, 0.07))
+    # a model record of other code: no spread is measured (the guard reports the stale record)
+    stale = json.loads(numerics.reference_path(slug, "x86_64-intel@f25m17", root).read_text())
+    numerics.reference_path(slug, "x86_64-intel@f25m17", root).write_text(json.dumps({**stale, "code_version": "0" * 16}))
+    assert numerics.model_spread(slug, "x86_64-intel", "f23m49", root) is None
+
+
 def test_publishing_under_changed_code_makes_a_cpu_models_record_pending_with_its_own_move(tmp_path):
     root, slug, old, notebook = _chapter_09(tmp_path)
     numerics.mark_family_dependent(slug, root)

@@ -147,7 +147,10 @@ def record_refactor(slug: str, expected, outcomes: list[bool], problems: list[st
     else:
         why = os.environ.get("REPLBOOK_REFACTOR_WHY", "").strip()
         assert why, "say what the refactor changed: REPLBOOK_REFACTOR_WHY (make refactor-proof WHY=...)"
-        record[slug] = {"from": sources, "holds": held, "why": why, "family": expected.family,
+        begun = record.get(slug, {})  # results.begin_refactor's entry: the why joined to the earlier ones
+        earlier = begun.get("earlier", "") if begun.get("from") == sources and begun.get("proving") else ""
+        record[slug] = {"from": sources, "holds": held, "why": "; then ".join(filter(None, (earlier, why))),
+                        "earlier": earlier, "family": expected.family,
                         "cpu": numerics.cpu_model(), "date": time.strftime("%Y-%m-%d"), "held_to": expected.source,
                         "cells_passed": outcomes.count(True), "cells_failed": outcomes.count(False),
                         "guard_problems": problems[:12]}

@@ -234,11 +234,42 @@ def test_a_proven_refactor_keeps_the_code_version_for_exactly_its_sources(repo_r
     for held in ("0ld0ld0ld0ld0ld0", sources):
         (fresh / "results" / "00_model_zoo.json").write_text(json.dumps({**committed, "code_version": held}))
         results.begin_refactor(["00_model_zoo"], "a test", fresh)
-        expected = {"00_model_zoo": {"from": sources, "holds": held, "why": "a test", "proving": True}}
+        expected = {"00_model_zoo": {"from": sources, "holds": held, "why": "a test", "earlier": "", "proving": True}}
         assert results.refactors(fresh) == (expected if held != sources else {}), "nothing to settle: no entry"
         assert results.code_version("00_model_zoo", fresh) == held
     with pytest.raises(ValueError, match="why=''"):
         results.begin_refactor(["00_model_zoo"], " ", fresh)
+
+
+def test_a_new_refactor_proof_keeps_the_whys_its_held_version_went_through(repo_root, tmp_path):
+    """A chapter's refactor record says every change its held version was carried across: a
+    second proof joins its why to the first's with "; then ", a retry of the same proof does
+    not repeat it, and an entry for another held version (records moved since) is not history."""
+    import json
+    import shutil
+
+    (tmp_path / "notebooks").mkdir()
+    shutil.copy(repo_root / "notebooks" / "00_model_zoo.ipynb", tmp_path / "notebooks")
+    (tmp_path / "results").mkdir()
+    committed = json.loads((repo_root / "results" / "00_model_zoo.json").read_text())
+    held = "0ld0ld0ld0ld0ld0"
+    (tmp_path / "results" / "00_model_zoo.json").write_text(json.dumps({**committed, "code_version": held}))
+    sources = results.source_version("00_model_zoo", tmp_path)
+    path = tmp_path / results.REFACTORS
+    proven = {"holds": held, "why": "pins", "cells_passed": 12, "cells_failed": 0, "guard_problems": []}
+
+    def begin(earlier: dict, why: str) -> dict:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"00_model_zoo": earlier}))
+        results.begin_refactor(["00_model_zoo"], why, tmp_path)
+        return results.refactors(tmp_path)["00_model_zoo"]
+
+    later = begin({**proven, "from": "e" * 16}, "wikitext pinned")  # proven for the sources before this edit
+    assert (later["why"], later["earlier"]) == ("pins; then wikitext pinned", "pins")
+    assert begin(later, "wikitext pinned, retried")["why"] == "pins; then wikitext pinned, retried"
+    redone = {**proven, "from": sources, "why": "pins; then wikitext pinned", "earlier": "pins"}
+    assert begin(redone, "wikitext pinned again")["why"] == "pins; then wikitext pinned again"
+    assert begin({**proven, "from": "e" * 16, "holds": "f" * 16}, "x")["why"] == "x", "another version's history"
 
 
 def test_code_version_follows_an_edit_of_a_method_module_not_of_infrastructure(repo_root, tmp_path):

@@ -394,6 +394,48 @@ def write_pending(slug: str, family_name: str, published: dict, published_on: st
     return results.write_atomic(path, payload)
 
 
+def model_spread(slug: str, family_name: str, variant: str, root: Path | None = None) -> dict | None:
+    """How far the recorded runs of ``slug`` on CPU models of ``family_name`` lie apart, for a
+    machine of a model (``variant``) none of them was made on: the moves of every two of the
+    family's runs of the current code (its models' records and the family's own numbers,
+    :func:`cross_family_moves`), each number's largest, the values alike in all of them, those
+    that differed in any. None where the chapter has no record for a model of this family (its
+    numbers were not seen to depend on the model), where ``variant`` made one of the runs, or
+    where a record is pending or of other code (the guard reports those as they are).
+
+    Such a machine can neither be held to a model's numbers (it is not that model) nor be
+    sure of the family's (the models were seen to differ): it is held as a pending family is,
+    to the verdicts exactly and to each number within its tolerance plus ``PENDING_MARGIN`` ×
+    this spread, until ``replbook reference NN --cpu-model`` records its own."""
+    root = root or repo_root()
+    version = json.loads((root / "results" / f"{slug}.json").read_text()).get("code_version")
+    models = sorted(reference_dir(root).glob(f"{family_name}@*/{slug}.json"))
+    if not models:
+        return None
+    records = [json.loads(path.read_text()) for path in models]
+    own = reference_path(slug, family_name, root)
+    if own.exists():
+        records.append(json.loads(own.read_text()))
+    elif published_families(root).get(slug) == family_name:
+        records.append({"results": json.loads((root / "results" / f"{slug}.json").read_text()),
+                        "code_version": version})
+    made_on = {path.parent.name.partition("@")[2] for path in models} | {recorded_variant(r) for r in records}
+    if variant in made_on or any(r.get("pending") or r.get("code_version") != version for r in records):
+        return None
+    pairs = [cross_family_moves(a["results"], b["results"]) for i, a in enumerate(records) for b in records[i + 1:]]
+    if not pairs:
+        return None
+    numbers: dict[str, float] = {}
+    for moves in pairs:
+        for path, move in moves["numbers"].items():
+            numbers[path] = max(move, numbers.get(path, 0.0))
+    common = set.intersection(*(set(moves["numbers"]) for moves in pairs))
+    same = set.intersection(*(set(moves["same"]) for moves in pairs))
+    return {"numbers": {path: numbers[path] for path in sorted(common)}, "same": sorted(same),
+            "differed": sorted(set().union(*(moves["differed"] for moves in pairs))),
+            "runs": [r.get("cpu", "the published run") for r in records]}
+
+
 class Expected:
     """What a rerun of ``slug`` on a machine of ``family_name`` (and CPU model ``variant``:
     this machine's when None) must reproduce."""
@@ -402,6 +444,7 @@ class Expected:
                  variant: str | None = None):
         root = root or repo_root()
         self.slug, self.family = slug, (family_name or family()).split("@")[0]
+        self.variant = cpu_variant() if variant is None else variant
         # the record this machine is held to: its CPU model's, else its family's
         self.where = reference_name(slug, family_name or self.family, root, variant)
         self.committed = json.loads((root / "results" / f"{slug}.json").read_text())
@@ -422,6 +465,9 @@ class Expected:
                 self.pending = record
             else:
                 self.reference = record
+        # a CPU model none of the chapter's model records was made on: held within their spread
+        self.spread = (model_spread(slug, self.family, self.variant, root)
+                       if "@" not in self.where and self.variant and self.pending is None else None)
 
     @property
     def _model_flag(self) -> str:
@@ -438,15 +484,12 @@ class Expected:
 
     @property
     def compares_outputs(self) -> bool:
-        """Whether nbval compares the cells' outputs here (not on a pending family: its own are not known)."""
-        return self.pending is None
+        """Whether nbval compares the cells' outputs here (not on a pending family, nor on a CPU
+        model whose numbers are not recorded where its family's models differ: its own are not known)."""
+        return self.pending is None and self.spread is None
 
     @property
     def source(self) -> str:
-        if self.reference:
-            return (f"results/reference/{self.where}/{self.slug}.json (this machine's "
-                    f"{'CPU model' if '@' in self.where else 'family'}; "
-                    f"results/{self.slug}.json was made on {self.published_family})")
         if self.pending:
             return (f"results/{self.slug}.json, made on {self.published_family}, with {self.where} pending since "
                     f"{self.pending.get('since')}: verdicts exactly, numbers within their tolerance plus "
@@ -454,6 +497,19 @@ class Expected:
                     f"{len(uncompared(self.committed, self.pending['moves']))} values and checks the families' last "
                     f"runs did not both compute are not compared), cell outputs not compared, until "
                     f"`replbook reference {self.slug[:2]}{self._model_flag}` runs on a {self._machine} machine")
+        if self.spread:
+            return (f"{self._family_source}, on a CPU model ({self.variant}) without its own numbers where the "
+                    f"family's models differ ({len(self.spread['runs'])} recorded runs): verdicts exactly, numbers "
+                    f"within their tolerance plus {PENDING_MARGIN:g} x the largest move between those runs, cell "
+                    f"outputs not compared, until `replbook reference {self.slug[:2]} --cpu-model` runs here")
+        return self._family_source
+
+    @property
+    def _family_source(self) -> str:
+        if self.reference:
+            return (f"results/reference/{self.where}/{self.slug}.json (this machine's "
+                    f"{'CPU model' if '@' in self.where else 'family'}; "
+                    f"results/{self.slug}.json was made on {self.published_family})")
         if self.family == self.published_family:
             return f"results/{self.slug}.json (made on this machine's family, {self.family})"
         if not self.dependent:
@@ -480,6 +536,8 @@ class Expected:
     def compare(self, rerun: dict) -> list[str]:
         if self.pending:
             return results.compare(rerun, pending_view(self.committed, rerun, self.pending["moves"]))
+        if self.spread:
+            return results.compare(rerun, pending_view(self.results, rerun, self.spread))
         return results.compare(rerun, self.results)
 
 

@@ -400,7 +400,12 @@ def begin_refactor(slugs: list[str], why: str, root: Path | None = None) -> Path
     sources already give the held version, so that each rerun's verdict section reads the
     chapter's records as current, as the committed notebook did (a stability carry-forward
     marks its record current while it runs, for the same reason). The rerun replaces it with
-    its outcome (tests/test_regression.py); one left ``proving`` fails the tests."""
+    its outcome (tests/test_regression.py); one left ``proving`` fails the tests.
+
+    The entry's ``why`` keeps the whys of the proven refactors the held version already went
+    through (``earlier``), joined with "; then ": a chapter's record says every change its
+    version was carried across, not only the last. A retried or redone proof of the same
+    sources replaces its own why, not that history."""
     from .paths import repo_root
 
     root = root or repo_root()
@@ -411,11 +416,24 @@ def begin_refactor(slugs: list[str], why: str, root: Path | None = None) -> Path
         held = json.loads((root / "results" / f"{slug}.json").read_text())["code_version"]
         sources = source_version(slug, root)
         if sources != held:
-            record[slug] = {"from": sources, "holds": held, "why": why.strip(), "proving": True}
+            earlier = _refactor_history(record.get(slug), sources, held)
+            record[slug] = {"from": sources, "holds": held, "why": "; then ".join(filter(None, (earlier, why.strip()))),
+                            "earlier": earlier, "proving": True}
         else:
             record.pop(slug, None)
     (root / REFACTORS).parent.mkdir(parents=True, exist_ok=True)
     return write_atomic(root / REFACTORS, record)
+
+
+def _refactor_history(entry: Mapping[str, Any] | None, sources: str, held: str) -> str:
+    """The whys a new refactor proof of ``sources`` carries forward from the chapter's entry:
+    none where the entry holds another version (the records moved since); its ``earlier`` where
+    it is a proof of these same sources or one still ``proving`` (a retry); else its whole why."""
+    if not entry or entry.get("holds") != held:
+        return ""
+    if entry.get("proving") or entry.get("from") == sources:
+        return entry.get("earlier", "")
+    return entry.get("why", "")
 
 
 def code_version(slug: str, root: Path | None = None, package: Path | None = None) -> str:
