@@ -154,17 +154,7 @@ def test_nbval_expects_the_reference_outputs_of_each_cell_on_that_family(tmp_pat
     numerics.write_reference(slug, "x86_64-intel", json.loads((root / "results" / f"{slug}.json").read_text()),
                              nbformat.from_dict(marked), root)
     monkeypatch.setattr("conftest.ROOT", root)
-
-    class IPyNbFile:
-        fspath, nb = path, notebook
-
-    class IPyNbCell:
-        def __init__(self, k, cell):
-            self.parent, self.cell_num, self.cell = IPyNbFile, k, cell
-
-    def items():
-        return [IPyNbCell(k, c) for k, c in enumerate(c for c in notebook.cells if c.cell_type == "code")]
-
+    items = _nbval_items(path, notebook)
     away = items()
     held_to = expect_this_familys_outputs(away, "x86_64-intel")
     assert "results/reference/x86_64-intel" in held_to[slug]
@@ -401,17 +391,8 @@ def test_a_family_publishing_over_the_other_measures_changes_against_its_own_old
     assert moves["numbers"]["scores.vit|colour[0]"] == 0
 
 
-def test_nbval_runs_the_cells_of_a_pending_family_without_comparing_them(tmp_path, monkeypatch):
-    root = _book_copy(tmp_path, "09_vit_decompose")
-    slug = "09_vit_decompose"
-    path = root / "notebooks" / f"{slug}.ipynb"
-    notebook = nbformat.read(path, as_version=4)
-    committed = json.loads((root / "results" / f"{slug}.json").read_text())
-    numerics.mark_family_dependent(slug, root)
-    numerics.write_pending(slug, "x86_64-intel", committed, "x86_64-amd",
-                           {"numbers": {}, "same": [], "differed": []}, None, root)
-    monkeypatch.setattr("conftest.ROOT", root)
-
+def _nbval_items(path: Path, notebook):
+    """A maker of the cells nbval collects from ``notebook`` (at ``path``), as its plugin makes them."""
     class IPyNbFile:
         fspath, nb = path, notebook
 
@@ -424,9 +405,20 @@ def test_nbval_runs_the_cells_of_a_pending_family_without_comparing_them(tmp_pat
             self.options = defaultdict(bool, find_metadata_tags(cell.metadata))
             self.options.setdefault("check", True)
 
-    def items():
-        return [IPyNbCell(k, c) for k, c in enumerate(c for c in notebook.cells if c.cell_type == "code")]
+    return lambda: [IPyNbCell(k, c) for k, c in enumerate(c for c in notebook.cells if c.cell_type == "code")]
 
+
+def test_nbval_runs_the_cells_of_a_pending_family_without_comparing_them(tmp_path, monkeypatch):
+    root = _book_copy(tmp_path, "09_vit_decompose")
+    slug = "09_vit_decompose"
+    path = root / "notebooks" / f"{slug}.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    committed = json.loads((root / "results" / f"{slug}.json").read_text())
+    numerics.mark_family_dependent(slug, root)
+    numerics.write_pending(slug, "x86_64-intel", committed, "x86_64-amd",
+                           {"numbers": {}, "same": [], "differed": []}, None, root)
+    monkeypatch.setattr("conftest.ROOT", root)
+    items = _nbval_items(path, notebook)
     away, home = items(), items()
     assert "pending since" in expect_this_familys_outputs(away, "x86_64-intel")[slug]
     assert all(i.options["check"] is False for i in away)
@@ -533,6 +525,30 @@ def test_a_cpu_model_without_numbers_where_the_familys_models_differ_is_held_wit
     stale = json.loads(numerics.reference_path(slug, "x86_64-intel@f25m17", root).read_text())
     numerics.reference_path(slug, "x86_64-intel@f25m17", root).write_text(json.dumps({**stale, "code_version": "0" * 16}))
     assert numerics.model_spread(slug, "x86_64-intel", "f23m49", root) is None
+
+
+def test_nbval_runs_the_cells_of_an_unrecorded_cpu_model_without_comparing_them(tmp_path, monkeypatch):
+    """The conftest's side of the spread: on a CPU model without numbers where the family's
+    models differ, nbval runs each cell and compares none (its own outputs are not known);
+    on a recorded model it compares them against that model's record."""
+    root, slug, committed, notebook = _chapter_09(tmp_path)
+    numerics.mark_family_dependent(slug, root)
+    numerics.write_reference(slug, "x86_64-intel", _summed_otherwise(committed, 14, 0.03), notebook, root,
+                             cpu=numerics.cpu_model(ZEN3))
+    numerics.write_reference(slug, "x86_64-intel@f25m17", _summed_otherwise(committed, 14, 0.07), notebook, root)
+    monkeypatch.setattr("conftest.ROOT", root)
+    items = _nbval_items(root / "notebooks" / f"{slug}.ipynb", notebook)
+
+    monkeypatch.setattr(numerics, "cpu_variant", lambda cpuinfo=None: "f23m49")
+    unrecorded = items()
+    held_to = expect_this_familys_outputs(unrecorded, "x86_64-intel")[slug]
+    assert "f23m49" in held_to and "--cpu-model" in held_to
+    assert all(i.options["check"] is False and i.options["skip"] is False for i in unrecorded)
+
+    monkeypatch.setattr(numerics, "cpu_variant", lambda cpuinfo=None: "f25m17")
+    recorded = items()
+    assert "x86_64-intel@f25m17" in expect_this_familys_outputs(recorded, "x86_64-intel")[slug]
+    assert any(i.options["check"] for i in recorded)
 
 
 def test_publishing_under_changed_code_makes_a_cpu_models_record_pending_with_its_own_move(tmp_path):
