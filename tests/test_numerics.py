@@ -527,6 +527,19 @@ def test_a_cpu_model_without_numbers_where_the_familys_models_differ_is_held_wit
     assert numerics.model_spread(slug, "x86_64-intel", "f23m49", root) is None
 
 
+def test_the_spread_on_the_published_family_counts_the_published_numbers(tmp_path):
+    """On the family a chapter was published on, the published results are one of the runs the
+    spread is measured over (that family has no reference of its own): with one model record
+    beside them, the spread is the move between the two; without them there would be no pair."""
+    root, slug, committed, notebook = _chapter_09(tmp_path)
+    numerics.mark_family_dependent(slug, root)
+    published = numerics.published_family(slug, root)
+    numerics.write_reference(slug, f"{published}@f25m17", _summed_otherwise(committed, 14, 0.05), notebook, root)
+    spread = numerics.model_spread(slug, published, "f23m49", root)
+    assert spread is not None and len(spread["runs"]) == 2
+    assert spread["numbers"]["scores.vit|object[14]"] == pytest.approx(0.05)
+
+
 def test_nbval_runs_the_cells_of_an_unrecorded_cpu_model_without_comparing_them(tmp_path, monkeypatch):
     """The conftest's side of the spread: on a CPU model without numbers where the family's
     models differ, nbval runs each cell and compares none (its own outputs are not known);
