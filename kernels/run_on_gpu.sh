@@ -5,9 +5,11 @@
 #     bash kernels/run_on_gpu.sh OUT_DIR
 #
 # 1. Loki's kernels (chapter 08): compiled correctness, and the decoding step against dense
-#    attention across contexts, batch 1 and 16 (gpu_report loki -> loki_<gpu>.json);
+#    attention across contexts, batch 1 and 16, and the one-launch step at short contexts
+#    (gpu_report loki -> loki_<gpu>.json);
 # 2. Endor's decoders (chapter 04, C2): bit-exactness and throughput against the HBM roofline
-#    and the host -> GPU copy (gpu_report endor -> endor_<gpu>.json);
+#    and the host -> GPU copy, and whole transformer blocks decoded in one grouped launch
+#    against one launch a matrix (gpu_report endor -> endor_<gpu>.json);
 # 3. chapter 04's C3: offloaded inference, disk -> host -> GPU, at OPT-66B's and Llama-2-70B's
 #    full width, two random-weight layers each, Endor against Accelerate, three repeats
 #    (replbook.endor.offload_report_on_gpu -> endor_offload_<gpu>.json; the committed H200
@@ -29,8 +31,8 @@ TAG=$(python3 -c "import torch; n = torch.cuda.get_device_name(); print('h200' i
   python3 -c "import torch, triton, transformers, accelerate; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
-timeout 180 python3 -m replbook_kernels.gpu_report "$OUT" loki > "$OUT/loki.log" 2>&1; echo "loki: exit $?"; tail -3 "$OUT/loki.log"
-timeout 130 python3 -m replbook_kernels.gpu_report "$OUT" endor > "$OUT/endor.log" 2>&1; echo "endor: exit $?"; tail -2 "$OUT/endor.log"
+timeout 240 python3 -m replbook_kernels.gpu_report "$OUT" loki > "$OUT/loki.log" 2>&1; echo "loki: exit $?"; tail -3 "$OUT/loki.log"
+timeout 160 python3 -m replbook_kernels.gpu_report "$OUT" endor > "$OUT/endor.log" 2>&1; echo "endor: exit $?"; tail -2 "$OUT/endor.log"
 # the offload files go on the machine's disk (the working folder), not into OUT
 timeout 420 python3 -c "
 from replbook import endor

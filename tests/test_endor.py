@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from replbook import endor
-from replbook_kernels import bitmap_decode, bitmap_decode_blocks, bitmap_decode_reference
+from replbook_kernels import (bitmap_decode, bitmap_decode_blocks, bitmap_decode_grouped,
+                              bitmap_decode_grouped_reference, bitmap_decode_reference, bitmap_group)
 
 # the two kernels: one program a row, and one program a block of columns (blocks of 64
 # here, so the odd shapes span several, end mid-block and meet empty blocks)
@@ -92,6 +93,77 @@ def test_rows_decode_from_their_stored_offsets(decoder):
     args = (packed.bitmap, torch.cat(pieces), offsets, packed.shape[1])
     decoded = bitmap_decode_reference(*args) if decoder == "reference" else KERNELS[decoder](*args, block=64)
     assert same_bits(decoded, dense)
+
+
+def _as_matrix(packed):
+    return packed.bitmap, packed.values, packed.row_offsets, packed.shape[1]
+
+
+# a block's worth of matrices of unlike shapes: the widths differ at every boundary (a row read
+# with a neighbour's width or bitmap stride decodes wrong), one matrix has no rows (it starts
+# and ends at the same row) and one has no values
+GROUP = ["odd shape", "one column", "no rows", "empty rows", "all zero", "all dense"]
+
+
+@pytest.mark.parametrize("decoder", ["kernel", "reference"])
+def test_a_group_of_matrices_decodes_each_one_exactly(decoder):
+    group = bitmap_group([_as_matrix(endor.encode(CASES[name])) for name in GROUP])
+    decoded = bitmap_decode_grouped(group, block=64) if decoder == "kernel" else bitmap_decode_grouped_reference(group)
+    assert len(decoded) == len(GROUP)
+    for name, weight in zip(GROUP, decoded):
+        assert same_bits(weight, CASES[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_group_keeps_the_bit_patterns_of_other_dtypes(dtype):
+    weights = [sparse(7, 45, 0.6, dtype, seed=1), sparse(12, 8, 0.4, dtype, seed=2)]
+    group = bitmap_group([_as_matrix(endor.encode(w)) for w in weights])
+    for weight, decoded in zip(weights, bitmap_decode_grouped(group, block=32)):
+        assert same_bits(decoded, weight)
+
+
+def test_a_group_is_decoded_in_one_launch(monkeypatch):
+    """The point of the grouped decoder: one kernel launch for the whole block, not one a
+    matrix (a loop over bitmap_decode would decode as exactly and be as launch-bound)."""
+    from replbook_kernels import endor as kernels
+    from test_kernels import count_launches
+
+    launches = count_launches(monkeypatch, kernels, "bitmap_decode_grouped_kernel")
+    monkeypatch.setattr(kernels, "bitmap_decode_kernel", None)
+    monkeypatch.setattr(kernels, "bitmap_decode_blocks_kernel", None)
+    group = bitmap_group([_as_matrix(endor.encode(CASES[name])) for name in GROUP])
+    decoded = bitmap_decode_grouped(group, block=64)
+    assert launches == [(sum(CASES[name].shape[0] for name in GROUP),)]  # one program a row of the block
+    assert all(same_bits(weight, CASES[name]) for name, weight in zip(GROUP, decoded))
+
+
+def test_a_group_reads_each_row_from_its_stored_offset():
+    """Each matrix's values may sit anywhere in its own buffer (junk before every row here):
+    the group moves each matrix's row offsets by where its values begin in the group, and
+    the kernel starts every row there; counting set bits from the group's start would not."""
+    matrices, weights = [], [CASES["empty rows"], CASES["odd shape"], CASES["bf16"].half()]
+    junk = torch.full((1,), 7.0, dtype=torch.float16)
+    for weight in weights:
+        packed = endor.encode(weight)
+        starts, pieces = [], []
+        for r in range(weight.shape[0]):
+            starts.append(sum(len(p) for p in pieces) + 1)
+            pieces += [junk, packed.values[packed.row_offsets[r]:packed.row_offsets[r + 1]]]
+        offsets = torch.tensor(starts + [sum(len(p) for p in pieces)], dtype=torch.int64)
+        matrices.append((packed.bitmap, torch.cat(pieces), offsets, packed.shape[1]))
+    group = bitmap_group(matrices)
+    for decoded in (bitmap_decode_grouped(group, block=64), bitmap_decode_grouped_reference(group)):
+        assert all(same_bits(d, w) for d, w in zip(decoded, weights))
+
+
+def test_a_group_refuses_mixed_dtypes_and_no_matrices():
+    with pytest.raises(ValueError, match="a group holds one"):
+        bitmap_group([_as_matrix(endor.encode(CASES["fp32"])), _as_matrix(endor.encode(CASES["odd shape"]))])
+    with pytest.raises(ValueError, match=r"matrices=\[\]"):
+        bitmap_group([])
+    packed = endor.encode(CASES["odd shape"])
+    with pytest.raises(ValueError, match="row_offsets must have"):
+        bitmap_group([(packed.bitmap, packed.values, packed.row_offsets[:-1], packed.shape[1])])
 
 
 def test_negative_zero_is_kept():

@@ -22,11 +22,18 @@ A second path selects without sorting (on the H200 record, faster than the first
     merges the chunks in one more launch.
 Keys whose approximate score *ties* the k-th largest are all kept, so (d) may attend
 to more than k keys where ``torch.topk`` would pick among the tied ones arbitrarily.
+
+A third path does the whole step in one launch, for short contexts (up to
+``FUSED_MAX_CONTEXT`` keys), where the eight launches of (a) → (c) → (d) are the cost:
+
+(e) ``loki_decode_fused``: one program a query head computes its approximate scores into a
+    scratch row, sorts the row in registers for the k-th largest, and attends to the keys at
+    or above it with an online softmax (the same keys as (c) → (d), ties kept).
 ``per_kv_head=True`` makes one selection per key/value head under grouped-query attention:
 the group's query heads share the k keys ranked highest by their summed query,
 (Σ_h q_h)·k in the first d dimensions, so (c) runs on Hkv rows and each selected key is
-read for one group, not once per query head (what it does to perplexity is not yet
-measured in chapter 08, nor its speed on a GPU).
+read for one group, not once per query head (chapter 08 measures what the same choice does
+to perplexity, ``loki.select_topk(..., scope="kv_head")``; its speed on a GPU is not measured yet).
 (a) also reads keys stored with their first d PCA dimensions apart and contiguous
 (``keys_lead = keys_pca[..., :d].contiguous()``), as a cache laid out for Loki would.
 """
@@ -64,8 +71,8 @@ def approx_scores_reference(q_pca: torch.Tensor, keys_pca: torch.Tensor, d: int)
 if triton is not None:
 
     @triton.jit
-    def approx_scores_kernel(q_ptr, keys_ptr, out_ptr, seq_len, group, q_stride, key_stride,
-                             D: tl.constexpr, BLOCK_S: tl.constexpr):
+    def approx_scores_kernel(q_ptr, keys_ptr, out_ptr, hist_ptr, seq_len, group, q_stride, key_stride,
+                             D: tl.constexpr, BLOCK_S: tl.constexpr, FIRST_PASS: tl.constexpr):
         head = tl.program_id(0)
         block = tl.program_id(1)
         kv = head // group
@@ -75,25 +82,41 @@ if triton is not None:
         q = tl.load(q_ptr + head * q_stride + offs_d).to(tl.float32)
         k = tl.load(keys_ptr + (kv * seq_len + offs_s[:, None]).to(tl.int64) * key_stride + offs_d[None, :],
                     mask=mask_s[:, None], other=0.0).to(tl.float32)
-        tl.store(out_ptr + head.to(tl.int64) * seq_len + offs_s, tl.sum(k * q[None, :], axis=1), mask=mask_s)
+        scores = tl.sum(k * q[None, :], axis=1)
+        tl.store(out_ptr + head.to(tl.int64) * seq_len + offs_s, scores, mask=mask_s)
+        if FIRST_PASS:  # the radix select's first histogram (each key's top byte), counted while the scores are here
+            bins = tl.arange(0, 512)
+            top = tl.where(mask_s, (_radix_key(scores) >> 24).to(tl.int32), 256)
+            tl.atomic_add(hist_ptr + head * 256 + bins, tl.histogram(top, 512), mask=bins < 256)
 
 
-def approx_scores(q_pca: torch.Tensor, keys_pca: torch.Tensor, d: int, block_s: int = 128) -> torch.Tensor:
+def approx_scores(q_pca: torch.Tensor, keys_pca: torch.Tensor, d: int, block_s: int = 128,
+                  first_histogram: torch.Tensor | None = None) -> torch.Tensor:
     """(a) on the triton kernel where it can run (d a power of two), else the reference.
     ``keys_pca`` may hold every dimension [Hkv, S, D] or only the first d, stored apart
-    ([Hkv, S, d], contiguous: a quarter of the bytes per row at d = D/4)."""
+    ([Hkv, S, d], contiguous: a quarter of the bytes per row at d = D/4).
+    ``first_histogram`` ([passes, H, 256] int32, zeros): the radix select's first pass is
+    added into its ``[0]`` with the scores, saving (c) a launch and a read of them."""
     if keys_pca.dim() == 3 and keys_pca.shape[-1] == d < q_pca.shape[-1]:  # the lead dimensions, stored apart
-        return approx_scores(q_pca[:, :d], keys_pca, d, block_s)
+        return approx_scores(q_pca[:, :d], keys_pca, d, block_s, first_histogram)
     group = _check(q_pca, keys_pca)
+    if first_histogram is not None and (first_histogram.shape != (RADIX_PASSES, q_pca.shape[0], 256)
+                                        or first_histogram.dtype != torch.int32):
+        raise ValueError(f"first_histogram must be int32 [{RADIX_PASSES}, {q_pca.shape[0]}, 256]; "
+                         f"got {first_histogram.dtype} {tuple(first_histogram.shape)}")
     if not (triton_available(q_pca.device) and _pow2(d) and d <= q_pca.shape[1]):
-        return approx_scores_reference(q_pca, keys_pca, d)
+        scores = approx_scores_reference(q_pca, keys_pca, d)
+        if first_histogram is not None:
+            first_histogram[0] += _top_byte_counts(scores)
+        return scores
     keys_pca = keys_pca.contiguous()
     if q_pca.stride(1) != 1:
         q_pca = q_pca.contiguous()
     n_heads, seq_len = q_pca.shape[0], keys_pca.shape[1]
     out = torch.empty(n_heads, seq_len, device=q_pca.device, dtype=torch.float32)
     approx_scores_kernel[(n_heads, triton.cdiv(seq_len, block_s))](
-        q_pca, keys_pca, out, seq_len, group, q_pca.stride(0), keys_pca.shape[2], D=d, BLOCK_S=block_s)
+        q_pca, keys_pca, out, out if first_histogram is None else first_histogram, seq_len, group, q_pca.stride(0),
+        keys_pca.shape[2], D=d, BLOCK_S=block_s, FIRST_PASS=first_histogram is not None)
     return out
 
 
@@ -204,8 +227,8 @@ def kth_largest_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.float().topk(k, dim=-1).values[:, -1]
 
 
-# Radix select. An fp32 x maps to an unsigned 32-bit key in the same order: flip the 31 low
-# bits of negatives (so more negative is smaller), then add 2^31. Four passes fix the key's
+# Radix select. An fp32 x maps to an unsigned 32-bit key in the same order (_radix_key): flip
+# the 31 low bits of negatives (so more negative is smaller), then add 2^31. Four passes fix the key's
 # bytes from the top. Pass p counts, in a 256-bin histogram per head, the next byte of the
 # keys that agree with the bytes fixed so far; many programs share a head's row and add
 # their counts atomically. The byte kept is where the count from the top reaches the rank
@@ -213,7 +236,20 @@ def kth_largest_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
 # histograms of the passes before (256 numbers a pass): no launch of its own.
 RADIX_PASSES = 4
 
+def _top_byte_counts(scores: torch.Tensor) -> torch.Tensor:
+    """[H, 256] int32: the first radix pass in torch, each row's count of its keys' top byte."""
+    bits = scores.float().contiguous().view(torch.int32)
+    top = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64) + 2 ** 31) >> 24
+    counts = torch.zeros(scores.shape[0], 256, dtype=torch.int32, device=scores.device)
+    return counts.scatter_add_(1, top, torch.ones_like(top, dtype=torch.int32))
+
+
 if triton is not None:
+
+    @triton.jit
+    def _radix_key(x):
+        bits = x.to(tl.int32, bitcast=True)
+        return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
 
     @triton.jit
     def _radix_prefix(hist_ptr, head, n_heads, k, PASSES: tl.constexpr):
@@ -246,8 +282,7 @@ if triton is not None:
         for start in range(part * split, part * split + split, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             inside = offs < seq_len
-            bits = tl.load(row + offs, mask=inside, other=0.0).to(tl.int32, bitcast=True)
-            key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
+            key = _radix_key(tl.load(row + offs, mask=inside, other=0.0))
             candidate = inside & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
             hist += tl.histogram(tl.where(candidate, ((key >> shift) & 255).to(tl.int32), 256), 512)
         bins = tl.arange(0, 512)
@@ -260,14 +295,18 @@ if triton is not None:
 
 
 def radix_histograms(scores: torch.Tensor, k: int, split: int = 4096, block: int = 1024,
-                     num_warps: int = 4) -> torch.Tensor:
+                     num_warps: int = 4, counted_first: torch.Tensor | None = None) -> torch.Tensor:
     """[passes, H, 256] int32: the four passes' histograms of a radix select of each row's
-    k-th largest (one launch a pass, ``split`` scores a program)."""
+    k-th largest (one launch a pass, ``split`` scores a program). ``counted_first``: the
+    histograms with the first pass already counted (``approx_scores(..., first_histogram=)``),
+    completed here with the other three."""
     if split % block:
         raise ValueError(f"split ({split}) must be a multiple of block ({block})")
     n_heads, seq_len = scores.shape
-    hist = torch.zeros(RADIX_PASSES, n_heads, 256, device=scores.device, dtype=torch.int32)
-    for step in range(RADIX_PASSES):
+    hist = counted_first
+    if hist is None:
+        hist = torch.zeros(RADIX_PASSES, n_heads, 256, device=scores.device, dtype=torch.int32)
+    for step in range(0 if counted_first is None else 1, RADIX_PASSES):
         radix_histogram_kernel[(n_heads, triton.cdiv(seq_len, split))](
             scores, hist, seq_len, n_heads, k, split, PASS=step, BLOCK=block, num_warps=num_warps)
     return hist
@@ -421,9 +460,9 @@ def loki_decode_select(q_pca: torch.Tensor, keys_pca: torch.Tensor, values: torc
                        scale: float, keys_lead: torch.Tensor | None = None, split: int = 4096,
                        select_block: int = 1024, select_warps: int = 4, block_k: int = 64,
                        chunk: int = 1024, per_kv_head: bool = False) -> torch.Tensor:
-    """(a) → (c) → (d): one Loki decoding step with no sort: the approximate scores, four
-    histogram passes, then compaction (which reads the threshold off the histograms),
-    attention and the merge: eight launches. ``keys_lead``: the first d PCA dimensions of
+    """(a) → (c) → (d): one Loki decoding step with no sort: the approximate scores (which
+    count the first of the four histogram passes), the other three passes, then compaction
+    (which reads the threshold off the histograms), attention and the merge: seven launches. ``keys_lead``: the first d PCA dimensions of
     the keys stored apart (read by (a)); ``per_kv_head``: one selection per key/value head,
     by the group's summed query (module docstring); the rest are launch sizes of (c) and (d)."""
     group = _check(q_pca, keys_pca)
@@ -431,12 +470,95 @@ def loki_decode_select(q_pca: torch.Tensor, keys_pca: torch.Tensor, values: torc
         selecting = q_pca.float().view(keys_pca.shape[0], group, q_pca.shape[1]).sum(1)
     else:
         selecting = q_pca
-    scores = approx_scores(selecting, keys_pca if keys_lead is None else keys_lead, d)
+    on_kernels = triton_available(q_pca.device) and _pow2(q_pca.shape[1]) and _pow2(chunk)
+    hist = None
+    if on_kernels:
+        hist = torch.zeros(RADIX_PASSES, selecting.shape[0], 256, device=q_pca.device, dtype=torch.int32)
+    scores = approx_scores(selecting, keys_pca if keys_lead is None else keys_lead, d, first_histogram=hist)
     _check_k(scores, k)
-    if not (triton_available(q_pca.device) and _pow2(q_pca.shape[1]) and _pow2(chunk)):
+    if not on_kernels:
         threshold = kth_largest_reference(scores, k)
         if per_kv_head:
             scores, threshold = scores.repeat_interleave(group, 0), threshold.repeat_interleave(group, 0)
         return threshold_attention_reference(q_pca, keys_pca, values, scores, threshold, scale)
-    hist = radix_histograms(scores, k, split, select_block, select_warps)
+    hist = radix_histograms(scores, k, split, select_block, select_warps, counted_first=hist)
     return _attend_above(q_pca, keys_pca, values, scores, None, hist, k, scale, block_k, chunk)
+
+
+# ----------------------------------------------------------------------------- (e) the whole step in one launch
+
+# At short contexts the step is launch-bound: (a) → (c) → (d) is seven launches (eight when the
+# H200 record was made, its first radix pass a launch of its own), and on that record its fixed cost (0.07 ms in a CUDA graph) stayed above the 20 µs target. Up to
+# this many keys, one program a head does the whole step: a head's scores fit its registers
+# to be sorted. Beyond it one program a head would leave most of the GPU idle.
+FUSED_MAX_CONTEXT = 4096
+
+if triton is not None:
+
+    @triton.jit
+    def fused_step_kernel(q_ptr, lead_ptr, keys_ptr, values_ptr, scratch_ptr, out_ptr, seq_len, group, lead_stride,
+                          k, scale, D_LEAD: tl.constexpr, HEAD_DIM: tl.constexpr, S_POW2: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+        # one program = one query head, the whole decoding step
+        head = tl.program_id(0)
+        kv = head // group
+        offs_lead = tl.arange(0, D_LEAD)
+        q_lead = tl.load(q_ptr + head * HEAD_DIM + offs_lead).to(tl.float32)
+        row = scratch_ptr + head.to(tl.int64) * S_POW2
+        # (a) the approximate scores, a block of keys at a time, into the head's scratch row
+        for start in range(0, seq_len, BLOCK_K):
+            offs = start + tl.arange(0, BLOCK_K)
+            inside = offs < seq_len
+            lead = tl.load(lead_ptr + (kv * seq_len + offs[:, None]).to(tl.int64) * lead_stride + offs_lead[None, :],
+                           mask=inside[:, None], other=0.0).to(tl.float32)
+            tl.store(row + offs, tl.sum(lead * q_lead[None, :], axis=1), mask=inside)
+        tl.debug_barrier()  # every thread's scores written before any thread reads the row whole
+        # (c) the k-th largest: the row sorted in registers
+        offs_s = tl.arange(0, S_POW2)
+        ordered = tl.sort(tl.load(row + offs_s, mask=offs_s < seq_len, other=float("-inf")), dim=0, descending=True)
+        threshold = tl.max(tl.where(offs_s == k - 1, ordered, float("-inf")), axis=0)
+        # (d) exact attention over the keys at or above it (ties all kept, as in (d)), online softmax
+        q = tl.load(q_ptr + head * HEAD_DIM + tl.arange(0, HEAD_DIM)).to(tl.float32)
+        running_max = tl.full((1,), float("-inf"), tl.float32)
+        running_sum = tl.zeros((1,), tl.float32)
+        acc = tl.zeros((HEAD_DIM,), tl.float32)
+        for start in range(0, seq_len, BLOCK_K):
+            rows = start + tl.arange(0, BLOCK_K)
+            approx = tl.load(row + rows, mask=rows < seq_len, other=float("-inf"))
+            used = (rows < seq_len) & (approx >= threshold)
+            running_max, running_sum, acc = _attend_rows(q, keys_ptr, values_ptr, rows, used, kv, seq_len, scale,
+                                                         running_max, running_sum, acc, HEAD_DIM)
+        tl.store(out_ptr + head * HEAD_DIM + tl.arange(0, HEAD_DIM), acc / running_sum)
+
+
+def loki_decode_fused(q_pca: torch.Tensor, keys_pca: torch.Tensor, values: torch.Tensor, k: int, d: int,
+                      scale: float, keys_lead: torch.Tensor | None = None, block_k: int = 64,
+                      num_warps: int = 4) -> torch.Tensor:
+    """(a) → (c) → (d) in one launch, one program a head, for contexts up to
+    :data:`FUSED_MAX_CONTEXT`: the same step as :func:`loki_decode_select` (the keys at or
+    above each head's k-th largest approximate score, ties kept), for the short contexts at
+    which that one is launch-bound. ``keys_lead``: the first d PCA dimensions stored apart."""
+    group = _check(q_pca, keys_pca)
+    seq_len = keys_pca.shape[1]
+    if seq_len > FUSED_MAX_CONTEXT:
+        raise ValueError(f"keys_pca holds {seq_len} keys; loki_decode_fused takes at most {FUSED_MAX_CONTEXT} "
+                         "(one program a head): use loki_decode_select")
+    if values.shape != keys_pca.shape:
+        raise ValueError(f"values must match keys {tuple(keys_pca.shape)}; got {tuple(values.shape)}")
+    lead = keys_pca if keys_lead is None else keys_lead
+    if lead.shape[:2] != keys_pca.shape[:2] or lead.shape[2] < d:
+        raise ValueError(f"keys_lead must be [Hkv, S, >= d] = [{keys_pca.shape[0]}, {seq_len}, >= {d}]; "
+                         f"got {tuple(lead.shape)}")
+    if not 1 <= k <= seq_len:
+        raise ValueError(f"k={k}; it must lie in [1, {seq_len}] (the keys held)")
+    if not (triton_available(q_pca.device) and _pow2(q_pca.shape[1]) and _pow2(d) and d <= q_pca.shape[1]):
+        scores = approx_scores_reference(q_pca, keys_pca, d)
+        return threshold_attention_reference(q_pca, keys_pca, values, scores, kth_largest_reference(scores, k), scale)
+    q_pca, keys_pca, values, lead = (t.contiguous() for t in (q_pca, keys_pca, values, lead))
+    n_heads, head_dim = q_pca.shape
+    s_pow2 = max(2, triton.next_power_of_2(seq_len))
+    scratch = torch.empty(n_heads, s_pow2, device=q_pca.device, dtype=torch.float32)
+    out = torch.empty(n_heads, head_dim, device=q_pca.device, dtype=torch.float32)
+    fused_step_kernel[(n_heads,)](q_pca, lead, keys_pca, values, scratch, out, seq_len, group, lead.shape[2], k, scale,
+                                  D_LEAD=d, HEAD_DIM=head_dim, S_POW2=s_pow2, BLOCK_K=block_k, num_warps=num_warps)
+    return out
