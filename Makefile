@@ -131,7 +131,7 @@ guard-proofs: env
 
 # by hand, like the guard proofs: each plausible wrong implementation in tests/mutants/catalogue.json
 # applied to the library alone, its tests run, results/guard/mutants.json records which test failed;
-# only mutants whose library file, tests or mutation changed rerun (ARGS=--all: every one, ~140 min on 2 cores)
+# only mutants whose library file, tests or mutation changed rerun (ARGS=--all: every one, ~150 min on 2 cores)
 mutants: env
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) tests/mutants/run.py $(ARGS)
 

@@ -15,7 +15,8 @@
 #    (replbook.endor.offload_report_on_gpu -> endor_offload_<gpu>.json; the committed H200
 #    record's first repeat ran in this script's run, the other two in a second call).
 # Each step has its own time limit and writes its record when it ends, so a step that fails
-# keeps the others'. Wheels in .whl/ (the book's transformers pin, where the machine's
+# keeps the others' (the Loki step also keeps loki_<gpu>.partial.json, rewritten after each
+# of its rows, so that a step cut off by its limit keeps what it measured). Wheels in .whl/ (the book's transformers pin, where the machine's
 # differs) are installed first.
 set -u
 OUT=${1:?usage: bash kernels/run_on_gpu.sh OUT_DIR}

@@ -22,9 +22,13 @@ A second path selects without sorting (on the H200 record, faster than the first
     merges the chunks in one more launch.
 Keys whose approximate score *ties* the k-th largest are all kept, so (d) may attend
 to more than k keys where ``torch.topk`` would pick among the tied ones arbitrarily.
+``select_in_one=True`` runs (c)'s last three passes and (d)'s compaction as one launch,
+one program a row that counts each pass over the whole row (``select_compact_kernel``):
+four launches in all, not seven, at the price of fewer programs for that part; which is
+faster where is for a GPU record to say (not measured yet).
 
 A third path does the whole step in one launch, for short contexts (up to
-``FUSED_MAX_CONTEXT`` keys), where the eight launches of (a) → (c) → (d) are the cost:
+``FUSED_MAX_CONTEXT`` keys), where the launches of (a) → (c) → (d) (seven, or four) are the cost:
 
 (e) ``loki_decode_fused``: one program a query head computes its approximate scores into a
     scratch row, sorts the row in registers for the k-th largest, and attends to the keys at
@@ -265,10 +269,14 @@ if triton is not None:
         return prefix
 
     @triton.jit
-    def _radix_threshold(hist_ptr, head, n_heads, k):
-        key = (_radix_prefix(hist_ptr, head, n_heads, k, 4) - 2147483648).to(tl.int32)
+    def _float_of_key(ordered_key):
+        key = (ordered_key - 2147483648).to(tl.int32)
         bits = key ^ ((key >> 31) & 0x7FFFFFFF)  # the same flip undoes itself
         return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _radix_threshold(hist_ptr, head, n_heads, k):
+        return _float_of_key(_radix_prefix(hist_ptr, head, n_heads, k, 4))
 
     @triton.jit
     def radix_histogram_kernel(scores_ptr, hist_ptr, seq_len, n_heads, k, split,
@@ -367,6 +375,47 @@ if triton is not None:
         tl.store(count_ptr + head * n_chunks + chunk + tl.arange(0, 1), taken)
 
     @triton.jit
+    def select_compact_kernel(scores_ptr, hist_ptr, index_ptr, count_ptr, seq_len, n_heads, k, n_chunks,
+                              BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+        # one program = one row (head): the radix select's last three passes, each counted
+        # whole by this program (no atomics, no launch between passes), then the row's
+        # compaction chunk by chunk into the same layout as compact_above_kernel's.
+        # The first pass's counts are in hist[0] (approx_scores counted them); each later
+        # pass's counts are written to hist[p] too, for the tests and for inspection.
+        head = tl.program_id(0)
+        row = scores_ptr + head.to(tl.int64) * seq_len
+        bins = tl.arange(0, 512)  # tl.histogram's bins: bytes 0..255, non-candidates in 256
+        real = bins < 256
+        counts = tl.load(hist_ptr + head * 256 + bins, mask=real, other=0)
+        prefix = tl.zeros((1,), tl.int64)
+        remaining = tl.zeros((1,), tl.int32) + k
+        for step in tl.static_range(4):  # RADIX_PASSES
+            shift = 24 - 8 * step
+            if step > 0:
+                counts = tl.zeros((512,), tl.int32)
+                for start in range(0, seq_len, BLOCK):
+                    offs = start + tl.arange(0, BLOCK)
+                    inside = offs < seq_len
+                    key = _radix_key(tl.load(row + offs, mask=inside, other=0.0))
+                    agrees = inside & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+                    counts += tl.histogram(tl.where(agrees, ((key >> shift) & 255).to(tl.int32), 256), 512)
+                counts = tl.where(real, counts, 0)  # the non-candidates' bin dropped: they rank nowhere
+                tl.store(hist_ptr + (step * n_heads + head) * 256 + bins, counts, mask=real)
+            at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts  # keys with byte >= b
+            byte = tl.max(tl.where(real & (at_or_above >= remaining), bins, -1), axis=0)
+            remaining -= tl.sum(tl.where(bins > byte, counts, 0), axis=0)
+            prefix = prefix | (byte.to(tl.int64) << shift)
+        threshold = _float_of_key(prefix)
+        for chunk in range(0, n_chunks):
+            offs = chunk * CHUNK + tl.arange(0, CHUNK)
+            inside = offs < seq_len
+            kept = inside & (tl.load(row + offs, mask=inside, other=float("-inf")) >= threshold)
+            slot = tl.cumsum(kept.to(tl.int32), axis=0) - 1
+            tl.store(index_ptr + head.to(tl.int64) * seq_len + chunk * CHUNK + slot, offs, mask=kept)
+            tl.store(count_ptr + head * n_chunks + chunk + tl.arange(0, 1),
+                     tl.zeros((1,), tl.int32) + tl.sum(kept.to(tl.int32), axis=0))
+
+    @triton.jit
     def compacted_attention_kernel(q_ptr, keys_ptr, values_ptr, index_ptr, count_ptr, max_ptr, sum_ptr, acc_ptr,
                                    seq_len, group, select_group, scale, n_chunks,
                                    HEAD_DIM: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
@@ -420,19 +469,26 @@ def combine_partials(maxima: torch.Tensor, sums: torch.Tensor, accs: torch.Tenso
     return out
 
 
-def _attend_above(q_pca, keys_pca, values, scores, threshold, hist, k, scale, block_k, chunk):
+def _attend_above(q_pca, keys_pca, values, scores, threshold, hist, k, scale, block_k, chunk,
+                  select_block: int | None = None, select_warps: int = 4):
     """Compact each chunk's selected positions, attend over them, merge the chunks.
-    ``scores`` holds one row per selection: per query head [H, S], or per kv head [Hkv, S]."""
+    ``scores`` holds one row per selection: per query head [H, S], or per kv head [Hkv, S].
+    The threshold is given, or read off ``hist`` (its four passes counted), or, with
+    ``select_block``, selected and compacted by one program a row from ``hist[0]`` alone."""
     q_pca, keys_pca, values = (t.contiguous() for t in (q_pca, keys_pca, values))
     n_selections, seq_len = scores.shape
     n_heads, head_dim = q_pca.shape
     n_chunks = triton.cdiv(seq_len, chunk)
     index = torch.empty(n_selections, seq_len, device=scores.device, dtype=torch.int32)
     counts = torch.empty(n_selections, n_chunks, device=scores.device, dtype=torch.int32)
-    from_histograms = threshold is None
-    compact_above_kernel[(n_selections, n_chunks)](
-        scores, scores if from_histograms else threshold, hist if from_histograms else scores, index, counts,
-        seq_len, n_selections, k, n_chunks, FROM_HISTOGRAMS=from_histograms, CHUNK=chunk)
+    if select_block is not None:
+        select_compact_kernel[(n_selections,)](scores, hist, index, counts, seq_len, n_selections, k, n_chunks,
+                                               BLOCK=select_block, CHUNK=chunk, num_warps=select_warps)
+    else:
+        from_histograms = threshold is None
+        compact_above_kernel[(n_selections, n_chunks)](
+            scores, scores if from_histograms else threshold, hist if from_histograms else scores, index, counts,
+            seq_len, n_selections, k, n_chunks, FROM_HISTOGRAMS=from_histograms, CHUNK=chunk)
     maxima = torch.empty(n_heads, n_chunks, device=scores.device, dtype=torch.float32)
     sums = torch.empty_like(maxima)
     accs = torch.empty(n_heads, n_chunks, head_dim, device=scores.device, dtype=torch.float32)
@@ -459,12 +515,16 @@ def threshold_attention(q_pca: torch.Tensor, keys_pca: torch.Tensor, values: tor
 def loki_decode_select(q_pca: torch.Tensor, keys_pca: torch.Tensor, values: torch.Tensor, k: int, d: int,
                        scale: float, keys_lead: torch.Tensor | None = None, split: int = 4096,
                        select_block: int = 1024, select_warps: int = 4, block_k: int = 64,
-                       chunk: int = 1024, per_kv_head: bool = False) -> torch.Tensor:
+                       chunk: int = 1024, per_kv_head: bool = False,
+                       select_in_one: bool = False) -> torch.Tensor:
     """(a) → (c) → (d): one Loki decoding step with no sort: the approximate scores (which
     count the first of the four histogram passes), the other three passes, then compaction
-    (which reads the threshold off the histograms), attention and the merge: seven launches. ``keys_lead``: the first d PCA dimensions of
-    the keys stored apart (read by (a)); ``per_kv_head``: one selection per key/value head,
-    by the group's summed query (module docstring); the rest are launch sizes of (c) and (d)."""
+    (which reads the threshold off the histograms), attention and the merge: seven launches.
+    ``keys_lead``: the first d PCA dimensions of the keys stored apart (read by (a));
+    ``per_kv_head``: one selection per key/value head, by the group's summed query (module
+    docstring); ``select_in_one``: the last three passes and the compaction in one launch,
+    one program a row (``select_compact_kernel``): four launches, not seven, but only as
+    many programs as rows for that part (``split`` unused); the rest are launch sizes of (c) and (d)."""
     group = _check(q_pca, keys_pca)
     if per_kv_head:  # (Σ_h q_h)·k = Σ_h (q_h·k): one row of scores per kv head
         selecting = q_pca.float().view(keys_pca.shape[0], group, q_pca.shape[1]).sum(1)
@@ -481,6 +541,9 @@ def loki_decode_select(q_pca: torch.Tensor, keys_pca: torch.Tensor, values: torc
         if per_kv_head:
             scores, threshold = scores.repeat_interleave(group, 0), threshold.repeat_interleave(group, 0)
         return threshold_attention_reference(q_pca, keys_pca, values, scores, threshold, scale)
+    if select_in_one:
+        return _attend_above(q_pca, keys_pca, values, scores, None, hist, k, scale, block_k, chunk,
+                             select_block=select_block, select_warps=select_warps)
     hist = radix_histograms(scores, k, split, select_block, select_warps, counted_first=hist)
     return _attend_above(q_pca, keys_pca, values, scores, None, hist, k, scale, block_k, chunk)
 

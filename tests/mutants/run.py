@@ -7,7 +7,7 @@ the method modules, the shared organisms, the cache, the parameter rules, the ru
 guard's own records (a sign, an off-by-one, a missing mask, a max for a mean, a band read off
 the rerun, ...). `make test` checks that every mutant still applies (tests/test_mutants.py).
 Each mutant's fingerprint hashes its library file, its test files and the mutation itself, so
-`make mutants` reruns only those whose inputs changed (``--all`` reruns every one; ~140 min on
+`make mutants` reruns only those whose inputs changed (``--all`` reruns every one; ~150 min on
 2 cores alone). `make test` checks that the committed record covers the catalogue, is current
 (every fingerprint as the files are now) and shows every mutant killed but those the catalogue
 declares equivalent, with the reason (tests/test_mutants.py).
